@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: a virtual environment in .venv with tapete and its test
+# dependencies installed (editable). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")"
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test]"
