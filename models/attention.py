@@ -1,0 +1,353 @@
+"""Attention: boolean masks, dot-product attention on every backend, multi-head attention.
+
+Layout is [batch, length, heads, head_dim] (BTNH) as in `jax.nn.dot_product_attention`; keys
+and values may have fewer heads K than the N query heads (grouped-query attention, N % K == 0).
+Boolean masks broadcast to [B, N, T, S] and True means "may attend".
+
+Masked logits are set to a large negative *finite* number, as `jax.nn.dot_product_attention`
+does, so a query row where everything is masked averages all values uniformly (no NaN). Every
+implementation here follows that rule, so switching implementation never changes results
+beyond floating-point rounding.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.layers import apply_rope
+
+IMPLEMENTATIONS = ("reference", "xla", "cudnn")
+# The value jax.nn.dot_product_attention gives masked logits (computed in float32 or wider).
+_MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
+
+# ----------------------------------------------------------------------------------------
+# Masks: boolean, True = may attend, broadcastable to [B, N, T, S].
+
+
+def causal_mask(q_len: int, kv_len: int | None = None, offset=0):
+  """[1, 1, T, S]: query t may attend key s when s <= t + offset (kv_len defaults to q_len)."""
+  kv_len = q_len if kv_len is None else kv_len
+  last_key_T1 = jnp.arange(q_len)[:, None] + offset
+  return (jnp.arange(kv_len)[None, :] <= last_key_T1)[None, None]
+
+
+def padding_mask(query_valid_BT=None, kv_valid_BS=None):
+  """[B, 1, T, S] from per-token validity; a side given as None is all valid (and broadcasts).
+
+  Returns [B, 1, T, 1] or [B, 1, 1, S] when one side is None, and None when both are.
+  """
+  masks = []
+  if query_valid_BT is not None:
+    masks.append(jnp.asarray(query_valid_BT).astype(bool)[:, None, :, None])
+  if kv_valid_BS is not None:
+    masks.append(jnp.asarray(kv_valid_BS).astype(bool)[:, None, None, :])
+  return combine_masks(*masks)
+
+
+def segment_mask(query_segment_ids_BT, kv_segment_ids_BS):
+  """[B, 1, T, S]: tokens attend within their own segment (packed sequences).
+
+  Segment id 0 means padding: it attends to nothing and nothing attends to it. Its query rows
+  are then fully masked and, as everywhere here, average the values uniformly.
+  """
+  q_B1T1 = jnp.asarray(query_segment_ids_BT)[:, None, :, None]
+  kv_B11S = jnp.asarray(kv_segment_ids_BS)[:, None, None, :]
+  return (q_B1T1 == kv_B11S) & (q_B1T1 != 0)
+
+
+def combine_masks(*masks):
+  """Logical AND of boolean masks; None entries are ignored, all None gives None."""
+  masks = [jnp.asarray(m) for m in masks if m is not None]
+  for m in masks:
+    if m.dtype != jnp.bool_:
+      raise ValueError(f"Masks must be boolean (True = may attend), got dtype {m.dtype}; "
+                       "pass additive masks as `bias`.")
+  return functools.reduce(jnp.logical_and, masks) if masks else None
+
+
+# ----------------------------------------------------------------------------------------
+# Dot-product attention.
+
+
+def _check_qkv(query, key, value):
+  if query.ndim != 4 or key.ndim != 4 or key.shape != value.shape:
+    raise ValueError("Attention expects query [B, T, N, H] and key, value [B, S, K, H] of one "
+                     f"shape; got query {query.shape}, key {key.shape}, value {value.shape}.")
+  if query.shape[0] != key.shape[0]:
+    raise ValueError(f"Query batch {query.shape[0]} differs from key batch {key.shape[0]}.")
+  if query.shape[-1] != key.shape[-1]:
+    raise ValueError(f"Query head_dim {query.shape[-1]} differs from key/value head_dim "
+                     f"{key.shape[-1]}; project them to the same size.")
+  if query.shape[2] % key.shape[2]:
+    raise ValueError(f"The {query.shape[2]} query heads must be a multiple of the "
+                     f"{key.shape[2]} key/value heads (grouped-query attention).")
+
+
+def _as_4d(name: str, x, shape_BNTS):
+  """`x` as a 4-d array broadcastable to shape_BNTS, or a clear error."""
+  x = jnp.asarray(x)
+  if x.ndim > 4 or any(d not in (1, full) for d, full in zip(x.shape[::-1], shape_BNTS[::-1])):
+    raise ValueError(f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = "
+                     f"{tuple(shape_BNTS)}.")
+  return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _cuda_capability():
+  """(major, minor) of the first device if it is a CUDA GPU, else None."""
+  try:
+    return tuple(int(v) for v in jax.devices()[0].compute_capability.split("."))
+  except (AttributeError, ValueError):
+    return None
+
+
+def _cudnn_problem(query, has_mask_or_bias: bool, q_len: int, kv_len: int) -> str | None:
+  """Why cuDNN's fused attention (as called by jax.nn) cannot take this case; None if it can."""
+  capability = _cuda_capability()
+  if jax.default_backend() != "gpu" or capability is None:
+    return f"it needs a CUDA GPU, and the backend is {jax.default_backend()!r}"
+  if query.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"it needs bfloat16 or float16 inputs, got {query.dtype}"
+  head_dim, max_head_dim = query.shape[-1], 256 if capability >= (9, 0) else 128
+  if head_dim % 8 or head_dim > max_head_dim:
+    return f"it needs head_dim a multiple of 8 and at most {max_head_dim}, got {head_dim}"
+  if has_mask_or_bias and (q_len % 2 or kv_len % 2):
+    return f"with a mask or bias it needs even lengths, got T={q_len}, S={kv_len}"
+  return None
+
+
+def _select_implementation(implementation, query, *, has_mask_or_bias, q_len, kv_len,
+                           return_weights) -> str:
+  """The implementation to run: the one asked for, or the fastest correct one for None."""
+  if implementation not in (None, *IMPLEMENTATIONS):
+    raise ValueError(f"Unknown attention implementation {implementation!r}; use one of "
+                     f"{IMPLEMENTATIONS} or None (automatic).")
+  if return_weights:
+    if implementation not in (None, "reference"):
+      raise ValueError(f"return_weights=True needs implementation='reference' or None, "
+                       f"got {implementation!r}: only the reference path forms the weights.")
+    return "reference"
+  problem = _cudnn_problem(query, has_mask_or_bias, q_len, kv_len)
+  if implementation == "cudnn" and problem:
+    raise ValueError(f"implementation='cudnn' cannot take this case: {problem}. "
+                     "Use implementation='xla' or None.")
+  if implementation is None:
+    # A dense mask or bias reaches cuDNN as a [B, N, T, S] bias with a gradient of that size,
+    # which gives up what flash attention saves; XLA is the safer default then.
+    return "cudnn" if problem is None and not has_mask_or_bias else "xla"
+  return implementation
+
+
+def _reference_weights(query_BTNH, key_BSKH, mask, bias, scale):
+  """softmax(Q Kᵀ·scale + bias, masked) in float32: [B, N, T, S]."""
+  B, T, N, H = query_BTNH.shape
+  S, K = key_BSKH.shape[1:3]
+  q_BTKGH = query_BTNH.reshape(B, T, K, N // K, H)
+  logits_dtype = jnp.promote_types(query_BTNH.dtype, jnp.float32)
+  logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, key_BSKH,
+                            preferred_element_type=logits_dtype)
+  logits_BNTS = logits_BKGTS.reshape(B, N, T, S) * scale
+  if bias is not None:
+    logits_BNTS = (logits_BNTS + bias).astype(logits_dtype)
+  if mask is not None:
+    logits_BNTS = jnp.where(mask, logits_BNTS, jnp.asarray(_MASKED_LOGIT, logits_dtype))
+  return jax.nn.softmax(logits_BNTS.astype(jnp.float32), axis=-1)
+
+
+def _weighted_values(weights_BNTS, value_BSKH):
+  """Σ_s weights · values, grouped-query aware: [B, T, N, H] in the value dtype."""
+  B, N, T, S = weights_BNTS.shape
+  K, H = value_BSKH.shape[2:]
+  weights_BKGTS = weights_BNTS.astype(value_BSKH.dtype).reshape(B, K, N // K, T, S)
+  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", weights_BKGTS, value_BSKH)
+  return out_BTKGH.reshape(B, T, N, H)
+
+
+def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=False,
+                          query_segment_ids=None, kv_segment_ids=None, scale=None,
+                          implementation=None, return_weights=False):
+  """softmax(Q Kᵀ·scale + bias, masked) V for query [B, T, N, H], key/value [B, S, K, H].
+
+  Args:
+    mask: boolean, broadcastable to [B, N, T, S], True = may attend.
+    bias: float, broadcastable to [B, N, T, S], added to the scaled logits (e.g. T5).
+    is_causal: query t attends keys s <= t (top-left aligned, as `causal_mask(T, S)`).
+    query_segment_ids, kv_segment_ids: [B, T], [B, S] int ids of packed sequences (see
+      `segment_mask`; id 0 is padding). kv_segment_ids defaults to query_segment_ids.
+    scale: multiplies Q Kᵀ; None is 1/sqrt(H).
+    implementation: "reference" (plain einsum, can return weights), "xla" or "cudnn" (through
+      `jax.nn.dot_product_attention`), or None: "cudnn" on a GPU for bf16/fp16 inputs without
+      a dense mask or bias, "xla" otherwise, "reference" when return_weights=True.
+    return_weights: also return the float32 weights [B, N, T, S] (reference path only).
+
+  Key and value are cast to the query's dtype; the output has the query's dtype and shape.
+  """
+  query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+  _check_qkv(query, key, value)
+  key, value = key.astype(query.dtype), value.astype(query.dtype)
+  (B, T, N, H), S = query.shape, key.shape[1]
+  shape_BNTS = (B, N, T, S)
+  if kv_segment_ids is None and query_segment_ids is not None:
+    if T != S:
+      raise ValueError(f"kv_segment_ids is needed when query ({T}) and key ({S}) lengths differ.")
+    kv_segment_ids = query_segment_ids
+  if query_segment_ids is None and kv_segment_ids is not None:
+    raise ValueError("kv_segment_ids was given without query_segment_ids; pass both.")
+  if query_segment_ids is not None:
+    q_ids, kv_ids = jnp.asarray(query_segment_ids), jnp.asarray(kv_segment_ids)
+    if q_ids.shape != (B, T) or kv_ids.shape != (B, S):
+      raise ValueError(f"Segment ids must be [B, T] = {(B, T)} and [B, S] = {(B, S)}, got "
+                       f"{q_ids.shape} and {kv_ids.shape}.")
+    mask = combine_masks(mask, segment_mask(q_ids, kv_ids))
+  mask = None if mask is None else _as_4d("mask", combine_masks(mask), shape_BNTS)
+  bias = None if bias is None else _as_4d("bias", bias, shape_BNTS)
+  scale = 1.0 / np.sqrt(H) if scale is None else scale
+
+  has_mask_or_bias = mask is not None or bias is not None or (is_causal and T != S)
+  implementation = _select_implementation(
+      implementation, query, has_mask_or_bias=has_mask_or_bias, q_len=T, kv_len=S,
+      return_weights=return_weights)
+
+  if implementation == "reference":
+    mask = combine_masks(mask, causal_mask(T, S) if is_causal else None)
+    weights_BNTS = _reference_weights(query, key, mask, bias, scale)
+    out_BTNH = _weighted_values(weights_BNTS, value).astype(query.dtype)
+    return (out_BTNH, weights_BNTS) if return_weights else out_BTNH
+
+  if implementation == "cudnn":
+    # cuDNN wants mask and bias over the full [T, S]; its causal mask is used only for T == S.
+    if is_causal and T != S:
+      mask, is_causal = combine_masks(mask, causal_mask(T, S)), False
+    mask = None if mask is None else jnp.broadcast_to(mask, shape_BNTS)
+    bias = None if bias is None else jnp.broadcast_to(bias, shape_BNTS).astype(query.dtype)
+  return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
+                                      is_causal=is_causal, implementation=implementation)
+
+
+# ----------------------------------------------------------------------------------------
+# Multi-head attention.
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention with grouped-query heads, RoPE, a KV cache and weight inspection.
+
+  Parameters are laid out as flax's `MultiHeadDotProductAttention` (`query`, `key`, `value`,
+  `out`), so weights copy across when num_kv_heads == num_heads.
+
+  Attention weights: when the collection "attention_weights" is mutable (and the module is
+  not initializing), the reference path runs and sows the float32 weights [B, N, T, S] as
+  "weights": `model.apply(variables, ..., mutable=["attention_weights"])`.
+
+  Decoding (decode=True, self-attention): the "cache" collection holds `cached_key` and
+  `cached_value` [B, L, K, H] and a per-example `cache_index` [B]. The first call (init) creates
+  them with L = the input length and computes normally. Later calls write the chunk's keys and
+  values at cache_index[b] + arange(T), let query t attend cache slots s <= cache_index[b] + t
+  (this replaces `is_causal`; a caller mask or bias must have S = L), take RoPE positions
+  cache_index[b] + arange(T) by default, and advance cache_index by T. Writes past L are
+  dropped, so queries past L see a stale cache: size L for the longest prompt + generation.
+  Cross-attention (inputs_kv given) has no cache: its keys and values are recomputed each call.
+  """
+  num_heads: int
+  head_dim: int
+  num_kv_heads: int | None = None  # None: num_heads (multi-head); 1: multi-query.
+  out_features: int | None = None  # None: the input width.
+  use_bias: bool = True
+  dropout_rate: float = 0.0  # On the attention weights.
+  scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0.
+  rope_max_wavelength: float | None = None  # None: no rotary embedding.
+  implementation: str | None = None  # See dot_product_attention.
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+  def _dense(self, features, axis, names, name):
+    """DenseGeneral whose kernel carries the logical axis `names` (its bias, the output ones)."""
+    num_out_axes = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features, axis=axis, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, names),
+        bias_init=nn.with_logical_partitioning(self.bias_init, names[-num_out_axes:]))
+
+  @nn.compact
+  def __call__(self, inputs_q_BTD, inputs_kv_BSD=None, *, mask=None, bias=None, is_causal=False,
+               query_segment_ids=None, kv_segment_ids=None, positions=None, kv_positions=None,
+               decode=False, deterministic=True):
+    """Attends inputs_q to inputs_kv (None: to itself); returns [B, T, out_features]."""
+    N, H = self.num_heads, self.head_dim
+    K = self.num_kv_heads or N
+    if N % K:
+      raise ValueError(f"num_heads={N} must be a multiple of num_kv_heads={K}.")
+    self_attention = inputs_kv_BSD is None
+    inputs_kv_BSD = inputs_q_BTD if self_attention else inputs_kv_BSD
+    q_BTNH = self._dense((N, H), -1, ("embed", "heads", "head_dim"), "query")(inputs_q_BTD)
+    k_BSKH = self._dense((K, H), -1, ("embed", "kv_heads", "head_dim"), "key")(inputs_kv_BSD)
+    v_BSKH = self._dense((K, H), -1, ("embed", "kv_heads", "head_dim"), "value")(inputs_kv_BSD)
+
+    use_cache = decode and self_attention
+    if use_cache and (query_segment_ids is not None or kv_segment_ids is not None):
+      raise ValueError("Segment ids are not supported with decode=True; pass a mask over the "
+                       "cache (S = cache length) instead.")
+    index_B = self._cache_index(q_BTNH) if use_cache else None
+    if self.rope_max_wavelength is not None:
+      T = q_BTNH.shape[1]
+      if positions is None:
+        positions = jnp.arange(T)[None] if index_B is None else index_B[:, None] + jnp.arange(T)
+      if kv_positions is None:
+        kv_positions = positions if self_attention else jnp.arange(k_BSKH.shape[1])[None]
+      q_BTNH = apply_rope(q_BTNH, positions, self.rope_max_wavelength)
+      k_BSKH = apply_rope(k_BSKH, kv_positions, self.rope_max_wavelength)
+    if use_cache:
+      k_BSKH, v_BSKH, cache_mask_B1TL = self._update_cache(k_BSKH, v_BSKH, index_B)
+      if cache_mask_B1TL is not None:
+        mask, is_causal = combine_masks(mask, cache_mask_B1TL), False
+
+    attend = functools.partial(
+        dot_product_attention, q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias,
+        is_causal=is_causal, query_segment_ids=query_segment_ids,
+        kv_segment_ids=kv_segment_ids, scale=self.scale)
+    use_dropout = self.dropout_rate > 0.0 and not deterministic
+    sow_weights = self.is_mutable_collection("attention_weights") and not self.is_initializing()
+    if use_dropout or sow_weights:
+      x_BTNH, weights_BNTS = attend(implementation="reference", return_weights=True)
+      if sow_weights:
+        self.sow("attention_weights", "weights", weights_BNTS)
+      if use_dropout:
+        dropped_BNTS = nn.Dropout(self.dropout_rate)(weights_BNTS, deterministic=False)
+        x_BTNH = _weighted_values(dropped_BNTS, v_BSKH).astype(q_BTNH.dtype)
+    else:
+      x_BTNH = attend(implementation=self.implementation)
+    out_features = self.out_features or inputs_q_BTD.shape[-1]
+    return self._dense(out_features, (-2, -1), ("heads", "head_dim", "embed"), "out")(x_BTNH)
+
+  def _cache_index(self, q_BTNH):
+    """Per-example write position [B] of an existing cache; None before the cache exists."""
+    if not self.has_variable("cache", "cached_key"):
+      return None
+    B, T = q_BTNH.shape[:2]
+    cache_B, cache_len = self.get_variable("cache", "cached_key").shape[:2]
+    if B != cache_B or T > cache_len:
+      raise ValueError(f"Input batch {B} and chunk length {T} do not fit the cache "
+                       f"[B={cache_B}, L={cache_len}]; re-initialise the cache.")
+    return self.get_variable("cache", "cache_index")
+
+  def _update_cache(self, k_BTKH, v_BTKH, index_B):
+    """Writes the chunk into the cache: (keys, values, mask [B, 1, T, L]); at init, no mask."""
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, k_BTKH.shape, k_BTKH.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, v_BTKH.shape, v_BTKH.dtype)
+    cache_index = self.variable("cache", "cache_index", jnp.zeros, k_BTKH.shape[:1], jnp.int32)
+    if index_B is None:
+      return k_BTKH, v_BTKH, None
+    B, T = k_BTKH.shape[:2]
+    L = cached_key.value.shape[1]
+    slots_BT = index_B[:, None] + jnp.arange(T)
+    batch_B1 = jnp.arange(B)[:, None]
+    cached_key.value = cached_key.value.at[batch_B1, slots_BT].set(k_BTKH, mode="drop")
+    cached_value.value = cached_value.value.at[batch_B1, slots_BT].set(v_BTKH, mode="drop")
+    cache_index.value = index_B + T
+    mask_B1TL = jnp.arange(L)[None, None, None, :] <= slots_BT[:, None, :, None]
+    return cached_key.value, cached_value.value, mask_B1TL
