@@ -1,0 +1,107 @@
+"""From tokenized examples to rows: split over-long ones, drop flagged ones, pack.
+
+Every example carries a "counts" vector (see `COUNTS`) from tokenization to the
+batch, so the counts survive worker processes and iterator checkpoints.
+"""
+
+from typing import Any
+
+import grain
+import numpy as np
+
+COUNTS = ("examples", "empty", "invalid_utf8", "truncated", "split",
+          "dropped_long", "truncated_tokens")
+_DROPPED = np.array([name in ("empty", "dropped_long") for name in COUNTS])
+
+
+def new_counts() -> np.ndarray:
+  """The counts of one example just read."""
+  counts = np.zeros(len(COUNTS), np.int64)
+  counts[COUNTS.index("examples")] = 1
+  return counts
+
+
+class SplitLong(grain.experimental.FlatMapTransform):
+  """Cuts every sequence feature into pieces of at most `length` tokens."""
+
+  max_fan_out = 2**31 - 1  # Unused by FlatMapIterDataset; required by the ABC.
+
+  def __init__(self, length: int):
+    self.length = length
+
+  def flat_map(self, element: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    size = max(len(v) for k, v in element.items() if k != "counts")
+    if size <= self.length:
+      return [element]
+    no_counts = np.zeros_like(element["counts"])
+    return [{k: (v[start:start + self.length] if k != "counts"
+                 else v if start == 0 else no_counts)
+             for k, v in element.items()}
+            for start in range(0, size, self.length)]
+
+
+class DropFlagged(grain.IterDataset):
+  """Drops examples counted as empty or dropped; the next row carries their counts.
+
+  If the stream ends on dropped examples, the last of them is kept (as a row
+  with no tokens or zero weight) so that their counts still reach the batch.
+  """
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _DropFlaggedIterator(self._parent.__iter__())
+
+
+class _DropFlaggedIterator(grain.DatasetIterator):
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    carried, element = None, None
+    while True:
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        if carried is None:
+          raise
+        return {**element, "counts": carried}
+      if not np.any(element["counts"][_DROPPED]):
+        break
+      carried = element["counts"] if carried is None else carried + element["counts"]
+    if carried is not None:
+      element = {**element, "counts": element["counts"] + carried}
+    return element
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()  # Nothing is carried between calls.
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+
+def pack(ds: grain.IterDataset, lengths: dict[str, int], rename: dict[str, str], *,
+         weights_from: str, pad_id: int | dict[str, int], batch_size: int,
+         num_packing_bins: int | None, pack: bool) -> grain.IterDataset:
+  """Rows of `lengths` (grain first-fit packing, one example a row if not `pack`).
+
+  grain adds `<feature>_segment_ids` (1, 2, ... per example, 0 on padding) and
+  `<feature>_positions` (0, 1, ... per example); `rename` picks the row's keys.
+  """
+  if not isinstance(pad_id, dict):
+    pad_id = {k: pad_id for k in lengths}
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct=lengths,
+      num_packing_bins=(num_packing_bins or batch_size) if pack else batch_size,
+      shuffle_bins=False, meta_features=("counts",), padding_struct=pad_id,
+      max_sequences_per_bin=None if pack else 1)
+  return ds.map(_FinishRow(rename, weights_from))
+
+
+class _FinishRow:
+  """Renames a packed row's features, adds weights, sums its examples' counts."""
+
+  def __init__(self, rename: dict[str, str], weights_from: str):
+    self.rename, self.weights_from = rename, weights_from
+
+  def __call__(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
+    out = {new: row[old] for new, old in self.rename.items()}
+    out["weights"] = (row[self.weights_from] > 0).astype(np.float32)
+    out["counts"] = np.sum(row["counts"], axis=0, dtype=np.int64)
+    return out

@@ -1,0 +1,434 @@
+"""grain input pipelines: shard by host, shuffle, tokenize, pack or pad, batch.
+
+A *source* is any random-access sequence of dicts (a list, `tfds.data_source`, a
+`grain.MapDataset`) with the canonical fields of its task: LM {"text"}; seq2seq
+{"inputs", "targets"}; classification {"text", "label"} (+ "text_pair").
+
+Each `*_pipeline(source, tokenizer, ...)` returns a `Pipeline`; `iter(pipeline)`
+gives a `BatchIterator` of host-local numpy batches (B = batch_size):
+
+  LM (`lm_pipeline`), examples packed several to a row (or one a row, pack=False):
+    inputs       int32   [B, T]  BOS + the example's tokens
+    targets      int32   [B, T]  the example's tokens + EOS (the next token)
+    segment_ids  int32   [B, T]  1, 2, ... for the examples of a row; 0 = padding
+    positions    int32   [B, T]  0, 1, ... restarting at each example
+    weights      float32 [B, T]  1 on real targets, 0 on padding
+  Each example holds its own inputs and targets, so no target crosses a boundary;
+  models mask attention with `segment_ids` (equal ids attend) and causality.
+  seq2seq (`seq2seq_pipeline`), packed the same way on both sides:
+    encoder_tokens, encoder_segment_ids, encoder_positions        int32 [B, S]
+    decoder_inputs (BOS + target tokens, i.e. targets shifted right),
+    decoder_targets (target tokens + EOS), decoder_segment_ids,
+    decoder_positions                                             int32 [B, T]
+    weights                                                       float32 [B, T]
+  classification (`classification_pipeline`), one example a row:
+    tokens       int32   [B, T]  BOS text EOS (text_pair EOS), e.g. [CLS] a [SEP] b [SEP]
+    padding_mask bool    [B, T]  True on tokens
+    token_types  int32   [B, T]  0 on the first text, 1 on the pair
+    label        int32   [B]
+    weights      float32 [B]     1 for examples, 0 for rows padding a final batch
+  masked LM (`mlm_pipeline`), one example a row, BERT masking (80% mask id, 10%
+  random id, 10% unchanged) of `mask_rate` of the tokens:
+    tokens (masked), padding_mask, token_types as for classification; targets int32
+    [B, T] (the original tokens); weights float32 [B, T] (1 where masked)
+
+A finite pipeline (num_epochs set) pads its last batch with all-zero rows (weights
+0), so every batch has the same shape. Hosts read disjoint shards of the source
+(`process_index::process_count`); each epoch is shuffled anew from `seed`.
+
+Nothing is dropped silently: `BatchIterator.counts` holds, for the examples behind
+the batches returned so far, `examples` read, `empty` (blank text: dropped),
+`invalid_utf8` (bytes decoded with replacement characters), `truncated`, `split`
+(over-long LM examples cut into several), `dropped_long` (over-long seq2seq pairs,
+overlong="drop") and `truncated_tokens`; log them as metrics. `get_state()` /
+`set_state()` (JSON-able, counts included) make a resumed run see exactly the
+batches it would have seen. `num_workers > 0` tokenizes and packs in that many
+processes (grain `mp_prefetch`); the batches then come in another, still
+deterministic, order.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+from absl import flags
+import grain
+import jax
+import numpy as np
+
+from train.data import packing
+from train.data.packing import COUNTS, new_counts
+from train.data.tokenizers import Tokenizer
+
+
+class Pipeline:
+  """A grain dataset of batches; iterate it for a fresh `BatchIterator`."""
+
+  def __init__(self, dataset: grain.IterDataset):
+    self.dataset = dataset
+
+  def __iter__(self) -> "BatchIterator":
+    return BatchIterator(iter(self.dataset))
+
+
+class BatchIterator:
+  """Batches, the counts behind them, and a JSON-able state to resume from."""
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    self._iterator = iterator
+    self._counts = np.zeros(len(COUNTS), np.int64)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._iterator)
+    self._counts += batch.pop("counts").sum(axis=0)
+    return batch
+
+  @property
+  def counts(self) -> dict[str, int]:
+    return dict(zip(COUNTS, self._counts.tolist()))
+
+  def get_state(self) -> dict[str, Any]:
+    return {"grain": self._iterator.get_state(), "counts": self.counts}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._iterator.set_state(state["grain"])
+    self._counts = np.array([state["counts"][k] for k in COUNTS], np.int64)
+
+  def close(self) -> None:
+    self._iterator.close()
+
+
+def lm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
+                pack: bool = True, overlong: str = "split",
+                num_packing_bins: int | None = None, text_key: str = "text",
+                seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+                process_index: int | None = None, process_count: int | None = None,
+                num_workers: int = 0) -> Pipeline:
+  """Language modelling batches; over-long examples `overlong`="split"|"truncate"."""
+  _check_choice("overlong", overlong, ("split", "truncate"))
+  _check_positive(batch_size=batch_size, seq_len=seq_len)
+  tokenize = _TokenizeLM(tokenizer, seq_len, overlong, text_key)
+
+  def after_tokenize(ds):
+    if overlong == "split":
+      ds = grain.experimental.FlatMapIterDataset(ds, packing.SplitLong(seq_len))
+    ds = packing.DropFlagged(ds)
+    return packing.pack(ds, {"inputs": seq_len, "targets": seq_len},
+                        {"inputs": "inputs", "targets": "targets",
+                         "segment_ids": "inputs_segment_ids",
+                         "positions": "inputs_positions"},
+                        weights_from="targets_segment_ids",
+                        pad_id=tokenizer.pad_id, batch_size=batch_size,
+                        num_packing_bins=num_packing_bins, pack=pack)
+
+  return _load(source, tokenize, after_tokenize, batch_size=batch_size, seed=seed,
+               shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
+               process_count=process_count, num_workers=num_workers)
+
+
+def seq2seq_pipeline(source, input_tokenizer: Tokenizer,
+                     target_tokenizer: Tokenizer | None = None, *, batch_size: int,
+                     inputs_len: int, targets_len: int, pack: bool = True,
+                     overlong: str = "truncate", num_packing_bins: int | None = None,
+                     inputs_key: str = "inputs", targets_key: str = "targets",
+                     seed: int = 0, shuffle: bool = True,
+                     num_epochs: int | None = None, process_index: int | None = None,
+                     process_count: int | None = None,
+                     num_workers: int = 0) -> Pipeline:
+  """Encoder-decoder batches; over-long pairs `overlong`="truncate"|"drop"."""
+  _check_choice("overlong", overlong, ("truncate", "drop"))
+  _check_positive(batch_size=batch_size, inputs_len=inputs_len,
+                  targets_len=targets_len)
+  target_tokenizer = target_tokenizer or input_tokenizer
+  tokenize = _TokenizeSeq2Seq(input_tokenizer, target_tokenizer, inputs_len,
+                              targets_len, overlong, inputs_key, targets_key)
+
+  def after_tokenize(ds):
+    return packing.pack(
+        packing.DropFlagged(ds),
+        {"encoder_tokens": inputs_len, "decoder_inputs": targets_len,
+         "decoder_targets": targets_len},
+        {"encoder_tokens": "encoder_tokens",
+         "encoder_segment_ids": "encoder_tokens_segment_ids",
+         "encoder_positions": "encoder_tokens_positions",
+         "decoder_inputs": "decoder_inputs", "decoder_targets": "decoder_targets",
+         "decoder_segment_ids": "decoder_targets_segment_ids",
+         "decoder_positions": "decoder_targets_positions"},
+        weights_from="decoder_targets_segment_ids",
+        pad_id={"encoder_tokens": input_tokenizer.pad_id,
+                "decoder_inputs": target_tokenizer.pad_id,
+                "decoder_targets": target_tokenizer.pad_id},
+        batch_size=batch_size, num_packing_bins=num_packing_bins, pack=pack)
+
+  return _load(source, tokenize, after_tokenize, batch_size=batch_size, seed=seed,
+               shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
+               process_count=process_count, num_workers=num_workers)
+
+
+def classification_pipeline(source, tokenizer: Tokenizer, *, batch_size: int,
+                            seq_len: int, text_key: str = "text",
+                            pair_key: str = "text_pair", label_key: str = "label",
+                            seed: int = 0, shuffle: bool = True,
+                            num_epochs: int | None = None,
+                            process_index: int | None = None,
+                            process_count: int | None = None,
+                            num_workers: int = 0) -> Pipeline:
+  """Single-text or text-pair classification; longest-first truncation."""
+  _check_positive(batch_size=batch_size, seq_len=seq_len)
+  tokenize = _TokenizeClassification(tokenizer, seq_len, text_key, pair_key,
+                                     label_key)
+  return _load(source, tokenize, packing.DropFlagged, batch_size=batch_size,
+               seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+               process_index=process_index, process_count=process_count,
+               num_workers=num_workers)
+
+
+def mlm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
+                 mask_rate: float = 0.15, text_key: str = "text", seed: int = 0,
+                 shuffle: bool = True, num_epochs: int | None = None,
+                 process_index: int | None = None, process_count: int | None = None,
+                 num_workers: int = 0) -> Pipeline:
+  """BERT masked-LM batches, masks drawn from `seed` and the example's index."""
+  _check_positive(batch_size=batch_size, seq_len=seq_len)
+  if tokenizer.mask_id is None:
+    raise ValueError("masked LM needs a tokenizer with a mask token ([MASK] or "
+                     "<mask>); this one has none.")
+  if not 0 < mask_rate < 1:
+    raise ValueError(f"mask_rate={mask_rate} must be between 0 and 1.")
+  tokenize = _TokenizeMLM(_TokenizeClassification(tokenizer, seq_len, text_key,
+                                                  None, None), mask_rate)
+  return _load(source, tokenize, packing.DropFlagged, batch_size=batch_size,
+               seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+               process_index=process_index, process_count=process_count,
+               num_workers=num_workers, random=True)
+
+
+def _load(source, tokenize, after_tokenize, *, batch_size: int, seed: int,
+          shuffle: bool, num_epochs: int | None, process_index: int | None,
+          process_count: int | None, num_workers: int,
+          random: bool = False) -> Pipeline:
+  """Shard, shuffle, repeat, tokenize; `after_tokenize`; batch; workers."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in "
+                     f"[0, process_count={process_count}).")
+  if num_epochs is not None and num_epochs <= 0:
+    raise ValueError(f"num_epochs={num_epochs}: use a positive number, or None "
+                     "to repeat forever.")
+  if len(source) == 0:
+    raise ValueError("the source has no examples: is the split empty, or the "
+                     "data not prepared?")
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError(f"process {process_index} of {process_count} gets no "
+                     f"examples from a source of {len(source)}: use a larger "
+                     "split or fewer processes.")
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  ds = ds.random_map(tokenize, seed=seed) if random else ds.map(tokenize)
+  ds = after_tokenize(ds.to_iter_dataset())
+  ds = ds.batch(batch_size, batch_fn=functools.partial(
+      grain.experimental.batch_and_pad, batch_size=batch_size))
+  if num_workers:
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags (google/grain#1355).
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return Pipeline(ds)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenizeLM:
+  """{"text"} -> {"inputs": BOS + ids, "targets": ids + EOS, "counts"}."""
+
+  tokenizer: Tokenizer
+  seq_len: int
+  overlong: str
+  text_key: str
+
+  def __call__(self, example) -> dict[str, np.ndarray]:
+    counts = new_counts()
+    ids = _encode(self.tokenizer, example, self.text_key, counts)
+    if not ids:
+      return {"inputs": _NONE, "targets": _NONE, "counts": counts}
+    bos, eos = _bos_eos(self.tokenizer)
+    inputs, targets = _ids([bos] + ids), _ids(ids + [eos])
+    if len(inputs) > self.seq_len:
+      if self.overlong == "truncate":
+        counts[COUNTS.index("truncated")] = 1
+        counts[COUNTS.index("truncated_tokens")] = len(inputs) - self.seq_len
+        inputs, targets = inputs[:self.seq_len], targets[:self.seq_len]
+      else:
+        counts[COUNTS.index("split")] = 1
+    return {"inputs": inputs, "targets": targets, "counts": counts}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenizeSeq2Seq:
+  """{"inputs", "targets"} -> encoder tokens + EOS, decoder inputs and targets."""
+
+  input_tokenizer: Tokenizer
+  target_tokenizer: Tokenizer
+  inputs_len: int
+  targets_len: int
+  overlong: str
+  inputs_key: str
+  targets_key: str
+
+  def __call__(self, example) -> dict[str, np.ndarray]:
+    counts = new_counts()
+    source = _encode(self.input_tokenizer, example, self.inputs_key, counts)
+    target = _encode(self.target_tokenizer, example, self.targets_key, counts)
+    dropped = {"encoder_tokens": _NONE, "decoder_inputs": _NONE,
+               "decoder_targets": _NONE, "counts": counts}
+    if not source or not target:
+      counts[COUNTS.index("empty")] = 1
+      return dropped
+    _, source_eos = _bos_eos(self.input_tokenizer)
+    bos, eos = _bos_eos(self.target_tokenizer)
+    encoder, decoder_inputs, decoder_targets = (
+        _ids(source + [source_eos]), _ids([bos] + target), _ids(target + [eos]))
+    excess = (max(0, len(encoder) - self.inputs_len)
+              + max(0, len(decoder_inputs) - self.targets_len))
+    if excess and self.overlong == "drop":
+      counts[COUNTS.index("dropped_long")] = 1
+      return dropped
+    if excess:
+      counts[COUNTS.index("truncated")] = 1
+      counts[COUNTS.index("truncated_tokens")] = excess
+    return {"encoder_tokens": encoder[:self.inputs_len],
+            "decoder_inputs": decoder_inputs[:self.targets_len],
+            "decoder_targets": decoder_targets[:self.targets_len],
+            "counts": counts}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenizeClassification:
+  """BOS text EOS [pair EOS], padded to seq_len; longest text truncated first."""
+
+  tokenizer: Tokenizer
+  seq_len: int
+  text_key: str
+  pair_key: str | None
+  label_key: str | None
+
+  def __call__(self, example) -> dict[str, np.ndarray]:
+    counts = new_counts()
+    first = _encode(self.tokenizer, example, self.text_key, counts)
+    has_pair = self.pair_key is not None and self.pair_key in example
+    second = (_encode(self.tokenizer, example, self.pair_key, counts)
+              if has_pair else [])
+    label = 0 if self.label_key is None else _label(example, self.label_key)
+    if not first or (has_pair and not second):
+      counts[COUNTS.index("empty")] = 1
+      return self._row([], [], label, counts, weight=0.0)
+    budget = self.seq_len - 2 - has_pair
+    if len(first) + len(second) > budget:
+      counts[COUNTS.index("truncated")] = 1
+      counts[COUNTS.index("truncated_tokens")] = len(first) + len(second) - budget
+      while len(first) + len(second) > budget:
+        longer = first if len(first) >= len(second) else second
+        longer.pop()
+    bos, eos = _bos_eos(self.tokenizer)
+    first = [bos] + first + [eos]
+    second = second + [eos] if has_pair else []
+    return self._row(first, second, label, counts, weight=1.0)
+
+  def _row(self, first, second, label, counts, weight):
+    tokens = np.full(self.seq_len, self.tokenizer.pad_id, np.int32)
+    tokens[:len(first) + len(second)] = first + second
+    token_types = np.zeros(self.seq_len, np.int32)
+    token_types[len(first):len(first) + len(second)] = 1
+    padding_mask = np.arange(self.seq_len) < len(first) + len(second)
+    return {"tokens": tokens, "padding_mask": padding_mask,
+            "token_types": token_types, "label": np.int32(label),
+            "weights": np.float32(weight), "counts": counts}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenizeMLM:
+  """A padded single-text row with BERT's 80/10/10 masking of `mask_rate`."""
+
+  row: _TokenizeClassification
+  mask_rate: float
+
+  def __call__(self, example, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    row = self.row(example)
+    tokens = row.pop("tokens")
+    del row["label"], row["weights"]
+    candidates = np.flatnonzero(row["padding_mask"])[1:-1]  # Not BOS/EOS.
+    chosen = rng.choice(candidates, _num_masked(len(candidates), self.mask_rate),
+                        replace=False)
+    kind = rng.random(len(chosen))
+    masked = tokens.copy()
+    masked[chosen[kind < 0.8]] = self.row.tokenizer.mask_id
+    replaced = chosen[(kind >= 0.8) & (kind < 0.9)]
+    masked[replaced] = rng.integers(0, self.row.tokenizer.vocab_size, len(replaced))
+    weights = np.zeros(tokens.shape, np.float32)
+    weights[chosen] = 1.0
+    return {**row, "tokens": masked, "targets": tokens, "weights": weights}
+
+
+def _num_masked(num_tokens: int, mask_rate: float) -> int:
+  return min(num_tokens, max(1, round(num_tokens * mask_rate)))
+
+
+_NONE = np.zeros(0, np.int32)
+
+
+def _ids(ids: list[int]) -> np.ndarray:
+  return np.asarray(ids, np.int32)
+
+
+def _bos_eos(tokenizer: Tokenizer) -> tuple[int, int]:
+  """BOS (EOS where the vocabulary has none, as GPT-2) and EOS."""
+  if tokenizer.eos_id is None:
+    raise ValueError(f"{type(tokenizer).__name__} has no end-of-sequence token; "
+                     "use a tokenizer with </s>, [SEP] or <|endoftext|>.")
+  bos = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
+  return bos, tokenizer.eos_id
+
+
+def _encode(tokenizer: Tokenizer, example, key: str, counts: np.ndarray) -> list[int]:
+  """Ids of `example[key]`; blank text counts as `empty` and gives []."""
+  try:
+    text = example[key]
+  except (KeyError, IndexError, TypeError):
+    raise ValueError(
+        f"an example has fields {sorted(example) if hasattr(example, 'keys') else example!r}"
+        f" but the pipeline reads {key!r}: give the source canonical field "
+        "names (see train/data/sources.py) or pass the pipeline's *_key "
+        "argument.") from None
+  if isinstance(text, bytes):
+    try:
+      text = text.decode("utf-8")
+    except UnicodeDecodeError:
+      counts[COUNTS.index("invalid_utf8")] = 1
+      text = text.decode("utf-8", errors="replace")
+  ids = tokenizer.encode(text) if text.strip() else []
+  if not ids:
+    counts[COUNTS.index("empty")] = 1
+  return list(ids)
+
+
+def _label(example, key: str) -> int:
+  try:
+    return int(example[key])
+  except (KeyError, TypeError, ValueError):
+    raise ValueError(f"an example has no integer {key!r} field (got "
+                     f"{example.get(key)!r}); classification needs one.") from None
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r}: choose one of {allowed}.")
+
+
+def _check_positive(**values: int) -> None:
+  for name, value in values.items():
+    if value <= 0:
+      raise ValueError(f"{name}={value} must be positive.")
