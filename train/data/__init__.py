@@ -1,0 +1,1 @@
+"""Input data: sources by name (`sources`: tfds, local files, numbers), tokenizers, grain pipelines."""
