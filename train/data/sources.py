@@ -10,7 +10,7 @@ Names:
                                    the pair around (default: tfds' order, de -> en here)
   "lm1b"                           lm
   "glue/CONFIG"                    classification (stsb: float label; test labels are -1)
-  "imdb_reviews"                   classification (plain_text config)
+  "imdb_reviews"                   classification
   "local:PATH"                     a local file or folder, see `train.data.local`; needs task=
   "numbers"                        generated in memory, see `train.data.numbers`
 
@@ -130,8 +130,6 @@ def _tfds_fields(name: str, builder, options) -> dict[str, str]:
   if family == "lm1b":
     return {"text": "text"}
   if family == "imdb_reviews":
-    if builder.builder_config.name != "plain_text":
-      raise ValueError(f"{name}: use imdb_reviews/plain_text; we tokenize text ourselves.")
     return {"text": "text", "label": "label"}
   text_fields = list(builder.builder_config.text_features)  # glue
   return dict(zip(("text", "text_pair"), text_fields), label="label")
