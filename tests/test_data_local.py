@@ -10,6 +10,9 @@ from train.data import local
 from train.data import sources
 
 
+GOOD_JSON = '{"inputs": "a", "targets": "b"}\n'
+
+
 def _write(path, lines, mode="w"):
   with open(path, mode) as f:
     f.write(lines)
@@ -34,7 +37,8 @@ def test_one_file_is_split_by_seeded_fractions_and_reads_back(pairs, tmp_path):
   assert stats["splits"] == {"train": 28, "validation": 4, "test": 8}
   with open(pairs, newline="", encoding="utf-8") as f:
     reference = {tuple(row) for row in csv.reader(f, delimiter="\t")}
-  read = {split: [(ex["inputs"], ex["targets"]) for ex in _read_all(pairs, "seq2seq", data_dir, split)]
+  read = {split: [(ex["inputs"], ex["targets"])
+                  for ex in _read_all(pairs, "seq2seq", data_dir, split)]
           for split in local.SPLITS}
   assert set(read["train"]) | set(read["validation"]) | set(read["test"]) == reference
   assert sum(len(v) for v in read.values()) == len(reference)
@@ -133,10 +137,10 @@ def test_lm_text_counts_blank_lines_and_replaces_invalid_utf8(tmp_path):
 @pytest.mark.parametrize("name, content, message", [
     ("bad.tsv", "a\tb\nonly one column\n", r"bad.tsv:2: expected 2 tab-separated columns"),
     ("bad.tsv", "a\tb\n\tempty inputs\n", r"bad.tsv:2: empty inputs"),
-    ("bad.jsonl", '{"inputs": "a", "targets": "b"}\n{"inputs": "a"\n', r"bad.jsonl:2: invalid JSON"),
-    ("bad.jsonl", '{"inputs": "a", "targets": "b"}\n{"inputs": "a"}\n', r"bad.jsonl:2: targets must"),
-    ("bad.jsonl", '{"inputs": "a", "targets": "b"}\n[1, 2]\n', r"bad.jsonl:2: expected a JSON object"),
-    ("bad.jsonl", '{"inputs": "a", "targets": "b"}\n{"inputs": "\\ud800", "targets": "b"}\n',
+    ("bad.jsonl", GOOD_JSON + '{"inputs": "a"\n', r"bad.jsonl:2: invalid JSON"),
+    ("bad.jsonl", GOOD_JSON + '{"inputs": "a"}\n', r"bad.jsonl:2: targets must"),
+    ("bad.jsonl", GOOD_JSON + '[1, 2]\n', r"bad.jsonl:2: expected a JSON object"),
+    ("bad.jsonl", GOOD_JSON + '{"inputs": "\\ud800", "targets": "b"}\n',
      r"bad.jsonl:2: inputs holds an unpaired surrogate"),
 ])
 def test_malformed_lines_are_errors_or_counted_skips(tmp_path, name, content, message):

@@ -1,4 +1,4 @@
-"""The quickstart task: write a number in words, {"inputs": "2026", "targets": "dois mil e vinte e seis"}.
+"""The quickstart task, a number in words: {"inputs": "2026", "targets": "dois mil e vinte e seis"}.
 
 Targets are whatever `num2words(n, lang=language)` prints, used as-is.
 

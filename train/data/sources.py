@@ -149,7 +149,8 @@ def _not_prepared(name: str, builder, data_dir) -> Exception:
   if builder.is_prepared():
     return ValueError(
         f"{name} in {builder.data_dir} is stored as {builder.info.file_format}, not as "
-        f"array_record, which is what is read here. Prepare it again into another data_dir: {command}")
+        "array_record, which is what is read here. Prepare it again into another "
+        f"data_dir: {command}")
   return FileNotFoundError(
       f"{name} is not prepared in {data_dir or root}. Prepare it once (this downloads it) "
       f"with: {command}")
