@@ -1,0 +1,325 @@
+"""Decoding (models/decoding.py) against numpy references: argmax chains, exhaustive search,
+empirical sampling frequencies; and, for the real models, against full forward passes."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import decoding
+
+EOS, PAD = 1, 0
+
+
+# ---------------------------------------------------------------------------------------
+# A toy model: second-order Markov chain with a step-dependent bias, in jax and numpy.
+
+
+class Toy:
+  """logits(next | prev, cur, step) = table[prev, cur] + bias[step]; the cache holds prev
+  and step (both batch-leading), so beam search must reorder it to get the right logits."""
+
+  def __init__(self, table_VVV, bias_NV):
+    self.table = np.asarray(table_VVV, np.float64)
+    self.bias = np.asarray(bias_NV, np.float64)
+    self.traces = 0
+
+  @classmethod
+  def random(cls, seed, vocab_size, max_steps, scale=2.0):
+    rng = np.random.default_rng(seed)
+    return cls(scale * rng.normal(size=(vocab_size,) * 3), rng.normal(size=(max_steps, vocab_size)))
+
+  @classmethod
+  def first_order(cls, probs_VV, max_steps):
+    """A chain where the next token depends only on the fed token."""
+    logits_VV = np.log(np.maximum(np.asarray(probs_VV, np.float64), 1e-13))
+    vocab_size = logits_VV.shape[0]
+    return cls(np.broadcast_to(logits_VV, (vocab_size,) * 3), np.zeros((max_steps, vocab_size)))
+
+  def cache(self, prev_B):
+    prev_B = jnp.asarray(prev_B, jnp.int32)
+    return {"prev": prev_B, "step": jnp.zeros_like(prev_B)}
+
+  def tokens_to_logits(self, tokens_B1, cache):
+    self.traces += 1
+    cur_B = tokens_B1[:, 0]
+    logits_BV = (jnp.asarray(self.table, jnp.float32)[cache["prev"], cur_B]
+                 + jnp.asarray(self.bias, jnp.float32)[cache["step"]])
+    return logits_BV, {"prev": cur_B, "step": cache["step"] + 1}
+
+  def logprobs(self, prev, cur, step):
+    logits = self.table[prev, cur] + self.bias[step]
+    return logits - np.logaddexp.reduce(logits)
+
+  def sequence_logprob(self, prev, first, tokens):
+    total = 0.0
+    for step, token in enumerate(tokens):
+      total += self.logprobs(prev, first, step)[token]
+      prev, first = first, token
+    return total
+
+
+def np_greedy(toy, prev_B, first_B, n, eos_id):
+  out = np.full((len(first_B), n), PAD)
+  for b, (prev, cur) in enumerate(zip(prev_B, first_B)):
+    for step in range(n):
+      token = int(np.argmax(toy.logprobs(prev, cur, step)))
+      out[b, step] = token
+      if token == eos_id:
+        break
+      prev, cur = cur, token
+  return out
+
+
+def np_all_sequences(toy, prev, first, n, eos_id, alpha):
+  """Every sequence (ending at its first EOS or at n tokens) with its penalized score."""
+  results = []
+  for length in range(1, n + 1):
+    for tokens in itertools.product(range(toy.table.shape[0]), repeat=length):
+      if eos_id in tokens[:-1] or (length < n and tokens[-1] != eos_id):
+        continue
+      score = toy.sequence_logprob(prev, first, tokens) / ((5 + length) / 6) ** alpha
+      results.append((score, tokens + (PAD,) * (n - length)))
+  return sorted(results, key=lambda r: -r[0])
+
+
+def run(search, toy, prev_B, first_B, **kwargs):
+  """Runs a search under jit on the toy model."""
+  fn = jax.jit(functools.partial(search, toy.tokens_to_logits, **kwargs))
+  return jax.tree.map(np.asarray, fn(toy.cache(prev_B), jnp.asarray(first_B, jnp.int32)))
+
+
+# ---------------------------------------------------------------------------------------
+# Greedy, EOS and padding
+
+
+def test_greedy_equals_numpy_argmax_chain():
+  toy = Toy.random(0, vocab_size=7, max_steps=6)
+  prev_B, first_B = [2, 3, 4, 5, 6, 0], [3, 4, 5, 6, 2, 1]
+  out = run(decoding.greedy, toy, prev_B, first_B, max_new_tokens=6, eos_id=EOS, pad_id=PAD)
+  np.testing.assert_array_equal(out.tokens_BN, np_greedy(toy, prev_B, first_B, 6, EOS))
+  out = run(decoding.greedy, toy, prev_B, first_B, max_new_tokens=6, eos_id=None, pad_id=PAD)
+  np.testing.assert_array_equal(out.tokens_BN, np_greedy(toy, prev_B, first_B, 6, None))
+  np.testing.assert_array_equal(out.lengths_B, 6)
+
+
+def test_the_token_loop_is_traced_once():
+  toy = Toy.random(0, vocab_size=5, max_steps=8)
+  for search, kwargs in [(decoding.greedy, {}), (decoding.beam_search, {"beam_size": 2}),
+                         (decoding.sample, {"rng": jax.random.key(0), "top_p": 0.9})]:
+    toy.traces = 0
+    run(search, toy, [0], [2], max_new_tokens=8, eos_id=EOS, pad_id=PAD, **kwargs)
+    assert toy.traces == 1, search.__name__
+
+
+# From token 0 (start): A=2 or B=3. A's continuations are all unlikely; B is then sure to end.
+START, A, B = 0, 2, 3
+BEAM_BEATS_GREEDY = [[0, 0, .6, .4],     # start -> A (greedy) or B
+                     [1, 0, 0, 0],       # after EOS (never used)
+                     [0, .35, .33, .32],  # A -> anything, nothing likely
+                     [0, .9, .05, .05]]  # B -> EOS
+
+
+def test_eos_stops_each_sequence_and_pads_after_it():
+  # Per example: EOS after 1, 2 and 3 new tokens; the last example never ends.
+  probs = [[0, 0, .2, .8, 0],   # start -> B
+           [1, 0, 0, 0, 0],
+           [0, .9, 0, .1, 0],   # A -> EOS
+           [0, 0, .9, 0, .1],   # B -> A
+           [0, 0, 0, 0, 1]]     # 4 -> 4 forever
+  toy = Toy.first_order(probs, max_steps=5)
+  prev_B, first_B = [0, 0, 0, 0], [2, 3, 0, 4]
+  want = np.array([[EOS, PAD, PAD, PAD, PAD], [A, EOS, PAD, PAD, PAD],
+                   [B, A, EOS, PAD, PAD], [4, 4, 4, 4, 4]])
+  common = dict(max_new_tokens=5, eos_id=EOS, pad_id=PAD)
+  for out in [run(decoding.greedy, toy, prev_B, first_B, **common),
+              run(decoding.sample, toy, prev_B, first_B, rng=jax.random.key(3), top_k=1, **common),
+              run(decoding.beam_search, toy, prev_B, first_B, beam_size=2, **common)]:
+    np.testing.assert_array_equal(out.tokens_BN, want)
+    np.testing.assert_array_equal(out.lengths_B, [1, 2, 3, 5])
+
+
+# ---------------------------------------------------------------------------------------
+# Beam search
+
+
+def test_beam_search_finds_a_likelier_sequence_than_greedy():
+  toy = Toy.first_order(BEAM_BEATS_GREEDY, max_steps=3)
+  common = dict(max_new_tokens=3, eos_id=EOS, pad_id=PAD)
+  greedy = run(decoding.greedy, toy, [0], [START], **common)
+  beam = run(decoding.beam_search, toy, [0], [START], beam_size=2, length_penalty_alpha=0.0,
+             **common)
+  np.testing.assert_array_equal(greedy.tokens_BN[0, :2], [A, EOS])
+  np.testing.assert_array_equal(beam.tokens_BN[0], [B, EOS, PAD])
+  greedy_logprob = toy.sequence_logprob(0, START, greedy.tokens_BN[0, :greedy.lengths_B[0]])
+  beam_logprob = toy.sequence_logprob(0, START, beam.tokens_BN[0, :beam.lengths_B[0]])
+  assert beam_logprob > greedy_logprob + 0.3
+  np.testing.assert_allclose(beam.scores_B[0], beam_logprob, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab_size,n,beams,eos_boost", [(4, 3, 18, 0.0), (3, 5, 24, 2.0)])
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
+def test_beam_search_with_enough_beams_equals_exhaustive_search(vocab_size, n, beams, eos_boost,
+                                                                 alpha):
+  # With V tokens (one EOS) there are at most (V-1)^(N-1) live prefixes and V times as many
+  # last-step candidates; with 2K >= that, beam search misses nothing and its finished set
+  # must be the exhaustive top K, length penalty included. A likely EOS fills the finished
+  toy = Toy.random(1, vocab_size=vocab_size, max_steps=n)
+  toy.table[..., EOS] += eos_boost
+  prev_B, first_B = [0, 2, 0], [1, 0, 2]
+  out = run(decoding.beam_search, toy, prev_B, first_B, max_new_tokens=n, eos_id=EOS,
+            pad_id=PAD, beam_size=beams, length_penalty_alpha=alpha)
+  for b in range(3):
+    best = np_all_sequences(toy, prev_B[b], first_B[b], n, EOS, alpha)[:beams]
+    np.testing.assert_allclose(out.beam_scores_BK[b], [s for s, _ in best], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.beam_tokens_BKN[b], [t for _, t in best])
+    np.testing.assert_array_equal(out.tokens_BN[b], best[0][1])
+    for tokens, length in zip(out.beam_tokens_BKN[b], out.beam_lengths_BK[b]):
+      assert EOS not in tokens[:length - 1] and (length == n or tokens[length - 1] == EOS)
+
+
+def test_early_stop_waits_for_a_longer_sequence_that_can_still_win():
+  # [EOS] scores log .6 = -0.51 at once; the live [0] (log .4) then goes on almost surely to
+  # [0] * 6, scoring (log .4 + 5 log .99) / (11 / 6)^2 = -0.29: the search must not stop on
+  # the penalty of the current length, only on that of the longest one.
+  toy = Toy.first_order(np.full((2, 2), .5), max_steps=6)
+  toy.bias[0, EOS] = np.log(.6 / .4)
+  toy.bias[1:, EOS] = np.log(.01 / .99)
+  for beam_size in [1, 2]:
+    out = run(decoding.beam_search, toy, [0], [0], max_new_tokens=6, eos_id=EOS, pad_id=PAD,
+              beam_size=beam_size, length_penalty_alpha=2.0)
+    score, tokens = np_all_sequences(toy, 0, 0, 6, EOS, 2.0)[0]
+    np.testing.assert_array_equal(out.tokens_BN[0], tokens)
+    np.testing.assert_allclose(out.scores_B[0], score, rtol=1e-5)
+    np.testing.assert_allclose(score, (np.log(.4) + 5 * np.log(.99)) / (11 / 6) ** 2)
+
+
+def test_small_beams_score_what_they_return():
+  # Each returned beam's score is its log-prob (recomputed in numpy) over its length penalty.
+  toy = Toy.random(2, vocab_size=6, max_steps=5)
+  out = run(decoding.beam_search, toy, [0, 4], [2, 5], max_new_tokens=5, eos_id=EOS,
+            pad_id=PAD, beam_size=3, length_penalty_alpha=0.6)
+  for b, (prev, first) in enumerate([(0, 2), (4, 5)]):
+    for tokens, length, score in zip(out.beam_tokens_BKN[b], out.beam_lengths_BK[b],
+                                     out.beam_scores_BK[b]):
+      logprob = toy.sequence_logprob(prev, first, tokens[:length])
+      np.testing.assert_allclose(score, logprob / ((5 + length) / 6) ** 0.6, rtol=1e-5)
+      np.testing.assert_array_equal(tokens[length:], PAD)
+    assert np.all(np.diff(out.beam_scores_BK[b]) <= 0)
+
+
+def test_length_penalty_favours_longer_sequences_as_alpha_grows():
+  # [EOS]: log .5 = -0.69 over 1 token; [A, B, EOS]: log(.5 * .9 * .9) = -0.90 over 3 tokens.
+  probs = [[0, .5, .5, 0], [1, 0, 0, 0], [0, .1, 0, .9], [0, .9, 0, .1]]
+  toy = Toy.first_order(probs, max_steps=3)
+  common = dict(max_new_tokens=3, eos_id=EOS, pad_id=PAD, beam_size=2)
+  short = run(decoding.beam_search, toy, [0], [START], length_penalty_alpha=0.0, **common)
+  long = run(decoding.beam_search, toy, [0], [START], length_penalty_alpha=2.0, **common)
+  np.testing.assert_array_equal(short.tokens_BN[0], [EOS, PAD, PAD])
+  np.testing.assert_array_equal(long.tokens_BN[0], [A, B, EOS])
+  np.testing.assert_allclose(long.scores_B[0], np.log(.5 * .9 * .9) / (8 / 6) ** 2, rtol=1e-5)
+
+
+def test_beam_size_one_equals_greedy():
+  # EOS is nearly impossible except after token 3, so no branch-off can beat the greedy path.
+  toy = Toy.random(3, vocab_size=6, max_steps=6)
+  toy.table[..., EOS] -= 30.0
+  toy.table[:, 3, EOS] += 40.0
+  prev_B, first_B = [0, 2, 4, 5], [2, 4, 5, 0]
+  common = dict(max_new_tokens=6, eos_id=EOS, pad_id=PAD)
+  greedy = run(decoding.greedy, toy, prev_B, first_B, **common)
+  beam = run(decoding.beam_search, toy, prev_B, first_B, beam_size=1, **common)
+  np.testing.assert_array_equal(beam.tokens_BN, greedy.tokens_BN)
+  np.testing.assert_array_equal(beam.lengths_B, greedy.lengths_B)
+  assert (greedy.lengths_B < 6).any() and (greedy.lengths_B == 6).any()
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_top_k_one_and_zero_temperature_equal_greedy():
+  toy = Toy.random(4, vocab_size=7, max_steps=6)
+  prev_B, first_B = [0, 1, 2, 3, 4], [3, 4, 5, 6, 2]
+  common = dict(max_new_tokens=6, eos_id=EOS, pad_id=PAD)
+  greedy = run(decoding.greedy, toy, prev_B, first_B, **common)
+  for seed in range(3):
+    for settings in [{"top_k": 1}, {"temperature": 0.0}, {"temperature": 1e-3},
+                     {"top_p": 1e-6, "temperature": 3.0}]:
+      out = run(decoding.sample, toy, prev_B, first_B, rng=jax.random.key(seed), **settings,
+                **common)
+      np.testing.assert_array_equal(out.tokens_BN, greedy.tokens_BN, err_msg=str(settings))
+
+
+PROBS = np.array([.4, .3, .15, .1, .05])
+
+
+def sample_fixed_distribution(seed, batch=512, n=8, **settings):
+  """Samples [batch * n] tokens from a model whose next-token distribution is PROBS."""
+  def tokens_to_logits(tokens_B1, cache):
+    return jnp.broadcast_to(jnp.log(jnp.asarray(PROBS, jnp.float32)), (tokens_B1.shape[0], 5)), cache
+  fn = jax.jit(functools.partial(decoding.sample, tokens_to_logits, max_new_tokens=n, eos_id=None,
+                                 pad_id=PAD, **settings))
+  return np.asarray(fn({"dummy": jnp.zeros((batch,))}, jnp.zeros((batch,), jnp.int32),
+                       rng=jax.random.key(seed)).tokens_BN).ravel()
+
+
+@pytest.mark.parametrize("settings,allowed", [
+    ({"top_k": 2}, [0, 1]),
+    ({"top_p": 0.65}, [0, 1]),      # .4 < .65 <= .4 + .3
+    ({"top_p": 0.75}, [0, 1, 2]),
+    ({"top_k": 2, "top_p": 0.5}, [0]),   # top-p after top-k: .57 + .43, not .4 + .3
+    ({"top_k": 3, "temperature": 2.0}, [0, 1, 2]),
+])
+def test_filtered_sampling_stays_in_the_allowed_set(settings, allowed):
+  tokens = np.concatenate([sample_fixed_distribution(seed, **settings) for seed in range(3)])
+  frequencies = np.bincount(tokens, minlength=5) / tokens.size
+  temperature = settings.get("temperature", 1.0)
+  want = np.zeros(5)
+  want[allowed] = PROBS[allowed] ** (1 / temperature)
+  want /= want.sum()
+  np.testing.assert_allclose(frequencies, want, atol=0.03)
+  assert set(np.unique(tokens)) == set(allowed)
+
+
+def test_temperature_reshapes_the_distribution():
+  for temperature in [0.5, 2.0]:
+    tokens = sample_fixed_distribution(0, temperature=temperature)
+    want = PROBS ** (1 / temperature) / (PROBS ** (1 / temperature)).sum()
+    np.testing.assert_allclose(np.bincount(tokens, minlength=5) / tokens.size, want, atol=0.03)
+
+
+def test_same_rng_same_output_other_rng_other_output():
+  first = sample_fixed_distribution(0, batch=64, top_p=0.9)
+  np.testing.assert_array_equal(first, sample_fixed_distribution(0, batch=64, top_p=0.9))
+  assert (first != sample_fixed_distribution(1, batch=64, top_p=0.9)).mean() > 0.3
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_settings_and_caches_are_rejected():
+  toy = Toy.random(0, vocab_size=4, max_steps=2)
+  cache, first_B = toy.cache([0, 0]), jnp.array([1, 2])
+  common = dict(max_new_tokens=2, eos_id=EOS, pad_id=PAD)
+  with pytest.raises(ValueError, match="top_p"):
+    decoding.sample(toy.tokens_to_logits, cache, first_B, rng=jax.random.key(0), top_p=1.5,
+                    **common)
+  with pytest.raises(ValueError, match="top_k"):
+    decoding.sample(toy.tokens_to_logits, cache, first_B, rng=jax.random.key(0), top_k=0,
+                    **common)
+  with pytest.raises(ValueError, match="temperature"):
+    decoding.sample(toy.tokens_to_logits, cache, first_B, rng=jax.random.key(0),
+                    temperature=-1.0, **common)
+  with pytest.raises(ValueError, match="beam_size"):
+    decoding.beam_search(toy.tokens_to_logits, cache, first_B, beam_size=0, **common)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    decoding.greedy(toy.tokens_to_logits, cache, first_B, max_new_tokens=0, eos_id=EOS,
+                    pad_id=PAD)
+  with pytest.raises(ValueError, match=r"\['layers'\].*batch dimension"):
+    decoding.greedy(toy.tokens_to_logits, {**cache, "layers": jnp.zeros((3, 2))}, first_B,
+                    **common)
