@@ -299,3 +299,34 @@ def test_worker_processes_give_the_same_data_and_resume():
   assert len(again) == len(rest)
   for want, got in zip(rest, again):
     np.testing.assert_array_equal(want["inputs"], got["inputs"])
+
+
+def test_packed_rows_give_each_example_its_own_loss_in_a_decoder():
+  import jax
+  import optax
+  from models.transformer import DecoderOnly, TransformerConfig
+
+  cfg = TransformerConfig(vocab_size=BYTES.vocab_size, d_model=32, num_heads=2,
+                          d_ff=64, num_layers=2, max_len=24, position="learned")
+  model = DecoderOnly(cfg)
+  source = [{"text": t} for t in ["gato", "pato", "rato", "mato", "tato", "fato"]]
+  batch = next(iter(lm(source, batch_size=2, shuffle=False, num_epochs=1)))
+  assert batch["segment_ids"].max() >= 3  # Several examples share a row.
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["inputs"])
+
+  @jax.jit
+  def token_losses(inputs, targets, **kwargs):
+    logits = model.apply(params, inputs, **kwargs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+  packed = token_losses(batch["inputs"], batch["targets"],
+                        segment_ids=batch["segment_ids"], positions=batch["positions"])
+  checked = 0
+  for row, segment_ids in enumerate(batch["segment_ids"]):
+    for segment in range(1, segment_ids.max() + 1):
+      where = segment_ids == segment
+      alone = token_losses(batch["inputs"][row:row + 1, where],
+                           batch["targets"][row:row + 1, where])
+      np.testing.assert_allclose(packed[row, where], alone[0], rtol=1e-5, atol=1e-6)
+      checked += 1
+  assert checked == len(source)  # Same lengths alone: one compilation.
