@@ -271,10 +271,15 @@ def test_bad_input_gives_clear_errors():
     lm(lm_source(4), process_index=4, process_count=5)
   with pytest.raises(ValueError, match="reads 'text'"):
     next(iter(lm([{"sentence": "gato"}])))
-  with pytest.raises(ValueError, match="no integer 'label'"):
-    next(iter(pipeline.classification_pipeline(
-        [{"text": "gato"}], BYTES, batch_size=1, seq_len=8, process_index=0,
-        process_count=1)))
+  classify = lambda source, **kw: next(iter(pipeline.classification_pipeline(
+      source, BYTES, batch_size=1, seq_len=8, process_index=0, process_count=1,
+      **kw)))
+  with pytest.raises(ValueError, match="no 'label' field"):
+    classify([{"text": "gato"}])
+  with pytest.raises(ValueError, match="label_dtype='float32'"):
+    classify([{"text": "gato", "label": 3.8}])
+  assert classify([{"text": "gato", "label": 3.8}], label_dtype="float32")[
+      "label"].dtype == np.float32
   no_mask = toks.HFTokenizer.__new__(toks.HFTokenizer)
   no_mask.mask_id = None
   with pytest.raises(ValueError, match="mask token"):

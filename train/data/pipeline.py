@@ -25,7 +25,7 @@ gives a `BatchIterator` of host-local numpy batches (B = batch_size):
     tokens       int32   [B, T]  BOS text EOS (text_pair EOS), e.g. [CLS] a [SEP] b [SEP]
     padding_mask bool    [B, T]  True on tokens
     token_types  int32   [B, T]  0 on the first text, 1 on the pair
-    label        int32   [B]
+    label        int32   [B]     (float32 with label_dtype="float32", e.g. glue/stsb)
     weights      float32 [B]     1 for examples, 0 for rows padding a final batch
   masked LM (`mlm_pipeline`), one example a row, BERT masking (80% mask id, 10%
   random id, 10% unchanged) of `mask_rate` of the tokens:
@@ -40,11 +40,14 @@ Nothing is dropped silently: `BatchIterator.counts` holds, for the examples behi
 the batches returned so far, `examples` read, `empty` (blank text: dropped),
 `invalid_utf8` (bytes decoded with replacement characters), `truncated`, `split`
 (over-long LM examples cut into several), `dropped_long` (over-long seq2seq pairs,
-overlong="drop") and `truncated_tokens`; log them as metrics. `get_state()` /
-`set_state()` (JSON-able, counts included) make a resumed run see exactly the
-batches it would have seen. `num_workers > 0` tokenizes and packs in that many
-processes (grain `mp_prefetch`); the batches then come in another, still
-deterministic, order.
+overlong="drop") and `truncated_tokens`; log them as metrics. (`Pipeline.dataset`,
+the grain dataset itself, yields these per row as an extra "counts" [B, 7].)
+
+`get_state()` / `set_state()` (JSON-able, counts included; save it in the orbax
+checkpoint, e.g. with `ocp.args.JsonSave`) make a resumed run see exactly the
+batches it would have seen, given the same source, arguments and `num_workers`.
+`num_workers > 0` tokenizes and packs in that many processes (grain
+`mp_prefetch`); the batches then come in another, still deterministic, order.
 """
 
 import dataclasses
@@ -171,15 +174,16 @@ def seq2seq_pipeline(source, input_tokenizer: Tokenizer,
 def classification_pipeline(source, tokenizer: Tokenizer, *, batch_size: int,
                             seq_len: int, text_key: str = "text",
                             pair_key: str = "text_pair", label_key: str = "label",
-                            seed: int = 0, shuffle: bool = True,
-                            num_epochs: int | None = None,
+                            label_dtype: str = "int32", seed: int = 0,
+                            shuffle: bool = True, num_epochs: int | None = None,
                             process_index: int | None = None,
                             process_count: int | None = None,
                             num_workers: int = 0) -> Pipeline:
-  """Single-text or text-pair classification; longest-first truncation."""
+  """Single-text or text-pair classification (or regression: label_dtype="float32")."""
   _check_positive(batch_size=batch_size, seq_len=seq_len)
+  _check_choice("label_dtype", label_dtype, ("int32", "float32"))
   tokenize = _TokenizeClassification(tokenizer, seq_len, text_key, pair_key,
-                                     label_key)
+                                     label_key, np.dtype(label_dtype).type)
   return _load(source, tokenize, packing.DropFlagged, batch_size=batch_size,
                seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                process_index=process_index, process_count=process_count,
@@ -199,7 +203,7 @@ def mlm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
   if not 0 < mask_rate < 1:
     raise ValueError(f"mask_rate={mask_rate} must be between 0 and 1.")
   tokenize = _TokenizeMLM(_TokenizeClassification(tokenizer, seq_len, text_key,
-                                                  None, None), mask_rate)
+                                                  None, None, np.int32), mask_rate)
   return _load(source, tokenize, packing.DropFlagged, batch_size=batch_size,
                seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                process_index=process_index, process_count=process_count,
@@ -315,6 +319,7 @@ class _TokenizeClassification:
   text_key: str
   pair_key: str | None
   label_key: str | None
+  label_dtype: type
 
   def __call__(self, example) -> dict[str, np.ndarray]:
     counts = new_counts()
@@ -322,7 +327,8 @@ class _TokenizeClassification:
     has_pair = self.pair_key is not None and self.pair_key in example
     second = (_encode(self.tokenizer, example, self.pair_key, counts)
               if has_pair else [])
-    label = 0 if self.label_key is None else _label(example, self.label_key)
+    label = (self.label_dtype(0) if self.label_key is None
+             else _label(example, self.label_key, self.label_dtype))
     if not first or (has_pair and not second):
       counts[COUNTS.index("empty")] = 1
       return self._row([], [], label, counts, weight=0.0)
@@ -345,7 +351,7 @@ class _TokenizeClassification:
     token_types[len(first):len(first) + len(second)] = 1
     padding_mask = np.arange(self.seq_len) < len(first) + len(second)
     return {"tokens": tokens, "padding_mask": padding_mask,
-            "token_types": token_types, "label": np.int32(label),
+            "token_types": token_types, "label": label,
             "weights": np.float32(weight), "counts": counts}
 
 
@@ -409,18 +415,24 @@ def _encode(tokenizer: Tokenizer, example, key: str, counts: np.ndarray) -> list
     except UnicodeDecodeError:
       counts[COUNTS.index("invalid_utf8")] = 1
       text = text.decode("utf-8", errors="replace")
+  if not isinstance(text, str):
+    raise ValueError(f"field {key!r} holds {type(text).__name__}, not text.")
   ids = tokenizer.encode(text) if text.strip() else []
   if not ids:
     counts[COUNTS.index("empty")] = 1
   return list(ids)
 
 
-def _label(example, key: str) -> int:
-  try:
-    return int(example[key])
-  except (KeyError, TypeError, ValueError):
-    raise ValueError(f"an example has no integer {key!r} field (got "
-                     f"{example.get(key)!r}); classification needs one.") from None
+def _label(example, key: str, dtype: type) -> np.number:
+  value = example.get(key) if hasattr(example, "get") else None
+  if value is None or not np.isscalar(value):
+    raise ValueError(f"an example has no {key!r} field (got {value!r}); "
+                     "classification needs one, an integer (or a float for "
+                     "regression with label_dtype='float32').")
+  if dtype is np.int32 and value != int(value):
+    raise ValueError(f"label {value!r} is not an integer: for regression (e.g. "
+                     "glue/stsb) pass label_dtype='float32'.")
+  return dtype(value)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
