@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 from num2words import num2words
+import tokenizers
 from tokenizers import implementations
 
 from train.data import pipeline, tokenizers as toks
@@ -120,6 +121,28 @@ def test_seq2seq_pairs_stay_together():
       (tuple(byte_ids(e["inputs"]) + [EOS]), tuple(byte_ids(e["targets"]) + [EOS]))
       for e in source)
   assert found == expected
+
+
+def test_seq2seq_with_two_tokenizers_decodes_back_to_the_pairs(tmp_path):
+  numbers = list(range(0, 3000, 7))
+  source = [{"inputs": str(n), "targets": num2words(n, lang="pt")} for n in numbers]
+  digits = toks.make_tokenizer("char", path=str(tmp_path / "digits.json"),
+                               texts=lambda: (e["inputs"] for e in source))
+  words = toks.make_tokenizer("word", path=str(tmp_path / "words.json"),
+                              texts=lambda: (e["targets"] for e in source))
+  found = set()
+  for batch in pipeline.seq2seq_pipeline(
+      source, digits, words, batch_size=8, inputs_len=16, targets_len=16,
+      num_epochs=1, process_index=0, process_count=1):
+    for row in range(8):
+      for segment in range(1, batch["encoder_segment_ids"][row].max(initial=0) + 1):
+        encoder = batch["encoder_tokens"][row][
+            batch["encoder_segment_ids"][row] == segment]
+        decoder = batch["decoder_inputs"][row][
+            batch["decoder_segment_ids"][row] == segment]
+        assert decoder[0] == words.bos_id
+        found.add((digits.decode(encoder), words.decode(decoder)))
+  assert found == {(e["inputs"], e["targets"]) for e in source}
 
 
 def first_tokens(iterator, n):
@@ -280,8 +303,12 @@ def test_bad_input_gives_clear_errors():
     classify([{"text": "gato", "label": 3.8}])
   assert classify([{"text": "gato", "label": 3.8}], label_dtype="float32")[
       "label"].dtype == np.float32
-  no_mask = toks.HFTokenizer.__new__(toks.HFTokenizer)
-  no_mask.mask_id = None
+  word_level = lambda *vocab: toks.HFTokenizer(tokenizers.Tokenizer(
+      tokenizers.models.WordLevel({w: i for i, w in enumerate(vocab)}, "<unk>")))
+  with pytest.raises(ValueError, match="no end-of-sequence token"):
+    pipeline.lm_pipeline(lm_source(), word_level("<unk>", "gato"), batch_size=2,
+                         seq_len=8)
+  no_mask = word_level("<unk>", "</s>", "gato")
   with pytest.raises(ValueError, match="mask token"):
     pipeline.mlm_pipeline(lm_source(), no_mask, batch_size=2, seq_len=8)
 

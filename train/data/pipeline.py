@@ -50,7 +50,6 @@ batches it would have seen, given the same source, arguments and `num_workers`.
 `mp_prefetch`); the batches then come in another, still deterministic, order.
 """
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -59,8 +58,8 @@ import grain
 import jax
 import numpy as np
 
-from train.data import packing
-from train.data.packing import COUNTS, new_counts
+from train.data import examples, packing
+from train.data.packing import COUNTS
 from train.data.tokenizers import Tokenizer
 
 
@@ -113,7 +112,8 @@ def lm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
   """Language modelling batches; over-long examples `overlong`="split"|"truncate"."""
   _check_choice("overlong", overlong, ("split", "truncate"))
   _check_positive(batch_size=batch_size, seq_len=seq_len)
-  tokenize = _TokenizeLM(tokenizer, seq_len, overlong, text_key)
+  examples.bos_eos(tokenizer)
+  tokenize = examples.LM(tokenizer, seq_len, overlong, text_key)
 
   def after_tokenize(ds):
     if overlong == "split":
@@ -146,7 +146,8 @@ def seq2seq_pipeline(source, input_tokenizer: Tokenizer,
   _check_positive(batch_size=batch_size, inputs_len=inputs_len,
                   targets_len=targets_len)
   target_tokenizer = target_tokenizer or input_tokenizer
-  tokenize = _TokenizeSeq2Seq(input_tokenizer, target_tokenizer, inputs_len,
+  examples.bos_eos(input_tokenizer), examples.bos_eos(target_tokenizer)
+  tokenize = examples.Seq2Seq(input_tokenizer, target_tokenizer, inputs_len,
                               targets_len, overlong, inputs_key, targets_key)
 
   def after_tokenize(ds):
@@ -182,7 +183,8 @@ def classification_pipeline(source, tokenizer: Tokenizer, *, batch_size: int,
   """Single-text or text-pair classification (or regression: label_dtype="float32")."""
   _check_positive(batch_size=batch_size, seq_len=seq_len)
   _check_choice("label_dtype", label_dtype, ("int32", "float32"))
-  tokenize = _TokenizeClassification(tokenizer, seq_len, text_key, pair_key,
+  examples.bos_eos(tokenizer)
+  tokenize = examples.Classification(tokenizer, seq_len, text_key, pair_key,
                                      label_key, np.dtype(label_dtype).type)
   return _load(source, tokenize, packing.DropFlagged, batch_size=batch_size,
                seed=seed, shuffle=shuffle, num_epochs=num_epochs,
@@ -197,12 +199,13 @@ def mlm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
                  num_workers: int = 0) -> Pipeline:
   """BERT masked-LM batches, masks drawn from `seed` and the example's index."""
   _check_positive(batch_size=batch_size, seq_len=seq_len)
+  examples.bos_eos(tokenizer)
   if tokenizer.mask_id is None:
     raise ValueError("masked LM needs a tokenizer with a mask token ([MASK] or "
                      "<mask>); this one has none.")
   if not 0 < mask_rate < 1:
     raise ValueError(f"mask_rate={mask_rate} must be between 0 and 1.")
-  tokenize = _TokenizeMLM(_TokenizeClassification(tokenizer, seq_len, text_key,
+  tokenize = examples.MLM(examples.Classification(tokenizer, seq_len, text_key,
                                                   None, None, np.int32), mask_rate)
   return _load(source, tokenize, packing.DropFlagged, batch_size=batch_size,
                seed=seed, shuffle=shuffle, num_epochs=num_epochs,
@@ -220,6 +223,8 @@ def _load(source, tokenize, after_tokenize, *, batch_size: int, seed: int,
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in "
                      f"[0, process_count={process_count}).")
+  if num_workers < 0:
+    raise ValueError(f"num_workers={num_workers}: use 0 (no worker processes) or more.")
   if num_epochs is not None and num_epochs <= 0:
     raise ValueError(f"num_epochs={num_epochs}: use a positive number, or None "
                      "to repeat forever.")
@@ -243,196 +248,6 @@ def _load(source, tokenize, after_tokenize, *, batch_size: int, seed: int,
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return Pipeline(ds)
-
-
-@dataclasses.dataclass(frozen=True)
-class _TokenizeLM:
-  """{"text"} -> {"inputs": BOS + ids, "targets": ids + EOS, "counts"}."""
-
-  tokenizer: Tokenizer
-  seq_len: int
-  overlong: str
-  text_key: str
-
-  def __call__(self, example) -> dict[str, np.ndarray]:
-    counts = new_counts()
-    ids = _encode(self.tokenizer, example, self.text_key, counts)
-    if not ids:
-      return {"inputs": _NONE, "targets": _NONE, "counts": counts}
-    bos, eos = _bos_eos(self.tokenizer)
-    inputs, targets = _ids([bos] + ids), _ids(ids + [eos])
-    if len(inputs) > self.seq_len:
-      if self.overlong == "truncate":
-        counts[COUNTS.index("truncated")] = 1
-        counts[COUNTS.index("truncated_tokens")] = len(inputs) - self.seq_len
-        inputs, targets = inputs[:self.seq_len], targets[:self.seq_len]
-      else:
-        counts[COUNTS.index("split")] = 1
-    return {"inputs": inputs, "targets": targets, "counts": counts}
-
-
-@dataclasses.dataclass(frozen=True)
-class _TokenizeSeq2Seq:
-  """{"inputs", "targets"} -> encoder tokens + EOS, decoder inputs and targets."""
-
-  input_tokenizer: Tokenizer
-  target_tokenizer: Tokenizer
-  inputs_len: int
-  targets_len: int
-  overlong: str
-  inputs_key: str
-  targets_key: str
-
-  def __call__(self, example) -> dict[str, np.ndarray]:
-    counts = new_counts()
-    source = _encode(self.input_tokenizer, example, self.inputs_key, counts)
-    target = _encode(self.target_tokenizer, example, self.targets_key, counts)
-    dropped = {"encoder_tokens": _NONE, "decoder_inputs": _NONE,
-               "decoder_targets": _NONE, "counts": counts}
-    if not source or not target:
-      counts[COUNTS.index("empty")] = 1
-      return dropped
-    _, source_eos = _bos_eos(self.input_tokenizer)
-    bos, eos = _bos_eos(self.target_tokenizer)
-    encoder, decoder_inputs, decoder_targets = (
-        _ids(source + [source_eos]), _ids([bos] + target), _ids(target + [eos]))
-    excess = (max(0, len(encoder) - self.inputs_len)
-              + max(0, len(decoder_inputs) - self.targets_len))
-    if excess and self.overlong == "drop":
-      counts[COUNTS.index("dropped_long")] = 1
-      return dropped
-    if excess:
-      counts[COUNTS.index("truncated")] = 1
-      counts[COUNTS.index("truncated_tokens")] = excess
-    return {"encoder_tokens": encoder[:self.inputs_len],
-            "decoder_inputs": decoder_inputs[:self.targets_len],
-            "decoder_targets": decoder_targets[:self.targets_len],
-            "counts": counts}
-
-
-@dataclasses.dataclass(frozen=True)
-class _TokenizeClassification:
-  """BOS text EOS [pair EOS], padded to seq_len; longest text truncated first."""
-
-  tokenizer: Tokenizer
-  seq_len: int
-  text_key: str
-  pair_key: str | None
-  label_key: str | None
-  label_dtype: type
-
-  def __call__(self, example) -> dict[str, np.ndarray]:
-    counts = new_counts()
-    first = _encode(self.tokenizer, example, self.text_key, counts)
-    has_pair = self.pair_key is not None and self.pair_key in example
-    second = (_encode(self.tokenizer, example, self.pair_key, counts)
-              if has_pair else [])
-    label = (self.label_dtype(0) if self.label_key is None
-             else _label(example, self.label_key, self.label_dtype))
-    if not first or (has_pair and not second):
-      counts[COUNTS.index("empty")] = 1
-      return self._row([], [], label, counts, weight=0.0)
-    budget = self.seq_len - 2 - has_pair
-    if len(first) + len(second) > budget:
-      counts[COUNTS.index("truncated")] = 1
-      counts[COUNTS.index("truncated_tokens")] = len(first) + len(second) - budget
-      while len(first) + len(second) > budget:
-        longer = first if len(first) >= len(second) else second
-        longer.pop()
-    bos, eos = _bos_eos(self.tokenizer)
-    first = [bos] + first + [eos]
-    second = second + [eos] if has_pair else []
-    return self._row(first, second, label, counts, weight=1.0)
-
-  def _row(self, first, second, label, counts, weight):
-    tokens = np.full(self.seq_len, self.tokenizer.pad_id, np.int32)
-    tokens[:len(first) + len(second)] = first + second
-    token_types = np.zeros(self.seq_len, np.int32)
-    token_types[len(first):len(first) + len(second)] = 1
-    padding_mask = np.arange(self.seq_len) < len(first) + len(second)
-    return {"tokens": tokens, "padding_mask": padding_mask,
-            "token_types": token_types, "label": label,
-            "weights": np.float32(weight), "counts": counts}
-
-
-@dataclasses.dataclass(frozen=True)
-class _TokenizeMLM:
-  """A padded single-text row with BERT's 80/10/10 masking of `mask_rate`."""
-
-  row: _TokenizeClassification
-  mask_rate: float
-
-  def __call__(self, example, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    row = self.row(example)
-    tokens = row.pop("tokens")
-    del row["label"], row["weights"]
-    candidates = np.flatnonzero(row["padding_mask"])[1:-1]  # Not BOS/EOS.
-    chosen = rng.choice(candidates, _num_masked(len(candidates), self.mask_rate),
-                        replace=False)
-    kind = rng.random(len(chosen))
-    masked = tokens.copy()
-    masked[chosen[kind < 0.8]] = self.row.tokenizer.mask_id
-    replaced = chosen[(kind >= 0.8) & (kind < 0.9)]
-    masked[replaced] = rng.integers(0, self.row.tokenizer.vocab_size, len(replaced))
-    weights = np.zeros(tokens.shape, np.float32)
-    weights[chosen] = 1.0
-    return {**row, "tokens": masked, "targets": tokens, "weights": weights}
-
-
-def _num_masked(num_tokens: int, mask_rate: float) -> int:
-  return min(num_tokens, max(1, round(num_tokens * mask_rate)))
-
-
-_NONE = np.zeros(0, np.int32)
-
-
-def _ids(ids: list[int]) -> np.ndarray:
-  return np.asarray(ids, np.int32)
-
-
-def _bos_eos(tokenizer: Tokenizer) -> tuple[int, int]:
-  """BOS (EOS where the vocabulary has none, as GPT-2) and EOS."""
-  if tokenizer.eos_id is None:
-    raise ValueError(f"{type(tokenizer).__name__} has no end-of-sequence token; "
-                     "use a tokenizer with </s>, [SEP] or <|endoftext|>.")
-  bos = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
-  return bos, tokenizer.eos_id
-
-
-def _encode(tokenizer: Tokenizer, example, key: str, counts: np.ndarray) -> list[int]:
-  """Ids of `example[key]`; blank text counts as `empty` and gives []."""
-  try:
-    text = example[key]
-  except (KeyError, IndexError, TypeError):
-    raise ValueError(
-        f"an example has fields {sorted(example) if hasattr(example, 'keys') else example!r}"
-        f" but the pipeline reads {key!r}: give the source canonical field "
-        "names (see train/data/sources.py) or pass the pipeline's *_key "
-        "argument.") from None
-  if isinstance(text, bytes):
-    try:
-      text = text.decode("utf-8")
-    except UnicodeDecodeError:
-      counts[COUNTS.index("invalid_utf8")] = 1
-      text = text.decode("utf-8", errors="replace")
-  if not isinstance(text, str):
-    raise ValueError(f"field {key!r} holds {type(text).__name__}, not text.")
-  ids = tokenizer.encode(text) if text.strip() else []
-  if not ids:
-    counts[COUNTS.index("empty")] = 1
-  return list(ids)
-
-
-def _label(example, key: str, dtype: type) -> np.number:
-  value = example.get(key) if hasattr(example, "get") else None
-  if value is None or not np.isscalar(value):
-    raise ValueError(f"an example has no {key!r} field (got {value!r}); "
-                     "classification needs one, an integer (or a float for "
-                     "regression with label_dtype='float32').")
-  if dtype is np.int32 and value != int(value):
-    raise ValueError(f"label {value!r} is not an integer: for regression (e.g. "
-                     "glue/stsb) pass label_dtype='float32'.")
-  return dtype(value)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
