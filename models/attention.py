@@ -7,7 +7,9 @@ Boolean masks broadcast to [B, N, T, S] and True means "may attend".
 Masked logits are set to a large negative *finite* number, as `jax.nn.dot_product_attention`
 does, so a query row where everything is masked averages all values uniformly (no NaN). Every
 implementation here follows that rule, so switching implementation never changes results
-beyond floating-point rounding.
+beyond floating-point rounding. (One caveat: cuDNN takes masks as an additive bias, so the
+gradient *through* a fully masked row, whose output means nothing, is not zero there as it is
+elsewhere; give such rows zero loss weight, as padding always has.)
 """
 
 import functools
@@ -94,6 +96,21 @@ def _as_4d(name: str, x, shape_BNTS):
     raise ValueError(f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = "
                      f"{tuple(shape_BNTS)}.")
   return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _checked_segment_mask(query_segment_ids, kv_segment_ids, B, T, S):
+  """segment_mask after shape checks; kv ids default to the query's (self-attention)."""
+  if query_segment_ids is None:
+    raise ValueError("kv_segment_ids was given without query_segment_ids; pass both.")
+  if kv_segment_ids is None:
+    if T != S:
+      raise ValueError(f"kv_segment_ids is needed when query ({T}) and key ({S}) lengths differ.")
+    kv_segment_ids = query_segment_ids
+  q_ids, kv_ids = jnp.asarray(query_segment_ids), jnp.asarray(kv_segment_ids)
+  if q_ids.shape != (B, T) or kv_ids.shape != (B, S):
+    raise ValueError(f"Segment ids must be [B, T] = {(B, T)} and [B, S] = {(B, S)}, got "
+                     f"{q_ids.shape} and {kv_ids.shape}.")
+  return segment_mask(q_ids, kv_ids)
 
 
 def _cuda_capability():
@@ -190,18 +207,8 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
   key, value = key.astype(query.dtype), value.astype(query.dtype)
   (B, T, N, H), S = query.shape, key.shape[1]
   shape_BNTS = (B, N, T, S)
-  if kv_segment_ids is None and query_segment_ids is not None:
-    if T != S:
-      raise ValueError(f"kv_segment_ids is needed when query ({T}) and key ({S}) lengths differ.")
-    kv_segment_ids = query_segment_ids
-  if query_segment_ids is None and kv_segment_ids is not None:
-    raise ValueError("kv_segment_ids was given without query_segment_ids; pass both.")
-  if query_segment_ids is not None:
-    q_ids, kv_ids = jnp.asarray(query_segment_ids), jnp.asarray(kv_segment_ids)
-    if q_ids.shape != (B, T) or kv_ids.shape != (B, S):
-      raise ValueError(f"Segment ids must be [B, T] = {(B, T)} and [B, S] = {(B, S)}, got "
-                       f"{q_ids.shape} and {kv_ids.shape}.")
-    mask = combine_masks(mask, segment_mask(q_ids, kv_ids))
+  if query_segment_ids is not None or kv_segment_ids is not None:
+    mask = combine_masks(mask, _checked_segment_mask(query_segment_ids, kv_segment_ids, B, T, S))
   mask = None if mask is None else _as_4d("mask", combine_masks(mask), shape_BNTS)
   bias = None if bias is None else _as_4d("bias", bias, shape_BNTS)
   scale = 1.0 / np.sqrt(H) if scale is None else scale
@@ -239,7 +246,8 @@ class MultiHeadAttention(nn.Module):
 
   Attention weights: when the collection "attention_weights" is mutable (and the module is
   not initializing), the reference path runs and sows the float32 weights [B, N, T, S] as
-  "weights": `model.apply(variables, ..., mutable=["attention_weights"])`.
+  "weights": `model.apply(variables, ..., mutable=["attention_weights"])`. Attention dropout
+  (dropout_rate > 0, deterministic=False, rng "dropout") also runs the reference path.
 
   Decoding (decode=True, self-attention): the "cache" collection holds `cached_key` and
   `cached_value` [B, L, K, H] and a per-example `cache_index` [B]. The first call (init) creates
