@@ -25,18 +25,21 @@ followed by `pad_id`; lengths count the tokens up to and including EOS (N withou
 `eos_id=None` never stops early. Beam scores are log P(sequence) / ((5 + length) / 6)^alpha,
 the GNMT / t5x length penalty; a beam that reaches N tokens without EOS ends there.
 
-Models. `Search` holds the settings (hashable, so a static `jit` argument) and dispatches:
+Models. `Search` holds the settings (hashable, so a static `jit` argument) and runs one of
+the searches. The jitted entry points return the new tokens only:
 
   generate_decoder_only(module, params, prompt_BT, prompt_lengths_B, search, rng=None)
   generate_encoder_decoder(module, params, encoder_tokens_BS, search, *,
-                           encoder_padding_mask_BS=None, decoder_start_id=0, rng=None)
+                           encoder_padding_mask_BS=None, decoder_start_id, rng=None)
 
-Decoder-only prompts are right-padded; the prompt is prefilled into the cache in one call,
-then decoding restarts from its last real token, so every example continues from its own
-length.
+Their first halves, `prepare_decoder_only` and `prepare_encoder_decoder`, return
+(tokens_to_logits, cache, first_tokens_B) for any search. Decoder-only prompts are
+right-padded: the padded prompt is prefilled into the cache in one call, then decoding
+restarts from each example's last real token, so every example continues from its own length.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -89,23 +92,14 @@ def _gather_beams(tree: PyTree, parent_BK: jax.Array) -> PyTree:
   return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), tree)
 
 
-def _is_cache_index(path) -> bool:
-  return getattr(path[-1], "key", None) == "cache_index"
-
-
 def set_cache_index(cache: PyTree, index_B: jax.Array) -> PyTree:
-  """Sets every `cache_index` leaf of a model cache to index_B (the next write position)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.broadcast_to(index_B, x.shape).astype(x.dtype)
-      if _is_cache_index(path) else x, cache)
-
-
-def cache_index(cache: PyTree) -> jax.Array:
-  """The per-example write position [B] of a model cache (all layers share it)."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
-    if _is_cache_index(path):
-      return leaf
-  raise ValueError("The cache has no `cache_index` leaf; was the model run with decode=True?")
+  """Sets every `cache_index` leaf of a model cache ([B] or, scanned, [B, layers]) to index_B."""
+  def set_index(path, x):
+    if getattr(path[-1], "key", None) != "cache_index":
+      return x
+    index = jnp.reshape(index_B, (-1,) + (1,) * (x.ndim - 1))
+    return jnp.broadcast_to(index, x.shape).astype(x.dtype)
+  return jax.tree_util.tree_map_with_path(set_index, cache)
 
 
 def _lengths(tokens_BN: jax.Array, eos_id: int | None) -> jax.Array:
@@ -322,3 +316,133 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B:
       tokens_BN=tokens_BKN[:, 0], lengths_B=lengths_BK[:, 0],
       scores_B=state.finished_scores_BK[:, 0], beam_tokens_BKN=tokens_BKN,
       beam_lengths_BK=lengths_BK, beam_scores_BK=state.finished_scores_BK)
+
+
+# ---------------------------------------------------------------------------------------
+# Settings and the model entry points
+
+
+METHODS = ("greedy", "sample", "beam")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Search:
+  """Decoding settings, hashable so that they can be a static argument of `jax.jit`."""
+  method: str = "greedy"               # greedy | sample | beam
+  max_new_tokens: int = 32             # N: tokens generated after the prompt / start token
+  eos_id: int | None = None            # ends a sequence; None: always N tokens
+  pad_id: int = 0                      # fills the positions after EOS
+  temperature: float = 1.0             # sample: logits / temperature; 0 = greedy
+  top_k: int | None = None             # sample: only the k most likely tokens
+  top_p: float | None = None           # sample: only the most likely tokens of mass top_p
+  beam_size: int = 4                   # beam
+  length_penalty_alpha: float = 0.6    # beam: scores are log-prob / ((5 + len) / 6)^alpha
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"Unknown decoding method {self.method!r}; choose from {METHODS}.")
+    _check_common(jnp.zeros((1,)), self.max_new_tokens)
+
+  @property
+  def copies(self) -> int:
+    """How many rows each example takes in the decoding batch."""
+    return self.beam_size if self.method == "beam" else 1
+
+  def __call__(self, tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array,
+               rng: jax.Array | None = None) -> Decoded | BeamSearchOutput:
+    common = dict(max_new_tokens=self.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id)
+    if self.method == "greedy":
+      return greedy(tokens_to_logits, cache, first_tokens_B, **common)
+    if self.method == "beam":
+      return beam_search(tokens_to_logits, cache, first_tokens_B, beam_size=self.beam_size,
+                         length_penalty_alpha=self.length_penalty_alpha, **common)
+    if rng is None:
+      raise ValueError("Search(method='sample') needs an rng, e.g. rng=jax.random.key(0).")
+    return sample(tokens_to_logits, cache, first_tokens_B, rng=rng, temperature=self.temperature,
+                  top_k=self.top_k, top_p=self.top_p, **common)
+
+
+def _check_positions_fit(module, length: int):
+  cfg = module.cfg
+  if cfg.position == "learned" and length > cfg.max_len:
+    raise ValueError(f"Decoding needs positions up to {length - 1}, but the learned position "
+                     f"table has max_len={cfg.max_len}; shorten the prompt or max_new_tokens.")
+
+
+def prepare_decoder_only(module, params: PyTree, prompt_BT: jax.Array,
+                         prompt_lengths_B: jax.Array | None, max_new_tokens: int):
+  """Prefills the cache with right-padded prompts: (tokens_to_logits, cache, first_tokens_B).
+
+  The whole padded prompt goes through the model in one call; then every `cache_index` is
+  set back to length - 1, so that the first decoding step feeds the last real prompt token
+  again (rewriting the same cache slot) and each example continues from its own length.
+  Prompt lengths must be >= 1 (start empty prompts with a BOS token).
+  """
+  batch, prompt_len = prompt_BT.shape
+  cache_len = prompt_len + max_new_tokens - 1
+  _check_positions_fit(module, cache_len)
+  if prompt_lengths_B is None:
+    prompt_lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
+
+  def tokens_to_logits(tokens_BT, cache):
+    logits_BTV, variables = module.apply({"params": params, "cache": cache}, tokens_BT,
+                                         decode=True, mutable=["cache"])
+    return logits_BTV[:, -1], variables["cache"]
+
+  _, variables = module.apply({"params": params}, jnp.zeros((batch, cache_len), jnp.int32),
+                              decode=True, mutable=["cache"])
+  _, cache = tokens_to_logits(prompt_BT, variables["cache"])
+  last_B = jnp.asarray(prompt_lengths_B, jnp.int32) - 1
+  first_tokens_B = jnp.take_along_axis(prompt_BT, last_B[:, None], axis=1)[:, 0]
+  return tokens_to_logits, set_cache_index(cache, last_B), first_tokens_B
+
+
+def prepare_encoder_decoder(module, params: PyTree, encoder_tokens_BS: jax.Array, *,
+                            encoder_padding_mask_BS: jax.Array | None, decoder_start_id: int,
+                            max_new_tokens: int, copies: int = 1):
+  """Encodes once: (tokens_to_logits, cache, first_tokens_B), first tokens = decoder start.
+
+  `copies` (the beam size for beam search) repeats the encoded states per row of the
+  decoding batch; the cache stays [B, ...], as the searches expect.
+  """
+  batch = encoder_tokens_BS.shape[0]
+  _check_positions_fit(module, max_new_tokens)
+  encoded_BSD = module.apply({"params": params}, encoder_tokens_BS,
+                             encoder_padding_mask=encoder_padding_mask_BS, method="encode")
+  _, variables = module.apply({"params": params}, encoded_BSD,
+                              jnp.zeros((batch, max_new_tokens), jnp.int32),
+                              encoder_padding_mask=encoder_padding_mask_BS, decode=True,
+                              method="decode", mutable=["cache"])
+  encoded_FSD, mask_FS = expand_to_beams((encoded_BSD, encoder_padding_mask_BS), copies)
+
+  def tokens_to_logits(tokens_B1, cache):
+    logits_B1V, variables = module.apply(
+        {"params": params, "cache": cache}, encoded_FSD, tokens_B1, encoder_padding_mask=mask_FS,
+        decode=True, method="decode", mutable=["cache"])
+    return logits_B1V[:, -1], variables["cache"]
+
+  first_tokens_B = jnp.full((batch,), decoder_start_id, jnp.int32)
+  return tokens_to_logits, variables["cache"], first_tokens_B
+
+
+@functools.partial(jax.jit, static_argnames=("module", "search"))
+def generate_decoder_only(module, params: PyTree, prompt_BT: jax.Array,
+                          prompt_lengths_B: jax.Array | None, search: Search,
+                          rng: jax.Array | None = None) -> Decoded | BeamSearchOutput:
+  """Continues right-padded prompts (lengths >= 1) of a `DecoderOnly`; new tokens only."""
+  tokens_to_logits, cache, first_tokens_B = prepare_decoder_only(
+      module, params, prompt_BT, prompt_lengths_B, search.max_new_tokens)
+  return search(tokens_to_logits, cache, first_tokens_B, rng)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "search", "decoder_start_id"))
+def generate_encoder_decoder(module, params: PyTree, encoder_tokens_BS: jax.Array,
+                             search: Search, *, encoder_padding_mask_BS: jax.Array | None = None,
+                             decoder_start_id: int, rng: jax.Array | None = None
+                             ) -> Decoded | BeamSearchOutput:
+  """Decodes an `EncoderDecoder` from `decoder_start_id` (T5: the pad id 0)."""
+  tokens_to_logits, cache, first_tokens_B = prepare_encoder_decoder(
+      module, params, encoder_tokens_BS, encoder_padding_mask_BS=encoder_padding_mask_BS,
+      decoder_start_id=decoder_start_id, max_new_tokens=search.max_new_tokens,
+      copies=search.copies)
+  return search(tokens_to_logits, cache, first_tokens_B, rng)

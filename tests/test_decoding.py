@@ -86,10 +86,17 @@ def np_all_sequences(toy, prev, first, n, eos_id, alpha):
   return sorted(results, key=lambda r: -r[0])
 
 
-def run(search, toy, prev_B, first_B, **kwargs):
-  """Runs a search under jit on the toy model."""
-  fn = jax.jit(functools.partial(search, toy.tokens_to_logits, **kwargs))
-  return jax.tree.map(np.asarray, fn(toy.cache(prev_B), jnp.asarray(first_B, jnp.int32)))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _run_jitted(search, toy, settings, cache, first_B, rng):
+  rng_kwargs = {} if rng is None else {"rng": rng}
+  return search(toy.tokens_to_logits, cache, first_B, **dict(settings), **rng_kwargs)
+
+
+def run(search, toy, prev_B, first_B, rng=None, **settings):
+  """Runs a search under jit on the toy model (compiled once per search and settings)."""
+  out = _run_jitted(search, toy, tuple(sorted(settings.items())), toy.cache(prev_B),
+                    jnp.asarray(first_B, jnp.int32), rng)
+  return jax.tree.map(np.asarray, out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,14 +264,21 @@ def test_top_k_one_and_zero_temperature_equal_greedy():
 PROBS = np.array([.4, .3, .15, .1, .05])
 
 
-def sample_fixed_distribution(seed, batch=512, n=8, **settings):
-  """Samples [batch * n] tokens from a model whose next-token distribution is PROBS."""
-  def tokens_to_logits(tokens_B1, cache):
-    return jnp.broadcast_to(jnp.log(jnp.asarray(PROBS, jnp.float32)), (tokens_B1.shape[0], 5)), cache
-  fn = jax.jit(functools.partial(decoding.sample, tokens_to_logits, max_new_tokens=n, eos_id=None,
-                                 pad_id=PAD, **settings))
-  return np.asarray(fn({"dummy": jnp.zeros((batch,))}, jnp.zeros((batch,), jnp.int32),
-                       rng=jax.random.key(seed)).tokens_BN).ravel()
+def fixed_distribution(tokens_B1, cache):
+  return jnp.broadcast_to(jnp.log(jnp.asarray(PROBS, jnp.float32)), (tokens_B1.shape[0], 5)), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sample_fixed_distribution(batch, settings, rng):
+  return decoding.sample(fixed_distribution, {"unused": jnp.zeros((batch,))},
+                         jnp.zeros((batch,), jnp.int32), max_new_tokens=8, eos_id=None,
+                         pad_id=PAD, rng=rng, **dict(settings)).tokens_BN
+
+
+def sample_fixed_distribution(seed, batch=512, **settings):
+  """Samples [batch * 8] tokens from a model whose next-token distribution is PROBS."""
+  return np.asarray(_sample_fixed_distribution(
+      batch, tuple(sorted(settings.items())), jax.random.key(seed))).ravel()
 
 
 @pytest.mark.parametrize("settings,allowed", [
@@ -323,3 +337,174 @@ def test_bad_settings_and_caches_are_rejected():
   with pytest.raises(ValueError, match=r"\['layers'\].*batch dimension"):
     decoding.greedy(toy.tokens_to_logits, {**cache, "layers": jnp.zeros((3, 2))}, first_B,
                     **common)
+
+
+# ---------------------------------------------------------------------------------------
+# The real models: cached decoding against full (uncached) forward passes.
+
+from models import presets  # noqa: E402
+from models.transformer import DecoderOnly, EncoderDecoder  # noqa: E402
+
+V, N = 13, 4
+TINY = dict(num_layers=2, d_model=16, num_heads=2, d_ff=32)
+DECODER_ONLY = {
+    "gpt2": presets.gpt2(V, max_len=16, **TINY),
+    "llama_scanned_gqa": presets.llama(V, **{**TINY, "num_heads": 4}, num_kv_heads=2,
+                                       scan_layers=True),
+}
+ENCODER_DECODER = {
+    "t5": presets.t5_v1_1(V, **TINY, head_dim=8, relative_buckets=8, relative_max_distance=16),
+    "base_scanned": presets.transformer_base(V, **TINY, scan_layers=True),
+}
+
+
+def log_softmax(logits):
+  logits = np.asarray(logits, np.float64)
+  return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def penalty(length, alpha):
+  return ((5 + length) / 6) ** alpha
+
+
+class LM:
+  """A tiny DecoderOnly with right-padded prompts of different lengths (junk after them)."""
+
+  def __init__(self, name):
+    self.module = DecoderOnly(DECODER_ONLY[name])
+    self.params = jax.jit(self.module.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))[
+        "params"]
+    rng = np.random.default_rng(0)
+    self.lengths = np.array([2, 5, 4])
+    self.prompt = rng.integers(2, V, size=(3, 5))
+    self.forward = jax.jit(lambda tokens: self.module.apply({"params": self.params}, tokens))
+
+  def full_logits(self, continuation_BN):
+    """Uncached logits of prompt + continuation, per example at positions len-1, len, ..."""
+    buffer = np.zeros((3, 5 + continuation_BN.shape[1]), np.int32)
+    for b, length in enumerate(self.lengths):
+      buffer[b, :length] = self.prompt[b, :length]
+      buffer[b, length:length + continuation_BN.shape[1]] = continuation_BN[b]
+    logits = np.asarray(self.forward(buffer))
+    return np.stack([logits[b, length - 1:length - 1 + continuation_BN.shape[1]]
+                     for b, length in enumerate(self.lengths)])
+
+  def generate(self, search):
+    return jax.tree.map(np.asarray, decoding.generate_decoder_only(
+        self.module, self.params, jnp.asarray(self.prompt), jnp.asarray(self.lengths), search))
+
+
+class Seq2Seq:
+  """A tiny EncoderDecoder with padded sources of different lengths (junk after them)."""
+
+  def __init__(self, name):
+    self.module = EncoderDecoder(ENCODER_DECODER[name])
+    self.params = jax.jit(self.module.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
+                                            jnp.zeros((1, 3), jnp.int32))["params"]
+    rng = np.random.default_rng(1)
+    self.source = rng.integers(2, V, size=(3, 6))
+    self.mask = np.arange(6)[None] < np.array([[3], [6], [5]])
+    self.forward = jax.jit(lambda source, target, mask: self.module.apply(
+        {"params": self.params}, source, target, encoder_padding_mask=mask))
+
+  def full_logits(self, continuation_BN):
+    """Uncached decoder logits after the start token 0, then the continuation."""
+    decoder_input = np.concatenate([np.zeros((3, 1), np.int32), continuation_BN[:, :-1]], 1)
+    return np.asarray(self.forward(self.source, decoder_input, self.mask))
+
+  def generate(self, search):
+    return jax.tree.map(np.asarray, decoding.generate_encoder_decoder(
+        self.module, self.params, jnp.asarray(self.source), search,
+        encoder_padding_mask_BS=jnp.asarray(self.mask), decoder_start_id=0))
+
+
+def prepare(model):
+  if isinstance(model, LM):
+    return decoding.prepare_decoder_only(model.module, model.params, jnp.asarray(model.prompt),
+                                         jnp.asarray(model.lengths), N)
+  return decoding.prepare_encoder_decoder(
+      model.module, model.params, jnp.asarray(model.source),
+      encoder_padding_mask_BS=jnp.asarray(model.mask), decoder_start_id=0, max_new_tokens=N)
+
+
+def reference_greedy(model, eos_id):
+  """Argmax over repeated full forward passes, with EOS and padding per example."""
+  tokens = np.zeros((3, N), np.int32)
+  for step in range(N):
+    tokens[:, step] = np.argmax(model.full_logits(tokens)[:, step], axis=-1)
+  if eos_id is not None:
+    for row in tokens:
+      ends = np.flatnonzero(row == eos_id)
+      if ends.size:
+        row[ends[0] + 1:] = PAD
+  return tokens
+
+
+MODELS = [(LM, name) for name in DECODER_ONLY] + [(Seq2Seq, name) for name in ENCODER_DECODER]
+
+
+@functools.cache
+def build(family, name):
+  return family(name)
+
+
+@pytest.mark.parametrize("family,name", MODELS)
+def test_cached_decoding_reproduces_the_full_forward_pass(family, name):
+  model = build(family, name)
+
+  @jax.jit
+  def teacher_forced(continuation_BN):
+    tokens_to_logits, cache, first_tokens_B = prepare(model)
+    inputs_NB = jnp.concatenate([first_tokens_B[:, None], continuation_BN[:, :-1]], axis=1).T
+
+    def step(cache, tokens_B):
+      logits_BV, cache = tokens_to_logits(tokens_B[:, None], cache)
+      return cache, logits_BV
+
+    return jnp.swapaxes(jax.lax.scan(step, cache, inputs_NB)[1], 0, 1)
+
+  continuation = np.random.default_rng(2).integers(0, V, size=(3, N)).astype(np.int32)
+  np.testing.assert_allclose(teacher_forced(continuation), model.full_logits(continuation),
+                             atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family,name", MODELS)
+def test_model_greedy_and_beam_search_agree_with_full_forward_passes(family, name):
+  model = build(family, name)
+  no_eos = reference_greedy(model, None)
+  eos_id = int(no_eos[0, 1])   # so that example 0 ends early
+  greedy = model.generate(decoding.Search(method="greedy", max_new_tokens=N, eos_id=eos_id))
+  want = reference_greedy(model, eos_id)
+  np.testing.assert_array_equal(greedy.tokens_BN, want)
+  np.testing.assert_array_equal(greedy.lengths_B, [
+      list(row).index(eos_id) + 1 if eos_id in row else N for row in want])
+  assert greedy.lengths_B[0] <= 2
+
+  beam_1 = model.generate(decoding.Search(method="beam", beam_size=1, max_new_tokens=N))
+  np.testing.assert_array_equal(beam_1.tokens_BN, no_eos)
+
+  beam = model.generate(decoding.Search(method="beam", beam_size=3, max_new_tokens=N,
+                                        eos_id=eos_id, length_penalty_alpha=0.6))
+  for k in range(3):
+    tokens_BN, lengths_B = beam.beam_tokens_BKN[:, k], beam.beam_lengths_BK[:, k]
+    logprobs_BNV = log_softmax(model.full_logits(tokens_BN))
+    for b in range(3):
+      logprob = sum(logprobs_BNV[b, i, tokens_BN[b, i]] for i in range(lengths_B[b]))
+      np.testing.assert_allclose(beam.beam_scores_BK[b, k], logprob / penalty(lengths_B[b], 0.6),
+                                 rtol=1e-4, err_msg=f"beam {k}, example {b}")
+  greedy_scores = [sum(log_softmax(model.full_logits(greedy.tokens_BN))[b, i, t]
+                       for i, t in enumerate(greedy.tokens_BN[b, :greedy.lengths_B[b]]))
+                   / penalty(greedy.lengths_B[b], 0.6) for b in range(3)]
+  assert np.all(beam.scores_B >= np.array(greedy_scores) - 1e-5)
+
+
+def test_model_entry_points_reject_bad_settings():
+  with pytest.raises(ValueError, match="method"):
+    decoding.Search(method="nucleus")
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    decoding.Search(max_new_tokens=0)
+  model = build(LM, "gpt2")
+  with pytest.raises(ValueError, match="needs an rng"):
+    model.generate(decoding.Search(method="sample", max_new_tokens=N))
+  with pytest.raises(ValueError, match="max_len=16"):
+    model.generate(decoding.Search(max_new_tokens=13))
