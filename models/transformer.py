@@ -432,3 +432,57 @@ class EncoderOnly(nn.Module):
   def attend(self, hidden_BTD):
     """Logits over the vocabulary through the token table (the masked-LM head's decoder)."""
     return self.token_embed.attend(hidden_BTD)
+
+
+class EncoderClassifier(nn.Module):
+  """EncoderOnly with a pooled classification head: tokens_BT -> logits_BC.
+
+  pooling "cls" takes the first token through a tanh Dense (BERT's pooler); "mean" averages
+  the unpadded tokens (sentence-transformers) without a pooler.
+  """
+  cfg: TransformerConfig
+  num_classes: int
+  pooling: str = "cls"
+
+  @nn.compact
+  def __call__(self, tokens_BT, *, padding_mask=None, token_types=None, deterministic=True):
+    cfg = self.cfg
+    if self.pooling not in ("cls", "mean"):
+      raise ValueError(f"Unknown pooling {self.pooling!r}: use 'cls' or 'mean'.")
+    hidden_BTD = EncoderOnly(cfg, name="encoder")(
+        tokens_BT, padding_mask=padding_mask, token_types=token_types,
+        deterministic=deterministic)
+    dense = lambda features, names, name: nn.Dense(
+        features, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        kernel_init=layers.partitioned(nn.initializers.normal(0.02), *names),
+        bias_init=layers.partitioned(nn.initializers.zeros, names[-1]), name=name)
+    if self.pooling == "cls":
+      pooled_BD = jnp.tanh(dense(cfg.d_model, ("embed", "embed"), "pooler")(hidden_BTD[:, 0]))
+    else:
+      valid_BT1 = (jnp.ones(tokens_BT.shape, bool) if padding_mask is None
+                   else padding_mask)[..., None].astype(hidden_BTD.dtype)
+      pooled_BD = (hidden_BTD * valid_BT1).sum(1) / jnp.maximum(valid_BT1.sum(1), 1)
+    pooled_BD = nn.Dropout(cfg.dropout_rate)(pooled_BD, deterministic=deterministic)
+    return dense(self.num_classes, ("embed", "classes"), "classifier")(pooled_BD).astype(
+        jnp.float32)
+
+
+class EncoderMaskedLM(nn.Module):
+  """EncoderOnly with BERT's masked-LM head (Dense, activation, norm, tied logits + bias)."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, *, padding_mask=None, token_types=None, deterministic=True):
+    cfg = self.cfg
+    encoder = EncoderOnly(cfg, name="encoder")
+    hidden_BTD = encoder(tokens_BT, padding_mask=padding_mask, token_types=token_types,
+                         deterministic=deterministic)
+    h_BTD = nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                     kernel_init=layers.partitioned(nn.initializers.normal(0.02), "embed",
+                                                    "embed"),
+                     bias_init=layers.partitioned(nn.initializers.zeros, "embed"),
+                     name="transform")(hidden_BTD)
+    h_BTD = _norm(cfg, "transform_norm")(layers.ACTIVATIONS[cfg.activation](h_BTD))
+    bias_V = self.param("output_bias", layers.partitioned(nn.initializers.zeros, "vocab"),
+                        (cfg.vocab_size,), cfg.params_dtype)
+    return (encoder.attend(h_BTD) + bias_V).astype(jnp.float32)

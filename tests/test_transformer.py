@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from models import presets
-from models.transformer import DecoderOnly, EncoderDecoder, EncoderOnly, TransformerConfig
+from models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, EncoderMaskedLM,
+                                EncoderOnly, TransformerConfig)
 
 TINY = dict(vocab_size=37, d_model=32, num_heads=4, d_ff=64, num_layers=2, max_len=32,
             dropout_rate=0.0)
@@ -222,3 +223,24 @@ def test_dropout_needs_an_rng_and_changes_outputs_only_in_training():
 def test_bad_config_is_one_clear_error(overrides, message):
   with pytest.raises(ValueError, match=message):
     TransformerConfig(**{**TINY, **overrides})
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_classifier_head_pools_only_real_tokens(pooling):
+  model = EncoderClassifier(tiny(presets.bert_base), num_classes=3, pooling=pooling)
+  x = tokens(1, (2, 8))
+  padding_mask = jnp.arange(8)[None] < jnp.array([[5], [8]])
+  params = nn.unbox(model.init(jax.random.key(0), x, padding_mask=padding_mask))["params"]
+  run = lambda ids: model.apply({"params": params}, ids, padding_mask=padding_mask)
+  logits = run(x)
+  assert logits.shape == (2, 3)
+  np.testing.assert_allclose(run(x.at[0, 5:].set(3)), logits, atol=1e-6)
+  assert ("pooler" in params) == (pooling == "cls")
+
+
+def test_masked_lm_head_ties_the_token_table():
+  model = EncoderMaskedLM(tiny(presets.bert_base))
+  x = tokens(1, (2, 8))
+  params = nn.unbox(model.init(jax.random.key(0), x))["params"]
+  assert model.apply({"params": params}, x).shape == (2, 8, 37)
+  assert set(params) == {"encoder", "transform", "transform_norm", "output_bias"}
