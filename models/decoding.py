@@ -111,11 +111,15 @@ def _lengths(tokens_BN: jax.Array, eos_id: int | None) -> jax.Array:
   return jnp.where(is_eos_BN.any(axis=-1), first_eos_B + 1, max_new_tokens)
 
 
+def _check_max_new_tokens(max_new_tokens: int):
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+
+
 def _check_common(first_tokens_B, max_new_tokens: int):
   if jnp.ndim(first_tokens_B) != 1:
     raise ValueError(f"first_tokens_B must be 1-D [batch], got shape {jnp.shape(first_tokens_B)}.")
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+  _check_max_new_tokens(max_new_tokens)
 
 
 # ---------------------------------------------------------------------------------------
@@ -341,7 +345,7 @@ class Search:
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"Unknown decoding method {self.method!r}; choose from {METHODS}.")
-    _check_common(jnp.zeros((1,)), self.max_new_tokens)
+    _check_max_new_tokens(self.max_new_tokens)
 
   @property
   def copies(self) -> int:

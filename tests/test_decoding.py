@@ -389,9 +389,10 @@ class LM:
     return np.stack([logits[b, length - 1:length - 1 + continuation_BN.shape[1]]
                      for b, length in enumerate(self.lengths)])
 
-  def generate(self, search):
+  def generate(self, search, rng=None):
     return jax.tree.map(np.asarray, decoding.generate_decoder_only(
-        self.module, self.params, jnp.asarray(self.prompt), jnp.asarray(self.lengths), search))
+        self.module, self.params, jnp.asarray(self.prompt), jnp.asarray(self.lengths), search,
+        rng))
 
 
 class Seq2Seq:
@@ -496,6 +497,13 @@ def test_model_greedy_and_beam_search_agree_with_full_forward_passes(family, nam
                        for i, t in enumerate(greedy.tokens_BN[b, :greedy.lengths_B[b]]))
                    / penalty(greedy.lengths_B[b], 0.6) for b in range(3)]
   assert np.all(beam.scores_B >= np.array(greedy_scores) - 1e-5)
+
+
+def test_model_sampling_with_top_k_one_is_greedy():
+  model = build(LM, "gpt2")
+  out = model.generate(decoding.Search(method="sample", top_k=1, max_new_tokens=N),
+                       rng=jax.random.key(0))
+  np.testing.assert_array_equal(out.tokens_BN, reference_greedy(model, None))
 
 
 def test_model_entry_points_reject_bad_settings():
