@@ -1,0 +1,361 @@
+"""Checkpoints of a run: save, restore and resume with orbax; params for `init_from`.
+
+A checkpoint is DIR/<step>/ holding two orbax items: `state` (the TrainState pytree,
+arrays written shard by shard) and `data` (JSON: the data iterator's state). Saves are
+asynchronous: `save` returns once the arrays are copied off the devices, a thread writes
+them to DIR/<step>.orbax-checkpoint-tmp-<time>/ and renames that to DIR/<step>/ when every
+file is written (on GCS a commit_success.txt file marks it complete instead). A process
+killed at any moment therefore leaves every finished step intact and at worst a temporary
+folder, which `latest_step` ignores and the next `Checkpointer` on DIR deletes.
+
+    with Checkpointer(workdir + "/checkpoints", save_every=500, keep=3) as ckpt:
+      if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(abstract_state)  # ShapeDtypeStructs + shardings
+      with PreemptionGuard() as guard:
+        for ...:
+          stop = guard.should_stop(step)
+          ckpt.save(step, state, data_state, force=stop or last)
+          if stop: break
+    # leaving the `with` waits for the last save to finish
+
+Anything found that cannot be used (a folder that is not a checkpoint folder, a damaged
+checkpoint, a state whose tree or shapes differ from the model's) raises CheckpointError
+naming it: a run never starts afresh over, or silently past, existing checkpoints.
+"""
+
+import json
+import logging
+import os
+import re
+import signal
+import threading
+from typing import Any
+
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
+
+STATE = "state"
+DATA = "data"
+_STEP_NAME = re.compile(r"^(0|[1-9]\d*)$")
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_ORBAX_ROOT_FILES = ("metadata", "_ROOT_METADATA")
+_MAX_LISTED = 10
+
+
+class CheckpointError(ValueError):
+  """A checkpoint folder or checkpoint that cannot be used as asked."""
+
+
+class Checkpointer:
+  """Async orbax checkpoints of (state, data_state): every `save_every` steps, `keep` kept."""
+
+  def __init__(self, directory: str | os.PathLike, *, save_every: int = 1,
+               keep: int | None = 3, async_save: bool = True):
+    if save_every < 1:
+      raise ValueError(f"save_every must be a positive number of steps, got {save_every}.")
+    if keep is not None and keep < 1:
+      raise ValueError(f"keep must be a positive number of checkpoints (or None: all), got {keep}.")
+    self.directory = _absolute(directory)
+    self.save_every = save_every
+    _check_checkpoint_folder(self.directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        should_save_fn=lambda step, _: step % save_every == 0,  # and at preemption sync points
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None when there is none."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step, ...)` without force writes a checkpoint."""
+    return step not in self._manager.all_steps() and self._manager.should_save(step)
+
+  def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
+    """Starts saving `state` and `data_state` as `step` when due (or forced); True if it did.
+
+    A step already saved is not written again (so a forced final save right after a
+    periodic one is a no-op). The write goes on in the background; `wait` or `close`
+    block until it is complete.
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      return False
+    _check_json(data_state)
+    args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                 DATA: ocp.args.JsonSave(data_state)})
+    return self._manager.save(step, args=args, force=force)
+
+  def restore(self, abstract_state: Any, *, step: int | None = None) -> tuple[Any, dict]:
+    """(state, data_state) of `step` (default: the latest), laid out as `abstract_state`.
+
+    `abstract_state` is the state's tree of `jax.ShapeDtypeStruct`s (or arrays) with a
+    `.sharding` each, e.g. `jax.eval_shape` of the init plus the run's shardings: the arrays
+    come back with those shardings, whatever mesh wrote them.
+    """
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"No checkpoint to restore in {self.directory}.")
+      step = steps[-1]
+    elif step not in steps:
+      raise CheckpointError(f"No checkpoint of step {step} in {self.directory}; it holds steps "
+                            f"{steps}.")
+    step_dir = self.directory / str(step)
+    abstract_state = _abstract_tree(abstract_state, require_sharding=True)
+    _check_tree_matches(abstract_state, _saved_tree(step_dir), step_dir,
+                        fix="resume with the configuration that wrote it, or use a new workdir")
+    args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
+                                 DATA: ocp.args.JsonRestore()})
+    try:
+      restored = self._manager.restore(step, args=args)
+    except Exception as e:
+      raise _damaged(step_dir, e) from e
+    if restored[DATA] is None:
+      raise _damaged(step_dir, f"its '{DATA}' item is missing")
+    return restored[STATE], restored[DATA]
+
+  def wait(self) -> None:
+    """Blocks until the pending save, if any, is complete on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finishes the pending save and releases orbax's threads."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def load_params(path: str | os.PathLike, abstract_params: Any = None) -> Any:
+  """The params of another run's latest checkpoint, for `init_from` (optimizer state unread).
+
+  `path`: a run's workdir, its checkpoints/ folder, or one step folder in it.
+  `abstract_params`: the model's params as `jax.ShapeDtypeStruct`s (or arrays); leaves with
+  a `.sharding` come back as arrays with it, leaves without as numpy arrays. The tree and
+  shapes must match the checkpoint's (dtypes are cast). None: numpy arrays as saved.
+  """
+  step_dir = _find_step_dir(_absolute(path))
+  saved = _saved_tree(step_dir)
+  if not isinstance(saved, dict) or "params" not in saved:
+    raise CheckpointError(f"{step_dir} holds no params: not a checkpoint of train.checkpoint.")
+  if abstract_params is None:
+    abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                   saved["params"])
+  else:
+    abstract_params = _abstract_tree(abstract_params, require_sharding=False)
+    _check_tree_matches({"params": abstract_params}, {"params": saved["params"]}, step_dir,
+                        fix="set the model config to the one that wrote it")
+  item = {"params": abstract_params}
+  args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    return checkpointer.restore(step_dir / STATE, args=args)["params"]
+  except Exception as e:
+    raise _damaged(step_dir, e) from e
+  finally:
+    checkpointer.close()
+
+
+class PreemptionGuard:
+  """Turns SIGTERM and SIGINT into `should_stop()`, so the loop saves and exits cleanly.
+
+  The handlers are installed on entering and the previous ones put back on exit. A second
+  SIGINT raises KeyboardInterrupt, so a stuck run can still be interrupted.
+
+  With several processes (`jax.process_count() > 1`) all of them must stop at the same
+  step, which a per-host flag cannot promise. There the guard installs no handlers and
+  leaves SIGTERM to JAX's preemption service (started by `jax.distributed.initialize`):
+  `should_stop(step)`, called at every step on every process, is True on all of them at
+  the same step once any was told to stop (`multihost_utils.reached_preemption_sync_point`).
+  """
+
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+    self.signals = tuple(signals)
+    self.received: int | None = None  # the first signal received, if any
+    self._previous: dict[int, Any] = {}
+
+  def should_stop(self, step: int | None = None) -> bool:
+    """True once a stop was requested; pass the step to honour multi-host preemption."""
+    if self.received is not None:
+      return True
+    if step is None:
+      return False
+    try:
+      return multihost_utils.reached_preemption_sync_point(int(step))
+    except RuntimeError:  # the preemption service is disabled (jax_enable_preemption_service)
+      return False
+
+  def _handle(self, signum, frame) -> None:
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signum
+    logging.warning("Received %s: saving a checkpoint and stopping after this step.",
+                    signal.Signals(signum).name)
+
+  def __enter__(self) -> "PreemptionGuard":
+    if jax.process_count() > 1:
+      return self
+    if threading.current_thread() is not threading.main_thread():
+      logging.warning("PreemptionGuard outside the main thread: signals are not handled.")
+      return self
+    for signum in self.signals:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous.clear()
+
+
+def _absolute(path: str | os.PathLike) -> epath.Path:
+  path = os.fspath(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
+def _check_checkpoint_folder(directory: epath.Path) -> None:
+  """Refuses a path that is a file, or a folder holding anything but orbax checkpoints."""
+  if not directory.exists():
+    return
+  if not directory.is_dir():
+    raise CheckpointError(f"The checkpoint folder {directory} is a file; pass a folder.")
+  foreign = sorted(p.name for p in directory.iterdir()
+                   if not (_STEP_NAME.match(p.name) or _TMP_SUFFIX in p.name
+                           or p.name in _ORBAX_ROOT_FILES or p.name.startswith(".")))
+  if foreign:
+    raise CheckpointError(
+        f"{directory} is not a checkpoint folder: it holds {_listing(foreign)}. Pass an empty "
+        "or new folder (a run's checkpoints go to WORKDIR/checkpoints), or move those away.")
+
+
+def _check_json(data_state: Any) -> None:
+  if not isinstance(data_state, dict):
+    raise TypeError(f"data_state must be a dict (the data iterator's get_state()), got "
+                    f"{type(data_state).__name__}.")
+  try:
+    json.dumps(data_state)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"data_state must be JSON-serializable: {e}.") from e
+
+
+def _find_step_dir(path: epath.Path) -> epath.Path:
+  """The step folder meant by PATH: itself, or the latest one in PATH[/checkpoints]."""
+  if not path.exists():
+    raise FileNotFoundError(f"No checkpoint at {path}: the path does not exist.")
+  if (path / STATE).is_dir():
+    return path
+  folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  steps = ocp.utils.checkpoint_steps(folder)
+  if not steps:
+    raise CheckpointError(
+        f"No complete checkpoint in {folder}. Pass a run's workdir, its checkpoints/ folder, "
+        "or one step folder in it.")
+  return folder / str(max(steps))
+
+
+def _saved_tree(step_dir: epath.Path) -> Any:
+  """The saved state's tree of array metadata (shape, dtype) from STEP_DIR/state."""
+  if not (step_dir / STATE).is_dir():
+    raise CheckpointError(f"{step_dir} holds no '{STATE}' item: it was not written by "
+                          "train.checkpoint, or is damaged.")
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    metadata = handler.metadata(step_dir / STATE)
+  except Exception as e:
+    raise _damaged(step_dir, e) from e
+  finally:
+    handler.close()
+  return getattr(metadata, "tree", metadata)
+
+
+def _abstract_tree(tree: Any, *, require_sharding: bool) -> Any:
+  """ShapeDtypeStructs (with the leaves' shardings) for a tree of arrays or structs."""
+  unsharded = []
+
+  def to_struct(path, leaf):
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+      unsharded.append(_path_name(path))
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+  tree = jax.tree_util.tree_map_with_path(to_struct, tree)
+  if require_sharding and unsharded:
+    raise ValueError(
+        f"abstract_state needs a sharding on every leaf; missing on {_listing(unsharded)}. "
+        "Build it as jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) from jax.eval_shape "
+        "and the run's shardings.")
+  return tree
+
+
+def _check_tree_matches(abstract: Any, saved: Any, step_dir: epath.Path, *, fix: str) -> None:
+  """Raises CheckpointError listing leaves missing, unexpected or of another shape."""
+  want = _shapes(abstract, stored=True)
+  have = _shapes(saved, stored=False)
+  problems = []
+  missing = sorted(want.keys() - have.keys())
+  if missing:
+    problems.append(f"not in the checkpoint: {_listing(missing)}")
+  unexpected = sorted(have.keys() - want.keys())
+  if unexpected:
+    problems.append(f"in the checkpoint but not in the model: {_listing(unexpected)}")
+  reshaped = [f"{k} {have[k]} saved, {want[k]} expected"
+              for k in sorted(want.keys() & have.keys()) if want[k] != have[k]]
+  if reshaped:
+    problems.append(f"shapes differ: {_listing(reshaped)}")
+  if problems:
+    raise CheckpointError(f"The checkpoint {step_dir} does not match: " + "; ".join(problems)
+                          + f". {fix[0].upper()}{fix[1:]}.")
+
+
+def _shapes(tree: Any, *, stored: bool) -> dict[str, tuple[int, ...]]:
+  """{"a/b/0": shape}; stored=True gives typed PRNG keys the shape of their saved data."""
+  shapes = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = tuple(getattr(leaf, "shape", ()))
+    if stored and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      shape = jax.eval_shape(jax.random.key_data, leaf).shape
+    shapes[_path_name(path)] = shape
+  return shapes
+
+
+def _path_name(path: tuple) -> str:
+  """'opt_state/0/mu/dense/kernel': dict keys, attribute names and indices joined by '/'."""
+  names = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        names.append(str(getattr(entry, attr)))
+        break
+    else:
+      names.append(str(entry))
+  return "/".join(names)
+
+
+def _listing(items: list[str]) -> str:
+  shown = ", ".join(items[:_MAX_LISTED])
+  return shown + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+
+
+def _damaged(step_dir: epath.Path, error: Any) -> CheckpointError:
+  """The error for an unreadable step: names it, the cause, and the step to fall back on."""
+  cause = str(error).split(" [tensorstore_spec=")[0].splitlines()[0][:300]
+  older = []
+  if _STEP_NAME.match(step_dir.name):
+    older = sorted(s for s in ocp.utils.checkpoint_steps(step_dir.parent) if s < int(step_dir.name))
+  fix = (f"Move {step_dir} away to resume from step {older[-1]}, or use a new workdir."
+         if older else "Use another checkpoint or a new workdir.")
+  return CheckpointError(f"The checkpoint {step_dir} cannot be read ({cause}). {fix}")
