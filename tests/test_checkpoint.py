@@ -1,0 +1,262 @@
+"""train.checkpoint: orbax round trips onto other meshes, keep/every, crash safety, errors."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+from train import checkpoint
+from train.checkpoint import CheckpointError, Checkpointer, PreemptionGuard
+from train.state import TrainState
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params(seed: float = 0.0) -> dict:
+  rng = np.random.default_rng(int(seed))
+  return {"dense": {"kernel": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
+                    "bias": jnp.asarray(rng.normal(size=(16,)), jnp.bfloat16)},
+          "embed": jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)}
+
+
+def _state(seed: float = 0.0) -> dict:
+  return {"params": _params(seed), "step": jnp.asarray(int(seed), jnp.int32)}
+
+
+def _shardings(tree, mesh, spec_2d):
+  """spec_2d for matrices, replicated for the rest."""
+  return jax.tree.map(lambda x: NamedSharding(mesh, spec_2d if x.ndim == 2 else P()), tree)
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _bits(tree) -> list[bytes]:
+  return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+def _replicated(tree):
+  mesh = jax.make_mesh((8,), ("data",))
+  return _abstract(tree, jax.tree.map(lambda _: NamedSharding(mesh, P()), tree))
+
+
+def test_round_trip_is_bitwise_onto_another_mesh(tmp_path):
+  params = _params(1)
+  state = TrainState.create(params=params, tx=optax.adamw(1e-3), rng=jax.random.key(3))
+  state = state.apply_gradients(jax.tree.map(jnp.ones_like, params), optax.adamw(1e-3))
+  save_mesh = jax.make_mesh((4, 2), ("data", "tensor"))
+  state = jax.device_put(state, _shardings(state, save_mesh, P("data", "tensor")))
+  data_state = {"grain": {"next_index": 17, "epoch": 2, "name": "x"}, "counts": [1, 2, 3.5]}
+  with Checkpointer(tmp_path, save_every=1) as ckpt:
+    assert ckpt.save(1, state, data_state)
+
+  load_mesh = jax.make_mesh((2, 4), ("a", "b"))
+  shardings = _shardings(state, load_mesh, P(None, "b"))
+  with Checkpointer(tmp_path) as ckpt:
+    restored, restored_data = ckpt.restore(_abstract(state, shardings))
+  assert isinstance(restored, TrainState)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  assert _bits(restored) == _bits(state)
+  for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
+    assert x.sharding == s
+  assert restored_data == data_state
+
+
+def test_restores_typed_keys(tmp_path):
+  state = {"rng": jax.random.key(7), "w": jnp.arange(8.0)}
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, state, {})
+  with Checkpointer(tmp_path) as ckpt:
+    restored, _ = ckpt.restore(_replicated(state))
+  np.testing.assert_array_equal(jax.random.key_data(restored["rng"]),
+                                jax.random.key_data(state["rng"]))
+
+
+def test_keep_n_and_every_m_with_force(tmp_path):
+  with Checkpointer(tmp_path, save_every=3, keep=2) as ckpt:
+    saved = [ckpt.save(s, _state(s), {"step": s}) for s in range(1, 11)]
+    assert saved == [s % 3 == 0 for s in range(1, 11)]
+    assert ckpt.save(9, _state(9), {"step": 9}, force=True) is False  # already saved
+    assert ckpt.save(10, _state(10), {"step": 10}, force=True)
+    assert ckpt.should_save(12) and not ckpt.should_save(11)
+    ckpt.wait()
+    assert ckpt.all_steps() == [9, 10]
+  assert sorted(os.listdir(tmp_path)) == ["10", "9"]
+
+
+def test_restores_latest_or_the_step_asked(tmp_path):
+  with Checkpointer(tmp_path, keep=None) as ckpt:
+    for s in (1, 2, 3):
+      ckpt.save(s, _state(s), {"step": s})
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() == 3
+    abstract = _replicated(_state())
+    state, data = ckpt.restore(abstract)
+    assert data == {"step": 3} and _bits(state) == _bits(_state(3))
+    state, data = ckpt.restore(abstract, step=2)
+    assert data == {"step": 2} and _bits(state) == _bits(_state(2))
+    with pytest.raises(CheckpointError, match=r"step 5 .* steps \[1, 2, 3\]"):
+      ckpt.restore(abstract, step=5)
+
+
+def test_leftover_temporary_folder_is_ignored_and_removed(tmp_path):
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, _state(1), {"step": 1})
+  leftover = tmp_path / "2.orbax-checkpoint-tmp-1700000000"  # an interrupted save's folder
+  shutil.copytree(tmp_path / "1", leftover)
+  (leftover / "commit_success.txt").unlink(missing_ok=True)
+  shutil.rmtree(leftover / "data")
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() == 1
+    state, data = ckpt.restore(_replicated(_state()))
+    assert data == {"step": 1} and _bits(state) == _bits(_state(1))
+    assert ckpt.save(2, _state(2), {"step": 2})
+    ckpt.wait()
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.restore(_replicated(_state()))[1] == {"step": 2}
+
+
+_KILLED_CHILD = """
+import os, signal, sys
+import jax.numpy as jnp
+from train.checkpoint import Checkpointer
+ckpt = Checkpointer(sys.argv[1])
+state = lambda v: {"w": jnp.full((2048, 2048), v, jnp.float32), "step": jnp.asarray(v, jnp.int32)}
+ckpt.save(1, state(1), {"step": 1})
+ckpt.wait()
+ckpt.save(2, state(2), {"step": 2})  # async: returns while the files are being written
+print("finalized" if os.path.isdir(os.path.join(sys.argv[1], "2")) else "in flight", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_hard_kill_during_async_save_resumes_from_last_complete(tmp_path):
+  env = {**os.environ, "PYTHONPATH": REPO}
+  child = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(tmp_path)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+  assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+  assert child.stdout.strip() == "in flight"
+  abstract = _replicated({"w": jnp.zeros((2048, 2048)), "step": jnp.zeros((), jnp.int32)})
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() == 1
+    state, data = ckpt.restore(abstract)
+    assert data == {"step": 1} and int(state["step"]) == 1
+    assert np.all(np.asarray(state["w"]) == 1)
+    assert ckpt.save(2, jax.tree.map(lambda x: x + 1, state), {"step": 2})  # the run goes on
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == [1, 2] and ckpt.restore(abstract)[1] == {"step": 2}
+
+
+def test_restore_errors_name_the_problem(tmp_path):
+  state = _state(1)
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+      ckpt.restore(_replicated(state))
+    ckpt.save(1, state, {})
+    ckpt.save(2, state, {})
+    ckpt.wait()
+    grown = _replicated({**state, "extra": state["step"]})
+    with pytest.raises(CheckpointError, match="not in the checkpoint: extra"):
+      ckpt.restore(grown)
+    wider = _replicated({**state, "params": {**state["params"], "embed": jnp.zeros((4, 9))}})
+    with pytest.raises(CheckpointError, match=r"params/embed \(4, 8\) saved, \(4, 9\) expected"):
+      ckpt.restore(wider)
+    with pytest.raises(ValueError, match="sharding"):
+      ckpt.restore(jax.eval_shape(lambda: state))
+    for data_file in (tmp_path / "2" / "state").rglob("d/*"):  # damage step 2
+      data_file.unlink()
+    with pytest.raises(CheckpointError, match="2 cannot be read.*resume from step 1"):
+      ckpt.restore(_replicated(state))
+    with pytest.raises(TypeError, match="dict"):
+      ckpt.save(3, state, [1, 2])
+
+
+def test_refuses_folders_that_are_not_checkpoint_folders(tmp_path):
+  (tmp_path / "config.json").write_text("{}")
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(CheckpointError, match="not a checkpoint folder.*checkpoints, config.json"):
+    Checkpointer(tmp_path)
+  with pytest.raises(CheckpointError, match="is a file"):
+    Checkpointer(tmp_path / "config.json")
+  with pytest.raises(ValueError, match="save_every"):
+    Checkpointer(tmp_path / "checkpoints", save_every=0)
+
+
+def test_load_params_from_workdir_folder_or_step(tmp_path):
+  folder = tmp_path / "run" / "checkpoints"
+  with Checkpointer(folder) as ckpt:
+    for s in (1, 2):
+      ckpt.save(s, {**_state(s), "opt_state": _params(9)}, {})
+  latest = checkpoint.load_params(tmp_path / "run")
+  assert isinstance(latest["embed"], np.ndarray)
+  assert _bits(latest) == _bits(_params(2))
+  assert _bits(checkpoint.load_params(folder)) == _bits(_params(2))
+  mesh = jax.make_mesh((2, 4), ("a", "b"))
+  shardings = _shardings(_params(), mesh, P("a", None))
+  first = checkpoint.load_params(folder / "1", _abstract(_params(), shardings))
+  assert _bits(first) == _bits(_params(1))
+  assert all(x.sharding == s for x, s in zip(jax.tree.leaves(first), jax.tree.leaves(shardings)))
+
+
+def test_load_params_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    checkpoint.load_params(tmp_path / "nowhere")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(CheckpointError, match="No complete checkpoint"):
+    checkpoint.load_params(tmp_path / "empty")
+  with Checkpointer(tmp_path / "checkpoints") as ckpt:
+    ckpt.save(1, _state(1), {})
+  other = {**_params(), "head": jnp.zeros((3,)), "embed": jnp.zeros((5, 8))}
+  del other["dense"]["bias"]
+  with pytest.raises(CheckpointError) as error:
+    checkpoint.load_params(tmp_path, jax.eval_shape(lambda: other))
+  message = str(error.value)
+  assert "not in the checkpoint: params/head" in message
+  assert "not in the model: params/dense/bias" in message
+  assert "params/embed (4, 8) saved, (5, 8) expected" in message
+
+
+def _wait_for(condition) -> bool:
+  deadline = time.monotonic() + 5
+  while not condition() and time.monotonic() < deadline:
+    time.sleep(0.01)
+  return condition()
+
+
+def test_preemption_guard_turns_sigterm_into_a_flag():
+  received = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  try:
+    with PreemptionGuard() as guard:
+      assert not guard.should_stop(0)
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert _wait_for(guard.should_stop)
+      assert guard.received == signal.SIGTERM and guard.should_stop(1)
+    assert received == []  # the guard's handler ran, not the previous one
+    os.kill(os.getpid(), signal.SIGTERM)  # the previous handler is back
+    assert _wait_for(lambda: received == [signal.SIGTERM])
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_preemption_guard_second_sigint_interrupts():
+  before = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt):
+    with PreemptionGuard() as guard:
+      os.kill(os.getpid(), signal.SIGINT)
+      assert _wait_for(guard.should_stop)
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(5)
+  assert signal.getsignal(signal.SIGINT) is before
