@@ -1,0 +1,132 @@
+"""Experiment configs: the shared defaults, validation, and the model config they describe.
+
+An experiment file's `get_config()` starts from `base_config()` and sets what it needs.
+`validate(config)` runs before anything compiles and turns a bad value into one sentence.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from models import presets
+from models.transformer import TransformerConfig
+from train import optim
+from train.tasks import TASKS
+
+MODEL_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key an experiment may set, with its default and a comment."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                          # one seed: data order, init and dropout derive from it
+  c.task = "lm"                       # lm | seq2seq | classify | mlm
+  c.init_from = ""                    # "" | ckpt:WORKDIR (params of another run) | hf:FOLDER
+  c.label_smoothing = 0.0             # seq2seq/lm targets: (1 - s)·onehot + s/V
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = ""                 # "" | transformer_base | gpt2 | bert_base | t5_v1_0 | ...
+  c.model.num_classes = 0             # classify: number of labels
+  c.model.pooling = "cls"             # classify: cls | mean
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "numbers"           # numbers | a tfds name | local:PATH
+  c.data.source_options = ml_collections.ConfigDict()  # keyword options of the source
+  c.data.data_dir = ""                # tfds data dir; "" = tfds' default
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.tokenizer = "bytes"          # bytes | sentencepiece | word | char | pretrained
+  c.data.tokenizer_path = ""          # cache/load path; "" = WORKDIR/tokenizers/inputs.*
+  c.data.target_tokenizer = ""        # seq2seq: another tokenizer for targets; "" = same
+  c.data.target_tokenizer_path = ""
+  c.data.tokenizer_dir = ""           # where trained tokenizers are cached; "" = WORKDIR
+  c.data.tokenizer_train_examples = 100_000  # examples read to train a tokenizer
+  c.data.vocab_size = 0               # sentencepiece/word: vocabulary size; 0 = all words
+  c.data.seq_len = 128                # lm / classify / mlm row length
+  c.data.inputs_len = 64              # seq2seq source length
+  c.data.targets_len = 64             # seq2seq target length
+  c.data.mask_rate = 0.15             # mlm
+  c.data.pack = True                  # pack several examples into a row (lm, seq2seq)
+  c.data.num_workers = 0              # grain worker processes
+
+  c.optim = optim.default_optim_config()
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.batch_size = 64             # global batch, rows
+  c.train.log_every = 50              # steps between train metric lines
+  c.train.eval_every = 500            # steps between evals (and at the end); 0 = end only
+  c.train.eval_batches = 0            # eval batches (0 = the whole eval split)
+  c.train.checkpoint_every = 500      # steps between checkpoints (and at the end, on SIGTERM)
+  c.train.keep_checkpoints = 3
+  c.train.peak_flops = 0.0            # per device, for MFU; 0 = from the device table
+  c.train.print_examples = 5          # seq2seq: translations printed at each eval
+
+  c.decode = ml_collections.ConfigDict()
+  c.decode.method = "greedy"          # greedy | sample | beam (eval, train.generate)
+  c.decode.beam_size = 4
+  c.decode.length_penalty_alpha = 0.6
+  c.decode.temperature = 1.0
+  c.decode.top_k = 0                  # 0 = off
+  c.decode.top_p = 0.0                # 0 = off
+  c.decode.max_new_tokens = 0         # 0 = data.targets_len (seq2seq) / 64
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                    # -1 = the devices the other axes leave
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False       # jax.distributed.initialize() (also auto on SLURM/TPU)
+  c.distributed.coordinator_address = ""
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  return c
+
+
+def model_config(config, vocab_size: int) -> TransformerConfig:
+  """The TransformerConfig of `config.model`: its preset with every other field as override."""
+  fields = {k: v for k, v in config.model.items()
+            if k not in ("preset", "num_classes", "pooling")}
+  unknown = sorted(set(fields) - MODEL_FIELDS)
+  if unknown:
+    raise ValueError(f"config.model has unknown field(s) {unknown}; TransformerConfig knows "
+                     f"{sorted(MODEL_FIELDS)}.")
+  if not fields.get("vocab_size"):
+    fields["vocab_size"] = vocab_size
+  elif fields["vocab_size"] < vocab_size:
+    raise ValueError(f"config.model.vocab_size={fields['vocab_size']} is smaller than the "
+                     f"tokenizer's {vocab_size} ids: raise it or set 0 to use the tokenizer's.")
+  if config.model.preset:
+    if config.model.preset not in presets.PRESETS:
+      raise ValueError(f"Unknown config.model.preset {config.model.preset!r}; choose from "
+                       f"{sorted(presets.PRESETS)} or ''.")
+    return presets.PRESETS[config.model.preset](**fields)
+  return TransformerConfig(**fields)
+
+
+def validate(config) -> None:
+  """One clear error for a value or combination that cannot run."""
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r}: choose from {TASKS}.")
+  t = config.train
+  for name in ("num_steps", "batch_size", "log_every", "keep_checkpoints"):
+    if t[name] <= 0:
+      raise ValueError(f"config.train.{name} must be positive, got {t[name]}.")
+  for name in ("eval_every", "checkpoint_every", "eval_batches"):
+    if t[name] < 0:
+      raise ValueError(f"config.train.{name} must be >= 0, got {t[name]}.")
+  if config.task == "classify" and config.model.num_classes < 2:
+    raise ValueError("config.task='classify' needs config.model.num_classes >= 2.")
+  if config.init_from and not config.init_from.startswith(("ckpt:", "hf:")):
+    raise ValueError(f"config.init_from={config.init_from!r}: use 'ckpt:WORKDIR' or "
+                     "'hf:FOLDER'.")
+  if config.init_from.startswith("hf:"):
+    raise ValueError("config.init_from='hf:...' needs models/pretrained.py (the fine-tuning "
+                     "issue), which is not in this checkout yet.")
+  if not 0.0 <= config.label_smoothing < 1.0:
+    raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}.")
+  if config.decode.method not in ("greedy", "sample", "beam"):
+    raise ValueError(f"config.decode.method={config.decode.method!r}: use greedy, sample or "
+                     "beam.")
+  optim.validate_optim_config(config.optim, config.train.batch_size)

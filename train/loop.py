@@ -1,0 +1,298 @@
+"""The training loop: config -> data, model, sharded state -> steps, metrics, evals, checkpoints.
+
+Rerunning with the same workdir resumes from the latest checkpoint: parameters, optimizer
+state, step, rng and the data iterator's position, so the resumed run continues with exactly
+the numbers an uninterrupted one would have produced.
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import sacrebleu
+from jax.experimental import multihost_utils
+
+from models import decoding
+from train import checkpoint, config as config_lib, inputs as inputs_lib, metrics as metrics_lib
+from train import optim, parallel
+from train.data.examples import bos_eos
+from train.state import TrainState
+from train.tasks import Task, make_model, summarize
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config before the first step."""
+  config: object
+  workdir: str
+  inputs: inputs_lib.Inputs
+  model_cfg: object
+  task: Task
+  mesh: object
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+
+
+def build(config, workdir: str) -> Experiment:
+  """Validates the config and builds data, model and optimizer (nothing compiled yet)."""
+  config_lib.validate(config)
+  inputs = inputs_lib.make_inputs(config, workdir)
+  model_cfg = config_lib.model_config(config, inputs.vocab_size)
+  model = make_model(config.task, model_cfg, num_classes=config.model.num_classes,
+                     pooling=config.model.pooling)
+  task = Task(config.task, model, config.label_smoothing)
+  mesh = parallel.make_mesh(config.mesh)
+  abstract_params = parallel.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), *dummy_inputs(config))["params"]))
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps, abstract_params)
+  return Experiment(config, workdir, inputs, model_cfg, task, mesh, tx, schedule)
+
+
+def dummy_inputs(config) -> tuple:
+  d = config.data
+  if config.task == "seq2seq":
+    return (jnp.zeros((1, d.inputs_len), jnp.int32), jnp.zeros((1, d.targets_len), jnp.int32))
+  return (jnp.zeros((1, d.seq_len), jnp.int32),)
+
+
+def init_state(exp: Experiment, rng):
+  """The sharded TrainState and its shardings (parameters placed by the mesh rules)."""
+  init_rng, train_rng = jax.random.split(rng)
+
+  def init(rng):
+    params = exp.task.model.init(rng, *dummy_inputs(exp.config))["params"]
+    return TrainState.create(params=params, tx=exp.tx, rng=train_rng)
+
+  return parallel.init_state(init, exp.mesh, parallel.DEFAULT_RULES, init_rng)
+
+
+def make_train_step(exp: Experiment):
+  accum = exp.config.optim.grad_accum_steps
+
+  def loss_fn(params, batch, rng):
+    objective_sum, sums = exp.task.loss(params, batch, rng, train=True)
+    return objective_sum, (sums["weight"], sums)
+
+  def train_step(state: TrainState, batch):
+    out = optim.accumulate_gradients(jax.value_and_grad(loss_fn, has_aux=True), state.params,
+                                     batch, accum, state.step_key())
+    new_state = state.apply_gradients(grads=out.grads, tx=exp.tx)
+    sums = {**out.metrics, "grad_norm": optax.global_norm(out.grads),
+            "learning_rate": exp.schedule(state.step)}
+    return new_state, sums
+
+  return train_step
+
+
+def write_config(exp: Experiment):
+  resolved = exp.config.copy_and_resolve_references()
+  with resolved.unlocked():
+    resolved.model.vocab_size = exp.model_cfg.vocab_size
+  if jax.process_index() == 0:
+    with open(os.path.join(exp.workdir, "config.json"), "w") as f:
+      f.write(resolved.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains to `config.train.num_steps`, resuming from `workdir`; returns the last eval."""
+  config_lib.validate(config)
+  parallel.maybe_initialize_distributed(config.distributed)
+  os.makedirs(workdir, exist_ok=True)
+  exp = build(config, workdir)
+  write_config(exp)
+  t = config.train
+  rng = jax.random.key(config.seed)
+  state, shardings = init_state(exp, rng)
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         save_every=t.checkpoint_every or t.num_steps,
+                                         keep=t.keep_checkpoints)
+  train_iter = iter(exp.inputs.train_pipeline(t.batch_size))
+  if checkpointer.latest_step() is not None:
+    state, data_state = checkpointer.restore(abstract(state, shardings))
+    train_iter.set_state(data_state)
+    say(f"Resumed from step {int(state.step)} of {workdir}.")
+  elif config.init_from:
+    params = checkpoint.load_params(config.init_from[len("ckpt:"):], abstract(
+        state.params, shardings.params))
+    state = state.replace(params=params)
+    say(f"Parameters initialised from {config.init_from}.")
+
+  batch_sharding = parallel.batch_sharding(exp.mesh)
+  train_step = jax.jit(make_train_step(exp), in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, None), donate_argnums=0)
+  evaluator = Evaluator(exp)
+  step = int(state.step)
+  writer = metrics_lib.MetricsWriter(workdir, num_steps=t.num_steps, start_step=step,
+                                     enabled=jax.process_index() == 0)
+  num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))
+  say(f"{config.task}: {num_params / 1e6:.2f}M parameters on {jax.device_count()} "
+      f"{jax.devices()[0].platform} device(s), mesh {dict(exp.mesh.shape)}; TensorBoard: "
+      f"tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
+  throughput = Throughput(exp, state.params)
+  pending = []
+  last_eval = {}
+  with checkpoint.PreemptionGuard() as guard:
+    while step < t.num_steps:
+      batch = parallel.host_to_global(next(train_iter), exp.mesh)
+      state, sums = train_step(state, batch)
+      step += 1
+      pending.append(sums)
+      writer.advance()
+      stop = guard.should_stop(step)
+      last = step == t.num_steps
+      if step % t.log_every == 0 or last or stop or checkpointer.should_save(step):
+        logged = flush(pending, step)
+        writer.write(step, "train", {**logged, **throughput.lap(logged, len(pending))})
+        pending = []
+      if checkpointer.should_save(step) or last or stop:
+        checkpointer.save(step, state, train_iter.get_state(), force=last or stop)
+      if (t.eval_every and step % t.eval_every == 0) or last:
+        last_eval = evaluator(state.params, step, writer)
+        throughput.skip()
+      if stop:
+        say(f"Stopped by a signal at step {step}; checkpoint saved, rerun to resume.")
+        break
+  checkpointer.close()
+  writer.close()
+  return last_eval
+
+
+def say(message: str):
+  """A line for the person running the experiment (process 0 only)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def flush(pending: list, step: int) -> dict:
+  """Sums the steps' metric sums since the last log; a non-finite loss stops the run."""
+  sums = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *pending))
+  summary = summarize(sums)
+  if not np.isfinite(summary["loss"]):
+    raise NonFiniteLossError(
+        f"The training loss became {summary['loss']} by step {step}. The last good "
+        "checkpoint is kept; lower optim.learning_rate, raise optim.warmup_steps or set "
+        "optim.clip_norm, then rerun to resume from it.")
+  summary["grad_norm"] = float(pending[-1]["grad_norm"])
+  summary["learning_rate"] = float(pending[-1]["learning_rate"])
+  summary["tokens"] = float(sums["weight"])
+  return summary
+
+
+class Throughput:
+  """tokens/s (real target tokens) and MFU between logs, compile and eval time excluded."""
+
+  def __init__(self, exp: Experiment, params):
+    d = exp.config.data
+    length = d.inputs_len + d.targets_len if exp.config.task == "seq2seq" else d.seq_len
+    layers = exp.model_cfg.num_layers + (
+        (exp.model_cfg.num_decoder_layers or exp.model_cfg.num_layers)
+        if exp.config.task == "seq2seq" else 0)
+    self.flops_per_step = metrics_lib.flops_per_token(
+        exp.model_cfg, params, length, layers) * exp.config.train.batch_size * length
+    self.peak = metrics_lib.peak_flops_per_device(exp.config.train.peak_flops)
+    self.stopwatch = metrics_lib.Stopwatch()
+    self.first = True
+
+  def skip(self):
+    self.stopwatch.lap()
+
+  def lap(self, logged: dict, steps: int) -> dict:
+    seconds = self.stopwatch.lap()
+    if self.first:  # The first interval holds the compilation.
+      self.first = False
+      return {"step_seconds_with_compile": seconds / steps}
+    out = {"tokens_per_second": logged["tokens"] / seconds, "step_seconds": seconds / steps}
+    if self.peak:
+      out["mfu"] = self.flops_per_step * steps / seconds / (self.peak * jax.device_count())
+    return out
+
+
+class Evaluator:
+  """Loss metrics over the eval split; for seq2seq also decoding: exact match and BLEU."""
+
+  def __init__(self, exp: Experiment):
+    self.exp = exp
+    t = exp.config.train
+    self.batch_size = t.batch_size
+    sharding = parallel.batch_sharding(exp.mesh)
+    self.eval_step = jax.jit(lambda p, b: exp.task.loss(p, b)[1], in_shardings=(None, sharding))
+    self.search = decoding_search(exp.config, exp.inputs.target_tokenizer)
+
+  def __call__(self, params, step: int, writer) -> dict:
+    exp, limit = self.exp, self.exp.config.train.eval_batches
+    sums = None
+    for i, batch in enumerate(exp.inputs.eval_pipeline(self.batch_size)):
+      if limit and i >= limit:
+        break
+      out = self.eval_step(params, parallel.host_to_global(batch, exp.mesh))
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    results = summarize(jax.device_get(sums))
+    if exp.config.task == "seq2seq":
+      results.update(self.decode_metrics(params))
+    writer.write(step, "eval", results)
+    return results
+
+  def decode_metrics(self, params) -> dict:
+    exp = self.exp
+    inputs, targets, predictions = [], [], []
+    for i, batch in enumerate(exp.inputs.eval_pipeline(self.batch_size, pack=False)):
+      if exp.config.train.eval_batches and i >= exp.config.train.eval_batches:
+        break
+      tokens_BS = parallel.host_to_global({"t": batch["encoder_tokens"]}, exp.mesh)["t"]
+      mask_BS = parallel.host_to_global({"m": batch["encoder_segment_ids"] != 0}, exp.mesh)["m"]
+      out = decoding.generate_encoder_decoder(
+          exp.task.model, params, tokens_BS, self.search, encoder_padding_mask_BS=mask_BS,
+          decoder_start_id=bos_eos(exp.inputs.target_tokenizer)[0])
+      new_tokens = gather(out.tokens_BN)
+      real = gather_host(batch["weights"].sum(-1) > 0)
+      sources, references = gather_host(batch["encoder_tokens"]), gather_host(
+          batch["decoder_targets"])
+      for keep, src, ref, pred in zip(real, sources, references, new_tokens):
+        if keep:
+          inputs.append(exp.inputs.input_tokenizer.decode(src))
+          targets.append(exp.inputs.target_tokenizer.decode(ref))
+          predictions.append(exp.inputs.target_tokenizer.decode(pred))
+    exact = np.mean([p == r for p, r in zip(predictions, targets)]) if targets else 0.0
+    bleu = sacrebleu.corpus_bleu(predictions, [targets]).score if targets else 0.0
+    for src, ref, pred in list(zip(inputs, targets, predictions))[
+        :exp.config.train.print_examples]:
+      say(f"  {src} -> {pred}" + ("" if pred == ref else f"   (expected: {ref})"))
+    return {"exact_match": float(exact), "bleu": float(bleu), "decoded": float(len(targets))}
+
+
+def gather(x) -> np.ndarray:
+  """A global array as numpy on every host."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def gather_host(x: np.ndarray) -> np.ndarray:
+  """Host-local rows of every host, in process order."""
+  if jax.process_count() == 1:
+    return x
+  return np.asarray(multihost_utils.process_allgather(x))
+
+
+def decoding_search(config, tokenizer) -> decoding.Search:
+  """The decoding settings of `config.decode`, stopping at the tokenizer's EOS."""
+  d = config.decode
+  return decoding.Search(
+      method=d.method, max_new_tokens=d.max_new_tokens or (
+          config.data.targets_len if config.task == "seq2seq" else 64),
+      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=d.temperature, top_k=d.top_k or None,
+      top_p=d.top_p or None, beam_size=d.beam_size,
+      length_penalty_alpha=d.length_penalty_alpha)

@@ -1,0 +1,103 @@
+"""Where metrics go: WORKDIR/metrics.jsonl, TensorBoard events, and a progress bar on a TTY.
+
+Also the arithmetic of throughput: model FLOPs per token and the peak FLOP/s of the device,
+for MFU (model FLOPs utilisation).
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import tensorboardX
+import tqdm
+
+# Dense bf16 peak FLOP/s per chip, by the start of jax's `device_kind`.
+PEAK_FLOPS = {
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA GH200": 989e12,
+    "NVIDIA B200": 2250e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
+    "NVIDIA A10G": 70e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def peak_flops_per_device(override: float = 0.0) -> float | None:
+  """The config's value if set, else the table's for this device kind, else None (CPU)."""
+  if override:
+    return override
+  kind = jax.devices()[0].device_kind
+  for prefix, flops in PEAK_FLOPS.items():
+    if kind.startswith(prefix):
+      return flops
+  return None
+
+
+def flops_per_token(model_cfg, params, seq_len: int, num_layers: int) -> float:
+  """Training FLOPs per token: 6·N (matmuls, forward + backward) + 12·L·H·T (attention).
+
+  N counts every parameter that multiplies activations: embedding and position tables are
+  lookups and are left out, except that a tied output layer's table is a matmul once.
+  """
+  def is_lookup(path):
+    names = [getattr(k, "key", str(k)) for k in path]
+    return "embedding" in names[-1:] or "rel_embedding" in names[-1:]
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  matmul = sum(np.prod(x.shape) for path, x in leaves if not is_lookup(path))
+  if model_cfg.tie_output:
+    matmul += model_cfg.vocab_size * model_cfg.d_model
+  attention = 12 * num_layers * model_cfg.num_heads * model_cfg.head_size * seq_len
+  return 6 * float(matmul) + attention
+
+
+class MetricsWriter:
+  """Appends one JSON object a line (step, split, values) and mirrors it to TensorBoard."""
+
+  def __init__(self, workdir: str, *, num_steps: int, start_step: int, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+    self.tensorboard = tensorboardX.SummaryWriter(self.tensorboard_dir)
+    self.bar = tqdm.tqdm(total=num_steps, initial=start_step, dynamic_ncols=True,
+                         disable=not sys.stderr.isatty(), unit="step")
+
+  def write(self, step: int, split: str, values: dict):
+    if not self.enabled:
+      return
+    values = {k: float(v) for k, v in values.items()}
+    self.jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+    self.jsonl.flush()
+    for name, value in values.items():
+      self.tensorboard.add_scalar(f"{split}/{name}", value, step)
+    self.tensorboard.flush()
+    if split == "train":
+      self.bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", refresh=False)
+    else:
+      self.bar.write(f"step {step} {split}: " + ", ".join(
+          f"{k}={v:.4g}" for k, v in values.items()))
+
+  def advance(self, steps: int = 1):
+    if self.enabled:
+      self.bar.update(steps)
+
+  def close(self):
+    if self.enabled:
+      self.bar.close()
+      self.tensorboard.close()
+      self.jsonl.close()
+
+
+class Stopwatch:
+  """Seconds and counts since the last `lap`, for tokens/s."""
+
+  def __init__(self):
+    self.start = time.perf_counter()
+
+  def lap(self) -> float:
+    now = time.perf_counter()
+    elapsed, self.start = now - self.start, now
+    return elapsed

@@ -1,0 +1,114 @@
+"""One place per task: which model it trains, and batch -> loss and metrics.
+
+Losses are returned as sums with their weights, so that microbatches, devices and eval
+batches add up exactly: the training objective is `objective / weight`.
+
+  lm        DecoderOnly      next-token cross-entropy over packed rows
+  seq2seq   EncoderDecoder   teacher-forced cross-entropy, optional label smoothing
+  classify  EncoderClassifier  one label per row
+  mlm       EncoderMaskedLM  cross-entropy on the masked positions
+
+Metric sums: "loss" (cross-entropy, unsmoothed), "correct" (argmax hits), "weight" (targets
+counted); `summarize` turns them into loss, accuracy and perplexity.
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from models import transformer
+
+TASKS = ("lm", "seq2seq", "classify", "mlm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A task's model, inputs and loss; hashable, so it can close over a jitted step."""
+  name: str
+  model: nn.Module
+  label_smoothing: float = 0.0
+
+  def __post_init__(self):
+    if self.name not in TASKS:
+      raise ValueError(f"Unknown task {self.name!r}; choose from {TASKS}.")
+    if not 0.0 <= self.label_smoothing < 1.0:
+      raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+
+  def apply(self, params, batch, *, rng=None, train: bool = False):
+    """The model's logits for a batch: [B, T, V] (token tasks) or [B, C] (classify)."""
+    rngs = {"dropout": rng} if train else {}
+    kwargs = dict(deterministic=not train, rngs=rngs)
+    variables = {"params": params}
+    if self.name == "lm":
+      return self.model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"],
+                              positions=batch["positions"], **kwargs)
+    if self.name == "seq2seq":
+      return self.model.apply(
+          variables, batch["encoder_tokens"], batch["decoder_inputs"],
+          encoder_segment_ids=batch["encoder_segment_ids"],
+          decoder_segment_ids=batch["decoder_segment_ids"],
+          encoder_positions=batch["encoder_positions"],
+          decoder_positions=batch["decoder_positions"], **kwargs)
+    return self.model.apply(variables, batch["tokens"], padding_mask=batch["padding_mask"],
+                            token_types=batch["token_types"], **kwargs)
+
+  def targets(self, batch):
+    """(targets, weights) aligned with the logits' leading axes."""
+    if self.name == "lm":
+      return batch["targets"], batch["weights"]
+    if self.name == "seq2seq":
+      return batch["decoder_targets"], batch["weights"]
+    if self.name == "classify":
+      return batch["label"], batch["weights"]
+    return batch["targets"], batch["weights"]
+
+  def loss(self, params, batch, rng=None, train: bool = False):
+    """(objective_sum, metric_sums): the smoothed training loss summed over weights."""
+    logits = self.apply(params, batch, rng=rng, train=train).astype(jnp.float32)
+    targets, weights = self.targets(batch)
+    weights = weights.astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    objective = nll
+    if self.label_smoothing:
+      objective = smoothed_cross_entropy(logits, targets, self.label_smoothing)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    metrics = {"loss": jnp.sum(nll * weights), "correct": jnp.sum(correct * weights),
+               "weight": jnp.sum(weights)}
+    return jnp.sum(objective * weights), metrics
+
+
+def smoothed_cross_entropy(logits_BTV, targets_BT, smoothing: float):
+  """Cross-entropy to the smoothed labels q = (1 - s)·onehot + s/V, minus the entropy of q,
+  so that a perfect prediction scores 0 (as the Flax WMT example reports it)."""
+  vocab = logits_BTV.shape[-1]
+  q_true, q_other = 1.0 - smoothing + smoothing / vocab, smoothing / vocab
+  entropy = -(q_true * math.log(q_true) + (vocab - 1) * q_other * math.log(q_other))
+  labels = optax.smooth_labels(jax.nn.one_hot(targets_BT, vocab), smoothing)
+  return optax.softmax_cross_entropy(logits_BTV, labels) - entropy
+
+
+def summarize(sums: dict) -> dict:
+  """Metric sums -> loss, accuracy and perplexity per target."""
+  weight = max(float(sums["weight"]), 1e-9)
+  loss = float(sums["loss"]) / weight
+  return {"loss": loss, "accuracy": float(sums["correct"]) / weight,
+          "perplexity": math.exp(min(loss, 50.0))}
+
+
+def make_model(task: str, model_cfg: transformer.TransformerConfig, *, num_classes: int = 0,
+               pooling: str = "cls") -> nn.Module:
+  if task == "lm":
+    return transformer.DecoderOnly(model_cfg)
+  if task == "seq2seq":
+    return transformer.EncoderDecoder(model_cfg)
+  if task == "classify":
+    if num_classes < 2:
+      raise ValueError(f"classify needs num_classes >= 2, got {num_classes}.")
+    return transformer.EncoderClassifier(model_cfg, num_classes, pooling)
+  if task == "mlm":
+    return transformer.EncoderMaskedLM(model_cfg)
+  raise ValueError(f"Unknown task {task!r}; choose from {TASKS}.")
