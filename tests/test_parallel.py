@@ -303,7 +303,7 @@ def test_train_state_keys():
 @pytest.fixture
 def fake_initialize(monkeypatch):
   calls = []
-  for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
+  for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS"):
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
@@ -311,27 +311,49 @@ def fake_initialize(monkeypatch):
   return calls
 
 
+# train/config.py's defaults: "", 0 and -1 mean "not set".
+CONFIG_DEFAULTS = {"enabled": False, "coordinator_address": "", "num_processes": 0,
+                   "process_id": -1}
+
+
 def test_distributed_not_started_on_a_single_machine(fake_initialize):
   assert parallel.maybe_initialize_distributed(None) is False
-  assert parallel.maybe_initialize_distributed({"distributed": {"enabled": None}}) is False
+  assert parallel.maybe_initialize_distributed({"distributed": CONFIG_DEFAULTS}) is False
   assert fake_initialize == []
 
 
 def test_distributed_started_from_the_config_once(fake_initialize):
-  cfg = {"distributed": {"coordinator_address": "10.0.0.1:1234", "num_processes": 2,
-                         "process_id": 1}}
+  cfg = {"distributed": {**CONFIG_DEFAULTS, "coordinator_address": "10.0.0.1:1234",
+                         "num_processes": 2, "process_id": 0}}
   assert parallel.maybe_initialize_distributed(cfg) is True
   assert parallel.maybe_initialize_distributed(cfg) is True
   assert fake_initialize == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 2,
-                              "process_id": 1}]
+                              "process_id": 0}]
 
 
-def test_distributed_auto_detects_clusters_unless_disabled(fake_initialize, monkeypatch):
-  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
-  assert parallel.maybe_initialize_distributed({"enabled": False}) is False
-  assert fake_initialize == []
-  assert parallel.maybe_initialize_distributed({"enabled": None}) is True
+def test_distributed_enabled_leaves_the_rest_to_jax(fake_initialize):
+  assert parallel.maybe_initialize_distributed({**CONFIG_DEFAULTS, "enabled": True}) is True
+  assert fake_initialize == [{}]
+
+
+@pytest.mark.parametrize("env", [
+    {"OMPI_COMM_WORLD_SIZE": "4"},
+    {"TPU_WORKER_HOSTNAMES": "host-0,host-1"},
+    {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
+     "SLURM_PROCID": "0", "SLURM_LOCALID": "0"},
+])
+def test_distributed_auto_detects_clusters(fake_initialize, monkeypatch, env):
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  assert parallel.maybe_initialize_distributed(CONFIG_DEFAULTS) is True
   assert fake_initialize == [{}]  # jax.distributed.initialize detects the rest
+
+
+def test_distributed_ignores_single_task_launches(fake_initialize, monkeypatch):
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+  assert parallel.maybe_initialize_distributed(CONFIG_DEFAULTS) is False
+  assert fake_initialize == []
 
 
 def test_distributed_bad_switch(fake_initialize):

@@ -294,28 +294,38 @@ def _cluster_asks() -> str | None:
   return None
 
 
+def _connection_fields(dist: Any) -> dict[str, Any]:
+  """The set fields among jax.distributed.initialize's; "", 0, -1 and [] count as unset."""
+  fields = {"coordinator_address": _get(dist, "coordinator_address") or None,
+            "num_processes": _get(dist, "num_processes"),
+            "process_id": _get(dist, "process_id"),
+            "local_device_ids": _get(dist, "local_device_ids") or None}
+  if fields["num_processes"] is not None and fields["num_processes"] <= 0:
+    fields["num_processes"] = None
+  if fields["process_id"] is not None and fields["process_id"] < 0:
+    fields["process_id"] = None
+  return {name: value for name, value in fields.items() if value is not None}
+
+
 def maybe_initialize_distributed(cfg: Any = None) -> bool:
   """Starts multi-process JAX when asked; returns whether it runs distributed. Idempotent.
 
-  `cfg` is the experiment config or its `distributed` part, with optional fields
-  enabled (None = auto: when a field below is set or a cluster launch is detected: SLURM with
-  several tasks, Open MPI, multi-host TPU, JAX_COORDINATOR_ADDRESS; False = never),
-  coordinator_address, num_processes, process_id, local_device_ids (passed on to
-  `jax.distributed.initialize`, which detects what is left None). Call it before any other
-  jax call.
+  `cfg` is the experiment config or its `distributed` part. It starts when `enabled` is True,
+  when one of coordinator_address, num_processes, process_id, local_device_ids is set (they
+  are passed to `jax.distributed.initialize`, which detects the rest), or when the environment
+  shows a multi-process launch: SLURM with several tasks, Open MPI, a multi-host TPU,
+  JAX_COORDINATOR_ADDRESS. Call it before any other jax call.
   """
   if jax.distributed.is_initialized():
     return True
   dist = _get(cfg, "distributed", cfg)
   enabled = _get(dist, "enabled")
   if enabled not in (None, True, False):
-    raise ValueError(f"distributed.enabled must be None (auto), True or False, got {enabled!r}.")
-  kwargs = {name: _get(dist, name) for name in
-            ("coordinator_address", "num_processes", "process_id", "local_device_ids")}
-  kwargs = {name: value for name, value in kwargs.items() if value is not None}
-  if enabled is False or not (enabled or kwargs or _cluster_asks()):
+    raise ValueError(f"distributed.enabled must be True or False, got {enabled!r}.")
+  kwargs = _connection_fields(dist)
+  if not (enabled or kwargs or _cluster_asks()):
     return False
   jax.distributed.initialize(**kwargs)
   _LOG.info("jax.distributed: process %d of %d, %d local devices.", jax.process_index(),
-               jax.process_count(), jax.local_device_count())
+            jax.process_count(), jax.local_device_count())
   return True
