@@ -8,7 +8,7 @@ first update. Our schedules are written in terms of the 1-based update number
 
   warmup (s <= warmup_steps):  lr = peak * s / warmup_steps
   constant:                    lr = peak
-  cosine (cosine decay):       lr = end + (peak - end) * (1 + cos(pi * p)) / 2
+  cosine:                      lr = end + (peak - end) * (1 + cos(pi * p)) / 2
   linear:                      lr = peak + (end - peak) * p
       with p = min((s - warmup_steps) / (decay_steps - warmup_steps), 1), end = factor * peak
   rsqrt (the paper's):         lr = peak * min(s / warmup_steps, sqrt(warmup_steps / s))
@@ -44,10 +44,10 @@ def default_optim_config() -> ml_collections.ConfigDict:
   """The `config.optim` schema with its defaults; experiments start from it."""
   return ml_collections.ConfigDict(dict(
       optimizer="adamw",                # adamw | adafactor | sgd
-      learning_rate=1e-3,               # peak learning rate (rsqrt: paper's = (d_model*warmup)**-0.5)
-      schedule="cosine",                # constant | cosine | linear | rsqrt (all with linear warmup)
+      learning_rate=1e-3,               # peak lr (rsqrt as the paper: (d_model*warmup)**-0.5)
+      schedule="cosine",                # constant | cosine | linear | rsqrt (after linear warmup)
       warmup_steps=100,                 # updates of linear warmup from 0 to the peak
-      decay_steps=config_dict.placeholder(int),  # update at which cosine/linear end; None = num_steps
+      decay_steps=config_dict.placeholder(int),  # cosine/linear end here; None = num_steps
       end_learning_rate_factor=0.0,     # final lr = factor * peak (cosine/linear)
       b1=0.9, b2=0.98, eps=1e-9,        # Adam(W) moments and epsilon
       momentum=0.9,                     # sgd; 0 = plain sgd
@@ -57,7 +57,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
       decay_norms_and_biases=False,     # also decay norm scales and biases
       clip_norm=1.0,                    # global-norm clipping of the trainable grads; 0/None = off
       grad_accum_steps=1,               # microbatches per step (accumulated inside the step)
-      freeze=(),                        # regexes (re.search) over "/"-joined param paths: not trained
+      freeze=(),                        # regexes (re.search) over "/"-joined param paths
   ))
 
 
@@ -195,7 +195,7 @@ def weight_decay_mask(params, *, decay_embeddings: bool = False,
 
 
 def freeze_labels(params, patterns) -> Any:
-  """"frozen" where a parameter's path matches one of the regexes (re.search), else "trainable"."""
+  """Labels: "frozen" where a regex matches the param path (re.search), "trainable" elsewhere."""
   compiled = [re.compile(p) for p in _freeze_patterns(patterns)]
   return jax.tree.map(lambda path: "frozen" if any(c.search(path) for c in compiled)
                       else "trainable", param_paths(params))
@@ -222,9 +222,14 @@ def _optimizer(cfg, schedule: optax.Schedule, decay_mask: Callable) -> optax.Gra
     return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                        weight_decay=cfg.weight_decay, mask=decay_mask)
   if cfg.optimizer == "adafactor":
-    # optax's Adafactor decays after the learning rate is applied: scale the rate by it.
-    decay_rate = (lambda count: cfg.weight_decay * schedule(count)) if cfg.weight_decay else None
-    return optax.adafactor(schedule, weight_decay_rate=decay_rate, weight_decay_mask=decay_mask)
+    # optax.adafactor's default chain, with the decay moved before the learning rate so that
+    # it is lr-scaled like the others (optax.adafactor's own decay is not).
+    return optax.chain(
+        optax.scale_by_factored_rms(),
+        optax.clip_by_block_rms(1.0),
+        optax.scale_by_param_block_rms(),
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(schedule))
   return optax.chain(
       optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov) if cfg.momentum else optax.identity(),
       optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
@@ -236,8 +241,9 @@ def make_optimizer(optim_cfg, num_steps: int,
   """The optax transformation of `config.optim` and its learning-rate schedule.
 
   `params` (arrays or `jax.ShapeDtypeStruct`s, unboxed) are only read for their paths, to
-  check the freeze patterns. Adafactor uses optax's defaults (factored second moments, update
-  clipping 1.0, parameter-scaled steps, no momentum) with our schedule and weight decay.
+  check the freeze patterns. Adafactor is optax.adafactor's defaults (factored second moments,
+  update clipping 1.0, parameter-scaled steps, no momentum) with our schedule and weight decay;
+  b1, b2, eps and momentum do not apply to it.
   Clipping sees the trainable gradients only; frozen parameters get zero updates and no
   optimizer state.
   """
