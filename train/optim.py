@@ -19,7 +19,8 @@ maximum, at s == warmup_steps, equals `learning_rate`: the paper's base model (d
 warmup 4000) is `learning_rate = (512 * 4000) ** -0.5`, about 7.0e-4.
 
 Weight decay is decoupled and scaled by the learning rate for every optimizer (as optax.adamw
-and PyTorch's AdamW): each update also shrinks a decayed parameter by `lr(s) * weight_decay`.
+and PyTorch's AdamW): each update also multiplies a decayed parameter by
+`1 - lr(s) * weight_decay`.
 It applies to matrices ("kernel") only, unless `decay_embeddings` / `decay_norms_and_biases`
 say otherwise; parameters with other names decay when they have two or more dimensions.
 """
