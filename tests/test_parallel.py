@@ -4,6 +4,13 @@ References: flax's own unsharded `model.init` and optax's `tx.init`, the FSDP / 
 written out by hand (shard shapes), and the same training run on a 1-device mesh.
 """
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -271,6 +278,56 @@ def test_host_to_global_splits_rows_over_data_and_fsdp():
   assert placed["num_examples"].sharding.is_fully_replicated
   with pytest.raises(ValueError, match=r"\['tokens'\] has 6 rows.*multiple of 4"):
     parallel.host_to_global({"tokens": batch["tokens"][:6]}, mesh)
+
+
+# Two processes with 2 CPU devices each: each passes its own 4 rows, the global batch has 8.
+TWO_PROCESS_WORKER = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from train import parallel
+    port, pid = sys.argv[1], int(sys.argv[2])
+    started = parallel.maybe_initialize_distributed(
+        {"coordinator_address": f"localhost:{port}", "num_processes": 2, "process_id": pid})
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2})
+    local = np.arange(12).reshape(4, 3) + 100 * pid
+    x = parallel.host_to_global({"x": local}, mesh)["x"]
+    total = jax.jit(lambda a: a.sum(0), out_shardings=parallel.replicated(mesh))(x)
+    try:
+      parallel.host_to_global({"x": local[:1]}, mesh)
+      error = ""
+    except ValueError as e:
+      error = str(e)
+    print(json.dumps({"started": started, "shape": x.shape,
+                      "rows": sorted([s.index[0].start, np.asarray(s.data)[:, 0].tolist()]
+                                     for s in x.addressable_shards),
+                      "total": np.asarray(total.addressable_data(0)).tolist(), "error": error}))
+""")
+
+
+def test_host_to_global_across_two_processes():
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = str(sock.getsockname()[1])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": root}
+  workers = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_WORKER, port, str(pid)],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for pid in (0, 1)]
+  outputs = [worker.communicate(timeout=120) for worker in workers]
+  assert all(worker.returncode == 0 for worker in workers), outputs
+  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  expected_total = (np.arange(12).reshape(4, 3) * 2 + 100).sum(0).tolist()
+  for pid, result in enumerate(results):
+    assert result["started"] and result["shape"] == [8, 3]
+    # Process 0's rows come first in the global batch, then process 1's.
+    assert result["rows"] == [[4 * pid, [100 * pid, 100 * pid + 3]],
+                              [4 * pid + 2, [100 * pid + 6, 100 * pid + 9]]]
+    assert result["total"] == expected_total
+    assert "has 2 rows in all, not a multiple of the data-parallel size 4" in result["error"]
 
 
 # ------------------------------------------------------------------------------------------
