@@ -457,7 +457,7 @@ class EncoderClassifier(nn.Module):
         kernel_init=layers.partitioned(nn.initializers.normal(0.02), *names),
         bias_init=layers.partitioned(nn.initializers.zeros, names[-1]), name=name)
     if self.pooling == "cls":
-      pooled_BD = jnp.tanh(dense(cfg.d_model, ("embed", "embed"), "pooler")(hidden_BTD[:, 0]))
+      pooled_BD = jnp.tanh(dense(cfg.d_model, ("embed", "hidden"), "pooler")(hidden_BTD[:, 0]))
     else:
       valid_BT1 = (jnp.ones(tokens_BT.shape, bool) if padding_mask is None
                    else padding_mask)[..., None].astype(hidden_BTD.dtype)
@@ -479,8 +479,8 @@ class EncoderMaskedLM(nn.Module):
                          deterministic=deterministic)
     h_BTD = nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                      kernel_init=layers.partitioned(nn.initializers.normal(0.02), "embed",
-                                                    "embed"),
-                     bias_init=layers.partitioned(nn.initializers.zeros, "embed"),
+                                                    "hidden"),
+                     bias_init=layers.partitioned(nn.initializers.zeros, "hidden"),
                      name="transform")(hidden_BTD)
     h_BTD = _norm(cfg, "transform_norm")(layers.ACTIVATIONS[cfg.activation](h_BTD))
     bias_V = self.param("output_bias", layers.partitioned(nn.initializers.zeros, "vocab"),

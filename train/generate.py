@@ -3,7 +3,7 @@
   python -m train.generate --workdir=DIR --input=TEXT [--method=beam --beam_size=4 ...]
 
 seq2seq: the decoded target; lm: the prompt's continuation; classify: the label
-probabilities; mlm: the input with each mask token filled in. Decoding settings default to
+probabilities; mlm: the input with each "<mask>" filled in. Decoding settings default to
 the run's `config.decode`.
 """
 
@@ -29,6 +29,7 @@ _TOP_P = flags.DEFINE_float("top_p", None, "Sample from the smallest set of mass
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.mark_flags_as_required(["workdir", "input"])
+MASK = "<mask>"
 
 
 def answer(exp, params, text: str, search: decoding.Search, rng) -> str:
@@ -46,18 +47,19 @@ def answer(exp, params, text: str, search: decoding.Search, rng) -> str:
     return text + exp.inputs.input_tokenizer.decode(np.asarray(out.tokens_BN)[0])
   tokenizer = exp.inputs.input_tokenizer
   bos, eos = bos_eos(tokenizer)
-  tokens = np.asarray([[bos] + tokenizer.encode(text) + [eos]], np.int32)
+  pieces = [tokenizer.encode(piece) for piece in text.split(MASK)]
+  ids = [bos] + sum((piece + [tokenizer.mask_id] for piece in pieces[:-1]), []) + pieces[-1]
+  tokens = np.asarray([ids + [eos]], np.int32)
   logits = model.apply({"params": params}, jnp.asarray(tokens))
   if task == "classify":
     probs = np.asarray(jax.nn.softmax(logits[0]))
     return ", ".join(f"label {i}: {p:.3f}" for i, p in enumerate(probs))
-  ids = tokens[0].copy()
-  masked = ids == tokenizer.mask_id
-  if not masked.any():
-    raise ValueError(f"mlm fills mask tokens: put the tokenizer's mask token (id "
-                     f"{tokenizer.mask_id}) in --input.")
-  ids[masked] = np.asarray(logits[0].argmax(-1))[masked]
-  return tokenizer.decode(ids)
+  if len(pieces) == 1:
+    raise ValueError(f"An mlm run fills in masks: write {MASK} where a token is missing in "
+                     "--input.")
+  masked = tokens[0] == tokenizer.mask_id
+  tokens[0, masked] = np.asarray(logits[0].argmax(-1))[masked]
+  return tokenizer.decode(tokens[0])
 
 
 def search_from_flags(exp) -> decoding.Search:

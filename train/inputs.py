@@ -6,13 +6,13 @@ training split (sentencepiece, word, char) are cached under `data.tokenizer_dir`
 """
 
 import dataclasses
-import itertools
 import os
 
 import jax
+from jax.experimental import multihost_utils
 
 from train.data import pipeline, tokenizers
-from train.data.sources import get_source
+from train.data.sources import get_source, prepare
 
 EXTENSIONS = {"sentencepiece": "model", "word": "json", "char": "json"}
 
@@ -30,9 +30,18 @@ class Inputs:
   def vocab_size(self) -> int:
     return max(self.input_tokenizer.vocab_size, self.target_tokenizer.vocab_size)
 
+  data_dir: str | None = None
+
   def source(self, split: str):
-    return get_source(self.data.source, split, data_dir=self.data.data_dir or None,
-                      **dict(self.data.source_options))
+    return get_source(self.data.source, split, data_dir=self.data_dir,
+                      **self.source_options())
+
+  def source_options(self) -> dict:
+    """The source's options: for a local dataset only the task (the rest is for preparing)."""
+    options = dict(self.data.source_options)
+    if self.data.source.startswith("local:"):
+      return {"task": options["task"]}
+    return options
 
   def train_pipeline(self, batch_size: int) -> pipeline.Pipeline:
     return self._pipeline(self.data.train_split, batch_size, pack=self.data.pack,
@@ -67,35 +76,46 @@ class Inputs:
 
 
 def make_inputs(config, workdir: str) -> Inputs:
-  """Builds (or loads the cached) tokenizers of `config.data` for `config.task`."""
+  """Builds (or loads the cached) tokenizers of `config.data` for `config.task`.
+
+  A local dataset (`local:PATH`) is prepared first, once, under data.data_dir (default
+  WORKDIR/data); preparing again reuses it while the files are unchanged.
+  """
   data = config.data
   tokenizer_dir = data.tokenizer_dir or os.path.join(workdir, "tokenizers")
-  train_source = lambda: get_source(data.source, data.train_split,
-                                    data_dir=data.data_dir or None,
-                                    **dict(data.source_options))
-  input_field, target_field = ("inputs", "targets") if config.task == "seq2seq" else (
-      "text", "text")
+  data_dir = data.data_dir or None
+  if data.source.startswith("local:"):
+    data_dir = data_dir or os.path.join(workdir, "data")
+    if "task" not in data.source_options:
+      raise ValueError(f"data.source={data.source!r} needs data.source_options.task "
+                       "(lm, seq2seq or classification).")
+    if jax.process_index() == 0:
+      prepare(data.source, data_dir=data_dir, **dict(data.source_options))
+    multihost_utils.sync_global_devices("tapete: local dataset prepared")
+  inputs = Inputs(config.task, data, config.seed, None, None, data_dir)
+  train_source = lambda: inputs.source(data.train_split)
+  two_tokenizers = config.task == "seq2seq" and bool(data.target_tokenizer)
+  input_fields = (("inputs",) if two_tokenizers else ("inputs", "targets")
+                  ) if config.task == "seq2seq" else ("text",)
 
-  def texts(field):
+  def texts(fields):
     def read():
       source = train_source()
       count = min(len(source), data.tokenizer_train_examples)
-      return (source[i][field] for i in range(count))
+      return (source[i][field] for i in range(count) for field in fields)
     return read
 
-  def build(kind, path, field, name):
+  def build(kind, path, fields, name):
     if kind in EXTENSIONS and not path:
       path = os.path.join(tokenizer_dir, f"{name}.{EXTENSIONS[kind]}")
-    return tokenizers.make_tokenizer(kind, path=path or None, texts=texts(field),
+    return tokenizers.make_tokenizer(kind, path=path or None, texts=texts(fields),
                                      vocab_size=data.vocab_size or None)
 
-  input_tokenizer = build(data.tokenizer, data.tokenizer_path, input_field, "inputs")
-  target_tokenizer = input_tokenizer
-  if config.task == "seq2seq" and data.target_tokenizer:
-    target_tokenizer = build(data.target_tokenizer, data.target_tokenizer_path, target_field,
-                             "targets")
-  return Inputs(config.task, data, config.seed, input_tokenizer, target_tokenizer)
+  inputs.input_tokenizer = build(data.tokenizer, data.tokenizer_path, input_fields, "inputs")
+  inputs.target_tokenizer = inputs.input_tokenizer
+  if two_tokenizers:
+    inputs.target_tokenizer = build(data.target_tokenizer, data.target_tokenizer_path,
+                                    ("targets",), "targets")
+  return inputs
 
 
-def take(iterator, count: int):
-  return list(itertools.islice(iterator, count))

@@ -6,7 +6,7 @@ devices, a GPU, a cluster. Parameters carry logical axis names (models/ uses
 
   batch                    -> ("data", "fsdp")  the batch is split over both
   embed                    -> "fsdp"            FSDP (ZeRO-3): params and optimizer state
-  vocab, mlp, heads, kv_heads -> "tensor"       Megatron tensor parallelism
+  vocab, mlp, heads, kv_heads, hidden -> "tensor"   Megatron tensor parallelism
   everything else          -> replicated
 
 Rules are data: `logical_rules({"embed": None})` switches FSDP sharding off, for instance, and
@@ -55,6 +55,7 @@ DEFAULT_RULES: Rules = (
     ("layers", None),
     ("token_types", None),
     ("classes", None),
+    ("hidden", "tensor"),
 )
 
 

@@ -1,0 +1,73 @@
+"""GPT-2 small (124M) language model on lm1b from tfds, or on your own text files.
+
+  python -m train --config=experiments/gpt2_small.py --workdir=/tmp/gpt2_small
+  python -m train --config=experiments/gpt2_small.py --workdir=/tmp/gpt2_mine \\
+      --config.data.source=local:/path/to/texts --config.data.source_options.task=lm
+
+Pre-LN, learned positions, GELU (tanh), output tied to the token table, context 1024; AdamW
+(0.9, 0.95), weight decay 0.1, peak 6e-4 with 2,000 warmup steps and cosine decay, clipping
+1.0, ~0.5M tokens a step, bf16 compute. The tokenizer is a 32k SentencePiece model trained on
+the data (GPT-2's own BPE file works too: data.tokenizer=pretrained, data.tokenizer_path=...).
+
+Tiny variant (the bundled text, seconds on a CPU):
+  python -m train --config=experiments/gpt2_small.py:tiny --workdir=/tmp/gpt2_tiny
+"""
+
+from train.config import base_config
+
+
+def get_config(variant: str = ""):
+  c = base_config()
+  c.task = "lm"
+
+  c.data.source = "lm1b"
+  c.data.eval_split = "test"
+  c.data.tokenizer = "sentencepiece"
+  c.data.vocab_size = 32_768
+  c.data.seq_len = 1024
+  c.data.num_workers = 4
+
+  c.model.preset = "gpt2"
+  c.model.dtype = "bfloat16"
+  c.model.dropout_rate = 0.0
+
+  c.optim.optimizer = "adamw"
+  c.optim.learning_rate = 6e-4
+  c.optim.schedule = "cosine"
+  c.optim.warmup_steps = 2_000
+  c.optim.end_learning_rate_factor = 0.1
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.95, 1e-8
+  c.optim.weight_decay = 0.1
+  c.optim.clip_norm = 1.0
+
+  c.train.num_steps = 100_000
+  c.train.batch_size = 512
+  c.train.log_every = 50
+  c.train.eval_every = 2_000
+  c.train.eval_batches = 50
+  c.train.checkpoint_every = 2_000
+  c.decode.method = "sample"
+  c.decode.top_k = 40
+  c.decode.max_new_tokens = 64
+
+  if variant == "tiny":
+    c.data.source = "local:experiments/data/tiny_corpus.txt"
+    c.data.source_options = {"task": "lm", "validation_fraction": 0.15, "test_fraction": 0.15}
+    c.data.tokenizer = "bytes"
+    c.data.vocab_size = 0
+    c.data.seq_len = 64
+    c.data.num_workers = 0
+    c.model.d_model, c.model.num_heads, c.model.d_ff, c.model.num_layers = 32, 4, 64, 2
+    c.model.max_len = 128
+    c.model.dtype = "float32"
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 2
+    c.train.num_steps = 4
+    c.train.batch_size = 8
+    c.train.log_every = 2
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 2
+    c.decode.max_new_tokens = 16
+  elif variant:
+    raise ValueError(f"Unknown gpt2_small variant {variant!r}: use '' or 'tiny'.")
+  return c
