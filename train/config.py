@@ -130,3 +130,4 @@ def validate(config) -> None:
     raise ValueError(f"config.decode.method={config.decode.method!r}: use greedy, sample or "
                      "beam.")
   optim.validate_optim_config(config.optim, config.train.batch_size)
+  model_config(config, vocab_size=1)  # The model's fields, before any data or tokenizer work.
