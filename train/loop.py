@@ -109,59 +109,69 @@ def train_and_evaluate(config, workdir: str) -> dict:
   exp = build(config, workdir)
   write_config(exp)
   t = config.train
-  rng = jax.random.key(config.seed)
-  state, shardings = init_state(exp, rng)
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         save_every=t.checkpoint_every or t.num_steps,
-                                         keep=t.keep_checkpoints)
+  state, shardings = init_state(exp, jax.random.key(config.seed))
   train_iter = iter(exp.inputs.train_pipeline(t.batch_size))
+  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               save_every=t.checkpoint_every or t.num_steps,
+                               keep=t.keep_checkpoints) as checkpointer:
+    state = restore_or_start(exp, checkpointer, state, shardings, train_iter)
+    num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))
+    say(f"{config.task}: {num_params / 1e6:.2f}M parameters on {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s), mesh {dict(exp.mesh.shape)}; TensorBoard: "
+        f"tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
+    writer = metrics_lib.MetricsWriter(workdir, num_steps=t.num_steps,
+                                       start_step=int(state.step),
+                                       enabled=jax.process_index() == 0)
+    try:
+      return run(exp, state, shardings, train_iter, checkpointer, writer)
+    finally:
+      writer.close()
+
+
+def restore_or_start(exp: Experiment, checkpointer, state, shardings, train_iter):
+  """The latest checkpoint of the workdir (data position included), else `init_from`."""
   if checkpointer.latest_step() is not None:
     state, data_state = checkpointer.restore(abstract(state, shardings))
     train_iter.set_state(data_state)
-    say(f"Resumed from step {int(state.step)} of {workdir}.")
-  elif config.init_from:
-    params = checkpoint.load_params(config.init_from[len("ckpt:"):], abstract(
+    say(f"Resumed from step {int(state.step)} of {exp.workdir}.")
+  elif exp.config.init_from:
+    params = checkpoint.load_params(exp.config.init_from[len("ckpt:"):], abstract(
         state.params, shardings.params))
     state = state.replace(params=params)
-    say(f"Parameters initialised from {config.init_from}.")
+    say(f"Parameters initialised from {exp.config.init_from}.")
+  return state
 
-  batch_sharding = parallel.batch_sharding(exp.mesh)
-  train_step = jax.jit(make_train_step(exp), in_shardings=(shardings, batch_sharding),
+
+def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> dict:
+  """Steps to num_steps: metrics every log_every, evals, checkpoints; stops on SIGTERM."""
+  t = exp.config.train
+  train_step = jax.jit(make_train_step(exp),
+                       in_shardings=(shardings, parallel.batch_sharding(exp.mesh)),
                        out_shardings=(shardings, None), donate_argnums=0)
   evaluator = Evaluator(exp)
-  step = int(state.step)
-  writer = metrics_lib.MetricsWriter(workdir, num_steps=t.num_steps, start_step=step,
-                                     enabled=jax.process_index() == 0)
-  num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))
-  say(f"{config.task}: {num_params / 1e6:.2f}M parameters on {jax.device_count()} "
-      f"{jax.devices()[0].platform} device(s), mesh {dict(exp.mesh.shape)}; TensorBoard: "
-      f"tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
   throughput = Throughput(exp, state.params)
-  pending = []
-  last_eval = {}
+  step, pending, last_eval = int(state.step), [], {}
   with checkpoint.PreemptionGuard() as guard:
     while step < t.num_steps:
-      batch = parallel.host_to_global(next(train_iter), exp.mesh)
-      state, sums = train_step(state, batch)
+      state, sums = train_step(state, parallel.host_to_global(next(train_iter), exp.mesh))
       step += 1
       pending.append(sums)
       writer.advance()
       stop = guard.should_stop(step)
       last = step == t.num_steps
-      if step % t.log_every == 0 or last or stop or checkpointer.should_save(step):
+      save = checkpointer.should_save(step) or last or stop
+      if step % t.log_every == 0 or save:
         logged = flush(pending, step)
         writer.write(step, "train", {**logged, **throughput.lap(logged, len(pending))})
         pending = []
-      if checkpointer.should_save(step) or last or stop:
+      if save:
         checkpointer.save(step, state, train_iter.get_state(), force=last or stop)
-      if (t.eval_every and step % t.eval_every == 0) or last:
-        last_eval = evaluator(state.params, step, writer)
-        throughput.skip()
       if stop:
         say(f"Stopped by a signal at step {step}; checkpoint saved, rerun to resume.")
         break
-  checkpointer.close()
-  writer.close()
+      if (t.eval_every and step % t.eval_every == 0) or last:
+        last_eval = evaluator(state.params, step, writer)
+        throughput.skip()
   return last_eval
 
 

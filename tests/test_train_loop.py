@@ -1,0 +1,158 @@
+"""The training loop's promises: exact resume, sharding-invariance, NaN stop, init_from, learning."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from train import checkpoint, loop, parallel
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def experiment(name: str, variant: str = ""):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def train_lines(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [line for line in map(json.loads, path.read_text().splitlines())
+          if line["split"] == "train"]
+
+
+RESUME_FLAGS = ["--config=experiments/quickstart.py:tiny", "--config.train.num_steps=120",
+                "--config.train.log_every=1", "--config.train.checkpoint_every=10",
+                "--config.train.eval_every=0", "--config.train.keep_checkpoints=20"]
+
+
+def start(workdir) -> subprocess.Popen:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  return subprocess.Popen([sys.executable, "-m", "train", *RESUME_FLAGS, f"--workdir={workdir}"],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def finish(process: subprocess.Popen):
+  out, err = process.communicate(timeout=300)
+  assert process.returncode == 0, err[-3000:]
+  return out
+
+
+def interrupt_at(workdir, step: int, sig: int):
+  """Starts a run and sends `sig` once it has logged `step`; returns the exit code."""
+  process = start(workdir)
+  deadline = time.time() + 240
+  while not any(line["step"] >= step for line in train_lines(workdir)):
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    assert time.time() < deadline
+    time.sleep(0.02)
+  process.send_signal(sig)
+  process.communicate(timeout=120)
+  return process.returncode
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  finish(start(workdir))
+  return {line["step"]: line for line in train_lines(workdir)}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_killed_and_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit(
+    uninterrupted, tmp_path, sig):
+  code = interrupt_at(tmp_path, 25, sig)
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  if sig == signal.SIGTERM:
+    assert code == 0
+    assert steps[-1] == max(line["step"] for line in train_lines(tmp_path)) >= 25
+  else:
+    assert code == -signal.SIGKILL
+  finish(start(tmp_path))
+  lines = train_lines(tmp_path)
+  assert {line["step"] for line in lines} == set(uninterrupted)
+  for line in lines:
+    expected = uninterrupted[line["step"]]
+    for key in ("loss", "accuracy", "grad_norm", "learning_rate", "tokens"):
+      assert line[key] == expected[key], (line["step"], key)
+
+
+def test_sharded_training_equals_single_device(tmp_path):
+  config = experiment("quickstart", "tiny")
+  exp = loop.build(config, str(tmp_path))
+  iterator = iter(exp.inputs.train_pipeline(16))
+  batches = [next(iterator) for _ in range(3)]
+
+  def losses(mesh):
+    exp.mesh = mesh
+    state, shardings = loop.init_state(exp, jax.random.key(0))
+    step = jax.jit(loop.make_train_step(exp),
+                   in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(shardings, None), donate_argnums=0)
+    out = []
+    for batch in batches:
+      state, sums = step(state, parallel.host_to_global(batch, mesh))
+      out.append(float(sums["loss"]) / float(sums["weight"]))
+    return np.array(out)
+
+  single = losses(parallel.make_mesh({"data": 1}, jax.devices()[:1]))
+  assert single[-1] < single[0]
+  for shape in ({"data": 8}, {"data": 2, "fsdp": 4}, {"data": 2, "tensor": 4}):
+    np.testing.assert_allclose(losses(parallel.make_mesh(shape)), single, rtol=2e-5,
+                               err_msg=str(shape))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = experiment("quickstart", "tiny")
+  config.optim.learning_rate = 1e30
+  config.optim.clip_norm = 0.0
+  config.train.log_every = 1
+  config.train.checkpoint_every = 1
+  with pytest.raises(loop.NonFiniteLossError, match="learning_rate"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  lines = train_lines(tmp_path)
+  assert all(np.isfinite(line["loss"]) for line in lines)
+  checkpointer = checkpoint.Checkpointer(tmp_path / "checkpoints")
+  assert checkpointer.latest_step() == max(line["step"] for line in lines)
+  checkpointer.close()
+
+
+def test_init_from_starts_from_another_runs_parameters(tmp_path):
+  first = experiment("quickstart", "tiny")
+  loop.train_and_evaluate(first, str(tmp_path / "first"))
+  second = experiment("quickstart", "tiny")
+  second.init_from = f"ckpt:{tmp_path / 'first'}"
+  second.optim.schedule = "constant"
+  second.optim.warmup_steps = 0
+  second.optim.learning_rate = 0.0
+  second.train.num_steps = 1
+  second.data.tokenizer_dir = str(tmp_path / "first" / "tokenizers")
+  loop.train_and_evaluate(second, str(tmp_path / "second"))
+  params = lambda run: checkpoint.load_params(tmp_path / run)
+  jax.tree.map(np.testing.assert_array_equal, params("second"), params("first"))
+  assert checkpoint.Checkpointer(tmp_path / "second" / "checkpoints").latest_step() == 1
+
+
+def test_quickstart_learns_on_a_short_budget(tmp_path):
+  config = experiment("quickstart")
+  config.train.num_steps = 200
+  config.train.log_every = 50
+  config.data.source_options.num_test = 256
+  results = loop.train_and_evaluate(config, str(tmp_path))
+  first = train_lines(tmp_path)[0]["loss"]
+  assert first > 1.5
+  assert results["loss"] < 0.5 * first
+  assert results["exact_match"] > 0.2
