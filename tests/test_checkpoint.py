@@ -113,10 +113,11 @@ def test_restores_latest_or_the_step_asked(tmp_path):
 def test_leftover_temporary_folder_is_ignored_and_removed(tmp_path):
   with Checkpointer(tmp_path) as ckpt:
     ckpt.save(1, _state(1), {"step": 1})
-  leftover = tmp_path / "2.orbax-checkpoint-tmp-1700000000"  # an interrupted save's folder
-  shutil.copytree(tmp_path / "1", leftover)
-  (leftover / "commit_success.txt").unlink(missing_ok=True)
-  shutil.rmtree(leftover / "data")
+  for name in ("2.orbax-checkpoint-tmp", "3.orbax-checkpoint-tmp-1700000000"):  # new, old
+    leftover = tmp_path / name  # the folder of a save interrupted halfway
+    shutil.copytree(tmp_path / "1", leftover)
+    (leftover / "commit_success.txt").unlink(missing_ok=True)
+    shutil.rmtree(leftover / "data")
   with Checkpointer(tmp_path) as ckpt:
     assert ckpt.latest_step() == 1
     state, data = ckpt.restore(_replicated(_state()))
@@ -155,10 +156,32 @@ def test_hard_kill_during_async_save_resumes_from_last_complete(tmp_path):
     assert data == {"step": 1} and int(state["step"]) == 1
     assert np.all(np.asarray(state["w"]) == 1)
     assert ckpt.save(2, jax.tree.map(lambda x: x + 1, state), {"step": 2})  # the run goes on
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]  # the interrupted save's folder is gone
   with Checkpointer(tmp_path) as ckpt:
     assert ckpt.all_steps() == [1, 2] and ckpt.restore(abstract)[1] == {"step": 2}
 
 
+_CRASHING_CHILD = """
+import sys
+import jax.numpy as jnp
+from train.checkpoint import Checkpointer
+ckpt = Checkpointer(sys.argv[1])
+ckpt.save(1, {"w": jnp.full((1024, 1024), 1.0)}, {"step": 1})
+raise SystemExit("the loop failed while the save was in flight")  # no close()
+"""
+
+
+def test_exit_without_close_finishes_the_pending_save(tmp_path):
+  env = {**os.environ, "PYTHONPATH": REPO}
+  child = subprocess.run([sys.executable, "-c", _CRASHING_CHILD, str(tmp_path)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+  assert child.returncode == 1 and "in flight" in child.stderr
+  assert os.listdir(tmp_path) == ["1"]
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.restore(_replicated({"w": jnp.zeros((1024, 1024))}))[1] == {"step": 1}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, on damage
 def test_restore_errors_name_the_problem(tmp_path):
   state = _state(1)
   with Checkpointer(tmp_path) as ckpt:

@@ -67,6 +67,11 @@ class Checkpointer:
         cleanup_tmp_directories=True,
         create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._closed = False
+    # A process that ends without `close` (an exception in the loop) must still finish its
+    # last save: Python runs these hooks before it stops the thread pools orbax writes with
+    # (a plain `atexit` hook runs after, and the save then stalls for minutes and is lost).
+    threading._register_atexit(self.close)  # pylint: disable=protected-access
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None when there is none."""
@@ -128,9 +133,11 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Finishes the pending save and releases orbax's threads."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Finishes the pending save and releases orbax's threads (also done at exit)."""
+    if not self._closed:
+      self._closed = True
+      self._manager.wait_until_finished()
+      self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
     return self
