@@ -74,7 +74,7 @@ class Checkpointer:
     threading._register_atexit(self.close)  # pylint: disable=protected-access
 
   def latest_step(self) -> int | None:
-    """The newest complete checkpoint's step, or None when there is none."""
+    """The newest checkpoint's step (or one this process is writing), None if none."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
@@ -106,6 +106,7 @@ class Checkpointer:
     `.sharding` each, e.g. `jax.eval_shape` of the init plus the run's shardings: the arrays
     come back with those shardings, whatever mesh wrote them.
     """
+    self._manager.wait_until_finished()
     steps = self.all_steps()
     if step is None:
       if not steps:
@@ -124,8 +125,6 @@ class Checkpointer:
       restored = self._manager.restore(step, args=args)
     except Exception as e:
       raise _damaged(step_dir, e) from e
-    if restored[DATA] is None:
-      raise _damaged(step_dir, f"its '{DATA}' item is missing")
     return restored[STATE], restored[DATA]
 
   def wait(self) -> None:
