@@ -123,9 +123,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                        start_step=int(state.step),
                                        enabled=jax.process_index() == 0)
     try:
-      return run(exp, state, shardings, train_iter, checkpointer, writer)
+      results = run(exp, state, shardings, train_iter, checkpointer, writer)
     finally:
       writer.close()
+  say(f"Done: {workdir} holds metrics.jsonl, tensorboard/ and checkpoints/. Ask it with: "
+      f"python -m train.generate --workdir={workdir} --input=TEXT")
+  return results
 
 
 def restore_or_start(exp: Experiment, checkpointer, state, shardings, train_iter):
