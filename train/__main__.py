@@ -67,7 +67,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
   try:
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, loop.NonFiniteLossError) as e:
+  except (ValueError, FileNotFoundError, loop.NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 
