@@ -148,9 +148,9 @@ def test_init_from_starts_from_another_runs_parameters(tmp_path):
 
 def test_quickstart_learns_on_a_short_budget(tmp_path):
   config = experiment("quickstart")
-  config.train.num_steps = 200
+  config.train.num_steps = 150
   config.train.log_every = 50
-  config.data.source_options.num_test = 256
+  config.data.source_options.num_test = 128
   results = loop.train_and_evaluate(config, str(tmp_path))
   first = train_lines(tmp_path)[0]["loss"]
   assert first > 1.5
