@@ -11,7 +11,7 @@ Tiny variant (the bundled text, seconds on a CPU):
   python -m train --config=experiments/bert_base.py:tiny --workdir=/tmp/bert_tiny
 """
 
-from train.config import base_config
+from train.config import base_config, shrink_to_tiny
 
 
 def get_config(variant: str = ""):
@@ -45,22 +45,8 @@ def get_config(variant: str = ""):
   c.train.checkpoint_every = 10_000
 
   if variant == "tiny":
-    c.data.source = "local:experiments/data/tiny_corpus.txt"
-    c.data.source_options = {"task": "lm", "validation_fraction": 0.15, "test_fraction": 0.15}
-    c.data.tokenizer = "bytes"
-    c.data.vocab_size = 0
+    shrink_to_tiny(c, local_data="experiments/data/tiny_corpus.txt", task="lm")
     c.data.seq_len = 64
-    c.data.num_workers = 0
-    c.model.d_model, c.model.num_heads, c.model.d_ff, c.model.num_layers = 32, 4, 64, 2
-    c.model.max_len = 128
-    c.model.dtype = "float32"
-    c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 2
-    c.train.num_steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 2
   elif variant:
     raise ValueError(f"Unknown bert_base variant {variant!r}: use '' or 'tiny'.")
   return c

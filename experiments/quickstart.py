@@ -11,7 +11,7 @@ Variants: `--config=experiments/quickstart.py:billions` (numbers below 10^9),
 `--config=experiments/quickstart.py:tiny` (a few steps, for tests).
 """
 
-from train.config import base_config
+from train.config import base_config, shrink_to_tiny
 
 
 def get_config(variant: str = ""):
@@ -62,16 +62,13 @@ def get_config(variant: str = ""):
     c.data.targets_len = 32
     c.train.num_steps = 3000
   elif variant == "tiny":
+    shrink_to_tiny(c)
     c.data.source_options.num_train = 2_000
     c.data.source_options.num_validation = 64
     c.data.source_options.num_test = 64
-    c.model.d_model = 32
-    c.model.d_ff = 64
     c.model.num_layers = 1
     c.train.num_steps = 6
-    c.optim.warmup_steps = 2
     c.train.batch_size = 16
-    c.train.log_every = 2
     c.train.checkpoint_every = 3
   elif variant:
     raise ValueError(f"Unknown quickstart variant {variant!r}: use '', 'billions' or 'tiny'.")

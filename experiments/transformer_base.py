@@ -12,7 +12,7 @@ Tiny variant (a bundled en-de file, seconds on a CPU):
   python -m train --config=experiments/transformer_base.py:tiny --workdir=/tmp/tb_tiny
 """
 
-from train.config import base_config
+from train.config import base_config, shrink_to_tiny
 
 
 def get_config(variant: str = ""):
@@ -53,22 +53,9 @@ def get_config(variant: str = ""):
   c.decode.max_new_tokens = 256
 
   if variant == "tiny":
-    c.data.source = "local:experiments/data/en_de_tiny.tsv"
-    c.data.source_options = {"task": "seq2seq", "validation_fraction": 0.2,
-                             "test_fraction": 0.1}
-    c.data.tokenizer = "bytes"
-    c.data.vocab_size = 0
+    shrink_to_tiny(c, local_data="experiments/data/en_de_tiny.tsv", task="seq2seq")
     c.data.inputs_len = c.data.targets_len = 48
-    c.data.num_workers = 0
-    c.model.d_model, c.model.num_heads, c.model.d_ff, c.model.num_layers = 32, 4, 64, 1
-    c.model.dtype = "float32"
-    c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 2
-    c.train.num_steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 2
+    c.model.num_layers = 1
     c.decode.max_new_tokens = 16
   elif variant:
     raise ValueError(f"Unknown transformer_base variant {variant!r}: use '' or 'tiny'.")

@@ -84,6 +84,32 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def shrink_to_tiny(c: ml_collections.ConfigDict, *, local_data: str = "",
+                   task: str = "lm") -> ml_collections.ConfigDict:
+  """An experiment's tiny variant: a width-32 model, a few float32 steps, seconds on a CPU.
+
+  With `local_data`, the experiment reads that bundled file as a local dataset of `task`
+  through byte tokens instead of its real data.
+  """
+  if local_data:
+    c.data.source = f"local:{local_data}"
+    c.data.source_options = {"task": task, "validation_fraction": 0.15, "test_fraction": 0.15}
+    c.data.tokenizer = "bytes"
+    c.data.vocab_size = 0
+  c.data.num_workers = 0
+  c.model.d_model, c.model.num_heads, c.model.d_ff, c.model.num_layers = 32, 4, 64, 2
+  c.model.max_len = 128
+  c.model.dtype = "float32"
+  c.optim.learning_rate = 1e-3
+  c.optim.warmup_steps = 2
+  c.train.num_steps = 4
+  c.train.batch_size = 8
+  c.train.log_every = 2
+  c.train.eval_every = 0
+  c.train.checkpoint_every = 2
+  return c
+
+
 def model_config(config, vocab_size: int) -> TransformerConfig:
   """The TransformerConfig of `config.model`: its preset with every other field as override."""
   fields = {k: v for k, v in config.model.items()
