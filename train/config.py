@@ -5,6 +5,7 @@ An experiment file's `get_config()` starts from `base_config()` and sets what it
 """
 
 import dataclasses
+import pathlib
 
 import ml_collections
 
@@ -13,6 +14,7 @@ from models.transformer import TransformerConfig
 from train import optim
 from train.tasks import TASKS
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
 
 
@@ -88,11 +90,11 @@ def shrink_to_tiny(c: ml_collections.ConfigDict, *, local_data: str = "",
                    task: str = "lm") -> ml_collections.ConfigDict:
   """An experiment's tiny variant: a width-32 model, a few float32 steps, seconds on a CPU.
 
-  With `local_data`, the experiment reads that bundled file as a local dataset of `task`
-  through byte tokens instead of its real data.
+  With `local_data` (a path from the repository root), the experiment reads that bundled file
+  as a local dataset of `task` through byte tokens instead of its real data.
   """
   if local_data:
-    c.data.source = f"local:{local_data}"
+    c.data.source = f"local:{REPO_ROOT / local_data}"
     c.data.source_options = {"task": task, "validation_fraction": 0.15, "test_fraction": 0.15}
     c.data.tokenizer = "bytes"
     c.data.vocab_size = 0
