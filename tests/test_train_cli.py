@@ -200,8 +200,7 @@ def test_documented_commands_parse_and_validate(name, monkeypatch):
     ("gpt2_small", "The cat"),
     ("bert_base", "The <mask> sat on the mat."),
 ])
-def test_tiny_variant_trains_and_answers(name, prompt, tmp_path, monkeypatch):
-  monkeypatch.chdir(ROOT)  # The tiny variants read experiments/data/ relative to the root.
+def test_tiny_variant_trains_and_answers(name, prompt, tmp_path):
   config = load_experiment(name).get_config("tiny")
   seq2seq = config.task == "seq2seq"
   results = loop.train_and_evaluate(config, str(tmp_path))
@@ -253,8 +252,8 @@ ERRORS = {  # case: (module, arguments, words the error line must hold)
     "misspelt_key": ("train", [f"--config={QUICKSTART_TINY}", "--config.train.num_step=1"],
                      ["'num_step'", "num_steps"]),
     "model_key_left_to_preset": ("train", [f"--config={QUICKSTART_TINY}",
-                                           "--config.model.dtype=bfloat16"],
-                                 ["'dtype'", "preset"]),
+                                           "--config.model.activation=gelu"],
+                                 ["'activation'", "preset"]),
     "wrong_type": ("train", [f"--config={QUICKSTART_TINY}", "--config.train.num_steps=abc"],
                    ["config.train.num_steps", "abc"]),
     "accumulation": ("train", [f"--config={QUICKSTART_TINY}",
