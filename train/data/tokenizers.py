@@ -10,7 +10,8 @@ vocabulary has no such token).
   sentencepiece  trained once on the training split, cached as `<path>` (a
                  `.model` file) and loaded on later runs (as the Flax WMT example).
   pretrained     a Hugging Face `tokenizer.json`, or a BERT `vocab.txt` (WordPiece),
-                 or a folder holding one of them; for fine-tuning.
+                 or a folder holding one of them; for fine-tuning (`tokenizer_for(folder)`
+                 also reads a vocab.txt's casing from tokenizer_config.json).
   word / char    a `tokenizers` WordLevel vocabulary trained on the training split
                  (words split on whitespace, or single characters), cached as JSON.
 
@@ -20,6 +21,7 @@ A missing or corrupt file gives one `TokenizerError` naming the file and the fix
 
 import abc
 import io
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -167,6 +169,8 @@ class HFTokenizer(Tokenizer):
   """
 
   def __init__(self, tokenizer: tokenizers.Tokenizer):
+    tokenizer.no_padding()  # A saved tokenizer.json may pad or truncate (all-MiniLM-L6-v2: to
+    tokenizer.no_truncation()  # 128); `encode` returns every id, the pipelines pad and cut.
     self._tokenizer = tokenizer
     for attribute, names in _SPECIAL_NAMES.items():
       ids = [tokenizer.token_to_id(n) for n in names]
@@ -226,6 +230,24 @@ class HFTokenizer(Tokenizer):
 
   def _decode_plain(self, ids: list[int]) -> str:
     return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def tokenizer_for(folder: str) -> HFTokenizer:
+  """The tokenizer of a Hugging Face model folder, as transformers' save_pretrained writes it.
+
+  Its tokenizer.json (GPT-2, BERT, T5), else its WordPiece vocab.txt, lowercased as the
+  folder's tokenizer_config.json says (`do_lower_case`, default true).
+  """
+  if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    return HFTokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+  lowercase, config = True, os.path.join(folder, "tokenizer_config.json")
+  if os.path.isfile(config):
+    try:
+      settings = json.loads(_read_file(config, "tokenizer config"))
+      lowercase = bool(settings.get("do_lower_case", True))
+    except json.JSONDecodeError as e:
+      raise TokenizerError(f"{config} is not valid JSON ({e}); fix or delete it.") from e
+  return HFTokenizer.from_file(folder, lowercase=lowercase)
 
 
 def make_tokenizer(kind: str, *, path: str | None = None,
