@@ -297,7 +297,7 @@ def gather_host(x: np.ndarray) -> np.ndarray:
   """Host-local rows of every host, in process order."""
   if jax.process_count() == 1:
     return x
-  return np.asarray(multihost_utils.process_allgather(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def decoding_search(config, tokenizer) -> decoding.Search:
