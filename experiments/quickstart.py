@@ -9,8 +9,14 @@ match on 1,000 held-out numbers below one million in about two minutes.
 
 Variants: `--config=experiments/quickstart.py:billions` (numbers below 10^9),
 `--config=experiments/quickstart.py:tiny` (a few steps, for tests).
+
+Sweep (get_sweep: 2 learning rates x 2 model widths), then its table and curves:
+
+  python -m launch.sweep --config=experiments/quickstart.py --workdir_root=/tmp/quickstart_sweep
+  python -m launch.report /tmp/quickstart_sweep
 """
 
+from launch import sweeps
 from train.config import base_config, shrink_to_tiny
 
 
@@ -73,3 +79,10 @@ def get_config(variant: str = ""):
   elif variant:
     raise ValueError(f"Unknown quickstart variant {variant!r}: use '', 'billions' or 'tiny'.")
   return c
+
+
+def get_sweep():
+  """Learning rate x model width (d_ff grows with d_model): four runs."""
+  return sweeps.product(
+      sweeps.axis("optim.learning_rate", [1e-3, 3e-3]),
+      sweeps.zip(sweeps.axis("model.d_model", [32, 64]), sweeps.axis("model.d_ff", [128, 256])))

@@ -1,0 +1,139 @@
+"""An experiment file's sweep expanded into runs, every override checked against its config.
+
+`expand("experiments/quickstart.py[:VARIANT]", root)` loads the file as `python -m train`
+does, calls its `get_sweep()` (or `get_sweep(variant)` when it takes an argument), applies
+each run's overrides to `get_config(variant)` and validates the result with train/'s own
+checks, so that a bad key or value stops the launch before anything starts.
+"""
+
+import copy
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import os
+
+import ml_collections
+import numpy as np
+
+from launch import workdirs
+from train import config as config_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run of a sweep: its overrides, its workdir and the config they give."""
+  name: str
+  overrides: dict
+  workdir: str
+  config: ml_collections.ConfigDict
+
+  @property
+  def num_steps(self) -> int:
+    return self.config.train.num_steps
+
+
+def split_config_arg(config_arg: str) -> tuple[str, str]:
+  """("experiments/NAME.py", "VARIANT") of --config=experiments/NAME.py[:VARIANT]."""
+  path, _, variant = config_arg.partition(":")
+  return path, variant
+
+
+def load_module(path: str):
+  if not os.path.isfile(path):
+    raise ValueError(f"--config={path}: no such file; pass an experiment file such as "
+                     "experiments/quickstart.py.")
+  name = "tapete_experiment_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(module, variant: str) -> ml_collections.ConfigDict:
+  """The experiment's config, called as ml_collections' config flags call it."""
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def get_sweep(module, path: str, variant: str) -> list[dict]:
+  if not hasattr(module, "get_sweep"):
+    raise ValueError(
+        f"{path} has no get_sweep(): add one returning the runs' overrides, e.g. "
+        "`def get_sweep(): return sweeps.axis('optim.learning_rate', [1e-3, 3e-3])` "
+        "(from launch import sweeps).")
+  takes_variant = bool(inspect.signature(module.get_sweep).parameters)
+  sweep = module.get_sweep(variant) if takes_variant else module.get_sweep()
+  if not isinstance(sweep, (list, tuple)) or not sweep or not all(
+      isinstance(run, dict) and all(isinstance(key, str) for key in run) for run in sweep):
+    raise ValueError(f"{path}: get_sweep() must return a non-empty list of dicts "
+                     f"{{'config.key': value}}, got {sweep!r:.200}.")
+  return [{key: _plain(value) for key, value in run.items()} for run in sweep]
+
+
+def _plain(value):
+  """numpy scalars as Python ones, so that flags and names read `0.001`, not `np.float64(...)`."""
+  return value.item() if isinstance(value, np.generic) else value
+
+
+def _leaf_keys(config, prefix: str = "") -> list[str]:
+  keys = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      keys += _leaf_keys(value, f"{prefix}{key}.")
+    else:
+      keys.append(prefix + key)
+  return keys
+
+
+def _unknown_key(config, key: str, path: str) -> ValueError:
+  close = difflib.get_close_matches(key, _leaf_keys(config), n=1)
+  leaf = key.split(".")[-1]
+  if key.startswith("model.") and leaf in config_lib.MODEL_FIELDS:
+    hint = (f"this experiment leaves model.{leaf} to its preset; set it in {path} to make it "
+            "sweepable")
+  else:
+    hint = f"did you mean {close[0]!r}?" if close else (
+        "the keys are those of train/config.py:base_config and the experiment file")
+  return ValueError(f"the sweep sets {key!r}, which is not a key of {path}'s config: {hint}.")
+
+
+def apply_overrides(config, overrides: dict, path: str) -> ml_collections.ConfigDict:
+  """A copy of `config` with `overrides` set; an unknown key or a wrong type is an error."""
+  config = copy.deepcopy(config)
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise _unknown_key(config, key, path)
+      node = node[part]
+    if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
+      raise _unknown_key(config, key, path)
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ValueError(f"the sweep sets {key}={value!r}, but {path}'s {key} is a "
+                       f"{type(node[leaf]).__name__}: {str(e).splitlines()[0]}") from None
+  return config
+
+
+def expand(config_arg: str, workdir_root: str) -> list[Run]:
+  """The runs of the experiment's sweep, in the sweep's order, each validated."""
+  path, variant = split_config_arg(config_arg)
+  module = load_module(path)
+  base = get_config(module, variant)
+  root = workdir_root if "://" in workdir_root else os.path.abspath(workdir_root)
+  runs, seen = [], {}
+  for index, overrides in enumerate(get_sweep(module, path, variant)):
+    name = workdirs.run_name(overrides)
+    if name in seen:
+      raise ValueError(f"{path}: get_sweep() lists the overrides {overrides} twice (runs "
+                       f"{seen[name]} and {index}); every run needs its own.")
+    seen[name] = index
+    config = apply_overrides(base, overrides, path)
+    try:
+      config_lib.validate(config)
+    except ValueError as e:
+      raise ValueError(f"run {name}: {e}") from None
+    runs.append(Run(name, overrides, f"{root.rstrip('/')}/{name}", config))
+  return runs

@@ -1,0 +1,83 @@
+"""A sweep's workdirs: their names, whether a run finished, and their metrics (no jax needed).
+
+Names. A run's workdir is WORKDIR_ROOT/NAME, NAME its overrides as `key=value` joined by
+commas, keys sorted: `model.d_model=64,optim.learning_rate=0.003`. The same overrides always
+give the same name (whatever their order or the rest of the sweep), so a rerun finds its
+runs again. Characters other than letters, digits and `.` `_` `+` `-` become `_`; then, or
+when the name would pass 120 characters, an 8-digit hash of the overrides is appended so
+that names stay distinct. A run without overrides is `default`.
+
+Finished. A run is finished when its workdir holds a complete checkpoint at a step >= the
+run's `train.num_steps`: rerunning it would train no further step. (train/ always saves at
+the last step; orbax writes a step to a temporary folder and renames it to `checkpoints/STEP`
+once complete, on GCS it marks it with commit_success.txt.) Anything less is resumed:
+running the same command on the same workdir continues from its latest checkpoint.
+"""
+
+import hashlib
+import json
+import re
+
+from etils import epath
+
+MAX_NAME = 120
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+_STEP = re.compile(r"^(0|[1-9]\d*)$")
+
+
+def format_value(value) -> str:
+  """A value as the train CLI's `--config.KEY=VALUE` flag takes it."""
+  return value if isinstance(value, str) else repr(value)
+
+
+def run_name(overrides: dict) -> str:
+  """The workdir name of a run: stable, filesystem-safe, readable (see the module doc)."""
+  if not overrides:
+    return "default"
+  pairs = [(key, format_value(value)) for key, value in sorted(overrides.items())]
+  parts = [f"{key}={value}" for key, value in pairs]
+  safe = [f"{_UNSAFE.sub('_', key)}={_UNSAFE.sub('_', value)}" for key, value in pairs]
+  name = ",".join(safe)
+  if safe != parts or len(name) > MAX_NAME:
+    digest = hashlib.sha1(json.dumps(sorted(parts)).encode()).hexdigest()[:8]
+    name = f"{name[:MAX_NAME]}-{digest}"
+  return name
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps of the complete checkpoints in WORKDIR/checkpoints, ascending."""
+  folder = epath.Path(workdir) / "checkpoints"
+  if not folder.is_dir():
+    return []
+  on_gcs = str(folder).startswith("gs://")
+  return sorted(int(p.name) for p in folder.iterdir()
+                if _STEP.match(p.name) and p.is_dir()
+                and (not on_gcs or (p / "commit_success.txt").exists()))
+
+
+def status(workdir, num_steps: int) -> tuple[str, int | None]:
+  """("finished" | "resume" | "start", latest checkpoint step or None)."""
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    return "start", None
+  return ("finished" if steps[-1] >= num_steps else "resume"), steps[-1]
+
+
+def read_metrics(workdir) -> list[dict]:
+  """metrics.jsonl's records; a step logged twice (a run resumed behind its log) keeps the last."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  records = {}
+  lines = path.read_text().splitlines()
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      if number == len(lines):
+        continue  # A last line cut short by a killed run.
+      raise ValueError(f"{path}, line {number}, is not JSON: {line[:80]!r}.") from None
+    records[(record.get("split"), record.get("step"))] = record
+  return sorted(records.values(), key=lambda r: (r.get("step", 0), r.get("split", "")))
