@@ -8,6 +8,7 @@ the numbers an uninterrupted one would have produced.
 import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from models import decoding
 from train import checkpoint, config as config_lib, inputs as inputs_lib, metrics as metrics_lib
-from train import optim, parallel
+from train import finetune, optim, parallel
 from train.data.examples import bos_eos
 from train.state import TrainState
 from train.tasks import Task, make_model, summarize
@@ -39,6 +40,12 @@ class Experiment:
   mesh: object
   tx: optax.GradientTransformation
   schedule: optax.Schedule
+  trainable: Any          # a bool per state param: False where frozen (train/finetune.py)
+  lora: Any = None        # models.lora.LoraConfig with config.lora.enabled
+
+  def model_params(self, params):
+    """What the model is applied to: the state's params, with LoRA merged."""
+    return finetune.model_params(params, self.lora)
 
 
 def build(config, workdir: str) -> Experiment:
@@ -50,10 +57,12 @@ def build(config, workdir: str) -> Experiment:
                      pooling=config.model.pooling)
   task = Task(config.task, model, config.label_smoothing)
   mesh = parallel.make_mesh(config.mesh)
-  abstract_params = parallel.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), *dummy_inputs(config))["params"]))
-  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps, abstract_params)
-  return Experiment(config, workdir, inputs, model_cfg, task, mesh, tx, schedule)
+  abstract_params = parallel.unbox(jax.eval_shape(lambda: finetune.init_params(
+      model, config, jax.random.key(0), *dummy_inputs(config))))
+  trainable = finetune.trainable(abstract_params, config)
+  tx, schedule = finetune.make_optimizer(config, abstract_params, trainable)
+  return Experiment(config, workdir, inputs, model_cfg, task, mesh, tx, schedule, trainable,
+                    finetune.lora_config(config))
 
 
 def dummy_inputs(config) -> tuple:
@@ -68,7 +77,7 @@ def init_state(exp: Experiment, rng):
   init_rng, train_rng = jax.random.split(rng)
 
   def init(rng):
-    params = exp.task.model.init(rng, *dummy_inputs(exp.config))["params"]
+    params = finetune.init_params(exp.task.model, exp.config, rng, *dummy_inputs(exp.config))
     return TrainState.create(params=params, tx=exp.tx, rng=train_rng)
 
   return parallel.init_state(init, exp.mesh, parallel.DEFAULT_RULES, init_rng)
@@ -78,6 +87,7 @@ def make_train_step(exp: Experiment):
   accum = exp.config.optim.grad_accum_steps
 
   def loss_fn(params, batch, rng):
+    params = exp.model_params(finetune.stop_frozen_gradients(params, exp.trainable))
     objective_sum, sums = exp.task.loss(params, batch, rng, train=True)
     return objective_sum, (sums["weight"], sums)
 
@@ -116,7 +126,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                keep=t.keep_checkpoints) as checkpointer:
     state = restore_or_start(exp, checkpointer, state, shardings, train_iter)
     num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))
-    say(f"{config.task}: {num_params / 1e6:.2f}M parameters on {jax.device_count()} "
+    num_trained = sum(np.prod(x.shape) for x, train in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(exp.trainable)) if train)
+    trained = "" if num_trained == num_params else f" ({num_trained:,} trained)"
+    say(f"{config.task}: {num_params / 1e6:.2f}M parameters{trained} on {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s), mesh {dict(exp.mesh.shape)}; TensorBoard: "
         f"tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
     writer = metrics_lib.MetricsWriter(workdir, num_steps=t.num_steps,
@@ -132,16 +145,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def restore_or_start(exp: Experiment, checkpointer, state, shardings, train_iter):
-  """The latest checkpoint of the workdir (data position included), else `init_from`."""
-  if checkpointer.latest_step() is not None:
-    state, data_state = checkpointer.restore(abstract(state, shardings))
+  """The latest checkpoint of the workdir (data position included), else `init_from`.
+
+  An adapter-only checkpoint (config.lora) holds what trains; the rest comes from init_from.
+  """
+  config, resume = exp.config, checkpointer.latest_step() is not None
+  if config.init_from and (not resume or config.lora.adapter_only_checkpoint):
+    state = state.replace(params=finetune.initialise_from(config, state.params, exp.trainable))
+  if resume:
+    saved = finetune.saved_view(config, state, exp.trainable)
+    restored, data_state = checkpointer.restore(abstract(
+        saved, finetune.saved_view(config, shardings, exp.trainable)))
+    state = finetune.from_saved_view(config, state, restored)
     train_iter.set_state(data_state)
     say(f"Resumed from step {int(state.step)} of {exp.workdir}.")
-  elif exp.config.init_from:
-    params = checkpoint.load_params(exp.config.init_from[len("ckpt:"):], abstract(
-        state.params, shardings.params))
-    state = state.replace(params=params)
-    say(f"Parameters initialised from {exp.config.init_from}.")
   return state
 
 
@@ -168,7 +185,8 @@ def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> 
         writer.write(step, "train", {**logged, **throughput.lap(logged, len(pending))})
         pending = []
       if save:
-        checkpointer.save(step, state, train_iter.get_state(), force=last or stop)
+        checkpointer.save(step, finetune.saved_view(exp.config, state, exp.trainable),
+                          train_iter.get_state(), force=last or stop)
       if stop:
         say(f"Stopped by a signal at step {step}; checkpoint saved, rerun to resume.")
         break
@@ -242,10 +260,12 @@ class Evaluator:
     self.batch_size = t.batch_size
     sharding = parallel.batch_sharding(exp.mesh)
     self.eval_step = jax.jit(lambda p, b: exp.task.loss(p, b)[1], in_shardings=(None, sharding))
+    self.model_params = jax.jit(exp.model_params) if exp.lora else (lambda params: params)
     self.search = decoding_search(exp.config, exp.inputs.target_tokenizer)
 
   def __call__(self, params, step: int, writer) -> dict:
     exp, limit = self.exp, self.exp.config.train.eval_batches
+    params = self.model_params(params)
     sums = None
     for i, batch in enumerate(exp.inputs.eval_pipeline(self.batch_size)):
       if limit and i >= limit:
