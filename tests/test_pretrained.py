@@ -25,6 +25,7 @@ from models.transformer import DecoderOnly
 from train.data.tokenizers import HFTokenizer, tokenizer_for
 
 TOL = 1e-4
+NO_SPECIALS = {"bos_token_id": 0, "eos_token_id": 0}  # GPT-2's 50256 is outside tiny vocabularies.
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -80,7 +81,7 @@ def test_gpt2_logits_match_transformers(tmp_path, layers, width, heads, inner, a
   torch.manual_seed(0)
   config = transformers.GPT2Config(vocab_size=61, n_positions=12, n_embd=width, n_layer=layers,
                                    n_head=heads, n_inner=inner, activation_function=act,
-                                   tie_word_embeddings=tied)
+                                   tie_word_embeddings=tied, **NO_SPECIALS)
   model = transformers.GPT2LMHeadModel(config)
   if not tied:
     model.lm_head.weight = torch.nn.Parameter(torch.empty(61, width))
@@ -103,7 +104,8 @@ def test_gpt2_logits_match_transformers(tmp_path, layers, width, heads, inner, a
 
 def test_gpt2_scan_layers_bf16_shards_and_torch_files_import_alike(tmp_path):
   torch.manual_seed(0)
-  config = transformers.GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=2, n_head=2)
+  config = transformers.GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=2, n_head=2,
+                                   **NO_SPECIALS)
   model = _randomize(transformers.GPT2LMHeadModel(config), seed=3)
   model = model.to(torch.bfloat16).float()  # Weights exactly representable in bfloat16.
   _, params = pretrained.from_hf(_save(model, tmp_path / "f32"))
@@ -322,7 +324,8 @@ def test_tokenizer_for_folders_saved_by_transformers(tmp_path, minilm, monkeypat
 
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
-  config = transformers.GPT2Config(vocab_size=30, n_positions=8, n_embd=8, n_layer=2, n_head=2)
+  config = transformers.GPT2Config(vocab_size=30, n_positions=8, n_embd=8, n_layer=2, n_head=2,
+                                   **NO_SPECIALS)
   return _save(transformers.GPT2LMHeadModel(config), tmp_path_factory.mktemp("gpt2"))
 
 
@@ -349,7 +352,7 @@ def test_errors_name_the_problem(tmp_path, gpt2_folder):
   folder = _copy(gpt2_folder, tmp_path / "llama", {"model_type": "llama"})
   assert "model_type 'llama'" in error(folder) and "gpt2" in error(folder)
   folder = _copy(gpt2_folder, tmp_path / "deeper", {"n_layer": 3})
-  assert "missing" in error(folder) and "h.2.ln_1.weight" in error(folder)
+  assert "missing" in error(folder) and "h.2.attn.c_attn.weight" in error(folder)
   folder = _copy(gpt2_folder, tmp_path / "wider", {"n_inner": 40})
   message = error(folder)
   assert "h.0.mlp.c_fc.weight (8, 32) (expected (8, 40))" in message
@@ -366,3 +369,29 @@ def test_errors_name_the_problem(tmp_path, gpt2_folder):
   assert "head='classifier' is not available for gpt2" in error(gpt2_folder, head="classifier",
                                                                 num_classes=2)
   assert "cannot override ['d_model']" in error(gpt2_folder, d_model=16)
+
+
+def test_head_and_architecture_errors(tmp_path):
+  def error(path, **kwargs):
+    with pytest.raises(pretrained.PretrainedError) as info:
+      pretrained.from_hf(str(path), **kwargs)
+    return str(info.value)
+
+  bert = _save(transformers.BertModel(_bert_config()), tmp_path / "bert")
+  assert "cls.predictions.transform.dense.weight" in error(bert, head="mlm")
+  assert "needs num_classes > 0" in error(bert, head="classifier")
+  mlm = _save(transformers.BertForMaskedLM(_bert_config()), tmp_path / "mlm")
+  folder = _copy(mlm, tmp_path / "untied",
+                 tensors={"cls.predictions.decoder.weight": np.ones((57, 32), np.float32)})
+  assert "['cls.predictions.decoder.weight'] differ" in error(folder, head="mlm")
+
+  config = transformers.T5Config(vocab_size=20, d_model=8, d_kv=4, d_ff=12, num_layers=1,
+                                 num_heads=2)
+  t5 = _save(transformers.T5ForConditionalGeneration(config), tmp_path / "t5")
+  folder = _copy(t5, tmp_path / "gated", {"feed_forward_proj": "gated-gelu"})
+  assert "DenseReluDense.wi_0.weight" in error(folder)
+  folder = _copy(t5, tmp_path / "odd", {"feed_forward_proj": "fancy-gelu"})
+  assert "feed_forward_proj='fancy-gelu'" in error(folder)
+  encoder = _save(transformers.T5EncoderModel(config), tmp_path / "t5_encoder")
+  assert "missing" in error(encoder) and "decoder.block.0.layer.0.SelfAttention.k.weight" in (
+      error(encoder))
