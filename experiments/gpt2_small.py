@@ -1,13 +1,14 @@
-"""GPT-2 small (124M) language model on lm1b from tfds, or on your own text files.
+"""GPT-2 small language model on lm1b from tfds, or on your own text files.
 
   python -m train --config=experiments/gpt2_small.py --workdir=/tmp/gpt2_small
   python -m train --config=experiments/gpt2_small.py --workdir=/tmp/gpt2_mine \\
-      --config.data.source=local:/path/to/texts --config.data.source_options.task=lm
+      --config.data.source=local:/path/to/texts
 
 Pre-LN, learned positions, GELU (tanh), output tied to the token table, context 1024; AdamW
 (0.9, 0.95), weight decay 0.1, peak 6e-4 with 2,000 warmup steps and cosine decay, clipping
 1.0, ~0.5M tokens a step, bf16 compute. The tokenizer is a 32k SentencePiece model trained on
-the data (GPT-2's own BPE file works too: data.tokenizer=pretrained, data.tokenizer_path=...).
+the data (~111M parameters; 124M with GPT-2's own 50,257-token BPE file, which works too:
+data.tokenizer=pretrained, data.tokenizer_path=...).
 
 Tiny variant (the bundled text, seconds on a CPU):
   python -m train --config=experiments/gpt2_small.py:tiny --workdir=/tmp/gpt2_tiny

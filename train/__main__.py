@@ -54,9 +54,6 @@ def unknown_key_problem(error: Exception, argv: list[str]) -> str:
   key, hint = match.groups()
   named = [a.split("=", 1)[0] for a in argv
            if a.lstrip("-").startswith("config.") and key in a.split("=", 1)[0].split(".")]
-  if not hint and key in config_lib.MODEL_FIELDS:
-    hint = (f"this experiment leaves model.{key} at its preset's (or TransformerConfig's) "
-            "default; set it in the experiment file to make it overridable.")
   return (f"unknown config key {key!r} in {', '.join(named) or 'the overrides'}: "
           f"{hint or 'the keys are those of train/config.py:base_config and the experiment file.'}")
 

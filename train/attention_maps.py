@@ -18,8 +18,6 @@ from models.attention_maps import attention_maps, save_attention_figure
 from train import loop, workdir as workdir_lib
 from train.data.examples import bos_eos
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
-_INPUT = flags.DEFINE_string("input", None, "Input text.")
 _OUT = flags.DEFINE_string("out", None, "PNG file to write.")
 _KIND = flags.DEFINE_enum("kind", None, ["self", "cross", "encoder"],
                           "seq2seq: cross (default), decoder self, or encoder self-attention.")
@@ -63,9 +61,13 @@ def draw(exp, params, text: str, out: str, kind: str | None, layer: int) -> str:
 
 def main(argv):
   del argv
+  workdir_lib.quiet()
   try:
-    exp, params = workdir_lib.load(_WORKDIR.value)
-    print(f"Wrote {draw(exp, params, _INPUT.value, _OUT.value, _KIND.value, _LAYER.value)}")
+    if len(workdir_lib.INPUT.value) != 1:
+      raise ValueError("train.attention_maps draws one input: give --input once.")
+    exp, params = workdir_lib.load(workdir_lib.WORKDIR.value)
+    text = workdir_lib.INPUT.value[0]
+    print(f"Wrote {draw(exp, params, text, _OUT.value, _KIND.value, _LAYER.value)}")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

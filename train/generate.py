@@ -19,8 +19,6 @@ from models import decoding
 from train import loop, workdir as workdir_lib
 from train.data.examples import bos_eos
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
-_INPUT = flags.DEFINE_multi_string("input", None, "Input text (repeat for several).")
 _METHOD = flags.DEFINE_enum("method", None, ["greedy", "sample", "beam"], "Decoding method.")
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", None, "Beam size.")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature.")
@@ -73,10 +71,11 @@ def search_from_flags(exp) -> decoding.Search:
 
 def main(argv):
   del argv
+  workdir_lib.quiet()
   try:
-    exp, params = workdir_lib.load(_WORKDIR.value)
+    exp, params = workdir_lib.load(workdir_lib.WORKDIR.value)
     search = search_from_flags(exp)
-    for i, text in enumerate(_INPUT.value):
+    for i, text in enumerate(workdir_lib.INPUT.value):
       print(f"{text} -> {answer(exp, params, text, search, jax.random.key(_SEED.value + i))}")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

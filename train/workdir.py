@@ -3,16 +3,28 @@
 import json
 import os
 
+from absl import flags, logging
 import jax
 import ml_collections
 import numpy as np
 
-from train import checkpoint, loop, parallel
+from train import finetune, loop, parallel
 from train.data.examples import bos_eos
 
 
+# The flags of the CLIs over a workdir (train.generate, train.attention_maps), defined once.
+WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
+INPUT = flags.DEFINE_multi_string("input", None, "Input text (repeat for several).")
+
+
+def quiet():
+  """Keeps orbax's and grain's INFO lines off the terminal."""
+  logging.set_verbosity(logging.WARNING)
+
+
 def load(workdir: str):
-  """(experiment, params) of the run in `workdir`, from config.json and its latest checkpoint."""
+  """(experiment, params) of the run in `workdir`, from config.json and its latest checkpoint
+  (with LoRA: the base merged with its adapters)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{workdir} holds no config.json: is it the --workdir of a training run "
@@ -20,10 +32,9 @@ def load(workdir: str):
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   exp = loop.build(config, workdir)
-  abstract_params = parallel.unbox(jax.eval_shape(
-      lambda: exp.task.model.init(jax.random.key(0), *loop.dummy_inputs(config))["params"]))
-  params = checkpoint.load_params(workdir, abstract_params)
-  return exp, params
+  abstract_params = parallel.unbox(jax.eval_shape(lambda: finetune.init_params(
+      exp.task.model, config, jax.random.key(0), *loop.dummy_inputs(config))))
+  return exp, finetune.load_params(config, workdir, abstract_params, exp.trainable)
 
 
 def encode_source(exp, text: str) -> np.ndarray:
