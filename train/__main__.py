@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train import config as config_lib, loop
+from train import loop
 
 USAGE = ("usage: python -m train --config=experiments/NAME.py[:VARIANT] --workdir=DIR "
          "[--config.KEY=VALUE ...]")
