@@ -69,9 +69,24 @@ def read_config(path: str) -> dict:
 
 def hf_config(path: str, **overrides) -> TransformerConfig:
   """The TransformerConfig of a checkpoint folder (its tensors decide whether logits are tied)."""
+  return _load(path, overrides)[3]
+
+
+def _load(path: str, overrides: dict) -> tuple[dict, Family, dict, TransformerConfig]:
+  """config.json, the family, the tensors (names normalised) and the TransformerConfig."""
   hf = read_config(path)
   family = FAMILIES[hf["model_type"]]
-  return _with_overrides(family.config(hf, _normalised(_read_tensors(path), family)), overrides)
+  tensors = _normalised(_read_tensors(path), family)
+  for copy, original in family.tied_copies.items():  # A tie stored under the copy's name only.
+    if copy in tensors and original not in tensors:
+      tensors[original] = tensors.pop(copy)
+  try:
+    cfg = family.config(hf, tensors)
+  except PretrainedError:
+    raise
+  except ValueError as e:  # TransformerConfig's validation.
+    raise PretrainedError(f"{path}/config.json describes a model we cannot build: {e}") from e
+  return hf, family, tensors, _with_overrides(cfg, overrides)
 
 
 def _with_overrides(cfg: TransformerConfig, overrides: dict) -> TransformerConfig:
@@ -131,7 +146,10 @@ def _read_torch(file: str) -> dict[str, np.ndarray]:
     raise PretrainedError(f"{file} is a PyTorch file and torch is not installed: install the "
                           "`pretrained` extra (pip install -e '.[pretrained]'), or convert the "
                           "checkpoint to model.safetensors.") from e
-  state = torch.load(file, map_location="cpu", weights_only=True)
+  try:
+    state = torch.load(file, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many kinds (pickle, zip, weights-only refusals).
+    raise PretrainedError(f"{file} is not a readable PyTorch state dict ({e}).") from e
   return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
 
 
@@ -271,13 +289,7 @@ def from_hf(path: str, *, head: str | None = None, num_classes: int | None = Non
     The module and its params: a nested dict of numpy arrays in param_dtype, laid out as
     `module.init` lays it out (also under scan_layers); `module.cfg` is the config.
   """
-  hf = read_config(path)
-  family = FAMILIES[hf["model_type"]]
-  tensors = _normalised(_read_tensors(path), family)
-  for copy, original in family.tied_copies.items():  # A tie stored under the copy's name only.
-    if copy in tensors and original not in tensors:
-      tensors[original] = tensors.pop(copy)
-  cfg = _with_overrides(family.config(hf, tensors), overrides)
+  hf, family, tensors, cfg = _load(path, overrides)
   module = _make_module(hf["model_type"], cfg, head, num_classes, pooling)
   rows = family.table(cfg, hf, tensors, head=head, num_classes=num_classes, pooling=pooling)
   params, fresh = _fill(rows, tensors, path, hf)
@@ -296,8 +308,9 @@ def from_hf(path: str, *, head: str | None = None, num_classes: int | None = Non
   if new:
     logging.info("from_hf %s: freshly initialised: %s (absent from the file: %s)", path,
                  _describe(new), _describe(fresh) or "none")
-    initial = _flat(jax.jit(module.init)(rng, *_init_args(module))["params"])
-    params.update({p: np.asarray(initial[p]) for p in new})
+    init_new = lambda r: {p: x for p, x in _flat(module.init(r, *_init_args(module))["params"]
+                                                  ).items() if p in new}  # XLA drops the rest.
+    params.update(jax.tree.map(np.asarray, jax.jit(init_new)(rng)))
   dtype = cfg.params_dtype
   params = {p: x.astype(dtype) for p, x in params.items()}
   return module, flax.traverse_util.unflatten_dict(params, sep="/")

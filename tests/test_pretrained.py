@@ -45,6 +45,11 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
   return model.eval()
 
 
+def _apply(module, params, *args, **kwargs):
+  """module.apply, jitted: one compilation costs less than running op by op on new shapes."""
+  return jax.jit(module.apply)({"params": params}, *args, **kwargs)
+
+
 def _save(model, path) -> str:
   model.save_pretrained(str(path), safe_serialization=True)
   return str(path)
@@ -92,14 +97,14 @@ def test_gpt2_logits_match_transformers(tmp_path, layers, width, heads, inner, a
   tokens, mask = _padded(0, [9, 5, 1], 61)  # Right padding: causal, so nothing to mask.
   with torch.no_grad():
     reference = model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
-  _close(module.apply({"params": params}, tokens), reference, mask)
+  _close(_apply(module, params, tokens), reference, mask)
 
   tokens, mask = _padded(1, [9, 4], 61, left=True)  # Left padding: segment ids and positions.
   positions = np.maximum(mask.cumsum(1) - 1, 0)
   with torch.no_grad():
     reference = model(torch.tensor(tokens), attention_mask=torch.tensor(mask),
                       position_ids=torch.tensor(positions)).logits.numpy()
-  _close(module.apply({"params": params}, tokens, segment_ids=mask), reference, mask)
+  _close(_apply(module, params, tokens, segment_ids=mask), reference, mask)
 
 
 def test_gpt2_scan_layers_bf16_shards_and_torch_files_import_alike(tmp_path):
@@ -115,7 +120,7 @@ def test_gpt2_scan_layers_bf16_shards_and_torch_files_import_alike(tmp_path):
 
   scanned, scanned_params = pretrained.from_hf(str(tmp_path / "f32"), scan_layers=True)
   assert scanned_params["decoder"]["layers"]["mlp"]["wi"]["kernel"].shape == (2, 16, 64)
-  _close(scanned.apply({"params": scanned_params}, tokens), reference)
+  _close(_apply(scanned, scanned_params, tokens), reference)
 
   model.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
   model.float().save_pretrained(str(tmp_path / "shards"), max_shard_size="10KB")
@@ -142,7 +147,7 @@ def test_gpt2_export_loads_in_transformers(tmp_path, scan_layers, tie_output):
   model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
   with torch.no_grad():
     reference = model(torch.tensor(tokens)).logits.numpy()
-  _close(module.apply({"params": params}, tokens), reference)
+  _close(_apply(module, params, tokens), reference)
 
 
 # ------------------------------------------------------------------------------------------
@@ -168,16 +173,27 @@ def test_bert_hidden_states_match_transformers(tmp_path, changes):
   with torch.no_grad():
     out = model(torch.tensor(tokens), attention_mask=torch.tensor(mask),
                 token_type_ids=torch.tensor(types))
-  hidden = module.apply({"params": params}, tokens, padding_mask=mask.astype(bool),
+  hidden = _apply(module, params, tokens, padding_mask=mask.astype(bool),
                         token_types=types)
   _close(hidden, out.last_hidden_state.numpy(), mask)
 
   # A new classifier on the file's pooler: HF's pooled output through our fresh classifier.
   classifier, cls_params = pretrained.from_hf(str(tmp_path), head="classifier", num_classes=5)
-  logits = classifier.apply({"params": cls_params}, tokens, padding_mask=mask.astype(bool),
+  logits = _apply(classifier, cls_params, tokens, padding_mask=mask.astype(bool),
                             token_types=types)
   dense = cls_params["classifier"]
   _close(logits, out.pooler_output.numpy() @ dense["kernel"] + dense["bias"])
+
+  # Mean pooling (sentence-transformers' way) takes no pooler.
+  classifier, mean_params = pretrained.from_hf(str(tmp_path), head="classifier", num_classes=2,
+                                               pooling="mean")
+  assert "pooler" not in mean_params
+  logits = _apply(classifier, mean_params, tokens, padding_mask=mask.astype(bool),
+                            token_types=types)
+  hidden = out.last_hidden_state.numpy() * mask[..., None]
+  pooled = hidden.sum(1) / mask.sum(1, keepdims=True)
+  dense = mean_params["classifier"]
+  _close(logits, pooled @ dense["kernel"] + dense["bias"])
 
 
 def test_bert_classifier_and_masked_lm_heads_match_transformers(tmp_path):
@@ -187,13 +203,13 @@ def test_bert_classifier_and_masked_lm_heads_match_transformers(tmp_path):
                                       num_classes=3)
   with torch.no_grad():
     reference = model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
-  _close(module.apply({"params": params}, tokens, padding_mask=mask.astype(bool)), reference)
+  _close(_apply(module, params, tokens, padding_mask=mask.astype(bool)), reference)
 
   model = _randomize(transformers.BertForMaskedLM(_bert_config()), 6)
   module, params = pretrained.from_hf(_save(model, tmp_path / "mlm"), head="mlm")
   with torch.no_grad():
     reference = model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
-  _close(module.apply({"params": params}, tokens, padding_mask=mask.astype(bool)), reference,
+  _close(_apply(module, params, tokens, padding_mask=mask.astype(bool)), reference,
          mask)
 
 
@@ -220,6 +236,7 @@ def test_t5_logits_match_transformers(tmp_path, version, changes):
     model.lm_head.weight = torch.nn.Parameter(torch.empty(64, 32))
   _randomize(model, seed=len(changes) + v1_1)
   module, params = pretrained.from_hf(_save(model, tmp_path))
+  assert pretrained.hf_config(str(tmp_path)) == module.cfg
   assert module.cfg.tie_output != v1_1 and module.cfg.gated_ffn == v1_1
   assert module.cfg.scale_tied_logits != v1_1
 
@@ -229,7 +246,7 @@ def test_t5_logits_match_transformers(tmp_path, version, changes):
     reference = model(input_ids=torch.tensor(encoder_tokens),
                       attention_mask=torch.tensor(encoder_mask),
                       decoder_input_ids=torch.tensor(decoder_tokens)).logits.numpy()
-  logits = module.apply({"params": params}, encoder_tokens, decoder_tokens,
+  logits = _apply(module, params, encoder_tokens, decoder_tokens,
                         encoder_padding_mask=encoder_mask.astype(bool))
   _close(logits, reference)
 
@@ -263,7 +280,7 @@ def test_minilm_embeddings_and_ids_match_sentence_transformers(minilm, monkeypat
   T = max(map(len, ids))
   tokens = np.array([row + [tokenizer.pad_id] * (T - len(row)) for row in ids])
   mask = np.array([[i < len(row) for i in range(T)] for row in ids])
-  hidden = np.asarray(module.apply({"params": params}, tokens, padding_mask=mask))
+  hidden = np.asarray(_apply(module, params, tokens, padding_mask=mask))
   pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
   ours = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
   np.testing.assert_allclose(ours, reference, atol=TOL, rtol=0)
@@ -392,6 +409,8 @@ def test_head_and_architecture_errors(tmp_path):
   assert "DenseReluDense.wi_0.weight" in error(folder)
   folder = _copy(t5, tmp_path / "odd", {"feed_forward_proj": "fancy-gelu"})
   assert "feed_forward_proj='fancy-gelu'" in error(folder)
+  folder = _copy(t5, tmp_path / "buckets", {"relative_attention_num_buckets": 7})
+  assert "cannot build" in error(folder) and "relative_buckets" in error(folder)
   encoder = _save(transformers.T5EncoderModel(config), tmp_path / "t5_encoder")
   assert "missing" in error(encoder) and "decoder.block.0.layer.0.SelfAttention.k.weight" in (
       error(encoder))
