@@ -95,7 +95,7 @@ def make_train_step(exp: Experiment):
     out = optim.accumulate_gradients(jax.value_and_grad(loss_fn, has_aux=True), state.params,
                                      batch, accum, state.step_key())
     new_state = state.apply_gradients(grads=out.grads, tx=exp.tx)
-    sums = {**out.metrics, "grad_norm": optax.global_norm(out.grads),
+    sums = {**out.metrics, "grad_norm": global_norm(out.grads),
             "learning_rate": exp.schedule(state.step)}
     return new_state, sums
 
@@ -194,6 +194,11 @@ def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> 
         last_eval = evaluator(state.params, step, writer)
         throughput.skip()
   return last_eval
+
+
+def global_norm(tree) -> jax.Array:
+  """sqrt(sum of squares) over every leaf (optax renames its own across versions)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def say(message: str):
