@@ -142,8 +142,8 @@ def initialise_from(config, params, mask) -> Any:
   """The state's params (sharded arrays) with everything `config.init_from` holds restored."""
   source, fresh_in_source = source_params(config)
   if lora_config(config) is None:
-    return _restore(params, source, mask, config.init_from, fresh_in_source)
-  base = _restore(params["base"], source, mask["base"], config.init_from, fresh_in_source)
+    return restore(params, source, mask, config.init_from, fresh_in_source)
+  base = restore(params["base"], source, mask["base"], config.init_from, fresh_in_source)
   return {"base": base, "lora": params["lora"]}
 
 
@@ -201,7 +201,7 @@ def _listing(paths) -> str:
   return ", ".join(paths[:_MAX_LISTED]) + more
 
 
-def _restore(params, source, mask, origin: str, fresh_in_source=frozenset()) -> Any:
+def restore(params, source, mask, origin: str, fresh_in_source=frozenset()) -> Any:
   """`params` (sharded arrays) with every leaf of `source` at the same path copied in."""
   target, src, train = _flat(params), _flat(source), _flat(mask)
   shared = target.keys() & src.keys()

@@ -79,7 +79,8 @@ def make_inputs(config, workdir: str) -> Inputs:
   """Builds (or loads the cached) tokenizers of `config.data` for `config.task`.
 
   A local dataset (`local:PATH`) is prepared first, once, under data.data_dir (default
-  WORKDIR/data); preparing again reuses it while the files are unchanged.
+  WORKDIR/data); preparing again reuses it while the files are unchanged. A "pretrained"
+  tokenizer without a path is the one of the init_from=hf:FOLDER checkpoint.
   """
   data = config.data
   tokenizer_dir = data.tokenizer_dir or os.path.join(workdir, "tokenizers")
@@ -108,6 +109,8 @@ def make_inputs(config, workdir: str) -> Inputs:
   def build(kind, path, fields, name):
     if kind in EXTENSIONS and not path:
       path = os.path.join(tokenizer_dir, f"{name}.{EXTENSIONS[kind]}")
+    if kind == "pretrained" and not path and config.init_from.startswith("hf:"):
+      path = config.init_from[len("hf:"):]  # The checkpoint folder's own tokenizer.
     return tokenizers.make_tokenizer(kind, path=path or None, texts=texts(fields),
                                      vocab_size=data.vocab_size or None)
 

@@ -258,8 +258,10 @@ def make_optimizer(optim_cfg, num_steps: int,
   patterns = _freeze_patterns(cfg.freeze)
   if patterns:
     _check_freeze(params, patterns)
+    # Labels computed here, from unboxed params: a callable would label partitioning boxes
+    # (model.init's params) and leave optax's masked nodes inside them.
     tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
-                               functools.partial(freeze_labels, patterns=patterns))
+                               freeze_labels(params, patterns))
   return tx, schedule
 
 
