@@ -6,10 +6,11 @@ An experiment file's `get_config()` starts from `base_config()` and sets what it
 
 import dataclasses
 import pathlib
+import re
 
 import ml_collections
 
-from models import presets
+from models import lora, presets, pretrained
 from models.transformer import TransformerConfig
 from train import optim
 from train.tasks import TASKS
@@ -24,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0                          # one seed: data order, init and dropout derive from it
   c.task = "lm"                       # lm | seq2seq | classify | mlm
   c.init_from = ""                    # "" | ckpt:WORKDIR (params of another run) | hf:FOLDER
+                                      # (Hugging Face gpt2/bert/t5; see train/finetune.py)
   c.label_smoothing = 0.0             # seq2seq/lm targets: (1 - s)·onehot + s/V
 
   c.model = ml_collections.ConfigDict()
@@ -52,6 +54,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0              # grain worker processes
 
   c.optim = optim.default_optim_config()
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.enabled = False              # low-rank adapters; the rest of the model frozen
+  c.lora.targets = r"attention/(query|value)/kernel"  # regex (re.search) over param paths
+  c.lora.rank = 8
+  c.lora.alpha = 16.0                 # adapters scaled by alpha / rank
+  c.lora.train = ()                   # regexes of model params trained fully too (a new head)
+  c.lora.adapter_only_checkpoint = False  # save only what trains; the base from init_from
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
@@ -112,14 +122,36 @@ def shrink_to_tiny(c: ml_collections.ConfigDict, *, local_data: str = "",
   return c
 
 
-def model_config(config, vocab_size: int) -> TransformerConfig:
-  """The TransformerConfig of `config.model`: its preset with every other field as override."""
+def model_fields(config) -> dict:
+  """The TransformerConfig fields `config.model` sets."""
   fields = {k: v for k, v in config.model.items()
             if k not in ("preset", "num_classes", "pooling")}
   unknown = sorted(set(fields) - MODEL_FIELDS)
   if unknown:
     raise ValueError(f"config.model has unknown field(s) {unknown}; TransformerConfig knows "
                      f"{sorted(MODEL_FIELDS)}.")
+  return fields
+
+
+def hf_overrides(config) -> dict:
+  """The fields config.model sets over an hf:FOLDER's config.json (vocab_size is the folder's)."""
+  return {k: v for k, v in model_fields(config).items() if k != "vocab_size"}
+
+
+def model_config(config, vocab_size: int) -> TransformerConfig:
+  """The TransformerConfig of `config.model`: its preset with every field set as override;
+  with init_from=hf:FOLDER, FOLDER/config.json with the fields that keep shapes."""
+  fields = model_fields(config)
+  if config.init_from.startswith("hf:"):
+    model_cfg = pretrained.hf_config(config.init_from[len("hf:"):], **hf_overrides(config))
+    if fields.get("vocab_size", model_cfg.vocab_size) != model_cfg.vocab_size:
+      raise ValueError(f"config.model.vocab_size={fields['vocab_size']} differs from the "
+                       f"{model_cfg.vocab_size} of {config.init_from}: leave it unset.")
+    if model_cfg.vocab_size < vocab_size:
+      raise ValueError(f"The tokenizer has {vocab_size} ids, more than the vocab_size "
+                       f"{model_cfg.vocab_size} of {config.init_from}: use its tokenizer "
+                       "(data.tokenizer='pretrained').")
+    return model_cfg
   if not fields.get("vocab_size"):
     fields["vocab_size"] = vocab_size
   elif fields["vocab_size"] < vocab_size:
@@ -150,12 +182,54 @@ def validate(config) -> None:
     raise ValueError(f"config.init_from={config.init_from!r}: use 'ckpt:WORKDIR' or "
                      "'hf:FOLDER'.")
   if config.init_from.startswith("hf:"):
-    raise ValueError("config.init_from='hf:...' needs models/pretrained.py (the fine-tuning "
-                     "issue), which is not in this checkout yet.")
+    _validate_hf(config)
+  _validate_lora(config)
   if not 0.0 <= config.label_smoothing < 1.0:
     raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}.")
   if config.decode.method not in ("greedy", "sample", "beam"):
     raise ValueError(f"config.decode.method={config.decode.method!r}: use greedy, sample or "
                      "beam.")
   optim.validate_optim_config(config.optim, config.train.batch_size)
-  model_config(config, vocab_size=1)  # The model's fields, before any data or tokenizer work.
+  if not config.init_from.startswith("hf:"):
+    model_config(config, vocab_size=1)  # The model's fields, before any data or tokenizer work.
+
+
+HF_FAMILIES = {"lm": "gpt2", "seq2seq": "t5", "classify": "bert", "mlm": "bert"}
+
+
+def _validate_hf(config) -> None:
+  """The folder's model type fits the task; config.model sets only fields that keep shapes."""
+  folder = config.init_from[len("hf:"):]
+  model_type = pretrained.read_config(folder)["model_type"]
+  if model_type != HF_FAMILIES[config.task]:
+    raise ValueError(f"config.init_from={config.init_from!r} is a {model_type} checkpoint; task "
+                     f"{config.task!r} fine-tunes {HF_FAMILIES[config.task]} checkpoints.")
+  if config.model.preset:
+    raise ValueError(f"config.model.preset={config.model.preset!r} does not apply with "
+                     f"init_from={config.init_from!r}, whose config.json sets the model: set "
+                     "preset to ''.")
+  fixed = sorted(set(hf_overrides(config)) - set(pretrained.OVERRIDABLE))
+  if fixed:
+    raise ValueError(f"config.model sets {fixed}, which {config.init_from!r}'s config.json "
+                     f"decides; only {list(pretrained.OVERRIDABLE)} may be set.")
+
+
+def _validate_lora(config) -> None:
+  c = config.lora
+  if not c.enabled:
+    if c.adapter_only_checkpoint:
+      raise ValueError("config.lora.adapter_only_checkpoint needs config.lora.enabled.")
+    return
+  lora.LoraConfig(targets=c.targets, rank=c.rank, alpha=c.alpha)
+  for pattern in c.train:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ValueError(f"config.lora.train pattern {pattern!r} is not a valid regular "
+                       f"expression ({e}).") from None
+  if config.optim.freeze:
+    raise ValueError("With config.lora.enabled the model is frozen except the adapters and "
+                     "config.lora.train: leave config.optim.freeze empty.")
+  if c.adapter_only_checkpoint and not config.init_from:
+    raise ValueError("config.lora.adapter_only_checkpoint needs config.init_from: the frozen "
+                     "base is rebuilt from it.")
