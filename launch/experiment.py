@@ -87,13 +87,8 @@ def _leaf_keys(config, prefix: str = "") -> list[str]:
 
 def _unknown_key(config, key: str, path: str) -> ValueError:
   close = difflib.get_close_matches(key, _leaf_keys(config), n=1)
-  leaf = key.split(".")[-1]
-  if key.startswith("model.") and leaf in config_lib.MODEL_FIELDS:
-    hint = (f"this experiment leaves model.{leaf} to its preset; set it in {path} to make it "
-            "sweepable")
-  else:
-    hint = f"did you mean {close[0]!r}?" if close else (
-        "the keys are those of train/config.py:base_config and the experiment file")
+  hint = f"did you mean {close[0]!r}?" if close else (
+      "the keys are those of train/config.py:base_config and the experiment file")
   return ValueError(f"the sweep sets {key!r}, which is not a key of {path}'s config: {hint}.")
 
 
