@@ -85,7 +85,9 @@ def summarize(runs: list[dict], split: str, metric: str, higher_is_better: bool)
 
 
 def _number(value) -> str:
-  return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "-"
+  return f"{value:.4g}"
 
 
 def table(rows: list[dict], split: str, metric: str) -> str:

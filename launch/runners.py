@@ -241,7 +241,8 @@ class Slurm:
 
   def script(self, run: Run) -> str:
     experiment = os.path.splitext(os.path.basename(self.config_arg.split(":")[0]))[0]
-    directives = [f"--job-name={experiment}-{run.name}", f"--nodes={self.nodes}", f"--ntasks-per-node={self.tasks_per_node}",
+    directives = [f"--job-name={experiment}-{run.name}", f"--nodes={self.nodes}",
+                  f"--ntasks-per-node={self.tasks_per_node}",
                   f"--gpus-per-node={self.gpus_per_node}"]
     directives += [f"--time={self.time}"] if self.time else []
     directives += [f"--partition={self.partition}"] if self.partition else []
