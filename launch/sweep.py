@@ -45,7 +45,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  p = _Parser(prog="python -m launch.sweep", usage=USAGE[len("usage: "):], allow_abbrev=False)
+  p = _Parser(prog="python -m launch.sweep", usage=USAGE[len("usage: "):], allow_abbrev=False,
+              description=__doc__.split("\n\n", 1)[1],
+              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True)
   p.add_argument("--workdir_root", required=True)
   p.add_argument("--runner", choices=sorted(RUNNER_FLAGS), default="local")

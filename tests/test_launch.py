@@ -496,16 +496,25 @@ def test_two_processes_train_like_one_and_resume(tmp_path, monkeypatch):
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
-  def launch(steps):
+  logs = lambda: [(workdir / name).read_text() for name in ("train.log", "train.process1.log")]
+
+  def start(steps):
+    """Both processes of the run, to `steps` steps, in the background."""
     overrides = {**SHORT, "train.num_steps": steps}
     run = experiment.Run("two_hosts", overrides, str(workdir), configs[steps])
     runner = runners.Local(f"{path}:tiny", processes_per_run=2, coordinator_port=free_port(),
                            env=env)
-    return runner.launch([run])
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("failed", runner.launch([run])),
+                              daemon=True)
+    thread.start()
+    return thread, result
 
-  first = {}
-  thread = threading.Thread(target=lambda: first.setdefault("failed", launch(3)))
-  thread.start()
+  def finish(thread, result):
+    thread.join(timeout=300)
+    assert not thread.is_alive() and result["failed"] == [], logs()
+
+  first = start(3)
   # Meanwhile, the reference: one process, 8 devices, the two hosts' global batches, 5 steps.
   for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
     monkeypatch.delenv(name, raising=False)
@@ -513,15 +522,13 @@ def test_two_processes_train_like_one_and_resume(tmp_path, monkeypatch):
   assert jax.device_count() == 8
   reference_eval = loop.train_and_evaluate(configs[5], str(tmp_path / "reference"))
   reference = workdirs.read_metrics(tmp_path / "reference")
-  thread.join()
-  logs = lambda: [(workdir / name).read_text() for name in ("train.log", "train.process1.log")]
-  assert first["failed"] == [], logs()
+  finish(*first)
 
   log0, log1 = logs()
   assert "on 8 cpu device(s), mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in log0
   assert "parameters on" not in log1 and "Done:" not in log1  # process 0 speaks, alone
   assert workdirs.checkpoint_steps(workdir) == [3]  # one checkpoint, shared by both
-  assert launch(5) == [], logs()
+  finish(*start(5))
   log0, _ = logs()
   assert "Resumed from step 3 of" in log0
   assert workdirs.checkpoint_steps(workdir) == [3, 5]
