@@ -7,8 +7,10 @@ An experiment file's `get_config()` starts from `base_config()` and sets what it
 import dataclasses
 import pathlib
 import re
+import typing
 
 import ml_collections
+from ml_collections import config_dict
 
 from models import lora, presets, pretrained
 from models.transformer import TransformerConfig
@@ -32,6 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.preset = ""                 # "" | transformer_base | gpt2 | bert_base | t5_v1_0 | ...
   c.model.num_classes = 0             # classify: number of labels
   c.model.pooling = "cls"             # classify: cls | mean
+  for field in dataclasses.fields(TransformerConfig):  # None = the preset's (or the default)
+    c.model[field.name] = config_dict.placeholder(_plain_type(field.type))
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "numbers"           # numbers | a tfds name | local:PATH
@@ -122,10 +126,16 @@ def shrink_to_tiny(c: ml_collections.ConfigDict, *, local_data: str = "",
   return c
 
 
+def _plain_type(annotation) -> type:
+  """int for `int | None`, and so on: the type a config field holds when it is set."""
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  return args[0] if args else annotation
+
+
 def model_fields(config) -> dict:
   """The TransformerConfig fields `config.model` sets."""
   fields = {k: v for k, v in config.model.items()
-            if k not in ("preset", "num_classes", "pooling")}
+            if k not in ("preset", "num_classes", "pooling") and v is not None}
   unknown = sorted(set(fields) - MODEL_FIELDS)
   if unknown:
     raise ValueError(f"config.model has unknown field(s) {unknown}; TransformerConfig knows "

@@ -38,10 +38,8 @@ class Inputs:
 
   def source_options(self) -> dict:
     """The source's options: for a local dataset only the task (the rest is for preparing)."""
-    options = dict(self.data.source_options)
-    if self.data.source.startswith("local:"):
-      return {"task": options["task"]}
-    return options
+    options = local_options(self.task, self.data)
+    return {"task": options["task"]} if self.data.source.startswith("local:") else options
 
   def train_pipeline(self, batch_size: int) -> pipeline.Pipeline:
     return self._pipeline(self.data.train_split, batch_size, pack=self.data.pack,
@@ -75,6 +73,17 @@ class Inputs:
                                  mask_rate=d.mask_rate, **common)
 
 
+LOCAL_TASKS = {"lm": "lm", "mlm": "lm", "seq2seq": "seq2seq", "classify": "classification"}
+
+
+def local_options(task: str, data) -> dict:
+  """data.source_options; for a local dataset its `task` defaults to the experiment's."""
+  options = dict(data.source_options)
+  if data.source.startswith("local:"):
+    options.setdefault("task", LOCAL_TASKS[task])
+  return options
+
+
 def make_inputs(config, workdir: str) -> Inputs:
   """Builds (or loads the cached) tokenizers of `config.data` for `config.task`.
 
@@ -87,11 +96,8 @@ def make_inputs(config, workdir: str) -> Inputs:
   data_dir = data.data_dir or None
   if data.source.startswith("local:"):
     data_dir = data_dir or os.path.join(workdir, "data")
-    if "task" not in data.source_options:
-      raise ValueError(f"data.source={data.source!r} needs data.source_options.task "
-                       "(lm, seq2seq or classification).")
     if jax.process_index() == 0:
-      prepare(data.source, data_dir=data_dir, **dict(data.source_options))
+      prepare(data.source, data_dir=data_dir, **local_options(config.task, data))
     multihost_utils.sync_global_devices("tapete: local dataset prepared")
   inputs = Inputs(config.task, data, config.seed, None, None, data_dir)
   train_source = lambda: inputs.source(data.train_split)
