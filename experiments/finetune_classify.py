@@ -28,7 +28,7 @@ import dataclasses
 
 from experiments import finetune_assets
 from models import pretrained
-from train.config import base_config
+from train.config import base_config, shrink_training
 
 
 def minilm_folder() -> str:
@@ -94,12 +94,6 @@ def get_config(variant: str = ""):
   elif variant == "tiny":
     c.data.seq_len = 32
     c.model.dropout_rate = c.model.attention_dropout_rate = c.model.ffn_dropout_rate = 0.0
-    c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 2
-    c.train.num_steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.eval_every = 0
+    shrink_training(c)
     c.train.eval_batches = 4
-    c.train.checkpoint_every = 2
   return c

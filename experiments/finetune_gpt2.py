@@ -16,7 +16,7 @@ Tiny variant (a tiny random GPT-2 checkpoint built locally, the bundled text, se
 """
 
 from experiments import finetune_assets
-from train.config import REPO_ROOT, base_config
+from train.config import REPO_ROOT, base_config, shrink_training
 
 
 def get_config(variant: str = ""):
@@ -58,12 +58,6 @@ def get_config(variant: str = ""):
     c.data.source_options = {"validation_fraction": 0.15, "test_fraction": 0.15}
     c.data.seq_len = 64
     c.model.dropout_rate = 0.0
-    c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 2
-    c.train.num_steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 2
+    shrink_training(c)
     c.decode.max_new_tokens = 16
   return c

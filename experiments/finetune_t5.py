@@ -15,7 +15,7 @@ Tiny variant (a tiny random T5 v1.1 checkpoint built locally, seconds on a CPU):
 """
 
 from experiments import finetune_assets
-from train.config import base_config
+from train.config import base_config, shrink_training
 
 
 def get_config(variant: str = ""):
@@ -60,12 +60,6 @@ def get_config(variant: str = ""):
     c.data.source_options.num_validation = 32
     c.data.source_options.num_test = 32
     c.model.dropout_rate = 0.0
-    c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 2
-    c.train.num_steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 2
+    shrink_training(c)
     c.decode.max_new_tokens = 8
   return c

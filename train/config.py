@@ -116,6 +116,11 @@ def shrink_to_tiny(c: ml_collections.ConfigDict, *, local_data: str = "",
   c.model.d_model, c.model.num_heads, c.model.d_ff, c.model.num_layers = 32, 4, 64, 2
   c.model.max_len = 128
   c.model.dtype = "float32"
+  return shrink_training(c)
+
+
+def shrink_training(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A tiny variant's training: 4 steps of 8 rows, a checkpoint every 2, eval at the end."""
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 2
   c.train.num_steps = 4
