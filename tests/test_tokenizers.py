@@ -124,3 +124,28 @@ def test_missing_and_corrupt_files_give_one_clear_error(tmp_path):
                         texts=corpus, vocab_size=64)
   with pytest.raises(ValueError, match="use one of"):
     toks.make_tokenizer("bpe")
+  bert = tmp_path / "bert"
+  bert.mkdir()
+  (bert / "vocab.txt").write_text("[UNK]\n")
+  (bert / "tokenizer_config.json").write_text("[1, 2]")
+  with pytest.raises(toks.TokenizerError, match="tokenizer_config.json is not a JSON object"):
+    toks.make_tokenizer("pretrained", path=str(bert / "vocab.txt"))
+
+
+@pytest.mark.parametrize("point_at", ["folder", "vocab.txt"])
+def test_cased_wordpiece_vocab_matches_transformers(tmp_path, monkeypatch, point_at):
+  """A vocab.txt-only BERT folder keeps its tokenizer_config.json's casing on every path."""
+  transformers = pytest.importorskip("transformers")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "O", "o", "Gato", "gato",
+           "sent", "##ou", "no", "Ta", "ta", "##pe", "##te", "ROMA", "roma", ","]
+  (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": false}')
+  path = str(tmp_path if point_at == "folder" else tmp_path / "vocab.txt")
+  tok = toks.make_tokenizer("pretrained", path=path)
+  references = (transformers.BertTokenizer.from_pretrained(str(tmp_path)),
+                transformers.BertTokenizerFast.from_pretrained(str(tmp_path)))
+  for text in ["O gato sentou no Tapete, ROMA", "Gato, gato, o GATO"]:
+    for reference in references:
+      assert tok.encode(text) == reference(text, add_special_tokens=False)["input_ids"]
+  assert tok.encode("Gato") != tok.encode("gato")

@@ -9,9 +9,9 @@ vocabulary has no such token).
   bytes          UTF-8 bytes shifted past 4 specials; needs no file.
   sentencepiece  trained once on the training split, cached as `<path>` (a
                  `.model` file) and loaded on later runs (as the Flax WMT example).
-  pretrained     a Hugging Face `tokenizer.json`, or a BERT `vocab.txt` (WordPiece),
-                 or a folder holding one of them; for fine-tuning (`tokenizer_for(folder)`
-                 also reads a vocab.txt's casing from tokenizer_config.json).
+  pretrained     a Hugging Face `tokenizer.json`, or a BERT `vocab.txt` (WordPiece,
+                 cased as the tokenizer_config.json beside it says; lowercased without
+                 one, as BERT), or a folder holding one of them; for fine-tuning.
   word / char    a `tokenizers` WordLevel vocabulary trained on the training split
                  (words split on whitespace, or single characters), cached as JSON.
 
@@ -179,16 +179,17 @@ class HFTokenizer(Tokenizer):
       self.pad_id = self.eos_id if self.eos_id is not None else 0
 
   @classmethod
-  def from_file(cls, path: str, *, lowercase: bool = True) -> "HFTokenizer":
-    """`tokenizer.json`, a WordPiece `vocab.txt`, or a folder with either."""
+  def from_file(cls, path: str) -> "HFTokenizer":
+    """`tokenizer.json`, a WordPiece `vocab.txt`, or a folder with either (tokenizer.json first)."""
     if os.path.isdir(path):
       for name in ("tokenizer.json", "vocab.txt"):
         if os.path.exists(os.path.join(path, name)):
-          return cls.from_file(os.path.join(path, name), lowercase=lowercase)
+          return cls.from_file(os.path.join(path, name))
       raise TokenizerError(
           f"{path} holds neither tokenizer.json nor vocab.txt; copy the "
           "pretrained model's tokenizer files there.")
     text = _read_file(path, "tokenizer file").decode("utf-8", errors="replace")
+    lowercase = _lowercase(path) if path.endswith(".txt") else None
     try:
       if path.endswith(".txt"):
         return cls(_wordpiece(path, lowercase))
@@ -235,29 +236,19 @@ class HFTokenizer(Tokenizer):
 def tokenizer_for(folder: str) -> HFTokenizer:
   """The tokenizer of a Hugging Face model folder, as transformers' save_pretrained writes it.
 
-  Its tokenizer.json (GPT-2, BERT, T5), else its WordPiece vocab.txt, lowercased as the
-  folder's tokenizer_config.json says (`do_lower_case`, default true).
+  Its tokenizer.json (GPT-2, BERT, T5), else its WordPiece vocab.txt, cased as the folder's
+  tokenizer_config.json says.
   """
-  if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-    return HFTokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-  lowercase, config = True, os.path.join(folder, "tokenizer_config.json")
-  if os.path.isfile(config):
-    try:
-      settings = json.loads(_read_file(config, "tokenizer config"))
-      lowercase = bool(settings.get("do_lower_case", True))
-    except json.JSONDecodeError as e:
-      raise TokenizerError(f"{config} is not valid JSON ({e}); fix or delete it.") from e
-  return HFTokenizer.from_file(folder, lowercase=lowercase)
+  return HFTokenizer.from_file(folder)
 
 
 def make_tokenizer(kind: str, *, path: str | None = None,
-                   texts: Texts | None = None, vocab_size: int | None = None,
-                   lowercase: bool = True) -> Tokenizer:
+                   texts: Texts | None = None, vocab_size: int | None = None) -> Tokenizer:
   """The tokenizer a config names; `texts` is called only to train one."""
   if kind == "bytes":
     return ByteTokenizer()
   if kind == "pretrained":
-    return HFTokenizer.from_file(_need(path, "path", kind), lowercase=lowercase)
+    return HFTokenizer.from_file(_need(path, "path", kind))
   if kind not in ("sentencepiece", "word", "char"):
     raise ValueError(f"tokenizer {kind!r}: use one of bytes, sentencepiece, "
                      "pretrained, word, char.")
@@ -277,6 +268,18 @@ def _wordpiece(vocab_path: str, lowercase: bool) -> tokenizers.Tokenizer:
   if tokenizer.token_to_id("[UNK]") is None:
     raise TokenizerError(f"{vocab_path} has no [UNK] token: is it a BERT vocab.txt?")
   return tokenizer
+
+
+def _lowercase(vocab_path: str) -> bool:
+  """`do_lower_case` of the tokenizer_config.json beside a vocab.txt (BERT's True without one)."""
+  config = os.path.join(os.path.dirname(os.path.abspath(vocab_path)), "tokenizer_config.json")
+  if not os.path.isfile(config):
+    return True
+  try:
+    return bool(json.loads(_read_file(config, "tokenizer config")).get("do_lower_case", True))
+  except (ValueError, AttributeError) as e:  # Not JSON, or JSON but not an object.
+    raise TokenizerError(
+        f"{config} is not a JSON object of tokenizer settings ({e}); fix or delete it.") from e
 
 
 def _need(value, name: str, kind: str):
