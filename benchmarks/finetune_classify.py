@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from experiments import finetune_assets
+from train import assets
 from train.data import local
 
 # (name, variant, peak learning rate for this short budget: the experiment's are for 600 steps)
@@ -58,7 +58,7 @@ def main():
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--seq_len", type=int, default=48)
   args = parser.parse_args()
-  folder = finetune_assets.shakespeare_genres()
+  folder = assets.folder("shakespeare_genres")
   labels = [line.split("\t", 1)[0] for line in
             (pathlib.Path(folder) / "test.tsv").read_text(encoding="utf-8").splitlines()]
   genre, count = collections.Counter(labels).most_common(1)[0]

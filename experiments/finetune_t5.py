@@ -14,7 +14,6 @@ Tiny variant (a tiny random T5 v1.1 checkpoint built locally, seconds on a CPU):
   python -m train --config=experiments/finetune_t5.py:tiny --workdir=/tmp/finetune_t5_tiny
 """
 
-from experiments import finetune_assets
 from train.config import base_config, shrink_training
 
 
@@ -55,7 +54,7 @@ def get_config(variant: str = ""):
 
   if variant == "tiny":
     c.model.attention_dropout_rate = c.model.ffn_dropout_rate = 0.0
-    c.init_from = f"hf:{finetune_assets.tiny_hf('t5')}"
+    c.init_from = "hf:asset:tiny_t5"
     c.data.source_options.num_train = 2_000
     c.data.source_options.num_validation = 32
     c.data.source_options.num_test = 32

@@ -3,7 +3,8 @@
 `expand("experiments/quickstart.py[:VARIANT]", root)` loads the file as `python -m train`
 does, calls its `get_sweep()` (or `get_sweep(variant)` when it takes an argument), applies
 each run's overrides to `get_config(variant)` and validates the result with train/'s own
-checks, so that a bad key or value stops the launch before anything starts.
+checks (its `asset:NAME` folders built first, as the run would), so that a bad key or value
+stops the launch before anything starts.
 """
 
 import copy
@@ -127,8 +128,8 @@ def expand(config_arg: str, workdir_root: str) -> list[Run]:
     seen[name] = index
     config = apply_overrides(base, overrides, path)
     try:
-      config_lib.validate(config)
-    except ValueError as e:
+      config_lib.validate(config_lib.resolve_assets(config))
+    except (ValueError, FileNotFoundError) as e:
       raise ValueError(f"run {name}: {e}") from None
     runs.append(Run(name, overrides, f"{root.rstrip('/')}/{name}", config))
   return runs

@@ -1,7 +1,7 @@
 """Fine-tuning through the loop: init_from=hf:/ckpt:, freezing, LoRA, adapter-only checkpoints.
 
 Checkpoints are tiny randomly initialised `transformers` models saved locally
-(experiments/finetune_assets.py); imported weights are compared with models.pretrained.from_hf's,
+(train/assets/tiny_hf.py); imported weights are compared with models.pretrained.from_hf's,
 LoRA params with models.lora.merge of the saved adapters, losses with the loop's own on resume.
 """
 
@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from experiments import finetune_assets, finetune_classify, finetune_gpt2, finetune_t5
+from experiments import finetune_classify, finetune_gpt2, finetune_t5
 from models import lora, pretrained
+from train import assets
 from train import checkpoint, config as config_lib, finetune, loop, workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def genres(tmp_path_factory):
   """Every 40th speech of the Shakespeare genre dataset: real labels, a quick prepare."""
   folder = tmp_path_factory.mktemp("genres")
   for split in ("train", "validation"):
-    lines = (pathlib.Path(finetune_assets.shakespeare_genres()) / f"{split}.tsv").read_text(
+    lines = (pathlib.Path(assets.folder("shakespeare_genres")) / f"{split}.tsv").read_text(
         encoding="utf-8").splitlines()
     (folder / f"{split}.tsv").write_text("\n".join(lines[::40]) + "\n", encoding="utf-8")
   return folder
@@ -80,7 +81,7 @@ def eval_loss(config, params, workdir) -> float:
 @pytest.fixture(scope="module")
 def frozen_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("frozen")
-  config = finetune_gpt2.get_config("tiny")
+  config = config_lib.resolve_assets(finetune_gpt2.get_config("tiny"))
   config.optim.freeze = ("^token_embed/", "layers_0/")
   config.optim.learning_rate = 1e-2
   config.train.num_steps = 6
@@ -116,7 +117,7 @@ RANK = 4
 
 
 def lora_config(genres, steps=4):
-  config = finetune_classify.get_config("tiny")
+  config = config_lib.resolve_assets(finetune_classify.get_config("tiny"))
   config.data.source = f"local:{genres}"
   config.lora.enabled = True
   config.lora.rank = RANK
@@ -213,7 +214,7 @@ def test_restore_logs_new_heads_and_skips_what_the_model_lacks(capsys):
 
 
 def test_t5_tiny_variant_trains_from_the_imported_weights(tmp_path):
-  config = finetune_t5.get_config("tiny")
+  config = config_lib.resolve_assets(finetune_t5.get_config("tiny"))
   config.train.num_steps = config.train.checkpoint_every = 2
   config.data.source_options.num_test = 8
   config.decode.max_new_tokens = 4
@@ -229,7 +230,7 @@ def test_documented_commands_name_the_experiment_and_variants_validate(module):
   name = module.__name__.split(".")[-1]
   assert f"python -m train --config=experiments/{name}.py" in module.__doc__.replace("\\\n", "")
   assert f"--config=experiments/{name}.py:tiny" in module.__doc__
-  config_lib.validate(module.get_config("tiny"))
+  config_lib.validate(config_lib.resolve_assets(module.get_config("tiny")))
   with pytest.raises(ValueError, match="variant 'huge'"):
     module.get_config("huge")
 
@@ -239,7 +240,7 @@ def test_documented_commands_name_the_experiment_and_variants_validate(module):
 
 
 def gpt2_tiny(**changes):
-  config = finetune_gpt2.get_config("tiny")
+  config = config_lib.resolve_assets(finetune_gpt2.get_config("tiny"))
   for key, value in changes.items():
     section, name = key.split("__")
     config[section][name] = value
@@ -272,7 +273,7 @@ def test_bad_checkpoint_folders_are_clear_errors(tmp_path, lora_run):
   config.init_from = f"hf:{tmp_path / 'nope'}"
   with pytest.raises(ValueError, match="No checkpoint folder at"):
     config_lib.validate(config)
-  config.init_from = f"hf:{finetune_assets.tiny_hf('bert')}"
+  config.init_from = f"hf:{assets.folder('tiny_bert')}"
   with pytest.raises(ValueError, match="is a bert checkpoint; task 'lm' fine-tunes gpt2"):
     config_lib.validate(config)
   (tmp_path / "llama").mkdir()

@@ -2,8 +2,15 @@
 
 An experiment file's `get_config()` starts from `base_config()` and sets what it needs.
 `validate(config)` runs before anything compiles and turns a bad value into one sentence.
+
+Assets: a folder a config names (init_from="hf:FOLDER", data.source="local:PATH",
+data.tokenizer_path and the like) may be given as `asset:NAME`, e.g. "hf:asset:tiny_bert" or
+"local:asset:shakespeare_genres": a folder that train/assets builds (or finds) when the run
+starts. `resolve_assets(config)` replaces the names by the folders; train.loop does it first,
+so the workdir's config.json holds real paths, and get_config() reads and writes no file.
 """
 
+import copy
 import dataclasses
 import pathlib
 import re
@@ -14,7 +21,7 @@ from ml_collections import config_dict
 
 from models import lora, presets, pretrained
 from models.transformer import TransformerConfig
-from train import optim
+from train import assets, optim
 from train.tasks import TASKS
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -129,6 +136,25 @@ def shrink_training(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.eval_every = 0
   c.train.checkpoint_every = 2
   return c
+
+
+ASSET = re.compile(r"^(?P<scheme>[a-z]+:)?asset:(?P<name>\w+)$")
+
+
+def resolve_assets(config) -> ml_collections.ConfigDict:
+  """A copy of `config` with every `asset:NAME` value (alone or after a scheme such as hf: or
+  local:) replaced by the asset's folder, built first if the cache lacks it."""
+  config = copy.deepcopy(config)
+  _resolve_assets(config)
+  return config
+
+
+def _resolve_assets(node: ml_collections.ConfigDict) -> None:
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _resolve_assets(value)
+    elif isinstance(value, str) and (match := ASSET.match(value)):
+      node[key] = (match["scheme"] or "") + assets.folder(match["name"])
 
 
 def _plain_type(annotation) -> type:

@@ -113,6 +113,7 @@ def write_config(exp: Experiment):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains to `config.train.num_steps`, resuming from `workdir`; returns the last eval."""
+  config = config_lib.resolve_assets(config)  # asset:NAME -> its folder, before anything reads it
   config_lib.validate(config)
   parallel.maybe_initialize_distributed(config.distributed)
   os.makedirs(workdir, exist_ok=True)

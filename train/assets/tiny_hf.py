@@ -1,0 +1,59 @@
+"""Tiny random Hugging Face checkpoints: gpt2, t5 and bert, for tests and tiny variants.
+
+Randomly initialised `transformers` models (seeded, width 32, 2 layers; the `pretrained`
+extra) saved with save_pretrained, with a byte-level tokenizer.json of 256 bytes and the
+family's special tokens.
+"""
+
+import pathlib
+
+from train.assets import cache
+
+SPECIALS = {"gpt2": ["<|endoftext|>"], "t5": ["<pad>", "</s>", "<unk>"],
+            "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]}
+
+
+def byte_tokenizer(specials: list[str]):
+  """A byte-level BPE tokenizer without merges: the specials first, then the 256 bytes."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  vocab = {token: i for i, token in enumerate(specials + alphabet)}
+  tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  tokenizer.add_special_tokens(specials)
+  return tokenizer
+
+
+def _tiny_model(family: str, vocab_size: int):
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  if family == "gpt2":
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+        bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+  if family == "t5":
+    config = transformers.T5Config(
+        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(config)
+  config = transformers.BertConfig(
+      vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=64, max_position_embeddings=128)
+  return transformers.BertModel(config)
+
+
+def folder(family: str) -> str:
+  """The folder of a tiny random `family` (gpt2, t5, bert) checkpoint, built once."""
+  if family not in SPECIALS:
+    raise ValueError(f"No tiny {family!r} checkpoint: choose from {sorted(SPECIALS)}.")
+  tokenizer = byte_tokenizer(SPECIALS[family])
+
+  def write(folder: pathlib.Path):
+    _tiny_model(family, tokenizer.get_vocab_size()).save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+  return str(cache.write_atomically(cache.cache_dir() / f"tiny_hf_{family}_v1", write))
