@@ -1,8 +1,7 @@
 """From an experiment's `config.data` to tokenizers and grain pipelines.
 
-The batch formats are those of train/data/pipeline.py. Tokenizers that are trained on the
-training split (sentencepiece, word, char) are cached under `data.tokenizer_dir`, by default
-`WORKDIR/tokenizers`, so that a resumed run and train.generate reuse the same vocabulary.
+The batch formats are those of train/data/pipeline.py. The tokenizers and the decoder's start
+token are those of train/run_tokenizers.py (trained ones cached for resuming and inference).
 """
 
 import dataclasses
@@ -11,10 +10,9 @@ import os
 import jax
 from jax.experimental import multihost_utils
 
+from train import run_tokenizers
 from train.data import pipeline, tokenizers
 from train.data.sources import get_source, prepare
-
-EXTENSIONS = {"sentencepiece": "model", "word": "json", "char": "json"}
 
 
 @dataclasses.dataclass
@@ -31,6 +29,7 @@ class Inputs:
     return max(self.input_tokenizer.vocab_size, self.target_tokenizer.vocab_size)
 
   data_dir: str | None = None
+  decoder_start_id: int | None = None  # seq2seq: run_tokenizers.decoder_start_id
 
   def source(self, split: str):
     return get_source(self.data.source, split, data_dir=self.data_dir,
@@ -65,7 +64,8 @@ class Inputs:
     if self.task == "seq2seq":
       return pipeline.seq2seq_pipeline(source, self.input_tokenizer, self.target_tokenizer,
                                        inputs_len=d.inputs_len, targets_len=d.targets_len,
-                                       pack=pack, **common)
+                                       pack=pack, decoder_start_id=self.decoder_start_id,
+                                       **common)
     if self.task == "classify":
       return pipeline.classification_pipeline(source, self.input_tokenizer, seq_len=d.seq_len,
                                               **common)
@@ -88,11 +88,9 @@ def make_inputs(config, workdir: str) -> Inputs:
   """Builds (or loads the cached) tokenizers of `config.data` for `config.task`.
 
   A local dataset (`local:PATH`) is prepared first, once, under data.data_dir (default
-  WORKDIR/data); preparing again reuses it while the files are unchanged. A "pretrained"
-  tokenizer without a path is the one of the init_from=hf:FOLDER checkpoint.
+  WORKDIR/data); preparing again reuses it while the files are unchanged.
   """
   data = config.data
-  tokenizer_dir = data.tokenizer_dir or os.path.join(workdir, "tokenizers")
   data_dir = data.data_dir or None
   if data.source.startswith("local:"):
     data_dir = data_dir or os.path.join(workdir, "data")
@@ -100,31 +98,18 @@ def make_inputs(config, workdir: str) -> Inputs:
       prepare(data.source, data_dir=data_dir, **local_options(config.task, data))
     multihost_utils.sync_global_devices("tapete: local dataset prepared")
   inputs = Inputs(config.task, data, config.seed, None, None, data_dir)
-  train_source = lambda: inputs.source(data.train_split)
-  two_tokenizers = config.task == "seq2seq" and bool(data.target_tokenizer)
-  input_fields = (("inputs",) if two_tokenizers else ("inputs", "targets")
-                  ) if config.task == "seq2seq" else ("text",)
 
   def texts(fields):
     def read():
-      source = train_source()
+      source = inputs.source(data.train_split)
       count = min(len(source), data.tokenizer_train_examples)
       return (source[i][field] for i in range(count) for field in fields)
     return read
 
-  def build(kind, path, fields, name):
-    if kind in EXTENSIONS and not path:
-      path = os.path.join(tokenizer_dir, f"{name}.{EXTENSIONS[kind]}")
-    if kind == "pretrained" and not path and config.init_from.startswith("hf:"):
-      path = config.init_from[len("hf:"):]  # The checkpoint folder's own tokenizer.
-    return tokenizers.make_tokenizer(kind, path=path or None, texts=texts(fields),
-                                     vocab_size=data.vocab_size or None)
-
-  inputs.input_tokenizer = build(data.tokenizer, data.tokenizer_path, input_fields, "inputs")
-  inputs.target_tokenizer = inputs.input_tokenizer
-  if two_tokenizers:
-    inputs.target_tokenizer = build(data.target_tokenizer, data.target_tokenizer_path,
-                                    ("targets",), "targets")
+  inputs.input_tokenizer, inputs.target_tokenizer = run_tokenizers.make_tokenizers(
+      config, workdir, texts)
+  if config.task == "seq2seq":
+    inputs.decoder_start_id = run_tokenizers.decoder_start_id(config, inputs.target_tokenizer)
   return inputs
 
 

@@ -1,5 +1,12 @@
 """One source example -> the token arrays of its task, with its counts.
 
+How a task lays out its tokens is written once, as a function of the ids, and used by
+training (the callables below) and by inference over a trained run (train/workdir.py):
+
+  lm_tokens              BOS text, text EOS (inputs and next-token targets)
+  seq2seq_tokens         source EOS; decoder start + target; target EOS
+  classification_tokens  BOS text EOS [pair EOS], padded (classify, and mlm before masking)
+
 The callables here run inside grain maps (in worker processes too, so they pickle).
 Examples to drop (blank text, over-long pairs with overlong="drop") come back with
 their counts set and empty or zero-weight arrays; `packing.DropFlagged` removes them.
@@ -27,8 +34,7 @@ class LM:
     ids = _encode(self.tokenizer, example, self.text_key, counts)
     if not ids:
       return {"inputs": _NONE, "targets": _NONE, "counts": counts}
-    bos, eos = bos_eos(self.tokenizer)
-    inputs, targets = _ids([bos] + ids), _ids(ids + [eos])
+    inputs, targets = lm_tokens(self.tokenizer, ids)
     if len(inputs) > self.seq_len:
       if self.overlong == "truncate":
         counts[COUNTS.index("truncated")] = 1
@@ -41,7 +47,7 @@ class LM:
 
 @dataclasses.dataclass(frozen=True)
 class Seq2Seq:
-  """{"inputs", "targets"} -> encoder tokens + EOS, decoder inputs and targets."""
+  """{"inputs", "targets"} -> `seq2seq_tokens` of the pair."""
 
   input_tokenizer: Tokenizer
   target_tokenizer: Tokenizer
@@ -50,6 +56,7 @@ class Seq2Seq:
   overlong: str
   inputs_key: str
   targets_key: str
+  decoder_start_id: int | None = None
 
   def __call__(self, example) -> dict[str, np.ndarray]:
     counts = new_counts()
@@ -59,27 +66,22 @@ class Seq2Seq:
                "decoder_targets": _NONE, "counts": counts}
     if not source or not target:  # Counted as empty by _encode.
       return dropped
-    _, source_eos = bos_eos(self.input_tokenizer)
-    bos, eos = bos_eos(self.target_tokenizer)
-    encoder, decoder_inputs, decoder_targets = (
-        _ids(source + [source_eos]), _ids([bos] + target), _ids(target + [eos]))
-    excess = (max(0, len(encoder) - self.inputs_len)
-              + max(0, len(decoder_inputs) - self.targets_len))
+    tokens, excess = seq2seq_tokens(
+        self.input_tokenizer, self.target_tokenizer, source, target,
+        inputs_len=self.inputs_len, targets_len=self.targets_len,
+        decoder_start_id=self.decoder_start_id)
     if excess and self.overlong == "drop":
       counts[COUNTS.index("dropped_long")] = 1
       return dropped
     if excess:
       counts[COUNTS.index("truncated")] = 1
       counts[COUNTS.index("truncated_tokens")] = excess
-    return {"encoder_tokens": encoder[:self.inputs_len],
-            "decoder_inputs": decoder_inputs[:self.targets_len],
-            "decoder_targets": decoder_targets[:self.targets_len],
-            "counts": counts}
+    return {**tokens, "counts": counts}
 
 
 @dataclasses.dataclass(frozen=True)
 class Classification:
-  """BOS text EOS [pair EOS], padded to seq_len; longest text truncated first."""
+  """{"text", "label"} (+ the pair) -> `classification_tokens`, the label and a weight."""
 
   tokenizer: Tokenizer
   seq_len: int
@@ -93,32 +95,17 @@ class Classification:
     first = _encode(self.tokenizer, example, self.text_key, counts)
     has_pair = self.pair_key is not None and self.pair_key in example
     second = (_encode(self.tokenizer, example, self.pair_key, counts)
-              if has_pair else [])
+              if has_pair else None)
     label = (self.label_dtype(0) if self.label_key is None
              else _label(example, self.label_key, self.label_dtype))
     if not first or (has_pair and not second):  # Counted as empty by _encode.
-      return self._row([], [], label, counts, weight=0.0)
-    budget = self.seq_len - 2 - has_pair
-    if len(first) + len(second) > budget:
+      row = _padded_row(self.tokenizer, self.seq_len, [], [])
+      return {**row, "label": label, "weights": np.float32(0.0), "counts": counts}
+    row, cut = classification_tokens(self.tokenizer, self.seq_len, first, second)
+    if cut:
       counts[COUNTS.index("truncated")] = 1
-      counts[COUNTS.index("truncated_tokens")] = len(first) + len(second) - budget
-      while len(first) + len(second) > budget:
-        longer = first if len(first) >= len(second) else second
-        longer.pop()
-    bos, eos = bos_eos(self.tokenizer)
-    first = [bos] + first + [eos]
-    second = second + [eos] if has_pair else []
-    return self._row(first, second, label, counts, weight=1.0)
-
-  def _row(self, first, second, label, counts, weight):
-    tokens = np.full(self.seq_len, self.tokenizer.pad_id, np.int32)
-    tokens[:len(first) + len(second)] = first + second
-    token_types = np.zeros(self.seq_len, np.int32)
-    token_types[len(first):len(first) + len(second)] = 1
-    padding_mask = np.arange(self.seq_len) < len(first) + len(second)
-    return {"tokens": tokens, "padding_mask": padding_mask,
-            "token_types": token_types, "label": label,
-            "weights": np.float32(weight), "counts": counts}
+      counts[COUNTS.index("truncated_tokens")] = cut
+    return {**row, "label": label, "weights": np.float32(1.0), "counts": counts}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +130,61 @@ class MLM:
     weights = np.zeros(tokens.shape, np.float32)
     weights[chosen] = 1.0
     return {**row, "tokens": masked, "targets": tokens, "weights": weights}
+
+
+def lm_tokens(tokenizer: Tokenizer, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+  """(inputs, targets) of a text's ids: BOS + ids, and the next tokens ids + EOS."""
+  bos, eos = bos_eos(tokenizer)
+  return _ids([bos] + ids), _ids(ids + [eos])
+
+
+def seq2seq_tokens(input_tokenizer: Tokenizer, target_tokenizer: Tokenizer,
+                   source: list[int], target: list[int], *, inputs_len: int,
+                   targets_len: int, decoder_start_id: int | None = None
+                   ) -> tuple[dict[str, np.ndarray], int]:
+  """({"encoder_tokens": source + EOS, "decoder_inputs": start + target (the targets
+  shifted right), "decoder_targets": target + EOS}, each cut to its length; tokens cut).
+
+  The decoder starts from `decoder_start_id`, by default the target tokenizer's BOS (its
+  EOS where it has none); train/run_tokenizers.py's `decoder_start_id` picks a run's.
+  """
+  _, source_eos = bos_eos(input_tokenizer)
+  bos, eos = bos_eos(target_tokenizer)
+  start = bos if decoder_start_id is None else decoder_start_id
+  encoder, decoder_inputs, decoder_targets = (
+      _ids(source + [source_eos]), _ids([start] + target), _ids(target + [eos]))
+  excess = (max(0, len(encoder) - inputs_len)
+            + max(0, len(decoder_inputs) - targets_len))
+  return {"encoder_tokens": encoder[:inputs_len],
+          "decoder_inputs": decoder_inputs[:targets_len],
+          "decoder_targets": decoder_targets[:targets_len]}, excess
+
+
+def classification_tokens(tokenizer: Tokenizer, seq_len: int, first: list[int],
+                          second: list[int] | None = None
+                          ) -> tuple[dict[str, np.ndarray], int]:
+  """({"tokens": BOS first EOS [second EOS] padded to seq_len, "padding_mask",
+  "token_types": 0 on the first text, 1 on the pair}, tokens cut), the longer text cut first."""
+  has_pair = bool(second)
+  first, second = list(first), list(second or [])
+  budget = seq_len - 2 - has_pair
+  cut = max(0, len(first) + len(second) - budget)
+  while len(first) + len(second) > budget:
+    longer = first if len(first) >= len(second) else second
+    longer.pop()
+  bos, eos = bos_eos(tokenizer)
+  return _padded_row(tokenizer, seq_len, [bos] + first + [eos],
+                     second + [eos] if has_pair else []), cut
+
+
+def _padded_row(tokenizer: Tokenizer, seq_len: int, first: list[int],
+                second: list[int]) -> dict[str, np.ndarray]:
+  tokens = np.full(seq_len, tokenizer.pad_id, np.int32)
+  tokens[:len(first) + len(second)] = first + second
+  token_types = np.zeros(seq_len, np.int32)
+  token_types[len(first):len(first) + len(second)] = 1
+  padding_mask = np.arange(seq_len) < len(first) + len(second)
+  return {"tokens": tokens, "padding_mask": padding_mask, "token_types": token_types}
 
 
 def _num_masked(num_tokens: int, mask_rate: float) -> int:

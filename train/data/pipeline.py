@@ -17,7 +17,7 @@ gives a `BatchIterator` of host-local numpy batches (B = batch_size):
   models mask attention with `segment_ids` (equal ids attend) and causality.
   seq2seq (`seq2seq_pipeline`), packed the same way on both sides:
     encoder_tokens, encoder_segment_ids, encoder_positions        int32 [B, S]
-    decoder_inputs (BOS + target tokens, i.e. targets shifted right),
+    decoder_inputs (decoder start, BOS by default, + target tokens: targets shifted right),
     decoder_targets (target tokens + EOS), decoder_segment_ids,
     decoder_positions                                             int32 [B, T]
     weights                                                       float32 [B, T]
@@ -137,18 +137,20 @@ def seq2seq_pipeline(source, input_tokenizer: Tokenizer,
                      inputs_len: int, targets_len: int, pack: bool = True,
                      overlong: str = "truncate", num_packing_bins: int | None = None,
                      inputs_key: str = "inputs", targets_key: str = "targets",
-                     seed: int = 0, shuffle: bool = True,
+                     decoder_start_id: int | None = None, seed: int = 0, shuffle: bool = True,
                      num_epochs: int | None = None, process_index: int | None = None,
                      process_count: int | None = None,
                      num_workers: int = 0) -> Pipeline:
-  """Encoder-decoder batches; over-long pairs `overlong`="truncate"|"drop"."""
+  """Encoder-decoder batches; over-long pairs `overlong`="truncate"|"drop"; the decoder
+  inputs start from `decoder_start_id` (default: the target tokenizer's BOS, else EOS)."""
   _check_choice("overlong", overlong, ("truncate", "drop"))
   _check_positive(batch_size=batch_size, inputs_len=inputs_len,
                   targets_len=targets_len)
   target_tokenizer = target_tokenizer or input_tokenizer
   examples.bos_eos(input_tokenizer), examples.bos_eos(target_tokenizer)
   tokenize = examples.Seq2Seq(input_tokenizer, target_tokenizer, inputs_len,
-                              targets_len, overlong, inputs_key, targets_key)
+                              targets_len, overlong, inputs_key, targets_key,
+                              decoder_start_id)
 
   def after_tokenize(ds):
     return packing.pack(

@@ -1,0 +1,63 @@
+"""A run's tokenizers and its decoder's start token, from the config alone.
+
+Tokenizers trained on the training split (sentencepiece, word, char) are cached as
+`data.tokenizer_path` / `data.target_tokenizer_path`, by default
+`data.tokenizer_dir/{inputs,targets}.EXT` (tokenizer_dir: WORKDIR/tokenizers), so that a
+resumed run and inference over it (train/workdir.py) read the same vocabulary. A
+"pretrained" tokenizer without a path is the one of the init_from=hf:FOLDER checkpoint.
+"""
+
+import os
+from collections.abc import Callable, Iterable
+
+from models import pretrained
+from train.data import tokenizers
+from train.data.examples import bos_eos
+
+EXTENSIONS = {"sentencepiece": "model", "word": "json", "char": "json"}
+# texts(fields) -> a callable reading those fields of the training split.
+TrainingTexts = Callable[[tuple[str, ...]], Callable[[], Iterable[str]]]
+
+
+def make_tokenizers(config, workdir: str, texts: TrainingTexts | None = None
+                    ) -> tuple[tokenizers.Tokenizer, tokenizers.Tokenizer]:
+  """(input, target) tokenizers of `config.data` for `config.task`: one, shared, unless a
+  seq2seq run sets data.target_tokenizer.
+
+  `texts` trains a tokenizer whose cached file is missing; without it (inference) a missing
+  file is a TokenizerError naming the file.
+  """
+  data = config.data
+  tokenizer_dir = data.tokenizer_dir or os.path.join(workdir, "tokenizers")
+  two_tokenizers = config.task == "seq2seq" and bool(data.target_tokenizer)
+  input_fields = (("inputs",) if two_tokenizers else ("inputs", "targets")
+                  ) if config.task == "seq2seq" else ("text",)
+
+  def build(kind, path, fields, name):
+    if kind in EXTENSIONS and not path:
+      path = os.path.join(tokenizer_dir, f"{name}.{EXTENSIONS[kind]}")
+    if kind == "pretrained" and not path and config.init_from.startswith("hf:"):
+      path = config.init_from[len("hf:"):]  # The checkpoint folder's own tokenizer.
+    if texts is None and kind in EXTENSIONS and not os.path.exists(path):
+      raise tokenizers.TokenizerError(
+          f"{path}, the run's {kind} tokenizer trained on its training split, is missing: "
+          "copy it back from where the run trained (its tokenizers/ folder).")
+    return tokenizers.make_tokenizer(kind, path=path or None, texts=texts and texts(fields),
+                                     vocab_size=data.vocab_size or None)
+
+  input_tokenizer = build(data.tokenizer, data.tokenizer_path, input_fields, "inputs")
+  if not two_tokenizers:
+    return input_tokenizer, input_tokenizer
+  return input_tokenizer, build(data.target_tokenizer, data.target_tokenizer_path,
+                                ("targets",), "targets")
+
+
+def decoder_start_id(config, target_tokenizer: tokenizers.Tokenizer) -> int:
+  """The decoder's first input in training and decoding: the init_from=hf:FOLDER checkpoint's
+  `decoder_start_token_id` (T5: its pad id, 0), else the target tokenizer's BOS (EOS where it
+  has none)."""
+  if config.init_from.startswith("hf:"):
+    start = pretrained.read_config(config.init_from[len("hf:"):]).get("decoder_start_token_id")
+    if start is not None:
+      return int(start)
+  return bos_eos(target_tokenizer)[0]
