@@ -138,7 +138,7 @@ def shrink_training(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-ASSET = re.compile(r"^(?P<scheme>[a-z]+:)?asset:(?P<name>\w+)$")
+ASSET = re.compile(r"^(?P<scheme>[a-z]+:)?asset:(?P<name>[^/]+)$")
 
 
 def resolve_assets(config) -> ml_collections.ConfigDict:

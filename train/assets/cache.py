@@ -1,13 +1,50 @@
-"""Folders built once under $TAPETE_CACHE (default ~/.cache/tapete), written atomically."""
+"""Folders built once under $TAPETE_CACHE (default ~/.cache/tapete), named by what they are
+built from and written atomically: readers never see half a folder, and builders that race for
+the same one are safe (the first rename wins; the others drop their copy)."""
 
+import hashlib
+import importlib.metadata
+import inspect
+import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 
 
 def cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("TAPETE_CACHE", "~/.cache/tapete")).expanduser()
+
+
+def build_once(name: str, write, *, inputs: dict, **params) -> str:
+  """The folder NAME-KEY that `write(folder, **params)` fills, built only if the cache lacks it.
+
+  KEY hashes NAME, the builder (its name and the source of the module that defines it),
+  `params`, and `inputs`: what else the result depends on (input files' digests, package
+  versions), so that a change to any of them builds a new folder, never reusing a stale one.
+  """
+  code = inspect.getsource(sys.modules[write.__module__])
+  what = json.dumps({"name": name, "code": code, "builder": write.__qualname__,
+                     "params": params, "inputs": inputs}, sort_keys=True)
+  key = hashlib.sha256(what.encode()).hexdigest()[:16]
+  return str(write_atomically(cache_dir() / f"{name}-{key}", lambda tmp: write(tmp, **params)))
+
+
+def files_digest(paths) -> str:
+  """One SHA-256 of the files' names and contents, in the given order."""
+  digest = hashlib.sha256()
+  for path in map(pathlib.Path, paths):
+    digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+  return digest.hexdigest()
+
+
+def package_versions(*packages: str, hint: str) -> dict[str, str]:
+  """{package: its installed version}; a missing one is an error that ends with `hint`."""
+  try:
+    return {package: importlib.metadata.version(package) for package in packages}
+  except importlib.metadata.PackageNotFoundError as e:
+    raise FileNotFoundError(f"The package {e.name} is not installed: {hint}") from None
 
 
 def write_atomically(folder: pathlib.Path, write) -> pathlib.Path:

@@ -69,33 +69,44 @@ def _texts_folder() -> pathlib.Path:
   return pathlib.Path(list(spec.submodule_search_locations)[0]) / "texts"
 
 
+def _plays() -> list[tuple[str, str, pathlib.Path]]:
+  """(genre, play, its text file) of every play."""
+  texts = _texts_folder()
+  return [(genre, play, texts / f"{play}_gut.txt")
+          for genre, plays in GENRES.items() for play in plays]
+
+
 def _speeches_by_split() -> dict[str, list[tuple[str, str]]]:
   """{split: [(genre, speech), ...]} with whole plays held out."""
-  texts = _texts_folder()
   rows = {split: [] for split in ("train", "validation", "test")}
-  for genre, plays in GENRES.items():
-    for play in plays:
-      split = next((s for s, held in HELD_OUT.items() if play in held), "train")
-      text = (texts / f"{play}_gut.txt").read_bytes().decode("utf-8", errors="replace")
-      rows[split] += [(genre, speech) for speech in speeches(text)]
+  for genre, play, path in _plays():
+    split = next((s for s, held in HELD_OUT.items() if play in held), "train")
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    rows[split] += [(genre, speech) for speech in speeches(text)]
   return rows
+
+
+def _inputs() -> dict:
+  return {"texts": cache.files_digest(path for _, _, path in _plays())}
+
+
+def _write_genres(folder: pathlib.Path):
+  for split, rows in _speeches_by_split().items():
+    lines = "".join(f"{genre}\t{speech}\n" for genre, speech in rows)
+    (folder / f"{split}.tsv").write_text(lines, encoding="utf-8")
+
+
+def _write_text(folder: pathlib.Path):
+  for split, rows in _speeches_by_split().items():
+    lines = "".join(f"{speech}\n" for _, speech in rows)
+    (folder / f"{split}.txt").write_text(lines, encoding="utf-8")
 
 
 def genres() -> str:
   """The folder of train.tsv, validation.tsv and test.tsv (genre TAB speech), built once."""
-  def write(folder: pathlib.Path):
-    for split, rows in _speeches_by_split().items():
-      lines = "".join(f"{genre}\t{speech}\n" for genre, speech in rows)
-      (folder / f"{split}.tsv").write_text(lines, encoding="utf-8")
-
-  return str(cache.write_atomically(cache.cache_dir() / "shakespeare_genres_v1", write))
+  return cache.build_once("shakespeare_genres", _write_genres, inputs=_inputs())
 
 
 def text() -> str:
   """The folder of train.txt, validation.txt and test.txt (one speech a line), built once."""
-  def write(folder: pathlib.Path):
-    for split, rows in _speeches_by_split().items():
-      lines = "".join(f"{speech}\n" for _, speech in rows)
-      (folder / f"{split}.txt").write_text(lines, encoding="utf-8")
-
-  return str(cache.write_atomically(cache.cache_dir() / "shakespeare_text_v1", write))
+  return cache.build_once("shakespeare_text", _write_text, inputs=_inputs())

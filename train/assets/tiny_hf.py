@@ -9,6 +9,8 @@ import pathlib
 
 from train.assets import cache
 
+PACKAGES = ("torch", "transformers", "tokenizers")
+
 SPECIALS = {"gpt2": ["<|endoftext|>"], "t5": ["<pad>", "</s>", "<unk>"],
             "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]}
 
@@ -46,14 +48,17 @@ def _tiny_model(family: str, vocab_size: int):
   return transformers.BertModel(config)
 
 
+def _write(folder: pathlib.Path, *, family: str):
+  tokenizer = byte_tokenizer(SPECIALS[family])
+  _tiny_model(family, tokenizer.get_vocab_size()).save_pretrained(folder)
+  tokenizer.save(str(folder / "tokenizer.json"))
+
+
 def folder(family: str) -> str:
   """The folder of a tiny random `family` (gpt2, t5, bert) checkpoint, built once."""
   if family not in SPECIALS:
     raise ValueError(f"No tiny {family!r} checkpoint: choose from {sorted(SPECIALS)}.")
-  tokenizer = byte_tokenizer(SPECIALS[family])
-
-  def write(folder: pathlib.Path):
-    _tiny_model(family, tokenizer.get_vocab_size()).save_pretrained(folder)
-    tokenizer.save(str(folder / "tokenizer.json"))
-
-  return str(cache.write_atomically(cache.cache_dir() / f"tiny_hf_{family}_v1", write))
+  versions = cache.package_versions(
+      *PACKAGES, hint="the tiny checkpoints need the `pretrained` extra: pip install -e "
+      "'.[pretrained]'.")
+  return cache.build_once(f"tiny_{family}", _write, inputs=versions, family=family)
