@@ -90,23 +90,19 @@ def _inputs() -> dict:
   return {"texts": cache.files_digest(path for _, _, path in _plays())}
 
 
-def _write_genres(folder: pathlib.Path):
+def _write(folder: pathlib.Path, *, labelled: bool):
+  """SPLIT.tsv files of `genre TAB speech` lines if `labelled`, else SPLIT.txt of speeches."""
   for split, rows in _speeches_by_split().items():
-    lines = "".join(f"{genre}\t{speech}\n" for genre, speech in rows)
-    (folder / f"{split}.tsv").write_text(lines, encoding="utf-8")
-
-
-def _write_text(folder: pathlib.Path):
-  for split, rows in _speeches_by_split().items():
-    lines = "".join(f"{speech}\n" for _, speech in rows)
-    (folder / f"{split}.txt").write_text(lines, encoding="utf-8")
+    lines = "".join(f"{genre}\t{speech}\n" if labelled else f"{speech}\n"
+                    for genre, speech in rows)
+    (folder / f"{split}.{'tsv' if labelled else 'txt'}").write_text(lines, encoding="utf-8")
 
 
 def genres() -> str:
   """The folder of train.tsv, validation.tsv and test.tsv (genre TAB speech), built once."""
-  return cache.build_once("shakespeare_genres", _write_genres, inputs=_inputs())
+  return cache.build_once("shakespeare_genres", _write, inputs=_inputs(), labelled=True)
 
 
 def text() -> str:
   """The folder of train.txt, validation.txt and test.txt (one speech a line), built once."""
-  return cache.build_once("shakespeare_text", _write_text, inputs=_inputs())
+  return cache.build_once("shakespeare_text", _write, inputs=_inputs(), labelled=False)
