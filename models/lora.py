@@ -31,9 +31,10 @@ import re
 from typing import Any
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
+
+from models import paths
 
 BATCH_AXES = ("layers",)
 ADAPTABLE = ("kernel", "embedding")  # the last name of a parameter LoRA may adapt
@@ -73,25 +74,15 @@ class LoraConfig:
     return self.alpha / self.rank
 
 
-def _flat(tree) -> dict[str, Any]:
-  """{"a/b/kernel": leaf}, partitioning boxes kept as leaves."""
-  flat = traverse_util.flatten_dict(tree)
-  return {"/".join(map(str, path)): leaf for path, leaf in flat.items()}
-
-
-def _unflat(flat: dict[str, Any]) -> dict:
-  return traverse_util.unflatten_dict({tuple(path.split("/")): x for path, x in flat.items()})
-
-
 def targets(params, cfg: LoraConfig) -> list[str]:
   """The paths of the kernels `cfg.targets` selects; a pattern matching nothing is an error."""
-  flat = _flat(params)
-  paths = list(flat)
+  flat = paths.flatten(params)
+  names = list(flat)
   for pattern in cfg.patterns:
-    if not any(re.search(pattern, path) for path in paths):
+    if not any(re.search(pattern, path) for path in names):
       raise ValueError(f"lora target {pattern!r} matches no parameter path (a typo?); paths look "
-                       f"like {[p for p in paths if p.endswith('kernel')][:3] or paths[:3]}.")
-  chosen = [path for path in paths if any(re.search(p, path) for p in cfg.patterns)]
+                       f"like {[p for p in names if p.endswith('kernel')][:3] or names[:3]}.")
+  chosen = [path for path in names if any(re.search(p, path) for p in cfg.patterns)]
   others = [path for path in chosen
             if path.rsplit("/", 1)[-1] not in ADAPTABLE or len(_shape(flat[path])) < 2]
   if others:
@@ -142,7 +133,7 @@ def init(rng: jax.Array, params, cfg: LoraConfig) -> dict:
   `params` may be arrays or `jax.ShapeDtypeStruct`s (only shapes and names are read); when its
   leaves carry logical axis names the adapters carry them too (the rank axis unsharded).
   """
-  flat = _flat(params)
+  flat = paths.flatten(params)
   chosen = targets(params, cfg)
   adapters = {}
   for key, path in zip(jax.random.split(rng, len(chosen)), chosen):
@@ -159,7 +150,7 @@ def init(rng: jax.Array, params, cfg: LoraConfig) -> dict:
       a = nn.LogicallyPartitioned(a, names[:batch + num_in] + (None,))
       b = nn.LogicallyPartitioned(b, names[:batch] + (None,) + names[batch + num_in:])
     adapters[f"{path}/a"], adapters[f"{path}/b"] = a, b
-  return _unflat(adapters)
+  return paths.unflatten(adapters)
 
 
 def delta(a, b, kernel_shape: tuple[int, ...]) -> jax.Array:
@@ -173,7 +164,7 @@ def delta(a, b, kernel_shape: tuple[int, ...]) -> jax.Array:
 
 def merge(params, adapters, cfg: LoraConfig) -> dict:
   """The model's params with W + (alpha / rank) · a @ b for every adapted kernel (unboxed)."""
-  flat = _flat(nn.meta.unbox(params))
+  flat = paths.flatten(nn.meta.unbox(params))
   for path, pair in _pairs(adapters).items():
     if path not in flat:
       raise ValueError(f"lora adapter {path} has no kernel in the params: adapters and params "
@@ -181,13 +172,13 @@ def merge(params, adapters, cfg: LoraConfig) -> dict:
     kernel = flat[path]
     flat[path] = (kernel.astype(jnp.float32) + cfg.scale * delta(
         pair["a"], pair["b"], kernel.shape)).astype(kernel.dtype)
-  return _unflat(flat)
+  return paths.unflatten(flat)
 
 
 def _pairs(adapters) -> dict[str, dict]:
   """{kernel path: {"a", "b"}} of an adapter tree."""
   pairs = {}
-  for path, leaf in _flat(nn.meta.unbox(adapters)).items():
+  for path, leaf in paths.flatten(nn.meta.unbox(adapters)).items():
     kernel, name = path.rsplit("/", 1)
     pairs.setdefault(kernel, {})[name] = leaf
   return pairs

@@ -19,8 +19,8 @@ unexpected tensor) raises one `PretrainedError` naming it.
 import json
 import os
 import re
+from typing import NamedTuple
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ import safetensors
 import safetensors.numpy
 from absl import logging
 
-from models import presets
+from models import paths, presets
 from models.pretrained_tables import (FAMILIES, Family, PretrainedError, Row, gpt2_table,
                                       transpose)
 from models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, EncoderMaskedLM,
@@ -188,7 +188,7 @@ def _init_args(module: nn.Module):
 
 
 def _flat(tree) -> dict:
-  return flax.traverse_util.flatten_dict(nn.meta.unbox(tree), sep="/")
+  return paths.flatten(nn.meta.unbox(tree))
 
 
 def _stack_layers(flat: dict) -> dict:
@@ -218,12 +218,6 @@ def _unstack_layers(flat: dict) -> dict:
   return out
 
 
-def _describe(names, limit: int = 8) -> str:
-  names = sorted(names)
-  more = f" and {len(names) - limit} more" if len(names) > limit else ""
-  return ", ".join(names[:limit]) + more
-
-
 def _fill(rows: list[Row], tensors: dict, path: str, hf: dict):
   """{our path: array} from the rows; one error for every missing or misshapen tensor."""
   params, missing, misshapen, fresh = {}, [], [], []
@@ -238,11 +232,11 @@ def _fill(rows: list[Row], tensors: dict, path: str, hf: dict):
   where = f"the weights in {path} (model_type {hf['model_type']!r}, {hf.get('architectures')})"
   if missing:
     raise PretrainedError(f"{len(missing)} tensors that config.json implies are missing from "
-                          f"{where}: {_describe(missing)}. Is config.json the one saved with "
+                          f"{where}: {paths.listing(missing)}. Is config.json the one saved with "
                           "these weights, and does the checkpoint hold the requested head?")
   if misshapen:
     raise PretrainedError(f"{len(misshapen)} tensors in {where} do not have the shape that "
-                          f"config.json implies: {_describe(misshapen)}. Is config.json the one "
+                          f"config.json implies: {paths.listing(misshapen)}. Is config.json the one "
                           "saved with these weights?")
   return params, fresh
 
@@ -261,16 +255,25 @@ def _check_unused(rows: list[Row], tensors: dict, family: Family, path: str) -> 
   if unexpected:
     raise PretrainedError(
         f"{path} holds {len(unexpected)} tensors that the import does not use: "
-        f"{_describe(unexpected)}. Is it another architecture than config.json says?")
+        f"{paths.listing(unexpected)}. Is it another architecture than config.json says?")
   heads = sorted(n for n in ignored if not re.search(r"position_ids|attn\.(masked_)?bias", n))
   if heads:
     logging.info("from_hf %s: not imported (heads the module does not take): %s", path,
-                 _describe(heads))
+                 paths.listing(heads))
+
+
+class Imported(NamedTuple):
+  """A Hugging Face checkpoint as `import_hf` returns it."""
+  module: nn.Module
+  params: dict          # as from_hf's
+  initialised: frozenset[str]  # "/" paths of the params not in the file: freshly initialised
 
 
 def from_hf(path: str, *, head: str | None = None, num_classes: int | None = None,
             pooling: str = "cls", rng=0, **overrides) -> tuple[nn.Module, dict]:
   """(module, params) of the Hugging Face checkpoint in the local folder `path`.
+
+  `import_hf` takes the same arguments and also says which params were freshly initialised.
 
   Args:
     path: a folder with config.json and model.safetensors (model_type gpt2, bert or t5).
@@ -289,6 +292,14 @@ def from_hf(path: str, *, head: str | None = None, num_classes: int | None = Non
     The module and its params: a nested dict of numpy arrays in param_dtype, laid out as
     `module.init` lays it out (also under scan_layers); `module.cfg` is the config.
   """
+  imported = import_hf(path, head=head, num_classes=num_classes, pooling=pooling, rng=rng,
+                       **overrides)
+  return imported.module, imported.params
+
+
+def import_hf(path: str, *, head: str | None = None, num_classes: int | None = None,
+              pooling: str = "cls", rng=0, **overrides) -> Imported:
+  """`from_hf`'s module and params, and the paths of the params the file did not hold."""
   hf, family, tensors, cfg = _load(path, overrides)
   module = _make_module(hf["model_type"], cfg, head, num_classes, pooling)
   rows = family.table(cfg, hf, tensors, head=head, num_classes=num_classes, pooling=pooling)
@@ -304,16 +315,16 @@ def from_hf(path: str, *, head: str | None = None, num_classes: int | None = Non
   wrong |= {p for p in new if not p.startswith(("pooler/", "classifier/"))}
   if wrong:
     raise AssertionError(f"from_hf's {hf['model_type']} table disagrees with the module: "
-                         f"{_describe(wrong)}")  # A bug in the table, not in the input.
+                         f"{paths.listing(wrong)}")  # A bug in the table, not in the input.
   if new:
     logging.info("from_hf %s: freshly initialised: %s (absent from the file: %s)", path,
-                 _describe(new), _describe(fresh) or "none")
+                 paths.listing(new), paths.listing(fresh) or "none")
     init_new = lambda r: {p: x for p, x in _flat(module.init(r, *_init_args(module))["params"]
                                                   ).items() if p in new}  # XLA drops the rest.
     params.update(jax.tree.map(np.asarray, jax.jit(init_new)(rng)))
-  dtype = cfg.params_dtype
+  dtype = cfg.param_dtype
   params = {p: x.astype(dtype) for p, x in params.items()}
-  return module, flax.traverse_util.unflatten_dict(params, sep="/")
+  return Imported(module, paths.unflatten(params), frozenset(new))
 
 
 # ------------------------------------------------------------------------------------------
@@ -334,7 +345,7 @@ def to_hf_gpt2(params: dict, cfg: TransformerConfig, path: str) -> None:
   """
   gpt2 = presets.gpt2()
   differ = [f for f in _GPT2_FIXED if getattr(cfg, f) != getattr(gpt2, f)]
-  if cfg.head_size * cfg.num_heads != cfg.d_model or cfg.num_kv_heads not in (None, cfg.num_heads):
+  if cfg.head_dim * cfg.num_heads != cfg.d_model or cfg.num_kv_heads not in (None, cfg.num_heads):
     differ.append("head_dim/num_kv_heads")
   if differ:
     raise PretrainedError(f"to_hf_gpt2 needs GPT-2's architecture (presets.gpt2); this config "

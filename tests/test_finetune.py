@@ -21,7 +21,7 @@ from flax import traverse_util
 from experiments import finetune_classify, finetune_gpt2, finetune_t5
 from models import lora, pretrained
 from train import assets
-from train import checkpoint, config as config_lib, finetune, loop, workdir as workdir_lib
+from train import checkpoint, config as config_lib, loop, trainable, workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def metrics(workdir, split="train") -> dict:
 
 def hf_params(config):
   """The checkpoint's params as from_hf lays them out for the task's model (fresh heads too)."""
-  return _hf_params(config.init_from[len("hf:"):], finetune.HEADS.get(config.task),
+  return _hf_params(config.init_from[len("hf:"):], trainable.HEADS.get(config.task),
                     config.model.num_classes or None, config.model.pooling)
 
 
@@ -113,16 +113,13 @@ def test_fine_tune_from_imported_weights_improves_the_eval_loss(frozen_run, tmp_
 # ---------------------------------------------------------------------------------------------
 # MiniLM-style classifier with LoRA and an adapter-only checkpoint.
 
-RANK = 4
+RANK = 8  # the lora variant's
 
 
 def lora_config(genres, steps=4):
-  config = config_lib.resolve_assets(finetune_classify.get_config("tiny"))
+  """finetune_classify:tiny,lora (adapters and the classifier train) on a few speeches."""
+  config = config_lib.resolve_assets(finetune_classify.get_config("tiny,lora"))
   config.data.source = f"local:{genres}"
-  config.lora.enabled = True
-  config.lora.rank = RANK
-  config.lora.train = ("^classifier/",)
-  config.lora.adapter_only_checkpoint = True
   config.train.num_steps = steps
   config.train.log_every = 1
   config.train.checkpoint_every = 2
@@ -141,11 +138,10 @@ def lora_run(tmp_path_factory, genres):
 def test_lora_trains_the_expected_parameters(lora_run):
   config, workdir, _ = lora_run
   exp = loop.build(config, str(workdir))
-  abstract = jax.eval_shape(lambda: finetune.init_params(
-      exp.task.model, config, jax.random.key(0), *loop.dummy_inputs(config)))
   counts = {train: 0 for train in (True, False)}
-  for leaf, train in zip(jax.tree.leaves(abstract), jax.tree.leaves(exp.trainable)):
-    counts[train] += np.prod(leaf.value.shape if hasattr(leaf, "value") else leaf.shape)
+  for leaf, train in zip(jax.tree.leaves(exp.trainable.abstract_params),
+                         jax.tree.leaves(exp.trainable.mask)):
+    counts[train] += np.prod(leaf.shape)
   d, layers, classes = 32, 2, 3  # the tiny BERT: 4 heads of 8
   adapters = layers * 2 * RANK * (d + d)  # query and value: [D, r] and [r, N, H]
   assert counts[True] == adapters + d * classes + classes
@@ -167,8 +163,8 @@ def test_adapter_only_checkpoint_holds_what_trains_and_loads_back(lora_run):
           "classifier/bias": saved["base/classifier/bias"]}
   adapters = traverse_util.unflatten_dict(
       {p[len("lora/"):]: x for p, x in saved.items() if p.startswith("lora/")}, sep="/")
-  expected = flat(lora.merge(traverse_util.unflatten_dict(base, sep="/"), adapters,
-                             finetune.lora_config(config)))
+  lora_cfg = lora.LoraConfig(config.lora.targets, config.lora.rank, config.lora.alpha)
+  expected = flat(lora.merge(traverse_util.unflatten_dict(base, sep="/"), adapters, lora_cfg))
   _, params = workdir_lib.load(str(workdir))  # as train.generate loads a run
   params = flat(params)
   assert params.keys() == expected.keys()
@@ -194,19 +190,21 @@ def test_restore_logs_new_heads_and_skips_what_the_model_lacks(capsys):
   params = {"encoder": {"kernel": jax.numpy.zeros((2, 3))}, "classifier": {"bias": jax.numpy.ones(3)}}
   source = {"encoder": {"kernel": np.full((2, 3), 7.0)}, "transform": {"bias": np.ones(2)}}
   mask = jax.tree.map(lambda _: True, params)
-  restored = finetune.restore(params, source, mask, "ckpt:/there")
+  restored = trainable.restore(params, trainable.Source("ckpt:/there", flat(source)), mask)
   np.testing.assert_array_equal(restored["encoder"]["kernel"], np.full((2, 3), 7.0))
   np.testing.assert_array_equal(restored["classifier"]["bias"], np.ones(3))
   out = capsys.readouterr().out
   assert "Initialised, not in ckpt:/there: classifier/bias" in out
   assert "Skipped, in ckpt:/there but not in the model: transform/bias" in out
   with pytest.raises(ValueError, match=r"encoder/kernel \(3, 2\) \(the model's: \(2, 3\)\)"):
-    finetune.restore(params, {"encoder": {"kernel": np.zeros((3, 2))}}, mask, "ckpt:/there")
+    trainable.restore(params, trainable.Source("ckpt:/there", {"encoder/kernel": np.zeros((3, 2))}),
+                      mask)
   with pytest.raises(ValueError, match="shares no parameter"):
-    finetune.restore(params, {"decoder": {"kernel": np.zeros((2, 3))}}, mask, "ckpt:/there")
+    trainable.restore(params, trainable.Source("ckpt:/there", {"decoder/kernel": np.zeros((2, 3))}),
+                      mask)
   frozen = {"encoder": {"kernel": True}, "classifier": {"bias": False}}
   with pytest.raises(ValueError, match="classifier/bias would stay at their random"):
-    finetune.restore(params, source, frozen, "ckpt:/there")
+    trainable.restore(params, trainable.Source("ckpt:/there", flat(source)), frozen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +280,7 @@ def test_bad_checkpoint_folders_are_clear_errors(tmp_path, lora_run):
   with pytest.raises(ValueError, match="model_type 'llama'"):
     config_lib.validate(config)
   with pytest.raises(ValueError, match="holds only LoRA adapters"):
-    finetune.run_params(str(lora_run[1]))
+    trainable.run_params(str(lora_run[1]))
 
 
 def test_cli_reports_a_missing_checkpoint_folder_in_one_line(tmp_path):

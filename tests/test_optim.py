@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from models import paths
 from models.transformer import DecoderOnly, TransformerConfig
 from train import optim
 
@@ -89,31 +90,23 @@ def test_rsqrt_is_the_papers_schedule(d_model, warmup, peak_scale):
 # Weight-decay mask and decoupled decay.
 
 
-def test_param_paths_are_slash_joined(model_and_params):
-  _, params = model_and_params
-  paths = optim.param_paths(params)
-  assert paths["decoder"]["layers_0"]["self_attention"]["query"]["kernel"] == (
-      "decoder/layers_0/self_attention/query/kernel")
-  assert paths["token_embed"]["embedding"] == "token_embed/embedding"
-
-
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_weight_decay_mask_on_decoder_only(scan_layers):
   cfg = TransformerConfig(vocab_size=13, d_model=8, num_heads=2, d_ff=16, num_layers=2,
                           max_len=8, position="learned", tie_output=False,
                           scan_layers=scan_layers)
   params = _init(DecoderOnly(cfg))
-  paths = jax.tree.leaves(optim.param_paths(params))
+  names = jax.tree.leaves(paths.param_paths(params))
 
   def decayed(**switches):
     mask = jax.tree.leaves(optim.weight_decay_mask(params, **switches))
-    return {path for path, decays in zip(paths, mask) if decays}
+    return {path for path, decays in zip(names, mask) if decays}
 
-  kernels = {p for p in paths if p.endswith("/kernel")}
+  kernels = {p for p in names if p.endswith("/kernel")}
   embeddings = {"token_embed/embedding", "decoder/embedder/position_embed/embedding"}
-  norms_and_biases = {p for p in paths if p.endswith(("/scale", "/bias"))}
+  norms_and_biases = {p for p in names if p.endswith(("/scale", "/bias"))}
   assert "decoder/logits_dense/kernel" in kernels and len(norms_and_biases) > 4
-  assert embeddings <= set(paths) and set(paths) == kernels | embeddings | norms_and_biases
+  assert embeddings <= set(names) and set(names) == kernels | embeddings | norms_and_biases
   assert decayed() == kernels
   assert decayed(decay_embeddings=True) == kernels | embeddings
   assert decayed(decay_norms_and_biases=True) == kernels | norms_and_biases
@@ -125,11 +118,11 @@ def test_decay_is_decoupled_lr_scaled_and_masked(optimizer, model_and_params):
   _, params = model_and_params
   lr, wd = 0.1, 0.5
   tx, _ = optim.make_optimizer(_cfg(optimizer=optimizer, schedule="constant", warmup_steps=0,
-                                    learning_rate=lr, weight_decay=wd), 10, params)
+                                    learning_rate=lr, weight_decay=wd), 10)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
   new_params = optax.apply_updates(params, updates)
-  for path, old, new in zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(params),
+  for path, old, new in zip(jax.tree.leaves(paths.param_paths(params)), jax.tree.leaves(params),
                             jax.tree.leaves(new_params)):
     factor = 1 - lr * wd if path.endswith("/kernel") else 1.0
     np.testing.assert_allclose(new, np.asarray(old, np.float64) * factor, rtol=1e-6, err_msg=path)
@@ -170,7 +163,7 @@ def test_optimizer_matches_numpy_reference(optimizer, nesterov):
   cfg = _cfg(optimizer=optimizer, nesterov=nesterov, learning_rate=0.01, schedule="linear",
              warmup_steps=2, weight_decay=0.3, clip_norm=0, b1=0.8, b2=0.95, eps=1e-6,
              momentum=0.7)
-  tx, schedule = optim.make_optimizer(cfg, 6, params)
+  tx, schedule = optim.make_optimizer(cfg, 6)
   state, ours = tx.init(params), params
   for grads in grads_seq:
     updates, state = tx.update(grads, state, ours)
@@ -189,7 +182,7 @@ def test_optimizer_matches_numpy_reference(optimizer, nesterov):
 def test_adafactor_without_decay_is_optax_adafactor():
   params = {"w": {"kernel": jnp.ones((130, 4))}, "b": {"bias": jnp.ones((4,))}}
   cfg = _cfg(optimizer="adafactor", warmup_steps=3, clip_norm=0)
-  ours, schedule = optim.make_optimizer(cfg, 10, params)
+  ours, schedule = optim.make_optimizer(cfg, 10)
   reference = optax.adafactor(schedule)
   ours_state, reference_state = ours.init(params), reference.init(params)
   for seed in range(4):
@@ -201,13 +194,13 @@ def test_adafactor_without_decay_is_optax_adafactor():
 
 
 # ----------------------------------------------------------------------------------------------
-# Clipping and freezing.
+# Clipping.
 
 
 def _sgd_updates(grads, params, **changes):
   cfg = _cfg(optimizer="sgd", momentum=0.0, schedule="constant", warmup_steps=0,
              learning_rate=1.0, **changes)
-  tx, _ = optim.make_optimizer(cfg, 10, params)
+  tx, _ = optim.make_optimizer(cfg, 10)
   updates, _ = tx.update(grads, tx.init(params), params)
   return updates
 
@@ -226,46 +219,6 @@ def test_clipping_matches_optax_and_numpy(scale):
   unclipped = _sgd_updates(grads, params, clip_norm=0)
   for u, g in zip(jax.tree.leaves(unclipped), jax.tree.leaves(grads)):
     np.testing.assert_array_equal(-u, g)
-
-
-def test_clipping_ignores_frozen_gradients():
-  params = {"frozen": {"kernel": jnp.ones((3, 3))}, "trained": {"kernel": jnp.ones((3, 3))}}
-  grads = {"frozen": {"kernel": jnp.full((3, 3), 1e3)},
-           "trained": {"kernel": jnp.full((3, 3), 0.1)}}
-  updates = _sgd_updates(grads, params, clip_norm=1.0, freeze=("^frozen/",))
-  np.testing.assert_array_equal(updates["frozen"]["kernel"], 0.0)
-  np.testing.assert_allclose(updates["trained"]["kernel"], -0.1, rtol=1e-6)
-
-
-def test_frozen_params_stay_bitwise_unchanged(model_and_params):
-  _, params = model_and_params
-  cfg = _cfg(weight_decay=0.1, decay_embeddings=True, decay_norms_and_biases=True,
-             warmup_steps=0, learning_rate=0.1, freeze=("^token_embed/", "layers_0/.*bias$"))
-  tx, _ = optim.make_optimizer(cfg, 10, params)
-  state, new = tx.init(params), params
-  update = jax.jit(tx.update)
-  for seed in range(3):
-    updates, state = update(_random_like(params, seed), state, new)
-    new = optax.apply_updates(new, updates)
-  paths = jax.tree.leaves(optim.param_paths(params))
-  frozen = [p for p in paths if p.startswith("token_embed/") or
-            ("layers_0/" in p and p.endswith("bias"))]
-  assert len(frozen) == 9  # token table; 2 norm, 4 attention and 2 mlp biases of layer 0
-  for path, old, now in zip(paths, jax.tree.leaves(params), jax.tree.leaves(new)):
-    if path in frozen:
-      assert np.asarray(old).tobytes() == np.asarray(now).tobytes(), path
-    else:
-      assert not np.allclose(old, now), path
-
-
-@pytest.mark.parametrize("freeze,match", [
-    (("token_embd",), "matches no parameter path"),
-    ((".*",), "freeze every parameter"),
-])
-def test_bad_freeze_patterns(freeze, match, model_and_params):
-  _, params = model_and_params
-  with pytest.raises(ValueError, match=match):
-    optim.make_optimizer(_cfg(freeze=freeze, warmup_steps=0), 10, params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +294,7 @@ def test_default_config_is_valid_and_builds_every_optimizer(model_and_params):
   _, params = model_and_params
   optim.validate_optim_config(optim.default_optim_config(), batch_size=8, num_steps=1000)
   for optimizer in optim.OPTIMIZERS:
-    tx, _ = optim.make_optimizer(_cfg(optimizer=optimizer), 1000, params)
+    tx, _ = optim.make_optimizer(_cfg(optimizer=optimizer), 1000)
     jax.eval_shape(tx.init, params)
 
 

@@ -36,12 +36,13 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from models import paths
+
 STATE = "state"
 DATA = "data"
 _STEP_NAME = re.compile(r"^(0|[1-9]\d*)$")
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _ORBAX_ROOT_FILES = ("metadata", "_ROOT_METADATA")
-_MAX_LISTED = 10
 
 
 class CheckpointError(ValueError):
@@ -244,7 +245,7 @@ def _check_checkpoint_folder(directory: epath.Path) -> None:
                            or p.name in _ORBAX_ROOT_FILES or p.name.startswith(".")))
   if foreign:
     raise CheckpointError(
-        f"{directory} is not a checkpoint folder: it holds {_listing(foreign)}. Pass an empty "
+        f"{directory} is not a checkpoint folder: it holds {paths.listing(foreign)}. Pass an empty "
         "or new folder (a run's checkpoints go to WORKDIR/checkpoints), or move those away.")
 
 
@@ -295,13 +296,13 @@ def _abstract_tree(tree: Any, *, require_sharding: bool) -> Any:
   def to_struct(path, leaf):
     sharding = getattr(leaf, "sharding", None)
     if sharding is None:
-      unsharded.append(_path_name(path))
+      unsharded.append(paths.path_name(path))
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
   tree = jax.tree_util.tree_map_with_path(to_struct, tree)
   if require_sharding and unsharded:
     raise ValueError(
-        f"abstract_state needs a sharding on every leaf; missing on {_listing(unsharded)}. "
+        f"abstract_state needs a sharding on every leaf; missing on {paths.listing(unsharded)}. "
         "Build it as jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) from jax.eval_shape "
         "and the run's shardings.")
   return tree
@@ -314,14 +315,14 @@ def _check_tree_matches(abstract: Any, saved: Any, step_dir: epath.Path, *, fix:
   problems = []
   missing = sorted(want.keys() - have.keys())
   if missing:
-    problems.append(f"not in the checkpoint: {_listing(missing)}")
+    problems.append(f"not in the checkpoint: {paths.listing(missing)}")
   unexpected = sorted(have.keys() - want.keys())
   if unexpected:
-    problems.append(f"in the checkpoint but not in the model: {_listing(unexpected)}")
+    problems.append(f"in the checkpoint but not in the model: {paths.listing(unexpected)}")
   reshaped = [f"{k} {have[k]} saved, {want[k]} expected"
               for k in sorted(want.keys() & have.keys()) if want[k] != have[k]]
   if reshaped:
-    problems.append(f"shapes differ: {_listing(reshaped)}")
+    problems.append(f"shapes differ: {paths.listing(reshaped)}")
   if problems:
     raise CheckpointError(f"The checkpoint {step_dir} does not match: " + "; ".join(problems)
                           + f". {fix[0].upper()}{fix[1:]}.")
@@ -334,26 +335,8 @@ def _shapes(tree: Any, *, stored: bool) -> dict[str, tuple[int, ...]]:
     shape = tuple(getattr(leaf, "shape", ()))
     if stored and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       shape = jax.eval_shape(jax.random.key_data, leaf).shape
-    shapes[_path_name(path)] = shape
+    shapes[paths.path_name(path)] = shape
   return shapes
-
-
-def _path_name(path: tuple) -> str:
-  """'opt_state/0/mu/dense/kernel': dict keys, attribute names and indices joined by '/'."""
-  names = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        names.append(str(getattr(entry, attr)))
-        break
-    else:
-      names.append(str(entry))
-  return "/".join(names)
-
-
-def _listing(items: list[str]) -> str:
-  shown = ", ".join(items[:_MAX_LISTED])
-  return shown + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
 
 
 def _damaged(step_dir: epath.Path, error: Any) -> CheckpointError:

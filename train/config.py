@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0                          # one seed: data order, init and dropout derive from it
   c.task = "lm"                       # lm | seq2seq | classify | mlm
   c.init_from = ""                    # "" | ckpt:WORKDIR (params of another run) | hf:FOLDER
-                                      # (Hugging Face gpt2/bert/t5; see train/finetune.py)
+                                      # (Hugging Face gpt2/bert/t5; see train/trainable.py)
   c.label_smoothing = 0.0             # seq2seq/lm targets: (1 - s)·onehot + s/V
 
   c.model = ml_collections.ConfigDict()
@@ -105,6 +105,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
   return c
+
+
+def parse_variant(variant: str, *known: str, conflicts: dict | None = None
+                  ) -> ml_collections.ConfigDict:
+  """The switches of a variant string such as "tiny,lora": each known name, True if given.
+
+  An experiment's get_config(variant) applies the switches in its own fixed order (tiny last,
+  so that "tiny,lora" is a tiny LoRA run), whatever their order in the string. `conflicts`
+  maps pairs of names that cannot go together to the reason.
+  """
+  names = [name.strip() for name in variant.split(",") if name.strip()]
+  for name in names:
+    if name not in known:
+      raise ValueError(f"Unknown variant {name!r} in {variant!r}: choose from "
+                       f"{', '.join(known)} (one or more, joined by commas).")
+    if names.count(name) > 1:
+      raise ValueError(f"The variant {variant!r} names {name!r} twice: name it once.")
+  for (a, b), reason in (conflicts or {}).items():
+    if a in names and b in names:
+      raise ValueError(f"The variants {a!r} and {b!r} cannot go together: {reason}.")
+  return ml_collections.ConfigDict({name: name in names for name in known})
 
 
 def shrink_to_tiny(c: ml_collections.ConfigDict, *, local_data: str = "",
@@ -179,20 +200,20 @@ def hf_overrides(config) -> dict:
   return {k: v for k, v in model_fields(config).items() if k != "vocab_size"}
 
 
-def model_config(config, vocab_size: int) -> TransformerConfig:
+def model_config(config, vocab_size: int,
+                 pretrained_cfg: TransformerConfig | None = None) -> TransformerConfig:
   """The TransformerConfig of `config.model`: its preset with every field set as override;
-  with init_from=hf:FOLDER, FOLDER/config.json with the fields that keep shapes."""
+  with init_from=hf:FOLDER, `pretrained_cfg` (the folder's, with the fields that keep shapes)."""
   fields = model_fields(config)
   if config.init_from.startswith("hf:"):
-    model_cfg = pretrained.hf_config(config.init_from[len("hf:"):], **hf_overrides(config))
-    if fields.get("vocab_size", model_cfg.vocab_size) != model_cfg.vocab_size:
+    if fields.get("vocab_size", pretrained_cfg.vocab_size) != pretrained_cfg.vocab_size:
       raise ValueError(f"config.model.vocab_size={fields['vocab_size']} differs from the "
-                       f"{model_cfg.vocab_size} of {config.init_from}: leave it unset.")
-    if model_cfg.vocab_size < vocab_size:
+                       f"{pretrained_cfg.vocab_size} of {config.init_from}: leave it unset.")
+    if pretrained_cfg.vocab_size < vocab_size:
       raise ValueError(f"The tokenizer has {vocab_size} ids, more than the vocab_size "
-                       f"{model_cfg.vocab_size} of {config.init_from}: use its tokenizer "
+                       f"{pretrained_cfg.vocab_size} of {config.init_from}: use its tokenizer "
                        "(data.tokenizer='pretrained').")
-    return model_cfg
+    return pretrained_cfg
   if not fields.get("vocab_size"):
     fields["vocab_size"] = vocab_size
   elif fields["vocab_size"] < vocab_size:

@@ -6,9 +6,7 @@ the numbers an uninterrupted one would have produced.
 """
 
 import dataclasses
-import json
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +17,11 @@ from jax.experimental import multihost_utils
 
 from models import decoding
 from train import checkpoint, config as config_lib, inputs as inputs_lib, metrics as metrics_lib
-from train import finetune, optim, parallel
+from train import optim, parallel, tasks
 from train.data.examples import bos_eos
 from train.state import TrainState
-from train.tasks import Task, make_model, summarize
+from train.console import say
+from train.trainable import Trainable, read_source
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,50 +35,32 @@ class Experiment:
   workdir: str
   inputs: inputs_lib.Inputs
   model_cfg: object
-  task: Task
+  task: tasks.Task
+  trainable: Trainable
   mesh: object
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  trainable: Any          # a bool per state param: False where frozen (train/finetune.py)
-  lora: Any = None        # models.lora.LoraConfig with config.lora.enabled
-
-  def model_params(self, params):
-    """What the model is applied to: the state's params, with LoRA merged."""
-    return finetune.model_params(params, self.lora)
 
 
 def build(config, workdir: str) -> Experiment:
   """Validates the config and builds data, model and optimizer (nothing compiled yet)."""
   config_lib.validate(config)
   inputs = inputs_lib.make_inputs(config, workdir)
-  model_cfg = config_lib.model_config(config, inputs.vocab_size)
-  model = make_model(config.task, model_cfg, num_classes=config.model.num_classes,
-                     pooling=config.model.pooling)
-  task = Task(config.task, model, config.label_smoothing)
-  mesh = parallel.make_mesh(config.mesh)
-  abstract_params = parallel.unbox(jax.eval_shape(lambda: finetune.init_params(
-      model, config, jax.random.key(0), *dummy_inputs(config))))
-  trainable = finetune.trainable(abstract_params, config)
-  tx, schedule = finetune.make_optimizer(config, abstract_params, trainable)
-  return Experiment(config, workdir, inputs, model_cfg, task, mesh, tx, schedule, trainable,
-                    finetune.lora_config(config))
-
-
-def dummy_inputs(config) -> tuple:
-  d = config.data
-  if config.task == "seq2seq":
-    return (jnp.zeros((1, d.inputs_len), jnp.int32), jnp.zeros((1, d.targets_len), jnp.int32))
-  return (jnp.zeros((1, d.seq_len), jnp.int32),)
+  source = read_source(config)
+  model_cfg = config_lib.model_config(config, inputs.vocab_size, source and source.model_cfg)
+  model = tasks.make_model(config.task, model_cfg, num_classes=config.model.num_classes,
+                           pooling=config.model.pooling)
+  task = tasks.Task(config.task, model, config.label_smoothing)
+  trainable = Trainable(config, model, tasks.init_inputs(config.task, config.data), source)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
+  return Experiment(config, workdir, inputs, model_cfg, task, trainable,
+                    parallel.make_mesh(config.mesh), trainable.optimizer(tx), schedule)
 
 
 def init_state(exp: Experiment, rng):
   """The sharded TrainState and its shardings (parameters placed by the mesh rules)."""
   init_rng, train_rng = jax.random.split(rng)
-
-  def init(rng):
-    params = finetune.init_params(exp.task.model, exp.config, rng, *dummy_inputs(exp.config))
-    return TrainState.create(params=params, tx=exp.tx, rng=train_rng)
-
+  init = lambda rng: TrainState.create(params=exp.trainable.init(rng), tx=exp.tx, rng=train_rng)
   return parallel.init_state(init, exp.mesh, parallel.DEFAULT_RULES, init_rng)
 
 
@@ -87,8 +68,8 @@ def make_train_step(exp: Experiment):
   accum = exp.config.optim.grad_accum_steps
 
   def loss_fn(params, batch, rng):
-    params = exp.model_params(finetune.stop_frozen_gradients(params, exp.trainable))
-    objective_sum, sums = exp.task.loss(params, batch, rng, train=True)
+    objective_sum, sums = exp.task.loss(exp.trainable.model_params(params), batch, rng,
+                                        train=True)
     return objective_sum, (sums["weight"], sums)
 
   def train_step(state: TrainState, batch):
@@ -103,6 +84,7 @@ def make_train_step(exp: Experiment):
 
 
 def write_config(exp: Experiment):
+  """WORKDIR/config.json: the config as run, with the model's vocab_size resolved."""
   resolved = exp.config.copy_and_resolve_references()
   with resolved.unlocked():
     resolved.model.vocab_size = exp.model_cfg.vocab_size
@@ -125,10 +107,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                save_every=t.checkpoint_every or t.num_steps,
                                keep=t.keep_checkpoints) as checkpointer:
-    state = restore_or_start(exp, checkpointer, state, shardings, train_iter)
-    num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))
-    num_trained = sum(np.prod(x.shape) for x, train in zip(
-        jax.tree.leaves(state.params), jax.tree.leaves(exp.trainable)) if train)
+    if checkpointer.latest_step() is not None:
+      state, data_state = exp.trainable.resume(checkpointer, state, shardings)
+      train_iter.set_state(data_state)
+      say(f"Resumed from step {int(state.step)} of {workdir}.")
+    elif config.init_from:
+      state = state.replace(params=exp.trainable.initialise(state.params))
+    num_params, num_trained = exp.trainable.num_params
     trained = "" if num_trained == num_params else f" ({num_trained:,} trained)"
     say(f"{config.task}: {num_params / 1e6:.2f}M parameters{trained} on {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s), mesh {dict(exp.mesh.shape)}; TensorBoard: "
@@ -145,24 +130,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
-def restore_or_start(exp: Experiment, checkpointer, state, shardings, train_iter):
-  """The latest checkpoint of the workdir (data position included), else `init_from`.
-
-  An adapter-only checkpoint (config.lora) holds what trains; the rest comes from init_from.
-  """
-  config, resume = exp.config, checkpointer.latest_step() is not None
-  if config.init_from and (not resume or config.lora.adapter_only_checkpoint):
-    state = state.replace(params=finetune.initialise_from(config, state.params, exp.trainable))
-  if resume:
-    saved = finetune.saved_view(config, state, exp.trainable)
-    restored, data_state = checkpointer.restore(abstract(
-        saved, finetune.saved_view(config, shardings, exp.trainable)))
-    state = finetune.from_saved_view(config, state, restored)
-    train_iter.set_state(data_state)
-    say(f"Resumed from step {int(state.step)} of {exp.workdir}.")
-  return state
-
-
 def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> dict:
   """Steps to num_steps: metrics every log_every, evals, checkpoints; stops on SIGTERM."""
   t = exp.config.train
@@ -171,6 +138,7 @@ def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> 
                        out_shardings=(shardings, None), donate_argnums=0)
   evaluator = Evaluator(exp)
   throughput = Throughput(exp, state.params)
+  data_report = DataReport("train")
   step, pending, last_eval = int(state.step), [], {}
   with checkpoint.PreemptionGuard() as guard:
     while step < t.num_steps:
@@ -183,11 +151,12 @@ def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> 
       save = checkpointer.should_save(step) or last or stop
       if step % t.log_every == 0 or save:
         logged = flush(pending, step)
-        writer.write(step, "train", {**logged, **throughput.lap(logged, len(pending))})
+        writer.write(step, "train", {**logged, **throughput.lap(logged, len(pending)),
+                                     **data_report(train_iter.counts)})
         pending = []
       if save:
-        checkpointer.save(step, finetune.saved_view(exp.config, state, exp.trainable),
-                          train_iter.get_state(), force=last or stop)
+        checkpointer.save(step, exp.trainable.saved_view(state), train_iter.get_state(),
+                          force=last or stop)
       if stop:
         say(f"Stopped by a signal at step {step}; checkpoint saved, rerun to resume.")
         break
@@ -202,21 +171,10 @@ def global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def say(message: str):
-  """A line for the person running the experiment (process 0 only)."""
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
-def abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
 def flush(pending: list, step: int) -> dict:
   """Sums the steps' metric sums since the last log; a non-finite loss stops the run."""
   sums = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *pending))
-  summary = summarize(sums)
+  summary = tasks.summarize(sums)
   if not np.isfinite(summary["loss"]):
     raise NonFiniteLossError(
         f"The training loss became {summary['loss']} by step {step}. The last good "
@@ -266,19 +224,20 @@ class Evaluator:
     self.batch_size = t.batch_size
     sharding = parallel.batch_sharding(exp.mesh)
     self.eval_step = jax.jit(lambda p, b: exp.task.loss(p, b)[1], in_shardings=(None, sharding))
-    self.model_params = jax.jit(exp.model_params) if exp.lora else (lambda params: params)
+    self.model_params = jax.jit(exp.trainable.model_params)
     self.search = decoding_search(exp.config, exp.inputs.target_tokenizer)
+    self.data_report = DataReport("eval")
 
   def __call__(self, params, step: int, writer) -> dict:
     exp, limit = self.exp, self.exp.config.train.eval_batches
     params = self.model_params(params)
-    sums = None
-    for i, batch in enumerate(exp.inputs.eval_pipeline(self.batch_size)):
+    sums, batches = None, iter(exp.inputs.eval_pipeline(self.batch_size))
+    for i, batch in enumerate(batches):
       if limit and i >= limit:
         break
       out = self.eval_step(params, parallel.host_to_global(batch, exp.mesh))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    results = summarize(jax.device_get(sums))
+    results = {**tasks.summarize(jax.device_get(sums)), **self.data_report(batches.counts)}
     if exp.config.task == "seq2seq":
       results.update(self.decode_metrics(params))
     writer.write(step, "eval", results)
@@ -296,8 +255,8 @@ class Evaluator:
           exp.task.model, params, tokens_BS, self.search, encoder_padding_mask_BS=mask_BS,
           decoder_start_id=bos_eos(exp.inputs.target_tokenizer)[0])
       new_tokens = gather(out.tokens_BN)
-      real = gather_host(batch["weights"].sum(-1) > 0)
-      sources, references = gather_host(batch["encoder_tokens"]), gather_host(
+      real = gather(batch["weights"].sum(-1) > 0)
+      sources, references = gather(batch["encoder_tokens"]), gather(
           batch["decoder_targets"])
       for keep, src, ref, pred in zip(real, sources, references, new_tokens):
         if keep:
@@ -313,17 +272,33 @@ class Evaluator:
 
 
 def gather(x) -> np.ndarray:
-  """A global array as numpy on every host."""
+  """Every host's rows as one numpy array, in process order: of a global jax array, or of
+  host-local numpy rows."""
   if jax.process_count() == 1:
     return np.asarray(x)
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def gather_host(x: np.ndarray) -> np.ndarray:
-  """Host-local rows of every host, in process order."""
-  if jax.process_count() == 1:
-    return x
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+class DataReport:
+  """The data pipeline's counts as metrics, and a line whenever examples were lost or cut.
+
+  Counts are cumulative over the run (a resumed run's include the steps before the resume):
+  examples read, and those dropped (empty, over-long pairs), cut (truncated, split) or
+  decoded with replacement characters (invalid UTF-8).
+  """
+
+  LOSSES = ("empty", "dropped_long", "truncated", "truncated_tokens", "split", "invalid_utf8")
+
+  def __init__(self, split: str):
+    self.split, self.reported = split, {}
+
+  def __call__(self, counts: dict) -> dict:
+    losses = {k: counts[k] for k in self.LOSSES if counts.get(k)}
+    if losses and losses != self.reported:
+      say(f"{self.split} data: {counts['examples']:,} examples read; " + ", ".join(
+          f"{v:,} {k.replace('_', ' ')}" for k, v in losses.items()) + ".")
+      self.reported = losses
+    return {f"data_{k}": v for k, v in counts.items()}
 
 
 def decoding_search(config, tokenizer) -> decoding.Search:

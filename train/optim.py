@@ -1,6 +1,7 @@
-"""Optax optimizers for tapete: schedules, clipping, weight-decay masks, freezing, accumulation.
+"""Optax optimizers for tapete: schedules, clipping, weight-decay masks, accumulation.
 
-Config: `config.optim` (see `default_optim_config`, the schema of notes/TRAIN.md).
+Config: `config.optim` (see `default_optim_config`). Which parameters train (optim.freeze,
+LoRA) is train/trainable.py's: it wraps the optimizer made here.
 
 Step convention. An optax schedule is called with the optimizer's update count: 0 for the
 first update. Our schedules are written in terms of the 1-based update number
@@ -35,6 +36,8 @@ import ml_collections
 import optax
 from ml_collections import config_dict
 
+from models import paths
+
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("constant", "cosine", "linear", "rsqrt")
 EMBEDDING_NAMES = ("embedding", "rel_embedding")  # token, position, type and relative tables
@@ -58,7 +61,8 @@ def default_optim_config() -> ml_collections.ConfigDict:
       decay_norms_and_biases=False,     # also decay norm scales and biases
       clip_norm=1.0,                    # global-norm clipping of the trainable grads; 0/None = off
       grad_accum_steps=1,               # microbatches per step (accumulated inside the step)
-      freeze=(),                        # regexes (re.search) over "/"-joined param paths
+      freeze=(),                        # regexes (re.search) over "/"-joined param paths of
+                                        # params to freeze (applied by train/trainable.py)
   ))
 
 
@@ -81,10 +85,6 @@ def _resolved(optim_cfg) -> ml_collections.ConfigDict:
 
 def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _freeze_patterns(freeze) -> tuple[str, ...]:
-  return (freeze,) if isinstance(freeze, str) else tuple(freeze or ())
 
 
 def _problems(cfg, batch_size: int | None, num_steps: int | None) -> list[str]:
@@ -123,7 +123,7 @@ def _problems(cfg, batch_size: int | None, num_steps: int | None) -> list[str]:
   elif batch_size is not None and batch_size % cfg.grad_accum_steps:
     problems.append(f"grad_accum_steps={cfg.grad_accum_steps} does not divide the batch size "
                     f"{batch_size}: choose a divisor of it or change train.batch_size")
-  for pattern in _freeze_patterns(cfg.freeze):
+  for pattern in (cfg.freeze,) if isinstance(cfg.freeze, str) else tuple(cfg.freeze or ()):
     try:
       re.compile(pattern)
     except (re.error, TypeError) as error:
@@ -164,20 +164,7 @@ def make_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter paths, the weight-decay mask and freezing.
-
-
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def param_paths(params) -> Any:
-  """The pytree of `params` with each leaf replaced by its "/"-joined path ("a/b/kernel")."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: "/".join(_key_name(k) for k in path), params)
+# The weight-decay mask.
 
 
 def weight_decay_mask(params, *, decay_embeddings: bool = False,
@@ -192,26 +179,7 @@ def weight_decay_mask(params, *, decay_embeddings: bool = False,
     if name in NORM_AND_BIAS_NAMES:
       return decay_norms_and_biases
     return len(getattr(leaf, "shape", ())) >= 2
-  return jax.tree.map(decays, param_paths(params), params)
-
-
-def freeze_labels(params, patterns) -> Any:
-  """Labels: "frozen" where a regex matches the param path (re.search), "trainable" elsewhere."""
-  compiled = [re.compile(p) for p in _freeze_patterns(patterns)]
-  return jax.tree.map(lambda path: "frozen" if any(c.search(path) for c in compiled)
-                      else "trainable", param_paths(params))
-
-
-def _check_freeze(params, patterns) -> None:
-  """A pattern that matches nothing (likely a typo) or freezes everything is an error."""
-  paths = jax.tree.leaves(param_paths(params))
-  for pattern in patterns:
-    if not any(re.search(pattern, path) for path in paths):
-      raise ValueError(f"optim.freeze pattern {pattern!r} matches no parameter path (a typo?); "
-                       f"paths look like {paths[:3]}.")
-  if all(any(re.search(p, path) for p in patterns) for path in paths):
-    raise ValueError(f"optim.freeze patterns {list(patterns)} freeze every parameter: "
-                     "nothing would train; narrow the patterns.")
+  return jax.tree.map(decays, paths.param_paths(params), params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,16 +205,13 @@ def _optimizer(cfg, schedule: optax.Schedule, decay_mask: Callable) -> optax.Gra
       optax.scale_by_learning_rate(schedule))
 
 
-def make_optimizer(optim_cfg, num_steps: int,
-                   params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(optim_cfg,
+                   num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax transformation of `config.optim` and its learning-rate schedule.
 
-  `params` (arrays or `jax.ShapeDtypeStruct`s, unboxed) are only read for their paths, to
-  check the freeze patterns. Adafactor is optax.adafactor's defaults (factored second moments,
+  Adafactor is optax.adafactor's defaults (factored second moments,
   update clipping 1.0, parameter-scaled steps, no momentum) with our schedule and weight decay;
   b1, b2, eps and momentum do not apply to it.
-  Clipping sees the trainable gradients only; frozen parameters get zero updates and no
-  optimizer state.
   """
   cfg = _resolved(optim_cfg)
   schedule = make_schedule(cfg, num_steps)
@@ -255,13 +220,6 @@ def make_optimizer(optim_cfg, num_steps: int,
   tx = _optimizer(cfg, schedule, decay_mask)
   if cfg.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
-  patterns = _freeze_patterns(cfg.freeze)
-  if patterns:
-    _check_freeze(params, patterns)
-    # Labels computed here, from unboxed params: a callable would label partitioning boxes
-    # (model.init's params) and leave optax's masked nodes inside them.
-    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
-                               freeze_labels(params, patterns))
   return tx, schedule
 
 

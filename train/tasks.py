@@ -86,7 +86,7 @@ def smoothed_cross_entropy(logits_BTV, targets_BT, smoothing: float):
   so that a perfect prediction scores 0 (as the Flax WMT example reports it)."""
   vocab = logits_BTV.shape[-1]
   q_true, q_other = 1.0 - smoothing + smoothing / vocab, smoothing / vocab
-  entropy = -(q_true * math.log(q_true) + (vocab - 1) * q_other * math.log(q_other))
+  entropy = -(q_true * math.log(q_true) + (vocab - 1) * q_other * math.log(q_other or 1.0))
   labels = optax.smooth_labels(jax.nn.one_hot(targets_BT, vocab), smoothing)
   return optax.softmax_cross_entropy(logits_BTV, labels) - entropy
 
@@ -112,3 +112,10 @@ def make_model(task: str, model_cfg: transformer.TransformerConfig, *, num_class
   if task == "mlm":
     return transformer.EncoderMaskedLM(model_cfg)
   raise ValueError(f"Unknown task {task!r}; choose from {TASKS}.")
+
+
+def init_inputs(task: str, data) -> tuple:
+  """Inputs of the model's shapes for `model.init`: one row of zeros per model argument."""
+  if task == "seq2seq":
+    return (jnp.zeros((1, data.inputs_len), jnp.int32), jnp.zeros((1, data.targets_len), jnp.int32))
+  return (jnp.zeros((1, data.seq_len), jnp.int32),)

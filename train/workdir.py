@@ -1,54 +1,108 @@
-"""A trained workdir, loaded back: its config, tokenizers, model and latest parameters."""
+"""A trained run loaded for inference: its model, parameters and tokenizers, nothing more.
 
+`load(workdir)` reads config.json, the latest checkpoint's params (with LoRA: merged) and the
+tokenizers (trained ones from their cached files); it reads no data and builds no optimizer.
+`model_inputs(run, text)` lays an input text out as training did (train/data/examples.py).
+"""
+
+import dataclasses
 import json
 import os
+from typing import Any
 
-from absl import flags, logging
-import jax
+import flax.linen as nn
 import ml_collections
 import numpy as np
 
-from train import finetune, loop, parallel
-from train.data.examples import bos_eos
+from models import decoding, pretrained
+from train import run_tokenizers
+from train.data import examples
+from train.data.tokenizers import Tokenizer
+
+MASK = "<mask>"  # mlm: where a token is to be filled in, in an input text
 
 
-# The flags of the CLIs over a workdir (train.generate, train.attention_maps), defined once.
-WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
-INPUT = flags.DEFINE_multi_string("input", None, "Input text (repeat for several).")
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A trained run, ready to answer."""
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  params: Any                    # the model's (LoRA merged), ready for model.apply
+  input_tokenizer: Tokenizer
+  target_tokenizer: Tokenizer
+  decoder_start_id: int | None   # seq2seq: the decoder's first input; None otherwise
 
 
-def quiet():
-  """Keeps orbax's and grain's INFO lines off the terminal."""
-  logging.set_verbosity(logging.WARNING)
-
-
-def load(workdir: str):
-  """(experiment, params) of the run in `workdir`, from config.json and its latest checkpoint
-  (with LoRA: the base merged with its adapters)."""
+def load(workdir: str) -> Run:
+  """The run in `workdir`, from its config.json, latest checkpoint and tokenizers."""
+  # These import optax (train.optim, the losses); imported here, `import train.generate` stays
+  # light and only loading a run pays for them.
+  from train import config as config_lib, tasks, trainable as trainable_lib
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{workdir} holds no config.json: is it the --workdir of a training run "
                      "(python -m train --config=... --workdir=...)?")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  exp = loop.build(config, workdir)
-  abstract_params = parallel.unbox(jax.eval_shape(lambda: finetune.init_params(
-      exp.task.model, config, jax.random.key(0), *loop.dummy_inputs(config))))
-  return exp, finetune.load_params(config, workdir, abstract_params, exp.trainable)
+  input_tokenizer, target_tokenizer = run_tokenizers.make_tokenizers(config, workdir)
+  vocab_size = max(input_tokenizer.vocab_size, target_tokenizer.vocab_size)
+  source = trainable_lib.read_source(config) if config.lora.adapter_only_checkpoint else None
+  folder_cfg = None
+  if config.init_from.startswith("hf:"):
+    folder_cfg = source.model_cfg if source else pretrained.hf_config(
+        config.init_from[len("hf:"):], **config_lib.hf_overrides(config))
+  model = tasks.make_model(config.task, config_lib.model_config(config, vocab_size, folder_cfg),
+                           num_classes=config.model.num_classes, pooling=config.model.pooling)
+  trainable = trainable_lib.Trainable(config, model, tasks.init_inputs(config.task, config.data),
+                                      source)
+  start = (run_tokenizers.decoder_start_id(config, target_tokenizer)
+           if config.task == "seq2seq" else None)
+  return Run(config, model, trainable.trained_params(workdir), input_tokenizer,
+             target_tokenizer, start)
 
 
-def encode_source(exp, text: str) -> np.ndarray:
-  """The model input of one text as training saw it: [1, length] ids, ending in EOS."""
-  tokenizer = exp.inputs.input_tokenizer
-  _, eos = bos_eos(tokenizer)
-  ids = tokenizer.encode(text)
-  if exp.config.task == "lm":
-    return np.asarray([[bos_eos(tokenizer)[0]] + ids], np.int32)
-  return np.asarray([ids + [eos]], np.int32)
+def model_inputs(run: Run, text: str, target: list[int] | None = None) -> dict[str, np.ndarray]:
+  """One input text laid out as the training pipeline lays it out, as a batch of one.
+
+  lm: {"inputs": BOS text}; seq2seq: {"encoder_tokens": text EOS, "decoder_inputs": the
+  decoder start + `target` (ids of an answer, for teacher forcing)}; classify and mlm: the
+  padded row {"tokens", "padding_mask", "token_types"}, where an mlm text's "<mask>" are
+  mask ids.
+  """
+  config, tokenizer = run.config, run.input_tokenizer
+  if config.task == "lm":
+    inputs, _ = examples.lm_tokens(tokenizer, tokenizer.encode(text))
+    return {"inputs": inputs[None]}
+  if config.task == "seq2seq":
+    tokens, _ = examples.seq2seq_tokens(
+        tokenizer, run.target_tokenizer, tokenizer.encode(text), list(target or []),
+        inputs_len=config.data.inputs_len, targets_len=config.data.targets_len,
+        decoder_start_id=run.decoder_start_id)
+    return {key: tokens[key][None] for key in ("encoder_tokens", "decoder_inputs")}
+  ids = _with_masks(tokenizer, text) if config.task == "mlm" else tokenizer.encode(text)
+  row, _ = examples.classification_tokens(tokenizer, config.data.seq_len, ids)
+  return {key: value[None] for key, value in row.items()}
 
 
-def token_labels(tokenizer, ids) -> list[str]:
+def _with_masks(tokenizer: Tokenizer, text: str) -> list[int]:
+  """The ids of `text` with the mask id for each "<mask>"."""
+  pieces = [tokenizer.encode(piece) for piece in text.split(MASK)]
+  return sum((piece + [tokenizer.mask_id] for piece in pieces[:-1]), []) + pieces[-1]
+
+
+def decoding_search(config, tokenizer: Tokenizer) -> decoding.Search:
+  """The decoding settings of `config.decode`, stopping at the tokenizer's EOS."""
+  d = config.decode
+  return decoding.Search(
+      method=d.method, max_new_tokens=d.max_new_tokens or (
+          config.data.targets_len if config.task == "seq2seq" else 64),
+      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=d.temperature,
+      top_k=d.top_k or None, top_p=d.top_p or None, beam_size=d.beam_size,
+      length_penalty_alpha=d.length_penalty_alpha)
+
+
+def token_labels(tokenizer: Tokenizer, ids) -> list[str]:
   """One printable label per id; special ids by name."""
   names = {tokenizer.pad_id: "<pad>", tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>",
-           tokenizer.mask_id: "<mask>"}
+           tokenizer.mask_id: MASK}
   return [names.get(int(i)) or tokenizer.decode([int(i)]) or f"#{int(i)}" for i in ids]
