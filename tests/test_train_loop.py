@@ -156,3 +156,29 @@ def test_quickstart_learns_on_a_short_budget(tmp_path):
   assert first > 1.5
   assert results["loss"] < 0.5 * first
   assert results["exact_match"] > 0.2
+
+
+def test_truncated_examples_are_reported_in_metrics_and_the_log(tmp_path, capsys):
+  """Every line is 30 bytes; rows hold BOS + 14 bytes + EOS, so each example loses 16."""
+  from train import config as config_lib
+  folder = tmp_path / "data"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 40), ("validation", 12)):
+    lines = [f"{i % 2}\t" + "".join(rng.choice(list("abcdefghij"), 30)) for i in range(count)]
+    (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+  config = config_lib.shrink_to_tiny(config_lib.base_config())
+  config.task, config.model.num_classes = "classify", 2
+  config.data.source, config.data.seq_len = f"local:{folder}", 16
+  config.model.position = "learned"
+  loop.train_and_evaluate(config, str(tmp_path / "run"))
+  lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  for line in lines:
+    examples = config.train.batch_size * line["step"] if line["split"] == "train" else 12
+    assert line["data_examples"] == examples, line
+    assert line["data_truncated"] == examples and line["data_truncated_tokens"] == 16 * examples
+    assert line["data_empty"] == line["data_dropped_long"] == 0
+  assert {line["split"] for line in lines} == {"train", "eval"}
+  out = capsys.readouterr().out
+  assert "train data: 16 examples read; 16 truncated, 256 truncated tokens." in out
+  assert "eval data: 12 examples read; 12 truncated, 192 truncated tokens." in out

@@ -107,12 +107,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                save_every=t.checkpoint_every or t.num_steps,
                                keep=t.keep_checkpoints) as checkpointer:
-    if checkpointer.latest_step() is not None:
-      state, data_state = exp.trainable.resume(checkpointer, state, shardings)
+    state, data_state = exp.trainable.start(checkpointer, state, shardings)
+    if data_state is not None:
       train_iter.set_state(data_state)
       say(f"Resumed from step {int(state.step)} of {workdir}.")
-    elif config.init_from:
-      state = state.replace(params=exp.trainable.initialise(state.params))
     num_params, num_trained = exp.trainable.num_params
     trained = "" if num_trained == num_params else f" ({num_trained:,} trained)"
     say(f"{config.task}: {num_params / 1e6:.2f}M parameters{trained} on {jax.device_count()} "

@@ -47,7 +47,7 @@ def flops_per_token(model_cfg, params, seq_len: int, num_layers: int) -> float:
   matmul = sum(np.prod(x.shape) for path, x in leaves if not is_lookup(path))
   if model_cfg.tie_output:
     matmul += model_cfg.vocab_size * model_cfg.d_model
-  attention = 12 * num_layers * model_cfg.num_heads * model_cfg.head_size * seq_len
+  attention = 12 * num_layers * model_cfg.num_heads * model_cfg.head_dim * seq_len
   return 6 * float(matmul) + attention
 
 
@@ -92,7 +92,7 @@ class MetricsWriter:
 
 
 class Stopwatch:
-  """Seconds and counts since the last `lap`, for tokens/s."""
+  """Seconds since the last `lap`, for tokens/s."""
 
   def __init__(self):
     self.start = time.perf_counter()

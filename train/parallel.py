@@ -9,16 +9,16 @@ devices, a GPU, a cluster. Parameters carry logical axis names (models/ uses
   vocab, mlp, heads, kv_heads, hidden -> "tensor"   Megatron tensor parallelism
   everything else          -> replicated
 
-Rules are data: `logical_rules({"embed": None})` switches FSDP sharding off, for instance, and
-`config.mesh.rules` carries such overrides. A dimension whose size its mesh axes do not divide
+Rules are data: `logical_rules({"embed": None})` switches FSDP sharding off, for instance (the
+training loop uses `DEFAULT_RULES`; code of your own passes such overrides). A dimension whose size its mesh axes do not divide
 (vocab 37 over tensor=4) is replicated along that dimension instead, with a logged warning, so
 training keeps working.
 
 Typical use, in this order:
 
-  maybe_initialize_distributed(config)          # before any other jax call
+  maybe_initialize_distributed(config.distributed)  # before any other jax call
   mesh = make_mesh(config.mesh)
-  rules = logical_rules(config.mesh.get("rules"))
+  rules = logical_rules({"embed": None})        # or DEFAULT_RULES
   state, state_shardings = init_state(init_fn, mesh, rules, rng)
   step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh, rules)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)

@@ -166,7 +166,22 @@ class Trainable:
 
   # --- Starting and resuming.
 
-  def initialise(self, params) -> Any:
+  def start(self, checkpointer: checkpoint.Checkpointer, state, shardings):
+    """(state, data iterator state) to train from: the latest checkpoint's (an adapter-only
+    one laid over the base that `init_from` rebuilds), else `state` with `init_from` restored
+    into it and no data state."""
+    if self.source is not None and (checkpointer.latest_step() is None or self.adapter_only):
+      state = state.replace(params=self._initialise(state.params))
+    if checkpointer.latest_step() is None:
+      return state, None
+    restored, data_state = checkpointer.restore(jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        self.saved_view(state), self.saved_view(shardings)))
+    if self.adapter_only:
+      restored = restored.replace(params=_overlay(state.params, restored.params))
+    return restored, data_state
+
+  def _initialise(self, params) -> Any:
     """The state's params (sharded arrays) with everything the source holds restored."""
     if self.lora is None:
       return restore(params, self.source, self.mask)
@@ -178,18 +193,6 @@ class Trainable:
     if not self.adapter_only:
       return state
     return state.replace(params=_subset(state.params, self.mask))
-
-  def resume(self, checkpointer: checkpoint.Checkpointer, state, shardings):
-    """The state of the latest checkpoint; an adapter-only one is laid over the base that
-    `init_from` rebuilds. Returns (state, data iterator state)."""
-    if self.adapter_only:
-      state = state.replace(params=self.initialise(state.params))
-    restored, data_state = checkpointer.restore(jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        self.saved_view(state), self.saved_view(shardings)))
-    if self.adapter_only:
-      restored = restored.replace(params=_overlay(state.params, restored.params))
-    return restored, data_state
 
   # --- Inference.
 

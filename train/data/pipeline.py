@@ -40,7 +40,8 @@ Nothing is dropped silently: `BatchIterator.counts` holds, for the examples behi
 the batches returned so far, `examples` read, `empty` (blank text: dropped),
 `invalid_utf8` (bytes decoded with replacement characters), `truncated`, `split`
 (over-long LM examples cut into several), `dropped_long` (over-long seq2seq pairs,
-overlong="drop") and `truncated_tokens`; log them as metrics. (`Pipeline.dataset`,
+overlong="drop") and `truncated_tokens`; train/loop.py logs them (metrics.jsonl and a
+line whenever examples were lost or cut). (`Pipeline.dataset`,
 the grain dataset itself, yields these per row as an extra "counts" [B, 7].)
 
 `get_state()` / `set_state()` (JSON-able, counts included; save it in the orbax
