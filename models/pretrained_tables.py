@@ -154,7 +154,7 @@ def _t5_config(hf: dict, tensors: dict) -> TransformerConfig:
 
 
 def _dims(cfg: TransformerConfig):
-  return cfg.d_model, cfg.num_heads, cfg.head_size, cfg.d_ff
+  return cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.d_ff
 
 
 def gpt2_table(cfg: TransformerConfig, hf_config: dict, tensors: dict, **no_heads) -> list[Row]:

@@ -36,12 +36,16 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TransformerConfig:
-  """Hyperparameters of every model family; validated on construction."""
+  """Hyperparameters of every model family; validated on construction.
+
+  A head_dim left None is resolved to d_model // num_heads on construction; `cfg.replace`
+  (rather than dataclasses.replace) derives it again from the new d_model and num_heads.
+  """
   vocab_size: int
   d_model: int = 512                    # width of the residual stream
   num_heads: int = 8                    # query heads
   num_kv_heads: int | None = None       # key/value heads (grouped-query); None = num_heads
-  head_dim: int | None = None           # None = d_model // num_heads
+  head_dim: int | None = None           # None = d_model // num_heads (resolved on construction)
   d_ff: int = 2048                      # hidden width of the feed-forward layer
   num_layers: int = 6                   # layers of the stack (EncoderDecoder: the encoder)
   num_decoder_layers: int | None = None  # EncoderDecoder's decoder; None = num_layers
@@ -68,20 +72,26 @@ class TransformerConfig:
   dropout_rate: float = 0.0             # on embeddings and each residual branch
   attention_dropout_rate: float = 0.0   # on attention weights
   ffn_dropout_rate: float = 0.0         # inside the feed-forward, after the activation (T5)
-  dtype: str = "float32"                # compute dtype (bfloat16 on accelerators)
-  param_dtype: str = "float32"          # parameter dtype
+  dtype: str = "float32"                # compute dtype name (bfloat16 on accelerators)
+  param_dtype: str = "float32"          # parameter dtype name
   scan_layers: bool = False             # nn.scan over layers: compile time flat in depth
   remat_policy: str = "none"            # none | full | dots | dots_no_batch
   attention_implementation: str | None = None  # None (fastest) | reference | xla | cudnn
+
+  _head_dim_derived = False  # Not a field: True once a None head_dim has been resolved.
 
   def __post_init__(self):
     problems = []
     for name in ("vocab_size", "d_model", "num_heads", "d_ff", "num_layers"):
       if getattr(self, name) <= 0:
         problems.append(f"{name} must be positive, got {getattr(self, name)}")
-    if self.head_dim is None and self.num_heads > 0 and self.d_model % self.num_heads:
+    derived = self.head_dim is None
+    head_dim = self.d_model // max(self.num_heads, 1) if derived else self.head_dim
+    if derived and self.num_heads > 0 and self.d_model % self.num_heads:
       problems.append(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}: "
                       "change one of them or set head_dim")
+    if not derived and head_dim <= 0:
+      problems.append(f"head_dim must be positive, got {head_dim}")
     if self.num_kv_heads is not None and (
         self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
       problems.append(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
@@ -97,9 +107,10 @@ class TransformerConfig:
       try:
         jnp.dtype(getattr(self, name))
       except TypeError:
-        problems.append(f"{name}={getattr(self, name)!r} is not a dtype (e.g. 'float32', 'bfloat16')")
-    if self.position == "rope" and self.head_size % 2:
-      problems.append(f"RoPE needs an even head_dim, got {self.head_size}")
+        problems.append(f"{name}={getattr(self, name)!r} is not a dtype name "
+                        "(e.g. 'float32', 'bfloat16')")
+    if self.position == "rope" and head_dim % 2:
+      problems.append(f"RoPE needs an even head_dim, got {head_dim}")
     if self.position == "learned" and self.max_len <= 0:
       problems.append("learned positions need max_len > 0")
     if self.position == "relative" and (self.relative_buckets < 4 or self.relative_buckets % 2):
@@ -111,41 +122,34 @@ class TransformerConfig:
       problems.append(f"num_decoder_layers must be positive, got {self.num_decoder_layers}")
     if problems:
       raise ValueError("Invalid TransformerConfig: " + "; ".join(problems) + ".")
-
-  @property
-  def head_size(self) -> int:
-    return self.head_dim or self.d_model // self.num_heads
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def params_dtype(self):
-    return jnp.dtype(self.param_dtype)
+    object.__setattr__(self, "head_dim", head_dim)
+    object.__setattr__(self, "_head_dim_derived", derived)
 
   def replace(self, **changes) -> "TransformerConfig":
+    """A copy with `changes`; a head_dim that was derived is derived again."""
+    if self._head_dim_derived:
+      changes.setdefault("head_dim", None)
     return dataclasses.replace(self, **changes)
 
 
 def _norm(cfg: TransformerConfig, name: str) -> layers.Norm:
   return layers.Norm(cfg.norm, epsilon=cfg.norm_epsilon, use_bias=cfg.norm_use_bias,
-                     dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name=name)
+                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
 
 def _attention(cfg: TransformerConfig, name: str) -> MultiHeadAttention:
   return MultiHeadAttention(
-      num_heads=cfg.num_heads, head_dim=cfg.head_size, num_kv_heads=cfg.num_kv_heads,
+      num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
       use_bias=cfg.use_bias, dropout_rate=cfg.attention_dropout_rate, scale=cfg.attention_scale,
       rope_max_wavelength=cfg.rope_max_wavelength if cfg.position == "rope" else None,
-      implementation=cfg.attention_implementation, dtype=cfg.compute_dtype,
-      param_dtype=cfg.params_dtype, name=name)
+      implementation=cfg.attention_implementation, dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype, name=name)
 
 
 def _feed_forward(cfg: TransformerConfig) -> layers.FeedForward:
   return layers.FeedForward(cfg.d_ff, activation=cfg.activation, gated=cfg.gated_ffn,
                             use_bias=cfg.use_bias, dropout_rate=cfg.ffn_dropout_rate,
-                            dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name="mlp")
+                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")
 
 
 def _add_and_norm(cfg: TransformerConfig, name: str, x_BTD, branch, deterministic: bool):
@@ -248,16 +252,16 @@ class _Embedder(nn.Module):
     if cfg.scale_embeddings:
       x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), x_BTD.dtype)
     if cfg.position == "learned":
-      x_BTD = x_BTD + layers.LearnedPositions(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
-                                              param_dtype=cfg.params_dtype,
+      x_BTD = x_BTD + layers.LearnedPositions(cfg.max_len, cfg.d_model, dtype=cfg.dtype,
+                                              param_dtype=cfg.param_dtype,
                                               name="position_embed")(positions_BT)
     elif cfg.position == "sinusoidal":
       x_BTD = x_BTD + layers.sinusoidal_positions(positions_BT, cfg.d_model).astype(x_BTD.dtype)
     if cfg.num_token_types:
       if token_types_BT is None:
         token_types_BT = jnp.zeros_like(tokens_BT)
-      x_BTD = x_BTD + layers.Embed(cfg.num_token_types, cfg.d_model, dtype=cfg.compute_dtype,
-                                   param_dtype=cfg.params_dtype,
+      x_BTD = x_BTD + layers.Embed(cfg.num_token_types, cfg.d_model, dtype=cfg.dtype,
+                                   param_dtype=cfg.param_dtype,
                                    embedding_init=nn.initializers.normal(0.02),
                                    name="token_type_embed")(token_types_BT)
     if cfg.embedding_norm:
@@ -271,7 +275,7 @@ def _relative_bias(cfg: TransformerConfig, bidirectional: bool, query_positions_
     return None
   return layers.RelativePositionBias(
       cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance, bidirectional,
-      dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+      dtype=cfg.dtype, param_dtype=cfg.param_dtype,
       name="relative_bias")(query_positions_BT, key_positions_BS)
 
 
@@ -327,8 +331,8 @@ class Decoder(nn.Module):
         x_BTD = x_BTD * jnp.asarray(cfg.d_model ** -0.5, x_BTD.dtype)
       logits_BTV = self.embed.attend(x_BTD)
     else:
-      logits_BTV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                            param_dtype=cfg.params_dtype,
+      logits_BTV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype,
                             kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                                            "embed", "vocab"),
                             name="logits_dense")(x_BTD)
@@ -355,8 +359,8 @@ class Decoder(nn.Module):
 
 def _token_embed(cfg: TransformerConfig, name: str) -> layers.Embed:
   stddev = cfg.embedding_init_stddev or cfg.d_model ** -0.5
-  return layers.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-                      param_dtype=cfg.params_dtype,
+  return layers.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype,
                       embedding_init=nn.initializers.normal(stddev), name=name)
 
 
@@ -453,7 +457,7 @@ class EncoderClassifier(nn.Module):
         tokens_BT, padding_mask=padding_mask, token_types=token_types,
         deterministic=deterministic)
     dense = lambda features, names, name: nn.Dense(
-        features, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         kernel_init=layers.partitioned(nn.initializers.normal(0.02), *names),
         bias_init=layers.partitioned(nn.initializers.zeros, names[-1]), name=name)
     if self.pooling == "cls":
@@ -477,12 +481,12 @@ class EncoderMaskedLM(nn.Module):
     encoder = EncoderOnly(cfg, name="encoder")
     hidden_BTD = encoder(tokens_BT, padding_mask=padding_mask, token_types=token_types,
                          deterministic=deterministic)
-    h_BTD = nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+    h_BTD = nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                      kernel_init=layers.partitioned(nn.initializers.normal(0.02), "embed",
                                                     "hidden"),
                      bias_init=layers.partitioned(nn.initializers.zeros, "hidden"),
                      name="transform")(hidden_BTD)
     h_BTD = _norm(cfg, "transform_norm")(layers.ACTIVATIONS[cfg.activation](h_BTD))
     bias_V = self.param("output_bias", layers.partitioned(nn.initializers.zeros, "vocab"),
-                        (cfg.vocab_size,), cfg.params_dtype)
+                        (cfg.vocab_size,), cfg.param_dtype)
     return (encoder.attend(h_BTD) + bias_V).astype(jnp.float32)

@@ -44,7 +44,7 @@ def numpy_first_layer_weights(params, tokens_BT, cfg):
   q_BTNH = q_BTNH + attention["query"]["bias"]
   k_BTNH = np.einsum("btd,dnh->btnh", h_BTD, attention["key"]["kernel"])
   k_BTNH = k_BTNH + attention["key"]["bias"]
-  logits_BNTS = np.einsum("btnh,bsnh->bnts", q_BTNH, k_BTNH) / np.sqrt(cfg.head_size)
+  logits_BNTS = np.einsum("btnh,bsnh->bnts", q_BTNH, k_BTNH) / np.sqrt(cfg.head_dim)
   logits_BNTS = np.where(np.tril(np.ones((T, T), bool)), logits_BNTS, -np.inf)
   logits_BNTS = logits_BNTS - logits_BNTS.max(-1, keepdims=True)
   exp_BNTS = np.exp(logits_BNTS)

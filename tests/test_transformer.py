@@ -218,10 +218,28 @@ def test_dropout_needs_an_rng_and_changes_outputs_only_in_training():
     (dict(dropout_rate=1.5), "dropout_rate must be in"),
     (dict(vocab_size=0), "vocab_size must be positive"),
     (dict(position="rope", head_dim=7), "even head_dim"),
+    (dict(head_dim=0), "head_dim must be positive"),
 ])
 def test_bad_config_is_one_clear_error(overrides, message):
   with pytest.raises(ValueError, match=message):
     TransformerConfig(**{**TINY, **overrides})
+
+
+def test_head_dim_resolved_and_derived_again_by_replace():
+  derived = TransformerConfig(**TINY)  # 32 / 4 heads
+  assert derived.head_dim == 8
+  assert derived.replace(d_model=64).head_dim == 16
+  assert derived.replace(num_heads=8).head_dim == 4
+  assert derived.replace(d_model=64).replace(num_heads=2).head_dim == 32
+  assert derived.replace(head_dim=12).replace(d_model=64).head_dim == 12
+  explicit = TransformerConfig(**TINY, head_dim=8)  # T5-style: fixed whatever d_model is
+  assert explicit == derived and explicit.replace(d_model=64).head_dim == 8
+  with pytest.raises(ValueError, match="not divisible"):
+    derived.replace(d_model=30)
+  wide = derived.replace(d_model=64, param_dtype="bfloat16")
+  params = nn.unbox(DecoderOnly(wide).init(jax.random.key(0), tokens(0, (1, 4))))["params"]
+  query = params["decoder"]["layers_0"]["self_attention"]["query"]["kernel"]
+  assert query.shape == (64, 4, 16) and query.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
