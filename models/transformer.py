@@ -21,11 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from models import layers
-from models.attention import MultiHeadAttention
+from models.attention import IMPLEMENTATIONS, MultiHeadAttention
 
 POSITIONS = ("learned", "sinusoidal", "rope", "relative", "none")
 NORMS = ("layernorm", "rmsnorm")
-IMPLEMENTATIONS = (None, "reference", "xla", "cudnn")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -100,7 +99,7 @@ class TransformerConfig:
                                  ("activation", self.activation, tuple(layers.ACTIVATIONS)),
                                  ("remat_policy", self.remat_policy, tuple(REMAT_POLICIES)),
                                  ("attention_implementation", self.attention_implementation,
-                                  IMPLEMENTATIONS)):
+                                  (None, *IMPLEMENTATIONS))):
       if value not in allowed:
         problems.append(f"unknown {name} {value!r}; choose from {allowed}")
     for name in ("dtype", "param_dtype"):
