@@ -214,7 +214,7 @@ def test_dropout_needs_an_rng_and_changes_outputs_only_in_training():
     (dict(position="alibi"), "unknown position 'alibi'"),
     (dict(norm="batchnorm"), "unknown norm"),
     (dict(remat_policy="sometimes"), "unknown remat_policy"),
-    (dict(attention_implementation="flash"), r"attention_implementation 'flash'; choose from \(None, 'ref"),
+    (dict(attention_implementation="flash"), r"'flash'; choose from \(None, 'reference'"),
     (dict(dtype="float33"), "is not a dtype"),
     (dict(dropout_rate=1.5), "dropout_rate must be in"),
     (dict(vocab_size=0), "vocab_size must be positive"),
