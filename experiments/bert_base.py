@@ -11,10 +11,13 @@ Tiny variant (the bundled text, seconds on a CPU):
   python -m train --config=experiments/bert_base.py:tiny --workdir=/tmp/bert_tiny
 """
 
-from train.config import base_config, shrink_to_tiny
+from train.config import base_config, parse_variant, shrink_to_tiny
+
+VARIANTS = ("tiny",)
 
 
 def get_config(variant: str = ""):
+  v = parse_variant(variant, *VARIANTS)
   c = base_config()
   c.task = "mlm"
 
@@ -44,9 +47,7 @@ def get_config(variant: str = ""):
   c.train.eval_batches = 100
   c.train.checkpoint_every = 10_000
 
-  if variant == "tiny":
+  if v.tiny:
     shrink_to_tiny(c, local_data="experiments/data/tiny_corpus.txt", task="lm")
     c.data.seq_len = 64
-  elif variant:
-    raise ValueError(f"Unknown bert_base variant {variant!r}: use '' or 'tiny'.")
   return c

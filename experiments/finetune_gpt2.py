@@ -15,12 +15,13 @@ Tiny variant (a tiny random GPT-2 checkpoint built locally, the bundled text, se
   python -m train --config=experiments/finetune_gpt2.py:tiny --workdir=/tmp/finetune_gpt2_tiny
 """
 
-from train.config import REPO_ROOT, base_config, shrink_training
+from train.config import REPO_ROOT, base_config, parse_variant, shrink_training
+
+VARIANTS = ("tiny",)
 
 
 def get_config(variant: str = ""):
-  if variant not in ("", "tiny"):
-    raise ValueError(f"Unknown finetune_gpt2 variant {variant!r}: use '' or 'tiny'.")
+  v = parse_variant(variant, *VARIANTS)
   c = base_config()
   c.task = "lm"
   c.init_from = "hf:gpt2"                 # a local folder: pass --config.init_from=hf:FOLDER
@@ -50,13 +51,12 @@ def get_config(variant: str = ""):
   c.decode.top_k = 40
   c.decode.max_new_tokens = 64
 
-  if variant == "tiny":
-    c.model.attention_dropout_rate = c.model.ffn_dropout_rate = 0.0
+  if v.tiny:
+    c.model.dropout_rate = c.model.attention_dropout_rate = c.model.ffn_dropout_rate = 0.0
     c.init_from = "hf:asset:tiny_gpt2"
     c.data.source = f"local:{REPO_ROOT / 'experiments/data/tiny_corpus.txt'}"
     c.data.source_options = {"validation_fraction": 0.15, "test_fraction": 0.15}
     c.data.seq_len = 64
-    c.model.dropout_rate = 0.0
     shrink_training(c)
     c.decode.max_new_tokens = 16
   return c

@@ -14,12 +14,13 @@ Tiny variant (a tiny random T5 v1.1 checkpoint built locally, seconds on a CPU):
   python -m train --config=experiments/finetune_t5.py:tiny --workdir=/tmp/finetune_t5_tiny
 """
 
-from train.config import base_config, shrink_training
+from train.config import base_config, parse_variant, shrink_training
+
+VARIANTS = ("tiny",)
 
 
 def get_config(variant: str = ""):
-  if variant not in ("", "tiny"):
-    raise ValueError(f"Unknown finetune_t5 variant {variant!r}: use '' or 'tiny'.")
+  v = parse_variant(variant, *VARIANTS)
   c = base_config()
   c.task = "seq2seq"
   c.init_from = "hf:t5-small"             # a local folder: pass --config.init_from=hf:FOLDER
@@ -52,13 +53,12 @@ def get_config(variant: str = ""):
   c.train.print_examples = 8
   c.decode.method = "greedy"
 
-  if variant == "tiny":
-    c.model.attention_dropout_rate = c.model.ffn_dropout_rate = 0.0
+  if v.tiny:
+    c.model.dropout_rate = c.model.attention_dropout_rate = c.model.ffn_dropout_rate = 0.0
     c.init_from = "hf:asset:tiny_t5"
     c.data.source_options.num_train = 2_000
     c.data.source_options.num_validation = 32
     c.data.source_options.num_test = 32
-    c.model.dropout_rate = 0.0
     shrink_training(c)
     c.decode.max_new_tokens = 8
   return c

@@ -14,10 +14,13 @@ Tiny variant (the bundled text, seconds on a CPU):
   python -m train --config=experiments/gpt2_small.py:tiny --workdir=/tmp/gpt2_tiny
 """
 
-from train.config import base_config, shrink_to_tiny
+from train.config import base_config, parse_variant, shrink_to_tiny
+
+VARIANTS = ("tiny",)
 
 
 def get_config(variant: str = ""):
+  v = parse_variant(variant, *VARIANTS)
   c = base_config()
   c.task = "lm"
 
@@ -51,10 +54,8 @@ def get_config(variant: str = ""):
   c.decode.top_k = 40
   c.decode.max_new_tokens = 64
 
-  if variant == "tiny":
+  if v.tiny:
     shrink_to_tiny(c, local_data="experiments/data/tiny_corpus.txt", task="lm")
     c.data.seq_len = 64
     c.decode.max_new_tokens = 16
-  elif variant:
-    raise ValueError(f"Unknown gpt2_small variant {variant!r}: use '' or 'tiny'.")
   return c

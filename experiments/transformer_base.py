@@ -12,10 +12,13 @@ Tiny variant (a bundled en-de file, seconds on a CPU):
   python -m train --config=experiments/transformer_base.py:tiny --workdir=/tmp/tb_tiny
 """
 
-from train.config import base_config, shrink_to_tiny
+from train.config import base_config, parse_variant, shrink_to_tiny
+
+VARIANTS = ("tiny",)
 
 
 def get_config(variant: str = ""):
+  v = parse_variant(variant, *VARIANTS)
   c = base_config()
   c.task = "seq2seq"
   c.label_smoothing = 0.1
@@ -52,11 +55,9 @@ def get_config(variant: str = ""):
   c.decode.length_penalty_alpha = 0.6
   c.decode.max_new_tokens = 256
 
-  if variant == "tiny":
+  if v.tiny:
     shrink_to_tiny(c, local_data="experiments/data/en_de_tiny.tsv", task="seq2seq")
     c.data.inputs_len = c.data.targets_len = 48
     c.model.num_layers = 1
     c.decode.max_new_tokens = 16
-  elif variant:
-    raise ValueError(f"Unknown transformer_base variant {variant!r}: use '' or 'tiny'.")
   return c

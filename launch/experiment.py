@@ -1,10 +1,11 @@
 """An experiment file's sweep expanded into runs, every override checked against its config.
 
 `expand("experiments/quickstart.py[:VARIANT]", root)` loads the file as `python -m train`
-does, calls its `get_sweep()` (or `get_sweep(variant)` when it takes an argument), applies
-each run's overrides to `get_config(variant)` and validates the result with train/'s own
-checks (its `asset:NAME` folders built first, as the run would), so that a bad key or value
-stops the launch before anything starts.
+does (VARIANT, such as `tiny,billions`, goes to get_config unchanged), calls its `get_sweep()`
+(or `get_sweep(variant)` when it takes an argument), applies each run's overrides to
+`get_config(variant)` and validates the result with train/'s own checks (its `asset:NAME`
+folders built first, as the run would), so that a bad key or value stops the launch before
+anything starts.
 """
 
 import copy

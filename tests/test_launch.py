@@ -137,6 +137,23 @@ def test_override_flags_parse_back_to_the_same_config(tmp_path):
   assert config.model.d_model == 48 and config.data.pack is True
 
 
+def test_a_composed_variant_reaches_every_run_and_its_command_unchanged(tmp_path):
+  config_arg = f"{ROOT / 'experiments' / 'quickstart.py'}:tiny,billions"
+  runs = experiment.expand(config_arg, str(tmp_path))
+  assert len(runs) == len(NAMES)
+  for run in runs:
+    assert run.config.data.source_options.max_number == 10**9  # billions
+    assert run.config.train.num_steps == TINY_STEPS             # tiny, applied last
+  argv = runners.train_command("python", config_arg, runs[0])
+  assert f"--config={config_arg}" in argv
+  flag_values = flags.FlagValues()
+  parsed = config_flags.DEFINE_config_file("config", flag_values=flag_values,
+                                           sys_argv=["train", *argv[3:]])
+  flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
+  flag_values(["train", *argv[3:]])
+  assert parsed.value.to_dict() == runs[0].config.to_dict()
+
+
 # ------------------------------------------------------------------------------------------
 # Expansion, skip and resume, the local runner.
 
