@@ -19,7 +19,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from models import lora, presets, pretrained
+from models import decoding, lora, presets, pretrained
 from models.transformer import TransformerConfig
 from train import assets, optim
 from train.tasks import TASKS
@@ -248,9 +248,9 @@ def validate(config) -> None:
   _validate_lora(config)
   if not 0.0 <= config.label_smoothing < 1.0:
     raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}.")
-  if config.decode.method not in ("greedy", "sample", "beam"):
-    raise ValueError(f"config.decode.method={config.decode.method!r}: use greedy, sample or "
-                     "beam.")
+  if config.decode.method not in decoding.METHODS:
+    raise ValueError(f"config.decode.method={config.decode.method!r}: use one of "
+                     f"{', '.join(decoding.METHODS)}.")
   optim.validate_optim_config(config.optim, config.train.batch_size)
   if not config.init_from.startswith("hf:"):
     model_config(config, vocab_size=1)  # The model's fields, before any data or tokenizer work.
