@@ -20,9 +20,10 @@ import re
 
 from etils import epath
 
+from train.step_folders import STEP_NAME
+
 MAX_NAME = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
-_STEP = re.compile(r"^(0|[1-9]\d*)$")
 
 
 def format_value(value) -> str:
@@ -51,7 +52,7 @@ def checkpoint_steps(workdir) -> list[int]:
     return []
   on_gcs = str(folder).startswith("gs://")
   return sorted(int(p.name) for p in folder.iterdir()
-                if _STEP.match(p.name) and p.is_dir()
+                if STEP_NAME.match(p.name) and p.is_dir()
                 and (not on_gcs or (p / "commit_success.txt").exists()))
 
 

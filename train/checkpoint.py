@@ -26,7 +26,6 @@ naming it: a run never starts afresh over, or silently past, existing checkpoint
 import json
 import logging
 import os
-import re
 import signal
 import threading
 from typing import Any
@@ -37,10 +36,10 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from models import paths
+from train.step_folders import STEP_NAME
 
 STATE = "state"
 DATA = "data"
-_STEP_NAME = re.compile(r"^(0|[1-9]\d*)$")
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _ORBAX_ROOT_FILES = ("metadata", "_ROOT_METADATA")
 
@@ -241,7 +240,7 @@ def _check_checkpoint_folder(directory: epath.Path) -> None:
   if not directory.is_dir():
     raise CheckpointError(f"The checkpoint folder {directory} is a file; pass a folder.")
   foreign = sorted(p.name for p in directory.iterdir()
-                   if not (_STEP_NAME.match(p.name) or _TMP_SUFFIX in p.name
+                   if not (STEP_NAME.match(p.name) or _TMP_SUFFIX in p.name
                            or p.name in _ORBAX_ROOT_FILES or p.name.startswith(".")))
   if foreign:
     raise CheckpointError(
@@ -343,7 +342,7 @@ def _damaged(step_dir: epath.Path, error: Any) -> CheckpointError:
   """The error for an unreadable step: names it, the cause, and the step to fall back on."""
   cause = str(error).split(" [tensorstore_spec=")[0].splitlines()[0][:300]
   older = []
-  if _STEP_NAME.match(step_dir.name):
+  if STEP_NAME.match(step_dir.name):
     older = sorted(s for s in ocp.utils.checkpoint_steps(step_dir.parent) if s < int(step_dir.name))
   fix = (f"Move {step_dir} away to resume from step {older[-1]}, or use a new workdir."
          if older else "Use another checkpoint or a new workdir.")
