@@ -2,8 +2,9 @@
 bad arguments, the report, and a real two-process training joined by jax.distributed.
 
 References we did not write: itertools.product and zip for the sweep helpers; ml_collections'
-config flags (what `python -m train` parses) reading back the generated overrides; bash's
-parser for the sbatch scripts; shlex for the TPU command; matplotlib's PNG reader. Multi-host:
+config flags (what `python -m train` parses) reading back the generated overrides; bash
+parsing the sbatch scripts and running them with a fake srun on PATH, their #SBATCH options
+read as sbatch reads them; shlex for the TPU command; matplotlib's PNG reader. Multi-host:
 two processes (4 CPU devices each, gloo collectives) must train like one process over 8
 devices that is fed the global batch the two hosts form (host 0's rows, then host 1's).
 """
@@ -229,57 +230,88 @@ def test_local_runner_runs_the_unfinished_runs_side_by_side(tmp_path, capsys, mo
 # SLURM and TPU.
 
 
-EXPECTED_SBATCH = """\
-#!/bin/bash
-# tapete sweep run {name}: sbatch {root}/{name}/slurm.sbatch
-#SBATCH --job-name=quickstart-{name}
-#SBATCH --nodes=2
-#SBATCH --ntasks-per-node=4
-#SBATCH --gpus-per-node=4
-#SBATCH --time=02:00:00
-#SBATCH --partition=gpu
-#SBATCH --account=proj
-#SBATCH --output={root}/{name}/slurm-%j.out
-#SBATCH --open-mode=append
-set -euo pipefail
-cd /cluster/tapete
-# jax.distributed.initialize() reads SLURM's environment: coordinator = the first
-# node of SLURM_STEP_NODELIST, processes = SLURM_NTASKS, id = SLURM_PROCID.
-# One process per GPU: each uses GPU SLURM_LOCALID of its node.
-srun --kill-on-bad-exit=1 {command}
-"""
+FAKE_SRUN = textwrap.dedent("""\
+    import json, os, sys
+    # Stands in for SLURM's srun: records its arguments, working directory and environment.
+    with open(os.environ["FAKE_SRUN_LOG"], "a") as f:
+      f.write(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(),
+                          "env": {k: v for k, v in os.environ.items() if k.startswith("JAX")}})
+              + "\\n")
+""")
 
 
-def test_slurm_scripts(tmp_path, capsys, monkeypatch, in_repo):
-  root = tmp_path / "sweep"
+def sbatch_directives(script: str) -> list[str]:
+  """The options sbatch reads: #SBATCH lines before the first command (as `man sbatch`)."""
+  options = []
+  for line in script.splitlines()[1:]:
+    if line.strip() and not line.startswith("#"):
+      break
+    if line.startswith("#SBATCH "):
+      options.append(line.removeprefix("#SBATCH "))
+  return options
+
+
+def execute_sbatch(path: pathlib.Path, bin_dir: pathlib.Path, log: pathlib.Path) -> dict:
+  """Runs the script's body as a job would, with the fake srun; what srun was given."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX")}
+  env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_SRUN_LOG=str(log))
+  log.unlink(missing_ok=True)
+  subprocess.run(["bash", str(path)], check=True, env=env, cwd="/")
+  calls = [json.loads(line) for line in log.read_text().splitlines()]
+  assert len(calls) == 1, calls
+  return calls[0]
+
+
+@pytest.mark.parametrize("processes, tasks_per_node, device_ids", [
+    ("per_gpu", 4, None), ("per_node", 1, "0,1,2,3")])
+def test_slurm_scripts(tmp_path, capsys, monkeypatch, in_repo, processes, tasks_per_node,
+                       device_ids):
+  root, repo = tmp_path / "sweep", tmp_path / "cluster" / "tapete"
+  repo.mkdir(parents=True)
   flags_ = [f"--config={TINY}", f"--workdir_root={root}", "--runner=slurm", "--nodes=2",
-            "--gpus_per_node=4", "--time=02:00:00", "--partition=gpu",
-            "--sbatch_arg=--account=proj", "--repo_dir=/cluster/tapete", "--python=python"]
+            "--gpus_per_node=4", f"--processes={processes}", "--time=02:00:00",
+            "--partition=gpu", "--sbatch_arg=--account=proj", f"--repo_dir={repo}",
+            "--python=python"]
   code, out, err = run_sweep(capsys, *flags_, "--dry_run")
   assert code == 0, err
-  scripts = {name: EXPECTED_SBATCH.format(name=name, root=root, command=shlex.join(
-      expected_command(root, name, python="python"))) for name in NAMES}
-  expected = [line for name in NAMES for line in (
-      [f"# {root}/{name}/slurm.sbatch:"] + scripts[name].rstrip("\n").splitlines()
-      + [f"sbatch {shlex.quote(f'{root}/{name}/slurm.sbatch')}"])]
-  assert out.split("Would run (slurm):\n")[1].splitlines() == expected
+  planned = out.split("Would run (slurm):\n")[1].splitlines()
   assert not root.exists()
   # Submitted: the scripts are written to the workdirs and given to sbatch (a fake here).
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/sbatch.calls\n"
                                   "echo Submitted batch job 42\n")
-  (bin_dir / "sbatch").chmod(0o755)
+  (bin_dir / "srun").write_text(f"#!{sys.executable}\n{FAKE_SRUN}")
+  for program in ("sbatch", "srun"):
+    (bin_dir / program).chmod(0o755)
   monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
   code, out, err = run_sweep(capsys, *flags_)
   assert code == 0, err
   assert (tmp_path / "sbatch.calls").read_text().splitlines() == [
       f"{root}/{name}/slurm.sbatch" for name in NAMES]
+  dry_run = []
   for name in NAMES:
     path = root / name / "slurm.sbatch"
-    assert path.read_text() == scripts[name]
-    subprocess.run(["bash", "-n", str(path)], check=True)  # bash parses it
+    script = path.read_text()
+    dry_run += [f"# {path}:", *script.rstrip("\n").splitlines(),
+                f"sbatch {shlex.quote(str(path))}"]
     assert f"{name}: Submitted batch job 42" in out
+    subprocess.run(["bash", "-n", str(path)], check=True)  # bash parses it
+    assert script.startswith("#!/bin/bash\n")
+    options = sbatch_directives(script)
+    assert len(options) == script.count("#SBATCH ")  # none after the first command
+    assert options[:6] == [f"--job-name=quickstart-{name}", "--nodes=2",
+                           f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=4",
+                           "--time=02:00:00", "--partition=gpu"]
+    assert "--account=proj" in options and "--open-mode=append" in options
+    output = next(o.removeprefix("--output=") for o in options if o.startswith("--output="))
+    assert pathlib.Path(output).parent == root / name and "%j" in output
+    # The job's body, with a fake srun: one srun of the run's training command, in the repo.
+    call = execute_sbatch(path, bin_dir, tmp_path / "srun.json")
+    assert call["argv"] == ["--kill-on-bad-exit=1", *expected_command(root, name, "python")]
+    assert call["cwd"] == str(repo)
+    assert call["env"].get("JAX_LOCAL_DEVICE_IDS") == device_ids
+  assert planned == dry_run  # --dry_run showed exactly what was submitted
 
 
 def test_slurm_one_process_per_node(tmp_path, capsys, in_repo):
