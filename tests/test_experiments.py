@@ -6,7 +6,6 @@ variants' documented meaning spelled out field by field.
 """
 
 import dataclasses
-import itertools
 import json
 import pathlib
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 from launch import experiment
 from models import pretrained
 from models.transformer import TransformerConfig
-from train import assets, config as config_lib
+from train import assets, config as config_lib, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p for p in (ROOT / "experiments").glob("*.py") if p.name != "__init__.py")
@@ -115,3 +114,25 @@ def test_scratch_builds_the_checkpoints_architecture(variant, checkpoint, tmp_pa
   built = config_lib.model_config(config, vocab_size=expected.vocab_size)
   assert {f: getattr(built, f) for f in SHAPE_FIELDS} == {
       f: getattr(expected, f) for f in SHAPE_FIELDS}
+
+
+def test_tiny_lora_trains_from_asset_names_and_records_the_folders(tmp_path, monkeypatch):
+  """finetune_classify:tiny,lora through train_and_evaluate, which resolves the assets."""
+  monkeypatch.setenv("TAPETE_CACHE", str(tmp_path / "cache"))
+  speeches = tmp_path / "speeches"  # a few labelled lines stand in for the Folio
+  speeches.mkdir()
+  for split, count in (("train", 24), ("validation", 6)):
+    lines = [f"{genre}\tA {genre} speech, number {i}, of some words." for i in range(count)
+             for genre in ("comedy", "history", "tragedy")]
+    (speeches / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  monkeypatch.setitem(assets.ASSETS, "shakespeare_genres", lambda: str(speeches))
+  config = load("finetune_classify").get_config("tiny,lora")
+  config.train.num_steps = config.train.checkpoint_every = 2
+  results = loop.train_and_evaluate(config, str(tmp_path / "run"))
+
+  recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert recorded["init_from"] == f"hf:{assets.folder('tiny_bert')}"
+  assert recorded["data"]["source"] == f"local:{speeches}"
+  assert recorded["data"]["tokenizer_path"] == assets.folder("tiny_bert")
+  assert "asset:" not in json.dumps(recorded) and recorded["lora"]["enabled"]
+  assert 0.0 <= results["accuracy"] <= 1.0
