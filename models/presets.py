@@ -55,9 +55,12 @@ def t5_v1_1(vocab_size: int = 32_128, **overrides) -> TransformerConfig:
 
 
 def llama(vocab_size: int = 32_000, **overrides) -> TransformerConfig:
-  """A LLaMA-style decoder (7B shape): RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+  """LLaMA-2 7B: RMSNorm, RoPE, SwiGLU, untied output, full multi-head attention (no GQA).
+
+  Grouped-query attention (LLaMA-2 70B, LLaMA-3) is an override: `llama(num_kv_heads=8)`.
+  """
   return TransformerConfig(**{
-      "vocab_size": vocab_size, "d_model": 4096, "num_heads": 32, "num_kv_heads": 8,
+      "vocab_size": vocab_size, "d_model": 4096, "num_heads": 32, "num_kv_heads": None,
       "d_ff": 11_008, "num_layers": 32, "position": "rope", "rope_max_wavelength": 10_000.0,
       "norm": "rmsnorm", "norm_use_bias": False, "norm_epsilon": 1e-5, "pre_norm": True,
       "activation": "silu", "gated_ffn": True, "use_bias": False, "tie_output": False,

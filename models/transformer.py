@@ -1,7 +1,7 @@
 """The three Transformer families on one set of layers.
 
 `TransformerConfig` switches express the paper's base model, GPT-2, BERT, T5 v1.0/v1.1 and a
-LLaMA-style decoder (see models/presets.py). Contracts (../DESIGN.md):
+LLaMA-style decoder (see models/presets.py). How each is called:
 
   DecoderOnly(cfg)(tokens_BT, *, segment_ids=None, positions=None) -> logits_BTV
   EncoderDecoder(cfg)(encoder_tokens_BS, decoder_tokens_BT, *, encoder_padding_mask=None,

@@ -243,6 +243,15 @@ def test_head_dim_resolved_and_derived_again_by_replace():
   assert query.shape == (64, 4, 16) and query.dtype == jnp.bfloat16
 
 
+def test_llama_preset_is_llama2_7b():
+  """LLaMA-2 7B (meta-llama/Llama-2-7b-hf) has 6,738,415,616 parameters: no grouped-query."""
+  count = lambda cfg: sum(x.size for x in jax.tree.leaves(jax.eval_shape(
+      DecoderOnly(cfg).init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))))
+  assert count(presets.llama()) == 6_738_415_616
+  grouped = presets.llama(num_kv_heads=8)  # Grouped-query by override: K and V 4x smaller.
+  assert count(grouped) == 6_738_415_616 - 32 * 2 * 4096 * (4096 - 1024)
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_classifier_head_pools_only_real_tokens(pooling):
   model = EncoderClassifier(tiny(presets.bert_base), num_classes=3, pooling=pooling)
