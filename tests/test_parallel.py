@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from models.transformer import DecoderOnly, TransformerConfig
-from train import parallel
+from train import config as config_lib, loop, parallel
 from train.state import TrainState
 
 # No biases: the key projection's bias has an exactly zero gradient (softmax ignores a constant
@@ -250,14 +250,40 @@ def test_indivisible_dims_fall_back_to_replication(caplog):
   assert "vocab=37 over tensor=4" in caplog.text and "kv_heads=2 over tensor=4" in caplog.text
 
 
-def test_rules_from_config_switch_fsdp_off():
-  mesh = parallel.make_mesh(dict(data=2, fsdp=4))
-  init_fn = make_init_fn(DecoderOnly(MODEL_CFG))
-  _, default = parallel.abstract_init(init_fn, mesh, parallel.DEFAULT_RULES, jax.random.key(0))
-  _, no_fsdp = parallel.abstract_init(init_fn, mesh, parallel.logical_rules({"embed": None}),
-                                      jax.random.key(0))
-  assert not default.params["token_embed"]["embedding"].is_fully_replicated
-  assert all(sharding.is_fully_replicated for sharding in jax.tree.leaves(no_fsdp))
+def placement(array) -> dict:
+  """{the block of `array` a device holds, as ((start, stop) per dim): its device ids}, after
+  checking that each device's data is that block of the whole array."""
+  whole, blocks = np.asarray(array), {}
+  for shard in array.addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index])
+    block = tuple(slice_.indices(size)[:2] for slice_, size in zip(shard.index, array.shape))
+    blocks.setdefault(block, set()).add(shard.device.id)
+  return blocks
+
+
+@pytest.mark.parametrize("fsdp", [1, 4])
+def test_mesh_fsdp_of_the_config_places_the_params(fsdp, tmp_path):
+  config = config_lib.base_config()
+  config.model.update(dict(d_model=32, num_heads=4, d_ff=64, num_layers=1, max_len=16,
+                           position="learned"))
+  config.data.seq_len = 16
+  config.mesh.fsdp = fsdp
+  exp = loop.build(config, str(tmp_path))
+  state, _ = loop.init_state(exp, jax.random.key(0))
+  assert exp.mesh.devices.shape == (8 // fsdp, fsdp, 1)
+  params = _named_params(state.params)
+  assert params["embedding"].shape == (260, 32)  # bytes: 256 + 4 special tokens
+  # The embed dimension (d_model=32) in fsdp blocks; block j on the devices of fsdp index j,
+  # one copy per data index. fsdp=1: every device holds the whole array.
+  width = 32 // fsdp
+  on_fsdp = lambda j: {d.id for d in exp.mesh.devices[:, j, 0]}
+  blocks = lambda make: {make((j * width, (j + 1) * width)): on_fsdp(j) for j in range(fsdp)}
+  assert placement(params["embedding"]) == blocks(lambda cols: ((0, 260), cols))
+  assert placement(params["query"]) == blocks(lambda rows: (rows, (0, 4), (0, 8)))
+  assert placement(params["wo"]) == blocks(lambda cols: ((0, 64), cols))
+  assert placement(params["position"]) == blocks(lambda cols: ((0, 16), cols))
+  wi_bias = state.params["decoder"]["layers_0"]["mlp"]["wi"]["bias"]  # no embed dimension
+  assert placement(wi_bias) == {((0, 64),): set(range(8))}
 
 
 # ------------------------------------------------------------------------------------------
