@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from train import checkpoint, loop, parallel
+from train import checkpoint, loop, parallel, records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def interrupt_at(workdir, step: int, sig: int):
 def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   finish(start(workdir))
-  return {line["step"]: line for line in train_lines(workdir)}
+  return {"workdir": workdir, **{line["step"]: line for line in train_lines(workdir)}}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
@@ -83,11 +83,25 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit(
     assert code == -signal.SIGKILL
   finish(start(tmp_path))
   lines = train_lines(tmp_path)
-  assert {line["step"] for line in lines} == set(uninterrupted)
+  assert {line["step"] for line in lines} == set(uninterrupted) - {"workdir"}
   for line in lines:
     expected = uninterrupted[line["step"]]
     for key in ("loss", "accuracy", "grad_norm", "learning_rate", "tokens"):
       assert line[key] == expected[key], (line["step"], key)
+
+
+def test_a_run_killed_during_its_final_eval_runs_it_on_rerun(uninterrupted, tmp_path):
+  process = start(tmp_path)
+  deadline = time.time() + 240
+  while not (tmp_path / "checkpoints" / "120").is_dir():  # Saved before the final eval.
+    assert process.poll() is None and time.time() < deadline, "the run ended too early"
+    time.sleep(0.01)
+  process.send_signal(signal.SIGKILL)
+  process.communicate(timeout=120)
+  assert records.recorded(tmp_path, 120, "eval") is None, "the kill came after the eval"
+  finish(start(tmp_path))
+  expected = records.recorded(uninterrupted["workdir"], 120, "eval")
+  assert records.recorded(tmp_path, 120, "eval") == expected and expected["exact_match"] >= 0
 
 
 def test_sharded_training_equals_single_device(tmp_path):

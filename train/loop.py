@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 
 from models import decoding
 from train import checkpoint, config as config_lib, inputs as inputs_lib, metrics as metrics_lib
-from train import optim, parallel, tasks
+from train import optim, parallel, records, tasks
 from train.data.examples import bos_eos
 from train.state import TrainState
 from train.console import say
@@ -137,7 +137,12 @@ def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> 
   evaluator = Evaluator(exp)
   throughput = Throughput(exp, state.params)
   data_report = DataReport("train")
-  step, pending, last_eval = int(state.step), [], {}
+  step, pending = int(state.step), []
+  eval_due = lambda step: (t.eval_every and step % t.eval_every == 0) or step == t.num_steps
+  last_eval = {}
+  if step and eval_due(step):  # A run killed during this eval runs it again.
+    last_eval = (records.recorded(exp.workdir, step, "eval")
+                 or evaluator(state.params, step, writer))
   with checkpoint.PreemptionGuard() as guard:
     while step < t.num_steps:
       state, sums = train_step(state, parallel.host_to_global(next(train_iter), exp.mesh))
@@ -158,7 +163,7 @@ def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> 
       if stop:
         say(f"Stopped by a signal at step {step}; checkpoint saved, rerun to resume.")
         break
-      if (t.eval_every and step % t.eval_every == 0) or last:
+      if eval_due(step):
         last_eval = evaluator(state.params, step, writer)
         throughput.skip()
   return last_eval

@@ -11,8 +11,9 @@ import time
 
 import jax
 import numpy as np
-import tensorboardX
 import tqdm
+
+from train import records
 
 # Dense bf16 peak FLOP/s per chip, by the start of jax's `device_kind`.
 PEAK_FLOPS = {
@@ -59,8 +60,9 @@ class MetricsWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self.jsonl = records.open_for_append(workdir)
     self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+    import tensorboardX  # Imports torch where it is installed: only when a run writes.
     self.tensorboard = tensorboardX.SummaryWriter(self.tensorboard_dir)
     self.bar = tqdm.tqdm(total=num_steps, initial=start_step, dynamic_ncols=True,
                          disable=not sys.stderr.isatty(), unit="step")
