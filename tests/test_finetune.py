@@ -289,7 +289,7 @@ def test_cli_reports_a_missing_checkpoint_folder_in_one_line(tmp_path):
       [sys.executable, "-m", "train", "--config=experiments/finetune_gpt2.py",
        f"--workdir={tmp_path / 'run'}", f"--config.init_from=hf:{tmp_path / 'gpt2'}"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-  assert process.returncode == 1
+  assert process.returncode == 2
   errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and str(tmp_path / "gpt2") in errors[0], process.stderr
   assert "Traceback" not in process.stderr

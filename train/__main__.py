@@ -4,12 +4,11 @@ Running the same command again resumes from the workdir's latest checkpoint.
 """
 
 import re
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train import loop
+from train import cli, loop
 
 USAGE = ("usage: python -m train --config=experiments/NAME.py[:VARIANT] --workdir=DIR "
          "[--config.KEY=VALUE ...]")
@@ -31,8 +30,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     problem = unknown_key_problem(e, argv)
   except OSError as e:
     problem = f"cannot load --config: {str(e).strip().splitlines()[-1].strip()}"
-  print(f"error: {problem}\n{USAGE}", file=sys.stderr)
-  sys.exit(1)
+  cli.fail(problem, USAGE)
 
 
 def flag_problem(message: str) -> str:
@@ -62,11 +60,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
-  try:
-    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, loop.NonFiniteLossError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.guarded(loop.train_and_evaluate, (loop.NonFiniteLossError,))(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ so the workdir's config.json holds real paths, and get_config() reads and writes
 
 import copy
 import dataclasses
+import json
+import os
 import pathlib
 import re
 import typing
@@ -295,3 +297,56 @@ def _validate_lora(config) -> None:
   if c.adapter_only_checkpoint and not config.init_from:
     raise ValueError("config.lora.adapter_only_checkpoint needs config.init_from: the frozen "
                      "base is rebuilt from it.")
+
+
+# Keys a resumed run may change: they leave the state's shapes and the data's tokens as trained.
+RESUMABLE = re.compile(
+    r"^(train\.(num_steps|log_every|eval_every|eval_batches|checkpoint_every|keep_checkpoints"
+    r"|peak_flops|print_examples)|decode\..*|mesh\..*|distributed\..*|data\.data_dir|label_smoothing"
+    r"|model\.(dropout_rate|attention_dropout_rate|ffn_dropout_rate|dtype|remat_policy"
+    r"|attention_implementation)"
+    r"|optim\.(learning_rate|schedule|warmup_steps|decay_steps|end_learning_rate_factor|b1|b2"
+    r"|eps|weight_decay|grad_accum_steps))$")
+
+
+def check_workdir(config, workdir: str) -> None:
+  """Refuses, before anything is written, a workdir that is a file, or whose checkpoints were
+  trained with settings that `config` changes beyond the RESUMABLE keys."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file: give a folder (new or a run's).")
+  path = os.path.join(workdir, "config.json")
+  if not (os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))
+          and any(name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))):
+    return
+  try:
+    with open(path) as f:
+      saved = _flat_dict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is not readable JSON ({e}): it records the run in {workdir}; "
+                     "restore it, or train in a new --workdir.") from None
+  given = _flat_dict(config.to_dict())
+  changed = [f"{key}={saved.get(key)!r} -> {given.get(key)!r}"
+             for key in sorted(saved.keys() | given.keys())
+             if not RESUMABLE.match(key) and _plain(saved.get(key)) != _plain(given.get(key))
+             and not (key == "model.vocab_size" and given.get(key) is None)]
+  if changed:
+    raise ValueError(f"{workdir} holds a run trained with other settings: {'; '.join(changed)}. "
+                     "Resume it with its own settings (see its config.json), or train in a new "
+                     "--workdir.")
+
+
+def _flat_dict(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_flat_dict(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _plain(value):
+  """JSON's lists and the config's tuples compare equal; so do {} and an empty section."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return None if value == {} else value

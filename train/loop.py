@@ -84,13 +84,16 @@ def make_train_step(exp: Experiment):
 
 
 def write_config(exp: Experiment):
-  """WORKDIR/config.json: the config as run, with the model's vocab_size resolved."""
+  """WORKDIR/config.json: the config as run, with the model's vocab_size resolved; written
+  once the run has started or resumed, so that a refused command leaves it as it was."""
   resolved = exp.config.copy_and_resolve_references()
   with resolved.unlocked():
     resolved.model.vocab_size = exp.model_cfg.vocab_size
   if jax.process_index() == 0:
-    with open(os.path.join(exp.workdir, "config.json"), "w") as f:
+    path = os.path.join(exp.workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
       f.write(resolved.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + ".tmp", path)  # Atomic: a reader sees the old file or the new one.
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -98,9 +101,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config = config_lib.resolve_assets(config)  # asset:NAME -> its folder, before anything reads it
   config_lib.validate(config)
   parallel.maybe_initialize_distributed(config.distributed)
+  config_lib.check_workdir(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   exp = build(config, workdir)
-  write_config(exp)
   t = config.train
   state, shardings = init_state(exp, jax.random.key(config.seed))
   train_iter = iter(exp.inputs.train_pipeline(t.batch_size))
@@ -111,6 +114,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if data_state is not None:
       train_iter.set_state(data_state)
       say(f"Resumed from step {int(state.step)} of {workdir}.")
+    write_config(exp)
     num_params, num_trained = exp.trainable.num_params
     trained = "" if num_trained == num_params else f" ({num_trained:,} trained)"
     say(f"{config.task}: {num_params / 1e6:.2f}M parameters{trained} on {jax.device_count()} "

@@ -1,0 +1,74 @@
+"""Bad input, as a hostile user gives it: one `error:` line, exit status 2, no traceback, and
+every file of the workdir (or the input) byte for byte as it was.
+
+Add a row to CASES whenever a new way to get it wrong is found.
+"""
+
+import hashlib
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--config=experiments/quickstart.py:tiny", "--config.train.num_steps=2",
+        "--config.train.checkpoint_every=2"]
+
+
+def env() -> dict:
+  out = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                            out.get("XLA_FLAGS", "")).strip()
+  return out
+
+
+def hashes(folder: pathlib.Path) -> dict[str, str]:
+  """{relative path: sha256} of every file under `folder` (or of `folder` itself)."""
+  files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+  return {str(p.relative_to(folder.parent)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in files}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> pathlib.Path:
+  """A finished tiny quickstart run, the workdir the cases below try to damage."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  process = subprocess.run([sys.executable, "-m", "train", *TINY, f"--workdir={workdir}"],
+                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+  assert process.returncode == 0, process.stderr[-3000:]
+  return workdir
+
+
+def refused(args: list[str], watched: pathlib.Path, match: str):
+  """Runs `python -m ARGS`; checks the one error line, its exit status and untouched files."""
+  before = hashes(watched) if watched.exists() else None
+  process = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=300)
+  errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+  assert process.returncode == 2, (process.returncode, process.stderr[-3000:])
+  assert "Traceback" not in process.stderr, process.stderr[-3000:]
+  assert len(errors) == 1 and re.search(match, errors[0]), process.stderr[-3000:]
+  assert (hashes(watched) if watched.exists() else None) == before
+
+
+# (name, args given the trained workdir W and a fresh tmp folder T, watched path, error match)
+CASES = [
+    ("resume with another model shape",
+     lambda w, t: ["train", *TINY, f"--workdir={w}", "--config.model.d_model=64"], "w",
+     r"holds a run trained with other settings: model\.d_model=32 -> 64"),
+    ("resume with another vocabulary",
+     lambda w, t: ["train", *TINY, f"--workdir={w}", "--config.data.tokenizer=bytes",
+                   "--config.data.target_tokenizer=bytes"], "w",
+     r"data\.target_tokenizer='word' -> 'bytes'"),
+    ("a workdir that is a file",
+     lambda w, t: ["train", *TINY, f"--workdir={w / 'config.json'}"], "w", r"is a file"),
+]
+
+
+@pytest.mark.parametrize("name, args, watched, match", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_and_changes_nothing(name, args, watched, match, trained,
+                                                  tmp_path):
+  refused(args(trained, tmp_path), trained if watched == "w" else tmp_path, match)

@@ -1,0 +1,31 @@
+"""The CLIs' one error path: an expected error is one `error:` line on stderr and exit status 2.
+
+Expected errors are those of bad input (a config, flag, data file, tokenizer, checkpoint,
+workdir or folder): ValueError and its kind (CheckpointError, PretrainedError, ...), and
+OSError for files that are missing or of the wrong kind. Anything else is a bug and keeps
+its traceback.
+"""
+
+import sys
+from collections.abc import Callable
+
+EXPECTED = (ValueError, OSError)
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str, usage: str = ""):
+  """Ends the program with `error: MESSAGE` (one line), then `usage` if given, exit status 2."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  if usage:
+    print(usage, file=sys.stderr, flush=True)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def guarded(main: Callable, expected: tuple[type[BaseException], ...] = ()) -> Callable:
+  """`main` with expected errors (EXPECTED + `expected`) ended by `fail`."""
+  def run(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except EXPECTED + expected as e:
+      fail(str(e) or type(e).__name__)
+  return run
