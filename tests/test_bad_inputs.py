@@ -16,6 +16,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config=experiments/quickstart.py:tiny", "--config.train.num_steps=2",
         "--config.train.checkpoint_every=2"]
+GPT2_TINY = "--config=experiments/gpt2_small.py:tiny"
 
 
 def env() -> dict:
@@ -65,6 +66,10 @@ CASES = [
      r"data\.target_tokenizer='word' -> 'bytes'"),
     ("a workdir that is a file",
      lambda w, t: ["train", *TINY, f"--workdir={w / 'config.json'}"], "w", r"is a file"),
+    ("seq_len over the learned position table",
+     lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}", "--config.data.seq_len=4096"],
+     "t", r"config\.data\.seq_len=4096 exceeds the model's learned position table "
+     r"\(model\.max_len=128\)"),
 ]
 
 
@@ -72,3 +77,5 @@ CASES = [
 def test_bad_input_is_refused_and_changes_nothing(name, args, watched, match, trained,
                                                   tmp_path):
   refused(args(trained, tmp_path), trained if watched == "w" else tmp_path, match)
+  if watched == "t":  # Refused before any data was prepared in the fresh workdir.
+    assert not [p for p in tmp_path.rglob("data") if p.is_dir()]

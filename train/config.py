@@ -22,6 +22,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from models import decoding, lora, presets, pretrained
+from models.pretrained_tables import FAMILIES, PretrainedError
 from models.transformer import TransformerConfig
 from train import assets, optim
 from train.tasks import TASKS
@@ -245,8 +246,7 @@ def validate(config) -> None:
   if config.init_from and not config.init_from.startswith(("ckpt:", "hf:")):
     raise ValueError(f"config.init_from={config.init_from!r}: use 'ckpt:WORKDIR' or "
                      "'hf:FOLDER'.")
-  if config.init_from.startswith("hf:"):
-    _validate_hf(config)
+  hf_model = _validate_hf(config) if config.init_from.startswith("hf:") else None
   _validate_lora(config)
   if not 0.0 <= config.label_smoothing < 1.0:
     raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}.")
@@ -254,17 +254,19 @@ def validate(config) -> None:
     raise ValueError(f"config.decode.method={config.decode.method!r}: use one of "
                      f"{', '.join(decoding.METHODS)}.")
   optim.validate_optim_config(config.optim, config.train.batch_size)
-  if not config.init_from.startswith("hf:"):
-    model_config(config, vocab_size=1)  # The model's fields, before any data or tokenizer work.
+  # The model as far as it is known before any data or tokenizer work (vocab_size aside).
+  _validate_lengths(config, hf_model or model_config(config, vocab_size=1))
 
 
 HF_FAMILIES = {"lm": "gpt2", "seq2seq": "t5", "classify": "bert", "mlm": "bert"}
 
 
-def _validate_hf(config) -> None:
-  """The folder's model type fits the task; config.model sets only fields that keep shapes."""
+def _validate_hf(config) -> TransformerConfig:
+  """The folder's model type fits the task; config.model sets only fields that keep shapes.
+  Returns the folder's model (see _hf_model)."""
   folder = config.init_from[len("hf:"):]
-  model_type = pretrained.read_config(folder)["model_type"]
+  hf = pretrained.read_config(folder)
+  model_type = hf["model_type"]
   if model_type != HF_FAMILIES[config.task]:
     raise ValueError(f"config.init_from={config.init_from!r} is a {model_type} checkpoint; task "
                      f"{config.task!r} fine-tunes {HF_FAMILIES[config.task]} checkpoints.")
@@ -276,6 +278,39 @@ def _validate_hf(config) -> None:
   if fixed:
     raise ValueError(f"config.model sets {fixed}, which {config.init_from!r}'s config.json "
                      f"decides; only {list(pretrained.OVERRIDABLE)} may be set.")
+  return _hf_model(config, folder, hf)
+
+
+def _hf_model(config, folder: str, hf: dict) -> TransformerConfig:
+  """The model of an hf:FOLDER as its config.json `hf` describes it, with config.model's
+  overrides (the weights, not read here, decide only whether the output layer is tied)."""
+  try:
+    folder_cfg = FAMILIES[hf["model_type"]].config(hf, {})
+  except PretrainedError:
+    raise
+  except ValueError as e:  # TransformerConfig's validation.
+    raise PretrainedError(f"{folder}/config.json describes a model we cannot build: {e}") from e
+  return folder_cfg.replace(**hf_overrides(config))
+
+
+def _validate_lengths(config, model_cfg: TransformerConfig) -> None:
+  """The rows the model sees fit its learned position table, if it has one."""
+  if model_cfg.position != "learned":
+    return
+  names = ("inputs_len", "targets_len") if config.task == "seq2seq" else ("seq_len",)
+  lengths = {f"data.{name}": config.data[name] for name in names}
+  if config.task == "seq2seq":  # The eval's decoder positions.
+    lengths["decode.max_new_tokens"] = config.decode.max_new_tokens
+  max_len = model_cfg.max_len
+  if config.init_from.startswith("hf:"):
+    table, fix = (f"max_len={max_len} in {config.init_from}'s config.json",
+                  "(a pretrained model's table cannot grow)")
+  else:
+    table, fix = f"model.max_len={max_len}", "or raise model.max_len"
+  for name, value in lengths.items():
+    if value > max_len:
+      raise ValueError(f"config.{name}={value} exceeds the model's learned position table "
+                       f"({table}): lower {name} to at most {max_len} {fix}.")
 
 
 def _validate_lora(config) -> None:
