@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from launch import workdirs  # noqa: E402
+from train.records import read_metrics  # noqa: E402
 
 HIGHER_IS_BETTER = ("accuracy", "exact_match", "bleu")
 
@@ -40,7 +41,7 @@ def load_runs(root: str) -> list[dict]:
     raise ValueError(f"{root} holds no sweep.json and no run folder with a metrics.jsonl: pass "
                      "the --workdir_root of a sweep, once its runs have started.")
   return [{"name": name, "overrides": overrides if overrides is not None else parse_name(name),
-           "records": workdirs.read_metrics(os.path.join(root, name)),
+           "records": read_metrics(os.path.join(root, name)),
            "status": run_status(os.path.join(root, name))} for name, overrides in listed]
 
 

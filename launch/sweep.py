@@ -128,9 +128,14 @@ def main(argv: list[str] | None = None) -> int:
   todo, counts, lines = [], {"finished": 0, "resume": 0, "start": 0}, []
   for run, (state, step) in zip(runs, statuses):
     counts[state] += 1
-    detail = {"finished": f"checkpoint at step {step} >= {run.num_steps}",
-              "resume": f"from step {step} of {run.num_steps}",
-              "start": f"{run.num_steps} steps"}[state]
+    if state == "start":
+      detail = f"{run.num_steps} steps"
+    elif state == "finished":
+      detail = f"checkpoint at step {step} >= {run.num_steps}"
+    elif step < run.num_steps:
+      detail = f"from step {step} of {run.num_steps}"
+    else:
+      detail = f"its eval at step {step} is not recorded"
     lines.append(f"  {state:8s}  {run.name}  ({detail})")
     if state != "finished":
       todo.append(run)

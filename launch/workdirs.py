@@ -8,10 +8,12 @@ when the name would pass 120 characters, an 8-digit hash of the overrides is app
 that names stay distinct. A run without overrides is `default`.
 
 Finished. A run is finished when its workdir holds a complete checkpoint at a step >= the
-run's `train.num_steps`: rerunning it would train no further step. (train/ always saves at
-the last step; orbax writes a step to a temporary folder and renames it to `checkpoints/STEP`
+run's `train.num_steps` and metrics.jsonl records the eval at that step: rerunning it would
+train no further step and evaluate nothing. (train/ always saves at the last step, then
+evaluates; orbax writes a step to a temporary folder and renames it to `checkpoints/STEP`
 once complete, on GCS it marks it with commit_success.txt.) Anything less is resumed:
-running the same command on the same workdir continues from its latest checkpoint.
+running the same command on the same workdir continues from its latest checkpoint (and runs
+an eval a kill interrupted).
 """
 
 import hashlib
@@ -20,6 +22,7 @@ import re
 
 from etils import epath
 
+from train import records
 from train.step_folders import STEP_NAME
 
 MAX_NAME = 120
@@ -61,24 +64,5 @@ def status(workdir, num_steps: int) -> tuple[str, int | None]:
   steps = checkpoint_steps(workdir)
   if not steps:
     return "start", None
-  return ("finished" if steps[-1] >= num_steps else "resume"), steps[-1]
-
-
-def read_metrics(workdir) -> list[dict]:
-  """metrics.jsonl's records; a step logged twice (a run resumed behind its log) keeps the last."""
-  path = epath.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  records = {}
-  lines = path.read_text().splitlines()
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      if number == len(lines):
-        continue  # A last line cut short by a killed run.
-      raise ValueError(f"{path}, line {number}, is not JSON: {line[:80]!r}.") from None
-    records[(record.get("split"), record.get("step"))] = record
-  return sorted(records.values(), key=lambda r: (r.get("step", 0), r.get("split", "")))
+  done = steps[-1] >= num_steps and records.recorded(workdir, steps[-1], "eval") is not None
+  return ("finished" if done else "resume"), steps[-1]

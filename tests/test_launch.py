@@ -30,7 +30,7 @@ import pytest
 from ml_collections import config_flags
 
 from launch import experiment, report, runners, sweep, sweeps, workdirs
-from train import inputs as inputs_lib, loop
+from train import inputs as inputs_lib, loop, records
 from train.data import pipeline as pipeline_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -61,9 +61,14 @@ def expected_command(root, name, python=sys.executable, config=TINY) -> list[str
   return [python, "-m", "train", f"--config={config}", f"--workdir={root}/{name}", *overrides]
 
 
-def fake_checkpoint(workdir: pathlib.Path, step: int, complete: bool = True):
+def fake_checkpoint(workdir: pathlib.Path, step: int, complete: bool = True,
+                    evaluated: bool = True):
+  """A checkpoint folder at `step`, and metrics.jsonl's eval record at that step."""
   folder = workdir / "checkpoints" / (str(step) if complete else f"{step}.orbax-checkpoint-tmp-1")
   (folder / "state").mkdir(parents=True)
+  if evaluated:
+    with open(workdir / "metrics.jsonl", "a") as f:
+      f.write(json.dumps({"step": step, "split": "eval", "loss": 1.0}) + "\n")
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,15 +169,17 @@ def test_dry_run_skips_finished_runs_and_resumes_unfinished(tmp_path, capsys, in
   fake_checkpoint(root / NAMES[0], TINY_STEPS)           # finished
   fake_checkpoint(root / NAMES[1], 3)                    # stopped at step 3
   fake_checkpoint(root / NAMES[2], 3, complete=False)    # killed while saving step 3
+  fake_checkpoint(root / NAMES[3], TINY_STEPS, evaluated=False)  # killed in its final eval
   code, out, err = run_sweep(capsys, f"--config={TINY}", f"--workdir_root={root}", "--dry_run")
   assert code == 0, err
-  assert f"4 runs in {root} (1 finished, 1 to resume, 2 to start)" in out
+  assert f"4 runs in {root} (1 finished, 2 to resume, 1 to start)" in out
   assert f"finished  {NAMES[0]}  (checkpoint at step 6 >= 6)" in out
   assert f"resume    {NAMES[1]}  (from step 3 of 6)" in out
-  assert f"start     {NAMES[2]}  (6 steps)" in out and f"start     {NAMES[3]}" in out
+  assert f"start     {NAMES[2]}  (6 steps)" in out
+  assert f"resume    {NAMES[3]}  (its eval at step 6 is not recorded)" in out
   would_run = out.split("Would run (local):\n")[1].splitlines()
   assert would_run == [shlex.join(expected_command(root, name)) for name in NAMES[1:]]
-  assert not (root / "sweep.json").exists() and not (root / NAMES[3]).exists()
+  assert not (root / "sweep.json").exists()
 
 
 FAKE_TRAIN = textwrap.dedent("""\
@@ -427,7 +434,7 @@ def write_run(root: pathlib.Path, name: str, records: list[dict], num_steps: int
   (workdir / "metrics.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in records) + tail)
   for step in checkpoints:
-    fake_checkpoint(workdir, step)
+    fake_checkpoint(workdir, step, evaluated=False)
 
 
 def test_report_table_and_plot(tmp_path):
@@ -459,7 +466,7 @@ def test_report_table_and_plot(tmp_path):
   assert rows[1] == ["0.001", "finished", "8", "2.5", "2.75", "2.75", "@", "8"]
   assert rows[2] == ["0.01", "step", "4", "of", "8", "4", "4.5", "4", "4", "@", "4"]
   assert rows[3] == ["0.03", "not", "started", "-", "-", "-", "-"]
-  assert [r["loss"] for r in workdirs.read_metrics(root / "b") if r["split"] == "train"] == [
+  assert [r["loss"] for r in records.read_metrics(root / "b") if r["split"] == "train"] == [
       5, 3, 2.1, 2]
   assert lines[-1] == f"Curves: {root / 'report.png'}"
   image = matplotlib.image.imread(root / "report.png")
@@ -507,6 +514,10 @@ class TwoHostIterator:
 
   def get_state(self):
     return {"hosts": [iterator.get_state() for iterator in self.iterators]}
+
+  @property
+  def counts(self):
+    return {k: sum(i.counts[k] for i in self.iterators) for k in self.iterators[0].counts}
 
 
 def free_port() -> int:
@@ -570,7 +581,7 @@ def test_two_processes_train_like_one_and_resume(tmp_path, monkeypatch):
   monkeypatch.setattr(inputs_lib, "pipeline", TwoHostPipelines())
   assert jax.device_count() == 8
   reference_eval = loop.train_and_evaluate(configs[5], str(tmp_path / "reference"))
-  reference = workdirs.read_metrics(tmp_path / "reference")
+  reference = records.read_metrics(tmp_path / "reference")
   finish(*first)
 
   log0, log1 = logs()

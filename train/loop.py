@@ -299,13 +299,15 @@ class DataReport:
   def __init__(self, split: str):
     self.split, self.reported = split, {}
 
-  def __call__(self, counts: dict) -> dict:
-    losses = {k: counts[k] for k in self.LOSSES if counts.get(k)}
+  def __call__(self, host_counts: dict) -> dict:
+    """The metrics of every host's counts summed (a host counts the examples it read)."""
+    counts = dict(zip(host_counts, gather(np.asarray([list(host_counts.values())])).sum(0)))
+    losses = {k: int(counts[k]) for k in self.LOSSES if counts.get(k)}
     if losses and losses != self.reported:
-      say(f"{self.split} data: {counts['examples']:,} examples read; " + ", ".join(
+      say(f"{self.split} data: {int(counts['examples']):,} examples read; " + ", ".join(
           f"{v:,} {k.replace('_', ' ')}" for k, v in losses.items()) + ".")
       self.reported = losses
-    return {f"data_{k}": v for k, v in counts.items()}
+    return {f"data_{k}": int(v) for k, v in counts.items()}
 
 
 def decoding_search(config, tokenizer) -> decoding.Search:
