@@ -198,12 +198,49 @@ def test_restore_errors_name_the_problem(tmp_path):
       ckpt.restore(wider)
     with pytest.raises(ValueError, match="sharding"):
       ckpt.restore(jax.eval_shape(lambda: state))
-    for data_file in (tmp_path / "2" / "state").rglob("d/*"):  # damage step 2
-      data_file.unlink()
-    with pytest.raises(CheckpointError, match="2 cannot be read.*resume from step 1"):
-      ckpt.restore(_replicated(state))
     with pytest.raises(TypeError, match="dict"):
       ckpt.save(3, state, [1, 2])
+
+
+def _damage(step_dir):
+  """Truncates every array data file of a step to half its size, as a full disk would."""
+  files = [f for f in (step_dir / "state").rglob("*") if f.is_file() and "d" in f.parts]
+  assert files
+  for data_file in files:
+    data_file.write_bytes(data_file.read_bytes()[:data_file.stat().st_size // 2])
+
+
+def test_an_unreadable_latest_checkpoint_is_set_aside_for_the_one_before(tmp_path, caplog):
+  with Checkpointer(tmp_path, keep=None) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, _state(step), {"step": step})
+    ckpt.wait()
+    _damage(tmp_path / "3")
+    _damage(tmp_path / "2")
+    with caplog.at_level("WARNING"):
+      state, data = ckpt.restore(_replicated(_state(0)))
+    assert _bits(state) == _bits(_state(1)) and data == {"step": 1}
+    assert "3 cannot be read" in caplog.text and "resuming from step 1" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == [
+        "1", "2.damaged", "3.damaged"]
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+    assert ckpt.save(2, _state(2), {"step": 2})  # the step is trained and saved again
+    ckpt.wait()
+    assert _bits(ckpt.restore(_replicated(_state(0)))[0]) == _bits(_state(2))
+  Checkpointer(tmp_path).close()  # A folder with set-aside steps is still a checkpoint folder.
+
+
+def test_no_readable_checkpoint_is_an_error_that_moves_nothing(tmp_path):
+  with Checkpointer(tmp_path, keep=None) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, _state(step), {})
+    ckpt.wait()
+    for step in (1, 2):
+      _damage(tmp_path / str(step))
+    with pytest.raises(CheckpointError, match=r"No checkpoint in .* can be read: The checkpoint "
+                       r".*2 cannot be read .*; The checkpoint .*1 cannot be read"):
+      ckpt.restore(_replicated(_state(0)))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == ["1", "2"]
 
 
 def test_refuses_folders_that_are_not_checkpoint_folders(tmp_path):

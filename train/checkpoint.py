@@ -26,12 +26,14 @@ naming it: a run never starts afresh over, or silently past, existing checkpoint
 import json
 import logging
 import os
+import re
 import signal
 import threading
 from typing import Any
 
 from etils import epath
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
@@ -41,11 +43,20 @@ from train.step_folders import STEP_NAME
 STATE = "state"
 DATA = "data"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_DAMAGED = re.compile(r"^(0|[1-9]\d*)\.damaged(-\d+)?$")  # a step folder set aside, unreadable
 _ORBAX_ROOT_FILES = ("metadata", "_ROOT_METADATA")
 
 
 class CheckpointError(ValueError):
   """A checkpoint folder or checkpoint that cannot be used as asked."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint whose files cannot be read (truncated, garbled, missing)."""
+
+  def __init__(self, message: str, step_dir: epath.Path | None = None):
+    super().__init__(message)
+    self.step_dir = step_dir
 
 
 class Checkpointer:
@@ -100,23 +111,51 @@ class Checkpointer:
     return self._manager.save(step, args=args, force=force)
 
   def restore(self, abstract_state: Any, *, step: int | None = None) -> tuple[Any, dict]:
-    """(state, data_state) of `step` (default: the latest), laid out as `abstract_state`.
+    """(state, data_state) of `step` (default: the latest readable), laid out as `abstract_state`.
 
     `abstract_state` is the state's tree of `jax.ShapeDtypeStruct`s (or arrays) with a
     `.sharding` each, e.g. `jax.eval_shape` of the init plus the run's shardings: the arrays
-    come back with those shardings, whatever mesh wrote them.
+    come back with those shardings, whatever mesh wrote them. Without `step`, a latest
+    checkpoint that cannot be read is set aside (renamed STEP.damaged, never deleted) with a
+    warning naming it, and the one before it restored; if none can be read, the latest's
+    DamagedCheckpointError is raised and nothing is moved.
     """
     self._manager.wait_until_finished()
     steps = self.all_steps()
-    if step is None:
-      if not steps:
-        raise FileNotFoundError(f"No checkpoint to restore in {self.directory}.")
-      step = steps[-1]
-    elif step not in steps:
-      raise CheckpointError(f"No checkpoint of step {step} in {self.directory}; it holds steps "
-                            f"{steps}.")
-    step_dir = self.directory / str(step)
     abstract_state = _abstract_tree(abstract_state, require_sharding=True)
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(f"No checkpoint of step {step} in {self.directory}; it holds "
+                              f"steps {steps}.")
+      return self._restore(step, abstract_state)
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint to restore in {self.directory}.")
+    damaged = []
+    for step in reversed(steps):
+      try:
+        restored, error = self._restore(step, abstract_state), None
+      except DamagedCheckpointError as e:
+        restored, error = None, e
+      if _on_every_host(error is None):
+        break
+      damaged.append(error or DamagedCheckpointError(f"step {step} cannot be read on another host"))
+    else:
+      raise DamagedCheckpointError(
+          f"No checkpoint in {self.directory} can be read: " + "; ".join(
+              str(e).split(". Move ")[0] for e in damaged) + ". Use a new workdir.")
+    for error in damaged:
+      aside = _free_name(f"{error.step_dir}.damaged")
+      logging.warning("%s Set aside as %s; resuming from step %d instead.",
+                      str(error).split(" Move ")[0], aside, step)
+      if jax.process_index() == 0:
+        error.step_dir.rename(aside)
+    if damaged:
+      multihost_utils.sync_global_devices("tapete: damaged checkpoints set aside")
+      self._manager.reload()
+    return restored
+
+  def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    step_dir = self.directory / str(step)
     _check_tree_matches(abstract_state, _saved_tree(step_dir), step_dir,
                         fix="resume with the configuration that wrote it, or use a new workdir")
     args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
@@ -241,6 +280,7 @@ def _check_checkpoint_folder(directory: epath.Path) -> None:
     raise CheckpointError(f"The checkpoint folder {directory} is a file; pass a folder.")
   foreign = sorted(p.name for p in directory.iterdir()
                    if not (STEP_NAME.match(p.name) or _TMP_SUFFIX in p.name
+                           or _DAMAGED.match(p.name)
                            or p.name in _ORBAX_ROOT_FILES or p.name.startswith(".")))
   if foreign:
     raise CheckpointError(
@@ -338,7 +378,7 @@ def _shapes(tree: Any, *, stored: bool) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _damaged(step_dir: epath.Path, error: Any) -> CheckpointError:
+def _damaged(step_dir: epath.Path, error: Any) -> DamagedCheckpointError:
   """The error for an unreadable step: names it, the cause, and the step to fall back on."""
   cause = str(error).split(" [tensorstore_spec=")[0].splitlines()[0][:300]
   older = []
@@ -346,4 +386,20 @@ def _damaged(step_dir: epath.Path, error: Any) -> CheckpointError:
     older = sorted(s for s in ocp.utils.checkpoint_steps(step_dir.parent) if s < int(step_dir.name))
   fix = (f"Move {step_dir} away to resume from step {older[-1]}, or use a new workdir."
          if older else "Use another checkpoint or a new workdir.")
-  return CheckpointError(f"The checkpoint {step_dir} cannot be read ({cause}). {fix}")
+  return DamagedCheckpointError(f"The checkpoint {step_dir} cannot be read ({cause}). {fix}",
+                                step_dir)
+
+
+def _free_name(path: str) -> str:
+  """`path`, or `path-N` for the first N that does not exist yet."""
+  n, name = 1, path
+  while os.path.exists(name):
+    n, name = n + 1, f"{path}-{n}"
+  return name
+
+
+def _on_every_host(flag: bool) -> bool:
+  """Whether `flag` holds on every process (they must agree on the step they restore)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
