@@ -11,6 +11,7 @@ Workdir files are checked against readers we did not write: `json`, TensorBoard'
 protobuf (via tensorboardX's copy of the schema) and matplotlib's PNG decoder.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -25,12 +26,14 @@ import sys
 from absl import flags
 import jax
 import matplotlib.image
+import numpy as np
 import pytest
 from ml_collections import config_flags
 import tensorflow_datasets as tfds
 from tensorboardX.proto import event_pb2
 
 from train import config as config_lib, generate, loop, workdir as workdir_lib
+from train.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART_TINY = "experiments/quickstart.py:tiny"
@@ -193,29 +196,67 @@ def test_documented_commands_parse_and_validate(name, monkeypatch):
     module.get_config("huge")
 
 
+def greedy_by_hand(run, text: str, max_new_tokens: int) -> list[int]:
+  """Greedy decoding without the KV cache: the whole decoder prefix through the model at each
+  step, from the encoder tokens and decoder start of the training pipeline's row for `text`."""
+  d = run.config.data
+  rows = pipeline.seq2seq_pipeline(
+      [{"inputs": text, "targets": "x"}], run.input_tokenizer, run.target_tokenizer,
+      batch_size=1, inputs_len=d.inputs_len, targets_len=d.targets_len, pack=False,
+      shuffle=False, num_epochs=1, process_index=0, process_count=1)
+  row = next(iter(rows))
+  encoder_BS = row["encoder_tokens"][:, row["encoder_segment_ids"][0] > 0]
+  decoder_BT = np.full((1, max_new_tokens + 1), run.target_tokenizer.pad_id, np.int32)
+  decoder_BT[0, 0] = row["decoder_inputs"][0, 0]
+  logits = jax.jit(lambda e, t: run.model.apply({"params": run.params}, e, t))
+  new = []
+  for i in range(max_new_tokens):  # causal: position i's logits see tokens 0..i only
+    new.append(int(np.argmax(logits(encoder_BS, decoder_BT)[0, i])))
+    decoder_BT[0, i + 1] = new[-1]
+    if new[-1] == run.target_tokenizer.eos_id:
+      break
+  return new
+
+
+def check_translations(run, search, prompt: str, printed: str):
+  """A seq2seq run's answers: the translations its eval printed for held-out inputs (laid out
+  by the eval pipeline), and greedy decoding by hand."""
+  translations = dict(re.findall(r"^  (.+?) -> (.*?)(?:   \(expected: .*\))?$", printed,
+                                 re.MULTILINE))
+  assert len(translations) >= 2 and len(set(translations.values())) > 1, printed
+  for source, translation in translations.items():
+    assert generate.answer(run, source, search, jax.random.key(0)) == translation, source
+  greedy = dataclasses.replace(search, method="greedy")
+  for text in [prompt, *list(translations)[:2]]:
+    expected = run.target_tokenizer.decode(greedy_by_hand(run, text, greedy.max_new_tokens))
+    assert generate.answer(run, text, greedy, jax.random.key(0)) == expected, text
+
+
 @pytest.mark.parametrize("name, prompt", [
     ("transformer_base", "The house is small."),
     ("gpt2_small", "The cat"),
     ("bert_base", "The <mask> sat on the mat."),
 ])
-def test_tiny_variant_trains_and_answers(name, prompt, tmp_path):
+def test_tiny_variant_trains_and_answers(name, prompt, tmp_path, capsys):
   config = load_experiment(name).get_config("tiny")
   seq2seq = config.task == "seq2seq"
   results = loop.train_and_evaluate(config, str(tmp_path))
+  printed = capsys.readouterr().out
   lines = check_workdir(tmp_path, config, eval_keys=("exact_match", "bleu") if seq2seq else ())
   last_eval = [line for line in lines if line["split"] == "eval"][-1]
   assert results == pytest.approx({k: v for k, v in last_eval.items()
                                    if k not in ("step", "split")})
 
-  exp, params = workdir_lib.load(str(tmp_path))
-  search = loop.decoding_search(exp.config, exp.inputs.target_tokenizer)
-  answer = generate.answer(exp, params, prompt, search, jax.random.key(0))
-  assert isinstance(answer, str)
+  run = workdir_lib.load(str(tmp_path))
+  search = workdir_lib.decoding_search(run.config, run.target_tokenizer)
+  answer = generate.answer(run, prompt, search, jax.random.key(0))
+  if seq2seq:
+    check_translations(run, search, prompt, printed)
   if config.task == "lm":
     assert answer.startswith(prompt) and len(answer) > len(prompt)
   if config.task == "mlm":
-    before, after = prompt.split(generate.MASK)
-    assert generate.MASK not in answer
+    before, after = prompt.split(workdir_lib.MASK)
+    assert workdir_lib.MASK not in answer
     assert answer.startswith(before) and answer.endswith(after) and answer != prompt
 
 

@@ -4,74 +4,98 @@
 
 seq2seq: the input is encoded, the answer decoded greedily, and the chosen attention (cross
 by default: which input tokens each output word looks at) drawn over input and answer;
-lm / classify / mlm: the self-attention over the input.
+lm / classify / mlm: the self-attention over the input (its padding left out). The input is
+laid out as in training (`workdir.model_inputs`).
 """
 
-import sys
+import dataclasses
 
 from absl import app, flags
 import jax.numpy as jnp
 import numpy as np
 
-from models import decoding
-from models.attention_maps import attention_maps, save_attention_figure
-from train import loop, workdir as workdir_lib
-from train.data.examples import bos_eos
+from models.attention_maps import attention_maps
+from train import figures, generate, workdir as workdir_lib, workdir_cli
 
-_OUT = flags.DEFINE_string("out", None, "PNG file to write.")
-_KIND = flags.DEFINE_enum("kind", None, ["self", "cross", "encoder"],
-                          "seq2seq: cross (default), decoder self, or encoder self-attention.")
-_LAYER = flags.DEFINE_integer("layer", -1, "Layer to draw; -1 = the last.")
-flags.mark_flags_as_required(["workdir", "input", "out"])
+FLAGS = flags.FLAGS
+KINDS = ("self", "cross", "encoder")
 
 
-def draw(exp, params, text: str, out: str, kind: str | None, layer: int) -> str:
-  source = workdir_lib.encode_source(exp, text)
-  source_labels = workdir_lib.token_labels(exp.inputs.input_tokenizer, source[0])
-  if exp.config.task != "seq2seq":
+@dataclasses.dataclass(frozen=True)
+class HeadMaps:
+  """One layer's attention for one input: weights [N, T, S] and the tokens they relate."""
+  weights_NTS: np.ndarray
+  query_labels: list[str]
+  key_labels: list[str]
+  title: str
+
+
+def head_maps(run: workdir_lib.Run, text: str, kind: str | None = None,
+              layer: int = -1) -> HeadMaps:
+  """The attention of layer `layer` for `text`; `kind` (seq2seq) one of KINDS."""
+  batch = workdir_lib.model_inputs(run, text)
+  task = run.config.task
+  if task != "seq2seq":
     if kind not in (None, "self"):
-      raise ValueError(f"--kind={kind} needs a seq2seq run; this one is {exp.config.task}.")
-    maps = attention_maps(exp.task.model, params, jnp.asarray(source))
+      raise ValueError(f"--kind={kind} needs a seq2seq run; this one is {task}.")
+    if task == "lm":
+      tokens, kwargs = batch["inputs"], {}
+    else:
+      tokens, kwargs = batch["tokens"], {k: jnp.asarray(batch[k])
+                                         for k in ("padding_mask", "token_types")}
+    length = int(batch["padding_mask"].sum()) if kwargs else tokens.shape[1]
+    maps = attention_maps(run.model, run.params, jnp.asarray(tokens), **kwargs)
     family, kind_key = next(iter(maps)), "self"
-    queries = keys = source_labels
+    weights = maps[family][kind_key][:, 0, :, :length, :length]
+    queries = keys = workdir_lib.token_labels(run.input_tokenizer, tokens[0, :length])
   else:
-    tokenizer = exp.inputs.target_tokenizer
-    start = bos_eos(tokenizer)[0]
-    search = loop.decoding_search(exp.config, tokenizer)
-    answer = np.asarray(decoding.generate_encoder_decoder(
-        exp.task.model, params, jnp.asarray(source), decoding.Search(
-            method="greedy", max_new_tokens=search.max_new_tokens, eos_id=search.eos_id,
-            pad_id=search.pad_id), decoder_start_id=start).tokens_BN)[0]
+    search = dataclasses.replace(workdir_lib.decoding_search(run.config, run.target_tokenizer),
+                                 method="greedy")
+    answer = list(generate.continuation(run, text, search, rng=None))
     if search.eos_id in answer:
-      answer = answer[:list(answer).index(search.eos_id) + 1]
-    target = np.asarray([[start] + list(answer[:-1])], np.int32)
-    maps = attention_maps(exp.task.model, params, jnp.asarray(source), jnp.asarray(target))
-    target_labels = workdir_lib.token_labels(tokenizer, target[0])
+      answer = answer[:answer.index(search.eos_id)]
+    batch = workdir_lib.model_inputs(run, text, target=answer)
+    maps = attention_maps(run.model, run.params, jnp.asarray(batch["encoder_tokens"]),
+                          jnp.asarray(batch["decoder_inputs"]))
+    source_labels = workdir_lib.token_labels(run.input_tokenizer, batch["encoder_tokens"][0])
+    target_labels = workdir_lib.token_labels(run.target_tokenizer, batch["decoder_inputs"][0])
     kind = kind or "cross"
     family, kind_key = ("encoder", "self") if kind == "encoder" else ("decoder", kind)
+    weights = maps[family][kind_key][:, 0]
     queries = source_labels if kind == "encoder" else target_labels
     keys = target_labels if kind == "self" else source_labels
-  weights = maps[family][kind_key]
   num_layers = weights.shape[0]
   if not -num_layers <= layer < num_layers:
     raise ValueError(f"--layer={layer}: the model has {num_layers} layers (0..{num_layers - 1}).")
   title = f"{family} {kind_key}-attention, layer {layer % num_layers}: {text!r}"
-  return save_attention_figure(out, np.asarray(weights[layer, 0]), queries, keys, title=title)
+  return HeadMaps(np.asarray(weights[layer]), queries, keys, title)
+
+
+def define_flags():
+  """The flags of `python -m train.attention_maps`, defined when it runs (not on import)."""
+  workdir_cli.define_flags()
+  flags.adopt_module_key_flags(workdir_cli)  # --help lists --workdir and --input too.
+  flags.DEFINE_string("out", None, "PNG file to write.")
+  flags.DEFINE_enum("kind", None, KINDS,
+                    "seq2seq: cross (default), decoder self, or encoder self-attention.")
+  flags.DEFINE_integer("layer", -1, "Layer to draw; -1 = the last.")
+  flags.mark_flags_as_required(["out"])
+
+
+def draw(run: workdir_lib.Run, texts: list[str]):
+  if len(texts) != 1:
+    raise ValueError("train.attention_maps draws one input: give --input once.")
+  maps = head_maps(run, texts[0], FLAGS.kind, FLAGS.layer)
+  path = figures.save_attention_figure(FLAGS.out, maps.weights_NTS, maps.query_labels,
+                                       maps.key_labels, title=maps.title)
+  print(f"Wrote {path}")
 
 
 def main(argv):
   del argv
-  workdir_lib.quiet()
-  try:
-    if len(workdir_lib.INPUT.value) != 1:
-      raise ValueError("train.attention_maps draws one input: give --input once.")
-    exp, params = workdir_lib.load(workdir_lib.WORKDIR.value)
-    text = workdir_lib.INPUT.value[0]
-    print(f"Wrote {draw(exp, params, text, _OUT.value, _KIND.value, _LAYER.value)}")
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  workdir_cli.main(draw)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

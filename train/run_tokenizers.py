@@ -38,18 +38,24 @@ def make_tokenizers(config, workdir: str, texts: TrainingTexts | None = None
       path = os.path.join(tokenizer_dir, f"{name}.{EXTENSIONS[kind]}")
     if kind == "pretrained" and not path and config.init_from.startswith("hf:"):
       path = config.init_from[len("hf:"):]  # The checkpoint folder's own tokenizer.
-    if texts is None and kind in EXTENSIONS and not os.path.exists(path):
-      raise tokenizers.TokenizerError(
-          f"{path}, the run's {kind} tokenizer trained on its training split, is missing: "
-          "copy it back from where the run trained (its tokenizers/ folder).")
-    return tokenizers.make_tokenizer(kind, path=path or None, texts=texts and texts(fields),
-                                     vocab_size=data.vocab_size or None)
+    return tokenizers.make_tokenizer(
+        kind, path=path or None, texts=texts(fields) if texts else _missing(kind, path),
+        vocab_size=data.vocab_size or None)
 
   input_tokenizer = build(data.tokenizer, data.tokenizer_path, input_fields, "inputs")
   if not two_tokenizers:
     return input_tokenizer, input_tokenizer
   return input_tokenizer, build(data.target_tokenizer, data.target_tokenizer_path,
                                 ("targets",), "targets")
+
+
+def _missing(kind: str, path: str) -> Callable[[], Iterable[str]]:
+  """In place of training texts: a tokenizer file that is missing is an error naming it."""
+  def fail():
+    raise tokenizers.TokenizerError(
+        f"{path}, the run's {kind} tokenizer trained on its training split, is missing: copy "
+        "it back from where the run trained (its tokenizers/ folder).")
+  return fail
 
 
 def decoder_start_id(config, target_tokenizer: tokenizers.Tokenizer) -> int:

@@ -1,0 +1,199 @@
+"""Inference over a trained run (train.workdir, train.generate).
+
+- Inputs are laid out as training lays them out: the tokens generate feeds the model equal
+  the rows of the real grain pipelines for the same text, for every task.
+- A T5 checkpoint decodes from its decoder_start_token_id, as transformers' generate does.
+- Loading a run reads neither its data nor the training split; a missing tokenizer file is a
+  clear error; importing the CLI pulls in no training machinery and defines no flags.
+"""
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from experiments import finetune_t5, gpt2_small
+from models import presets, pretrained
+from train import config as config_lib, generate, loop, run_tokenizers, tasks
+from train import workdir as workdir_lib
+from train.data import pipeline, tokenizers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BYTES = tokenizers.ByteTokenizer()
+TINY = dict(vocab_size=BYTES.vocab_size, d_model=32, num_heads=4, d_ff=64, num_layers=2,
+            max_len=64, dropout_rate=0.0)
+PRESETS = {"lm": presets.gpt2, "seq2seq": presets.transformer_base,
+           "classify": presets.bert_base, "mlm": presets.bert_base}
+TEXT = "o gato sentou no tapete"
+ONE_PASS = dict(batch_size=1, shuffle=False, num_epochs=1, process_index=0, process_count=1)
+
+
+def tiny_run(task: str, with_model: bool = True) -> workdir_lib.Run:
+  """A run of `task` with byte tokens and a tiny random model (every param perturbed)."""
+  config = config_lib.base_config()
+  config.task, config.model.num_classes = task, 3
+  config.data.seq_len, config.data.inputs_len, config.data.targets_len = 32, 24, 24
+  start = run_tokenizers.decoder_start_id(config, BYTES) if task == "seq2seq" else None
+  if not with_model:
+    return workdir_lib.Run(config, None, None, BYTES, BYTES, start)
+  model = tasks.make_model(task, PRESETS[task](**TINY), num_classes=3)
+  init = jax.jit(lambda rng: nn.unbox(model.init(rng, *tasks.init_inputs(task, config.data))))
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda x: x + 0.1 * rng.standard_normal(x.shape, np.float32),
+                        init(jax.random.key(0))["params"])
+  return workdir_lib.Run(config, model, params, BYTES, BYTES, start)
+
+
+def pipeline_row(task: str, config, text: str) -> dict[str, np.ndarray]:
+  """Row 0 of the training pipeline's first batch for `text` (one example a row)."""
+  d = config.data
+  if task == "lm":
+    make = pipeline.lm_pipeline([{"text": text}], BYTES, seq_len=d.seq_len, pack=False,
+                                **ONE_PASS)
+  elif task == "seq2seq":
+    make = pipeline.seq2seq_pipeline([{"inputs": text, "targets": "x"}], BYTES,
+                                     inputs_len=d.inputs_len, targets_len=d.targets_len,
+                                     pack=False, **ONE_PASS)
+  elif task == "classify":
+    make = pipeline.classification_pipeline([{"text": text, "label": 1}], BYTES,
+                                            seq_len=d.seq_len, **ONE_PASS)
+  else:
+    make = pipeline.mlm_pipeline([{"text": text}], BYTES, seq_len=d.seq_len, **ONE_PASS)
+  return {key: value[0] for key, value in next(iter(make)).items()}
+
+
+@pytest.mark.parametrize("task", ["lm", "seq2seq", "classify", "mlm"])
+def test_generate_feeds_the_tokens_training_feeds(task):
+  run = tiny_run(task, with_model=False)
+  fed = workdir_lib.model_inputs(run, TEXT)
+  row = pipeline_row(task, run.config, TEXT)
+  if task == "lm":
+    np.testing.assert_array_equal(fed["inputs"][0], row["inputs"][row["segment_ids"] > 0])
+  elif task == "seq2seq":
+    np.testing.assert_array_equal(fed["encoder_tokens"][0],
+                                  row["encoder_tokens"][row["encoder_segment_ids"] > 0])
+    assert fed["decoder_inputs"][0, 0] == row["decoder_inputs"][0]
+  else:
+    tokens = row["targets"] if task == "mlm" else row["tokens"]  # mlm: before masking.
+    np.testing.assert_array_equal(fed["tokens"][0], tokens)
+    np.testing.assert_array_equal(fed["padding_mask"][0], row["padding_mask"])
+    np.testing.assert_array_equal(fed["token_types"][0], row["token_types"])
+
+
+def test_mlm_masks_are_mask_ids_in_the_training_row():
+  run = tiny_run("mlm", with_model=False)
+  fed = workdir_lib.model_inputs(run, TEXT.replace("gato", "<mask>"))["tokens"][0]
+  row = pipeline_row("mlm", run.config, TEXT.replace("gato", "g"))["targets"]
+  np.testing.assert_array_equal(fed, np.where(np.arange(len(row)) == 3, BYTES.mask_id, row))
+
+
+def test_classify_answer_is_the_model_on_the_training_row():
+  run = tiny_run("classify")
+  for text in (TEXT, f"{TEXT}, {TEXT}"):  # The second is cut to seq_len, as in training.
+    row = pipeline_row("classify", run.config, text)
+    logits = run.model.apply({"params": run.params}, row["tokens"][None],
+                             padding_mask=row["padding_mask"][None],
+                             token_types=row["token_types"][None])
+    expected = np.asarray(jax.nn.softmax(logits[0]))
+    np.testing.assert_allclose(generate.label_probabilities(run, text), expected, rtol=1e-6)
+    answer = generate.answer(run, text, None, None)
+    assert answer == ", ".join(f"label {i}: {p:.3f}" for i, p in enumerate(expected))
+
+
+@pytest.fixture(scope="module")
+def t5_config(tmp_path_factory):
+  """The tiny T5 fine-tuning config; its random checkpoint built away from ~/.cache."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("TAPETE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield config_lib.resolve_assets(finetune_t5.get_config("tiny"))
+
+
+def test_t5_decodes_from_its_decoder_start_token_as_transformers(t5_config, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  asset = t5_config.init_from[len("hf:"):]
+  # The random checkpoint answers pad to everything; with its output rows shuffled, answers
+  # differ from input to input and from start token to start token.
+  reference = transformers.T5ForConditionalGeneration.from_pretrained(asset)
+  torch.manual_seed(0)
+  with torch.no_grad():
+    reference.lm_head.weight.copy_(reference.lm_head.weight[torch.randperm(
+        reference.lm_head.weight.shape[0])])
+  reference.save_pretrained(tmp_path)
+  shutil.copy(pathlib.Path(asset) / "tokenizer.json", tmp_path)
+  config = t5_config.copy_and_resolve_references()
+  config.init_from = f"hf:{tmp_path}"
+  model, params = pretrained.from_hf(str(tmp_path))
+  tokenizer = tokenizers.tokenizer_for(str(tmp_path))
+  run = workdir_lib.Run(config, model, params, tokenizer, tokenizer,
+                        run_tokenizers.decoder_start_id(config, tokenizer))
+  search = workdir_lib.decoding_search(config, tokenizer)
+  assert search.method == "greedy"
+  for text in ("2026", "15", "dois mil"):
+    encoder_tokens = workdir_lib.model_inputs(run, text)["encoder_tokens"]
+    expected = reference.generate(torch.tensor(encoder_tokens), do_sample=False, num_beams=1,
+                                  max_new_tokens=search.max_new_tokens)[0].numpy()
+    assert expected[0] == reference.config.decoder_start_token_id == 0
+    ours = generate.continuation(run, text, search, None)
+    np.testing.assert_array_equal(ours[:len(expected) - 1], expected[1:])
+
+
+@pytest.fixture(scope="module")
+def trained_lm(tmp_path_factory):
+  """A tiny GPT-2 run on a copy of the bundled corpus, with a char tokenizer trained on it."""
+  folder = tmp_path_factory.mktemp("lm")
+  corpus = folder / "corpus.txt"
+  shutil.copy(ROOT / "experiments" / "data" / "tiny_corpus.txt", corpus)
+  config = gpt2_small.get_config("tiny")
+  config.data.source, config.data.tokenizer = f"local:{corpus}", "char"
+  loop.train_and_evaluate(config, str(folder / "run"))
+  return folder / "run", corpus
+
+
+def test_loading_a_run_reads_no_data(trained_lm, tmp_path):
+  workdir, corpus = trained_lm
+  before = workdir_lib.load(str(workdir))
+  search = workdir_lib.decoding_search(before.config, before.target_tokenizer)
+  expected = generate.answer(before, "The cat", search, jax.random.key(0))
+  moved = tmp_path / "run"
+  shutil.copytree(workdir, moved)
+  shutil.rmtree(moved / "data")  # The prepared dataset...
+  corpus.rename(tmp_path / "elsewhere.txt")  # ...and its source are gone.
+  try:
+    run = workdir_lib.load(str(moved))
+    assert generate.answer(run, "The cat", search, jax.random.key(0)) == expected
+  finally:
+    (tmp_path / "elsewhere.txt").rename(corpus)
+  assert expected.startswith("The cat") and len(expected) > len("The cat")
+
+  (moved / "tokenizers" / "inputs.json").unlink()
+  with pytest.raises(ValueError, match=f"{moved / 'tokenizers' / 'inputs.json'}.*missing"):
+    workdir_lib.load(str(moved))
+
+
+LIGHT_CHECK = """
+import sys
+from absl import flags
+import jax
+import train.generate, train.attention_maps, train.workdir
+print(sorted(m for m in {heavy} if m in sys.modules))
+print(sorted(f for f in ("workdir", "input", "method", "out", "kind") if f in flags.FLAGS))
+run = train.workdir.load(sys.argv[1])
+search = train.workdir.decoding_search(run.config, run.target_tokenizer)
+train.generate.answer(run, "The cat", search, jax.random.key(0))
+print(sorted(m for m in {loaded} if m in sys.modules))
+"""
+
+
+def test_inference_imports_no_training_machinery_and_defines_no_flags(trained_lm):
+  heavy = ("torch", "tensorboardX", "optax", "train.loop")
+  loaded = ("torch", "tensorboardX", "train.loop", "train.inputs", "tensorflow_datasets")
+  code = LIGHT_CHECK.format(heavy=heavy, loaded=loaded)
+  out = subprocess.run([sys.executable, "-c", code, str(trained_lm[0])], cwd=ROOT, text=True,
+                       capture_output=True, check=True).stdout
+  assert out.splitlines() == ["[]", "[]", "[]"]
