@@ -197,7 +197,7 @@ class Trainable:
   # --- Inference.
 
   def trained_params(self, workdir: str) -> Any:
-    """The model params of the run in `workdir` (with LoRA: merged), as numpy arrays."""
+    """The model params of the run in `workdir` (with LoRA: merged), ready to apply."""
     if not self.adapter_only:
       return self.model_params(checkpoint.load_params(workdir, self.abstract_params))
     saved = checkpoint.load_params(workdir, _subset(self.abstract_params, self.mask))
