@@ -1,4 +1,9 @@
-"""Attention maps against a float64 numpy attention from the params; heatmaps of the heads."""
+"""Attention maps against a float64 numpy attention from the params; heatmaps of the heads;
+the maps train.attention_maps draws for a run, over the tokens training feeds."""
+
+import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -7,8 +12,14 @@ import numpy as np
 import pytest
 
 from models import presets
-from models.attention_maps import attention_maps, plot_heads, save_attention_figure
+from models.attention_maps import attention_maps
 from models.transformer import DecoderOnly, EncoderDecoder, EncoderOnly
+from train import attention_maps as attention_maps_cli, config as config_lib, tasks
+from train import workdir as workdir_lib
+from train.data import pipeline, tokenizers
+from train.figures import plot_heads, save_attention_figure
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = dict(vocab_size=37, d_model=32, num_heads=4, d_ff=64, num_layers=2, max_len=32,
             dropout_rate=0.0)
@@ -164,3 +175,32 @@ def test_plot_heads_rejects_mismatched_tokens():
     plot_heads(weights_NTS, SENTENCE, SENTENCE)
   with pytest.raises(ValueError, match=r"\[N, T, S\]"):
     plot_heads(weights_NTS[None], SENTENCE, SENTENCE[:3])
+
+
+def test_models_import_no_plotting_library():
+  modules = sorted(p.stem for p in (ROOT / "models").glob("*.py") if p.stem != "__init__")
+  code = "".join(f"import models.{m}\n" for m in modules)
+  code += "import sys\nprint('matplotlib' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True, capture_output=True,
+                       check=True).stdout
+  assert len(modules) > 5 and out.strip() == "False"
+
+
+def test_a_classify_run_is_drawn_over_the_row_training_feeds():
+  tokenizer = tokenizers.ByteTokenizer()
+  config = config_lib.base_config()
+  config.task, config.model.num_classes, config.data.seq_len = "classify", 3, 12
+  model = tasks.make_model("classify", presets.bert_base(**{
+      **TINY, "vocab_size": tokenizer.vocab_size}), num_classes=3)
+  row = next(iter(pipeline.classification_pipeline(
+      [{"text": "gato", "label": 0}], tokenizer, batch_size=1, seq_len=12, shuffle=False,
+      num_epochs=1, process_index=0, process_count=1)))
+  inputs = {k: jnp.asarray(row[k]) for k in ("padding_mask", "token_types")}
+  params = init(model, jnp.asarray(row["tokens"]), **inputs)
+  run = workdir_lib.Run(config, model, params, tokenizer, tokenizer, None)
+  maps = attention_maps_cli.head_maps(run, "gato", layer=0)
+  assert maps.query_labels == maps.key_labels == ["<s>", "g", "a", "t", "o", "</s>"]
+  expected = attention_maps(model, params, jnp.asarray(row["tokens"]), **inputs)
+  (family, kinds), = expected.items()
+  np.testing.assert_array_equal(maps.weights_NTS, kinds["self"][0, 0, :, :6, :6])
+  assert maps.title == f"{family} self-attention, layer 0: 'gato'"
