@@ -165,7 +165,7 @@ def test_adapter_only_checkpoint_holds_what_trains_and_loads_back(lora_run):
       {p[len("lora/"):]: x for p, x in saved.items() if p.startswith("lora/")}, sep="/")
   lora_cfg = lora.LoraConfig(config.lora.targets, config.lora.rank, config.lora.alpha)
   expected = flat(lora.merge(traverse_util.unflatten_dict(base, sep="/"), adapters, lora_cfg))
-  _, params = workdir_lib.load(str(workdir))  # as train.generate loads a run
+  params = workdir_lib.load(str(workdir)).params  # as train.generate loads a run
   params = flat(params)
   assert params.keys() == expected.keys()
   for path in expected:
