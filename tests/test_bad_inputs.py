@@ -70,6 +70,10 @@ CASES = [
      lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}", "--config.data.seq_len=4096"],
      "t", r"config\.data\.seq_len=4096 exceeds the model's learned position table "
      r"\(model\.max_len=128\)"),
+    ("a NaN learning rate",
+     lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}",
+                   "--config.optim.learning_rate=nan"],
+     "t", r"learning_rate must be a number >= 0 and finite, got nan"),
 ]
 
 

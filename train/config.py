@@ -13,6 +13,7 @@ so the workdir's config.json holds real paths, and get_config() reads and writes
 import copy
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
@@ -234,13 +235,7 @@ def validate(config) -> None:
   """One clear error for a value or combination that cannot run."""
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r}: choose from {TASKS}.")
-  t = config.train
-  for name in ("num_steps", "batch_size", "log_every", "keep_checkpoints"):
-    if t[name] <= 0:
-      raise ValueError(f"config.train.{name} must be positive, got {t[name]}.")
-  for name in ("eval_every", "checkpoint_every", "eval_batches"):
-    if t[name] < 0:
-      raise ValueError(f"config.train.{name} must be >= 0, got {t[name]}.")
+  _validate_numbers(config)
   if config.task == "classify" and config.model.num_classes < 2:
     raise ValueError("config.task='classify' needs config.model.num_classes >= 2.")
   if config.init_from and not config.init_from.startswith(("ckpt:", "hf:")):
@@ -248,14 +243,81 @@ def validate(config) -> None:
                      "'hf:FOLDER'.")
   hf_model = _validate_hf(config) if config.init_from.startswith("hf:") else None
   _validate_lora(config)
-  if not 0.0 <= config.label_smoothing < 1.0:
-    raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}.")
   if config.decode.method not in decoding.METHODS:
     raise ValueError(f"config.decode.method={config.decode.method!r}: use one of "
                      f"{', '.join(decoding.METHODS)}.")
+  if config.decode.method == "sample" and config.decode.temperature == 0:
+    raise ValueError("config.decode.temperature=0 with decode.method='sample': give a "
+                     "temperature > 0, or use decode.method='greedy'.")
   optim.validate_optim_config(config.optim, config.train.batch_size)
   # The model as far as it is known before any data or tokenizer work (vocab_size aside).
   _validate_lengths(config, hf_model or model_config(config, vocab_size=1))
+  _validate_finite(config)
+
+
+# Counts: (key, the smallest value allowed). Each must be an integer.
+INTEGERS = (
+    ("train.num_steps", 1), ("train.batch_size", 1), ("train.log_every", 1),
+    ("train.keep_checkpoints", 1), ("train.eval_every", 0), ("train.checkpoint_every", 0),
+    ("train.eval_batches", 0), ("train.print_examples", 0),
+    ("data.seq_len", 1), ("data.inputs_len", 1), ("data.targets_len", 1),
+    ("data.tokenizer_train_examples", 1), ("data.vocab_size", 0), ("data.num_workers", 0),
+    ("decode.beam_size", 1), ("decode.top_k", 0), ("decode.max_new_tokens", 0),
+)
+# Real numbers: (key, the range allowed, in words). Each must be finite.
+REALS = (
+    ("label_smoothing", lambda x: 0 <= x < 1, "in [0, 1)"),
+    ("data.mask_rate", lambda x: 0 < x < 1, "in (0, 1)"),
+    ("decode.temperature", lambda x: x >= 0, ">= 0"),
+    ("decode.top_p", lambda x: 0 <= x <= 1, "in [0, 1] (0 = off)"),
+    ("decode.length_penalty_alpha", lambda x: True, ""),
+    ("train.peak_flops", lambda x: x >= 0, ">= 0 (0 = from the device table)"),
+)
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _get(config, key: str):
+  """config.data.seq_len for key "data.seq_len"."""
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
+def _validate_numbers(config) -> None:
+  """The counts, rates and mesh sizes a user gives are numbers in their ranges (NaN is not)."""
+  for key, smallest in INTEGERS:
+    value = _get(config, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ValueError(f"config.{key} must be an integer, got {value!r}.")
+    if value < smallest:
+      allowed = "positive" if smallest == 1 else f">= {smallest}"
+      raise ValueError(f"config.{key} must be {allowed}, got {value}.")
+  for key, in_range, allowed in REALS:
+    value = _get(config, key)
+    if not _is_number(value) or not math.isfinite(value) or not in_range(value):
+      raise ValueError(f"config.{key} must be {f'a finite number {allowed}'.strip()}, got "
+                       f"{value!r}.")
+  sizes = [config.mesh[axis] for axis in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
+    if isinstance(size, bool) or not isinstance(size, int) or (size != -1 and size < 1):
+      raise ValueError(f"config.mesh.{axis} must be a positive integer or -1 (= the devices "
+                       f"the other axes leave), got {size!r}.")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh sets {sizes.count(-1)} axes to -1: at most one axis may "
+                     "take the devices the others leave; give the others explicit sizes.")
+
+
+def _validate_finite(config, prefix: str = "config") -> None:
+  """No float anywhere in the config is NaN or infinite (those with a range are checked first)."""
+  for key, value in config.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      _validate_finite(value, f"{prefix}.{key}")
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"{prefix}.{key}={value} is not a finite number: give a finite value.")
 
 
 HF_FAMILIES = {"lm": "gpt2", "seq2seq": "t5", "classify": "bert", "mlm": "bert"}
@@ -319,6 +381,8 @@ def _validate_lora(config) -> None:
     if c.adapter_only_checkpoint:
       raise ValueError("config.lora.adapter_only_checkpoint needs config.lora.enabled.")
     return
+  if _is_number(c.alpha) and not math.isfinite(c.alpha):  # LoraConfig checks the rest.
+    raise ValueError(f"config.lora.alpha must be a finite number > 0, got {c.alpha}.")
   lora.LoraConfig(targets=c.targets, rank=c.rank, alpha=c.alpha)
   for pattern in c.train:
     try:

@@ -27,6 +27,7 @@ say otherwise; parameters with other names decay when they have two or more dime
 """
 
 import functools
+import math
 import re
 from typing import Any, Callable, NamedTuple
 
@@ -95,14 +96,16 @@ def _problems(cfg, batch_size: int | None, num_steps: int | None) -> list[str]:
     problems.append(f"unknown schedule {cfg.schedule!r}; choose from {SCHEDULES}")
   for name in ("learning_rate", "weight_decay", "end_learning_rate_factor", "eps"):
     value = getattr(cfg, name)
-    if not _is_number(value) or value < 0:
-      problems.append(f"{name} must be a number >= 0, got {value!r}")
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+      problems.append(f"{name} must be a number >= 0 and finite, got {value!r}")
   for name in ("b1", "b2", "momentum"):
     value = getattr(cfg, name)
     if not _is_number(value) or not 0 <= value < 1:
       problems.append(f"{name} must be in [0, 1), got {value!r}")
-  if cfg.clip_norm is not None and (not _is_number(cfg.clip_norm) or cfg.clip_norm < 0):
-    problems.append(f"clip_norm must be >= 0 (0 or None = no clipping), got {cfg.clip_norm!r}")
+  if cfg.clip_norm is not None and (not _is_number(cfg.clip_norm)
+                                    or not math.isfinite(cfg.clip_norm) or cfg.clip_norm < 0):
+    problems.append(f"clip_norm must be >= 0 and finite (0 or None = no clipping), got "
+                    f"{cfg.clip_norm!r}")
   if not isinstance(cfg.warmup_steps, int) or cfg.warmup_steps < 0:
     problems.append(f"warmup_steps must be an integer >= 0, got {cfg.warmup_steps!r}")
   elif cfg.schedule == "rsqrt" and cfg.warmup_steps == 0:
