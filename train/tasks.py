@@ -83,7 +83,8 @@ class Task:
 
 def smoothed_cross_entropy(logits_BTV, targets_BT, smoothing: float):
   """Cross-entropy to the smoothed labels q = (1 - s)·onehot + s/V, minus the entropy of q,
-  so that a perfect prediction scores 0 (as the Flax WMT example reports it)."""
+  so that a perfect prediction scores 0 (the Flax WMT example subtracts its entropy too, for a
+  q that puts s/(V - 1) on each other class)."""
   vocab = logits_BTV.shape[-1]
   q_true, q_other = 1.0 - smoothing + smoothing / vocab, smoothing / vocab
   entropy = -(q_true * math.log(q_true) + (vocab - 1) * q_other * math.log(q_other or 1.0))
