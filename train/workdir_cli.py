@@ -1,13 +1,11 @@
 """What the CLIs over a trained workdir (train.generate, train.attention_maps) share: the
---workdir and --input flags, and a main that loads the run and ends a ValueError as one line.
-"""
+--workdir and --input flags, and a main that loads the run and answers."""
 
-import sys
 from collections.abc import Callable
 
 from absl import flags, logging
 
-from train import workdir as workdir_lib
+from train import cli, workdir as workdir_lib
 
 
 def define_flags():
@@ -18,11 +16,7 @@ def define_flags():
 
 
 def main(answer: Callable[[workdir_lib.Run, list[str]], None]):
-  """Calls answer(the --workdir run, the --input texts); a ValueError is printed as one
-  `error: ...` line on stderr, with exit status 1."""
+  """Calls answer(the --workdir run, the --input texts); bad input ends as one `error:` line
+  (train/cli.py)."""
   logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
-  try:
-    answer(workdir_lib.load(flags.FLAGS.workdir), flags.FLAGS.input)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.guarded(lambda: answer(workdir_lib.load(flags.FLAGS.workdir), flags.FLAGS.input))()
