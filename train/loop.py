@@ -17,8 +17,7 @@ from jax.experimental import multihost_utils
 
 from models import decoding
 from train import checkpoint, config as config_lib, inputs as inputs_lib, metrics as metrics_lib
-from train import optim, parallel, records, tasks
-from train.data.examples import bos_eos
+from train import optim, parallel, records, tasks, workdir as workdir_lib
 from train.state import TrainState
 from train.console import say
 from train.trainable import Trainable, read_source
@@ -232,7 +231,7 @@ class Evaluator:
     sharding = parallel.batch_sharding(exp.mesh)
     self.eval_step = jax.jit(lambda p, b: exp.task.loss(p, b)[1], in_shardings=(None, sharding))
     self.model_params = jax.jit(exp.trainable.model_params)
-    self.search = decoding_search(exp.config, exp.inputs.target_tokenizer)
+    self.search = workdir_lib.decoding_search(exp.config, exp.inputs.target_tokenizer)
     self.data_report = DataReport("eval")
 
   def __call__(self, params, step: int, writer) -> dict:
@@ -260,7 +259,7 @@ class Evaluator:
       mask_BS = parallel.host_to_global({"m": batch["encoder_segment_ids"] != 0}, exp.mesh)["m"]
       out = decoding.generate_encoder_decoder(
           exp.task.model, params, tokens_BS, self.search, encoder_padding_mask_BS=mask_BS,
-          decoder_start_id=bos_eos(exp.inputs.target_tokenizer)[0])
+          decoder_start_id=exp.inputs.decoder_start_id)
       new_tokens = gather(out.tokens_BN)
       real = gather(batch["weights"].sum(-1) > 0)
       sources, references = gather(batch["encoder_tokens"]), gather(
@@ -308,14 +307,3 @@ class DataReport:
           f"{v:,} {k.replace('_', ' ')}" for k, v in losses.items()) + ".")
       self.reported = losses
     return {f"data_{k}": int(v) for k, v in counts.items()}
-
-
-def decoding_search(config, tokenizer) -> decoding.Search:
-  """The decoding settings of `config.decode`, stopping at the tokenizer's EOS."""
-  d = config.decode
-  return decoding.Search(
-      method=d.method, max_new_tokens=d.max_new_tokens or (
-          config.data.targets_len if config.task == "seq2seq" else 64),
-      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=d.temperature, top_k=d.top_k or None,
-      top_p=d.top_p or None, beam_size=d.beam_size,
-      length_penalty_alpha=d.length_penalty_alpha)
