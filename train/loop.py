@@ -18,8 +18,8 @@ from jax.experimental import multihost_utils
 from models import decoding
 from train import checkpoint, config as config_lib, inputs as inputs_lib, metrics as metrics_lib
 from train import optim, parallel, records, tasks, workdir as workdir_lib
-from train.state import TrainState
 from train.console import say
+from train.state import TrainState
 from train.trainable import Trainable, read_source
 
 
