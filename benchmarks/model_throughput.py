@@ -13,7 +13,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from models import presets

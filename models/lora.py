@@ -28,7 +28,6 @@ Merged parameters are also what inference uses: `merge` once, then decode as usu
 import dataclasses
 import math
 import re
-from typing import Any
 
 import flax.linen as nn
 import jax

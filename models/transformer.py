@@ -14,7 +14,6 @@ the "cache" collection; every cache leaf is batch-leading, also with `scan_layer
 
 import dataclasses
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
