@@ -27,13 +27,15 @@ Runners, each with `check(runs)` (bad settings raise ValueError before anything 
 - Local: runs one after another, or several at a time with GPUs split between them
   (CUDA_VISIBLE_DEVICES); each run as one process or as several joined on localhost.
 - Slurm: one sbatch script per run, written to its workdir and submitted with `sbatch`;
-  `srun` starts one process per node or one per GPU.
+  `srun` starts one process per node, one per GPU, or N per node on CPU-only nodes. GPUs
+  are asked for only when --gpus_per_node is given.
 - Tpu: `gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command=...` per run,
   one after another: every worker of the pod starts the same command.
 """
 
 import dataclasses
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -72,6 +74,22 @@ def check_devices(run: Run, num_devices: int | None, num_processes: int, where: 
     raise ValueError(f"run {run.name} on {where}: train.batch_size={batch_size} does not "
                      f"split over {num_processes} processes; choose a multiple of "
                      f"{num_processes}.")
+
+
+_SBATCH_SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]*")
+
+
+def sbatch_quote(option: str) -> str:
+  """An sbatch option as an #SBATCH line carries it: its value in double quotes when needed.
+
+  sbatch reads each word of an #SBATCH line itself (not bash): a space or an unquoted `#` ends
+  it, '...' and "..." quote, and a backslash escapes the next character, inside quotes too.
+  """
+  if _SBATCH_SAFE.fullmatch(option):
+    return option
+  quote = lambda text: '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+  name, sep, value = option.partition("=")
+  return f"{name}={quote(value)}" if sep and _SBATCH_SAFE.fullmatch(name) else quote(option)
 
 
 def _need_program(name: str, runner: str) -> None:
@@ -209,51 +227,74 @@ class Local:
 
 @dataclasses.dataclass
 class Slurm:
-  """One sbatch script per run; srun starts one process per node or per GPU."""
+  """One sbatch script per run; srun starts one process per node, per GPU, or N per node."""
   config_arg: str
   python: str = sys.executable
   repo_dir: str = ""              # the checkout on the cluster; "" = this directory
   nodes: int = 1
-  gpus_per_node: int = 1
-  processes: str = "per_gpu"      # per_gpu | per_node
+  gpus_per_node: int = 0          # 0: no GPUs asked for (CPU-only nodes)
+  processes: str = ""             # per_gpu | per_node; "" = per_gpu with GPUs, else per_node
+  processes_per_node: int = 0     # without GPUs: N processes per node; 0 = one
   time: str = ""                  # --time, e.g. 04:00:00; "" = the partition's default
   partition: str = ""
   sbatch_args: tuple = ()         # more #SBATCH options, e.g. "--account=abc"
 
   @property
   def tasks_per_node(self) -> int:
-    return self.gpus_per_node if self.processes == "per_gpu" else 1
+    if not self.gpus_per_node:
+      return self.processes_per_node or 1
+    return self.gpus_per_node if self.processes in ("", "per_gpu") else 1
 
   def check(self, runs: list[Run], dry_run: bool = False) -> None:
-    if self.processes not in ("per_gpu", "per_node"):
+    if self.processes not in ("", "per_gpu", "per_node"):
       raise ValueError(f"--processes={self.processes!r}: use per_gpu or per_node.")
-    if self.nodes < 1 or self.gpus_per_node < 1:
-      raise ValueError(f"--nodes={self.nodes} and --gpus_per_node={self.gpus_per_node} must "
-                       "be >= 1.")
+    if self.nodes < 1 or self.gpus_per_node < 0 or self.processes_per_node < 0:
+      raise ValueError(f"--nodes={self.nodes}, --gpus_per_node={self.gpus_per_node} and "
+                       f"--processes_per_node={self.processes_per_node}: use nodes >= 1 and "
+                       "the others >= 0.")
+    if self.gpus_per_node and self.processes_per_node:
+      raise ValueError(f"--processes_per_node is for nodes without GPUs; with --gpus_per_node="
+                       f"{self.gpus_per_node} use --processes=per_gpu ({self.gpus_per_node} "
+                       "per node) or --processes=per_node (1 per node).")
+    if not self.gpus_per_node and self.processes == "per_gpu":
+      raise ValueError("--processes=per_gpu needs --gpus_per_node >= 1; without GPUs use "
+                       "--processes_per_node=N.")
+    where = (f"{self.nodes} node(s) x {self.gpus_per_node} GPU(s)" if self.gpus_per_node else
+             f"{self.nodes} node(s) x {self.tasks_per_node} process(es)")
     for run in runs:
-      check_devices(run, self.nodes * self.gpus_per_node, self.nodes * self.tasks_per_node,
-                    f"{self.nodes} node(s) x {self.gpus_per_node} GPU(s)")
+      if any(c in run.workdir for c in "\n\r"):
+        raise ValueError(f"the workdir {run.workdir!r} holds a line break, which an sbatch "
+                         "script cannot carry; choose another --workdir_root.")
+      check_devices(run, self.nodes * self.gpus_per_node or None,
+                    self.nodes * self.tasks_per_node, where)
     if not dry_run:
       _need_program("sbatch", "slurm")
 
   def script_path(self, run: Run) -> str:
     return f"{run.workdir}/slurm.sbatch"
 
-  def script(self, run: Run) -> str:
+  def job_name(self, run: Run) -> str:
     experiment = os.path.splitext(os.path.basename(self.config_arg.split(":")[0]))[0]
-    directives = [f"--job-name={experiment}-{run.name}", f"--nodes={self.nodes}",
-                  f"--ntasks-per-node={self.tasks_per_node}",
-                  f"--gpus-per-node={self.gpus_per_node}"]
+    return f"{experiment}-{run.name}"
+
+  def script(self, run: Run) -> str:
+    directives = [f"--job-name={self.job_name(run)}", f"--nodes={self.nodes}",
+                  f"--ntasks-per-node={self.tasks_per_node}"]
+    directives += [f"--gpus-per-node={self.gpus_per_node}"] if self.gpus_per_node else []
     directives += [f"--time={self.time}"] if self.time else []
     directives += [f"--partition={self.partition}"] if self.partition else []
     directives += list(self.sbatch_args)
-    directives += [f"--output={run.workdir}/slurm-%j.out", "--open-mode=append"]
-    lines = ["#!/bin/bash", f"# tapete sweep run {run.name}: sbatch {self.script_path(run)}"]
-    lines += [f"#SBATCH {d}" for d in directives]
+    directives += [f"--output={run.workdir.replace('%', '%%')}/slurm-%j.out",
+                   "--open-mode=append"]
+    lines = ["#!/bin/bash",
+             f"# tapete sweep run {run.name}: sbatch {shlex.quote(self.script_path(run))}"]
+    lines += [f"#SBATCH {sbatch_quote(d)}" for d in directives]
     lines += ["set -euo pipefail", f"cd {shlex.quote(self.repo_dir or os.getcwd())}",
               "# jax.distributed.initialize() reads SLURM's environment: coordinator = the first",
               "# node of SLURM_STEP_NODELIST, processes = SLURM_NTASKS, id = SLURM_PROCID."]
-    if self.processes == "per_gpu":
+    if not self.gpus_per_node:
+      lines.append(f"# {self.tasks_per_node} process(es) per node, on CPUs.")
+    elif self.tasks_per_node > 1:
       lines.append("# One process per GPU: each uses GPU SLURM_LOCALID of its node.")
     else:
       devices = ",".join(map(str, range(self.gpus_per_node)))

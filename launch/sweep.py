@@ -12,7 +12,8 @@ Runner flags:
   local: --gpus=N (0: CPU or every GPU for each run) --gpus_per_run=K (N/K runs at a time)
          --processes_per_run=P (P processes per run, joined by jax.distributed on localhost,
          coordinator port --coordinator_port + slot)
-  slurm: --nodes --gpus_per_node --processes=per_gpu|per_node --time --partition
+  slurm: --nodes --gpus_per_node (default 0: no GPUs asked for) --processes=per_gpu|per_node
+         (with GPUs) --processes_per_node=N (without) --time --partition
          --sbatch_arg=--account=abc (repeatable) --repo_dir (default: here)
   tpu:   --tpu_name --zone [--project] --repo_dir (default: ~/tapete on the workers)
   all:   --python (default: this interpreter; python3 on TPU workers)
@@ -30,8 +31,8 @@ USAGE = ("usage: python -m launch.sweep --config=experiments/NAME.py[:VARIANT] "
          "--workdir_root=DIR [--runner=local|slurm|tpu] [--dry_run] [runner flags]")
 RUNNER_FLAGS = {
     "local": ("gpus", "gpus_per_run", "processes_per_run", "coordinator_port"),
-    "slurm": ("nodes", "gpus_per_node", "processes", "time", "partition", "sbatch_arg",
-              "repo_dir"),
+    "slurm": ("nodes", "gpus_per_node", "processes", "processes_per_node", "time", "partition",
+              "sbatch_arg", "repo_dir"),
     "tpu": ("tpu_name", "zone", "project", "repo_dir"),
 }
 MANIFEST = "sweep.json"
@@ -54,7 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--dry_run", action="store_true")
   p.add_argument("--python")
   for name in ("gpus", "gpus_per_run", "processes_per_run", "coordinator_port", "nodes",
-               "gpus_per_node"):
+               "gpus_per_node", "processes_per_node"):
     p.add_argument(f"--{name}", type=int)
   p.add_argument("--processes", choices=("per_gpu", "per_node"))
   for name in ("time", "partition", "repo_dir", "tpu_name", "zone", "project"):

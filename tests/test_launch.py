@@ -333,6 +333,21 @@ def test_slurm_one_process_per_node(tmp_path, capsys, in_repo):
   assert f"\ncd {ROOT}\n" in script
 
 
+@pytest.mark.parametrize("flags_, tasks_per_node", [([], 1), (["--gpus_per_node=0"], 1),
+                                                    (["--processes_per_node=2"], 2)])
+def test_slurm_cpu_only_nodes_ask_for_no_gpus(tmp_path, capsys, in_repo, flags_,
+                                              tasks_per_node):
+  code, out, err = run_sweep(capsys, f"--config={TINY}", f"--workdir_root={tmp_path}",
+                             "--runner=slurm", "--nodes=2", *flags_, "--dry_run")
+  assert code == 0, err
+  scripts = out.split("Would run (slurm):\n")[1].split("\nsbatch ")
+  for name, script in zip(NAMES, scripts):
+    options = sbatch_directives(script.split(":\n", 1)[1])
+    assert options[1:3] == ["--nodes=2", f"--ntasks-per-node={tasks_per_node}"]
+    assert not [o for o in options if "gpu" in o or "gres" in o], options
+    assert "JAX_LOCAL_DEVICE_IDS" not in script and "CUDA" not in script
+
+
 def test_tpu_commands(tmp_path, capsys, monkeypatch, in_repo):
   root = tmp_path / "sweep"
   fake_checkpoint(root / NAMES[0], TINY_STEPS)
@@ -381,6 +396,9 @@ def write_experiment(tmp_path, sweep_source: str) -> str:
      "--gpus_per_run=2 GPUs do not divide among --processes_per_run=4"),
     (["--runner=slurm", "--nodes=1", "--gpus_per_node=3"],
      "train.batch_size=16 does not split over 3 processes"),
+    (["--runner=slurm", "--gpus_per_node=4", "--processes_per_node=2"],
+     "--processes_per_node is for nodes without GPUs; with --gpus_per_node=4 use"),
+    (["--runner=slurm", "--processes=per_gpu"], "--processes=per_gpu needs --gpus_per_node"),
     (["--nodes=2"], r"--nodes do\(es\) not apply to --runner=local"),
     (["--runner=tpu", "--tpu_name=pod"], "--runner=tpu needs --zone"),
     (["--runner=slurm"], "--runner=slurm needs `sbatch`, which is not on PATH"),
