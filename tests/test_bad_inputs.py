@@ -7,6 +7,7 @@ Add a row to CASES whenever a new way to get it wrong is found.
 import hashlib
 import os
 import pathlib
+import random
 import re
 import subprocess
 import sys
@@ -31,6 +32,13 @@ def hashes(folder: pathlib.Path) -> dict[str, str]:
   files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
   return {str(p.relative_to(folder.parent)): hashlib.sha256(p.read_bytes()).hexdigest()
           for p in files}
+
+
+def random_text(folder: pathlib.Path) -> pathlib.Path:
+  """A .txt file of 4,000 seeded random bytes in `folder`."""
+  path = folder / "random.txt"
+  path.write_bytes(random.Random(0).randbytes(4000))
+  return path
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +82,10 @@ CASES = [
      lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}",
                    "--config.optim.learning_rate=nan"],
      "t", r"learning_rate must be a number >= 0 and finite, got nan"),
+    ("a local text file of random bytes",
+     lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}",
+                   f"--config.data.source=local:{random_text(t)}"],
+     "t", r"random\.txt is not UTF-8 text: \d+% of it does not decode \(first at byte \d+\)"),
 ]
 
 

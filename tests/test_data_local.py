@@ -1,7 +1,10 @@
 """Local files prepared as tfds array_record datasets, read back, reused, and bad data."""
 
+import codecs
 import csv
 import json
+import random
+import re
 
 import pytest
 import tensorflow_datasets as tfds
@@ -122,16 +125,67 @@ def test_integer_labels_are_class_ids(tmp_path):
 
 
 def test_lm_text_counts_blank_lines_and_replaces_invalid_utf8(tmp_path):
-  raw = b"first doc\n\n   \nsecond \xff\xfe doc\r\nthird\n"
+  raw = b"first doc\n\n   \nsecond \xff\xfe doc\r\nthird\n" + b"more text\n" * 30  # 2 of 335
   path = _write(tmp_path / "corpus.txt", raw, mode="wb")
   data_dir = str(tmp_path / "data")
   stats = local.prepare(path, task="lm", data_dir=data_dir, validation_fraction=0, test_fraction=0)
-  assert stats["lines"] == 5 and stats["examples"] == 3
+  assert stats["lines"] == 35 and stats["examples"] == 33
   assert stats["empty_lines"] == 2 and stats["invalid_utf8"] == 1
   expected = [line.decode("utf-8", errors="replace") for line in raw.splitlines() if line.strip()]
   assert [ex["text"] for ex in _read_all(path, "lm", data_dir, "train")] == expected
   with pytest.raises(ValueError, match=r"corpus.txt:4: invalid UTF-8"):
     local.prepare(path, task="lm", data_dir=str(tmp_path / "strict"), on_invalid_utf8="error")
+
+
+def decode_counting(data: bytes) -> tuple[str, int]:
+  """`data` decoded as UTF-8 with U+FFFD for each invalid sequence, and how many there were."""
+  errors = []
+
+  def replace(error):
+    errors.append(error.start)
+    return "\ufffd", error.end
+  codecs.register_error("test_data_local.count", replace)
+  return data.decode("utf-8", errors="test_data_local.count"), len(errors)
+
+
+def test_a_file_of_random_bytes_is_not_text(tmp_path):
+  data = random.Random(0).randbytes(4000)
+  path = _write(tmp_path / "random.txt", data, mode="wb")
+  text, invalid = decode_counting(data)
+  with pytest.raises(UnicodeDecodeError) as first:
+    data.decode("utf-8")
+  percent = round(100 * invalid / len(text))
+  assert percent > 1
+  with pytest.raises(ValueError, match=rf"^{re.escape(path)} is not UTF-8 text: {percent}% of it "
+                     rf"does not decode \(first at byte {first.value.start}\)\. Convert it"):
+    local.prepare(path, task="lm", data_dir=str(tmp_path / "data"))
+  assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("bad, refused", [(b"\xff", False), (b"\xff\xff", True)])
+def test_more_than_one_percent_of_invalid_utf8_is_refused(bad, refused, tmp_path):
+  raw = b"a" * (99 - len(bad)) + bad + b"\n"  # 100 characters: 1% or 2% of them U+FFFD.
+  path = _write(tmp_path / "corpus.txt", raw, mode="wb")
+  options = dict(task="lm", data_dir=str(tmp_path / "data"), validation_fraction=0,
+                 test_fraction=0)
+  if refused:
+    with pytest.raises(ValueError, match=r"2% of it does not decode \(first at byte 97\)"):
+      local.prepare(path, **options)
+  else:
+    assert local.prepare(path, **options)["invalid_utf8"] == 1
+
+
+def test_one_bad_byte_in_a_text_is_replaced_and_counted(tmp_path):
+  lines = [f"line {i}: ação número {i}".encode() for i in range(200)]
+  lines[57] = lines[57][:8] + b"\xe9" + lines[57][8:]  # A Latin-1 é.
+  raw = b"\n".join(lines) + b"\n"
+  path = _write(tmp_path / "corpus.txt", raw, mode="wb")
+  data_dir = str(tmp_path / "data")
+  stats = local.prepare(path, task="lm", data_dir=data_dir, validation_fraction=0,
+                        test_fraction=0)
+  assert stats["invalid_utf8"] == 1 and stats["examples"] == 200
+  texts = [ex["text"] for ex in _read_all(path, "lm", data_dir, "train")]
+  assert texts == raw.decode("utf-8", errors="replace").splitlines()
 
 
 @pytest.mark.parametrize("name, content, message", [

@@ -16,6 +16,7 @@ Bad data is an error or a counted decision, never a silent drop; the counts are 
 `prepare` and kept in the dataset's metadata.json:
   blank lines          skipped, counted as `empty_lines`;
   invalid UTF-8        replaced by U+FFFD, counted as `invalid_utf8` (or on_invalid_utf8="error");
+                       a file of which more than 1% does not decode is not text: an error;
   malformed lines      (bad JSON, a missing or empty field, a wrong number of columns) an error
                        naming file:line (or on_malformed="skip": skipped, counted as `malformed`);
   a missing file, a split left without examples, text_pair on only some lines: an error.
@@ -46,6 +47,7 @@ _EXTENSIONS = {
     "classification": (".tsv", ".jsonl"),
 }
 _MAX_LOGGED = 10
+_MAX_INVALID_UTF8 = 0.01  # of a file's decoded characters; more: it is not UTF-8 text
 
 
 def prepare(
@@ -156,6 +158,7 @@ def _plan(files, task, options):
   counts = collections.Counter()
   sizes, labels, pair_lines = {}, set(), {}
   for key, file in files.items():
+    _check_utf8(file)
     sizes[key] = 0
     for line_number, example in _examples(file, task, options, counts):
       sizes[key] += 1
@@ -247,6 +250,28 @@ def _decode(raw: bytes, where: str, on_invalid_utf8: str, counts) -> str:
     if counts["invalid_utf8"] <= _MAX_LOGGED:
       logging.warning("Replacing invalid UTF-8 by U+FFFD at %s.", where)
     return raw.decode("utf-8", errors="replace")
+
+
+def _check_utf8(file: pathlib.Path) -> None:
+  """Refuses a file of which more than 1% of the decoded characters would be U+FFFD."""
+  chars = replaced = offset = 0
+  first_invalid = None
+  with open(file, "rb") as f:
+    for raw in f:  # No UTF-8 sequence holds a newline byte: lines decode as the whole file.
+      try:
+        chars += len(raw.decode("utf-8"))
+      except UnicodeDecodeError as e:
+        first_invalid = offset + e.start if first_invalid is None else first_invalid
+        text = raw.decode("utf-8", errors="replace")
+        chars += len(text)
+        own = raw.count("\ufffd".encode("utf-8"))  # U+FFFD the file itself holds.
+        replaced += text.count("\ufffd") - own
+      offset += len(raw)
+  if replaced > _MAX_INVALID_UTF8 * chars:
+    raise ValueError(
+        f"{file} is not UTF-8 text: {100 * replaced / chars:.0f}% of it does not decode "
+        f"(first at byte {first_invalid}). Convert it to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8) "
+        "or give a text file.")
 
 
 class _Malformed(Exception):
