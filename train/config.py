@@ -401,7 +401,8 @@ def _validate_lora(config) -> None:
 # Keys a resumed run may change: they leave the state's shapes and the data's tokens as trained.
 RESUMABLE = re.compile(
     r"^(train\.(num_steps|log_every|eval_every|eval_batches|checkpoint_every|keep_checkpoints"
-    r"|peak_flops|print_examples)|decode\..*|mesh\..*|distributed\..*|data\.data_dir|label_smoothing"
+    r"|peak_flops|print_examples)|decode\..*|mesh\..*|distributed\..*|data\.data_dir"
+    r"|label_smoothing"
     r"|model\.(dropout_rate|attention_dropout_rate|ffn_dropout_rate|dtype|remat_policy"
     r"|attention_implementation)"
     r"|optim\.(learning_rate|schedule|warmup_steps|decay_steps|end_learning_rate_factor|b1|b2"
