@@ -22,7 +22,8 @@ processes share (NFS, or gs:// on TPU pods), and only process 0 writes metrics.
 
 Runners, each with `check(runs)` (bad settings raise ValueError before anything starts),
 `plan(runs)` (the exact shell lines that would run: what --dry_run prints) and
-`launch(runs)` (returns the names of the runs that failed):
+`launch(runs)` (returns the names of the runs that failed); Slurm also has `queued(runs)`,
+the runs already in the queue, which a sweep does not submit again:
 
 - Local: runs one after another, or several at a time with GPUs split between them
   (CUDA_VISIBLE_DEVICES); each run as one process or as several joined on localhost.
@@ -34,6 +35,7 @@ Runners, each with `check(runs)` (bad settings raise ValueError before anything 
 """
 
 import dataclasses
+import hashlib
 import os
 import re
 import shlex
@@ -76,7 +78,9 @@ def check_devices(run: Run, num_devices: int | None, num_processes: int, where: 
                      f"{num_processes}.")
 
 
+SQUEUE_TIMEOUT_S = 60
 _SBATCH_SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]*")
+_SBATCH_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 
 def sbatch_quote(option: str) -> str:
@@ -269,13 +273,40 @@ class Slurm:
                     self.nodes * self.tasks_per_node, where)
     if not dry_run:
       _need_program("sbatch", "slurm")
+      _need_program("squeue", "slurm")
 
   def script_path(self, run: Run) -> str:
     return f"{run.workdir}/slurm.sbatch"
 
+  def queued(self, runs: list[Run]) -> dict[str, str]:
+    """{name: "job ID STATE"} of the runs this user has in the queue (pending or running).
+
+    squeue is asked once for all of this user's jobs; a run's job is the one of its job
+    name, which names the sweep root and the run. Without squeue here (a dry run off the
+    cluster) none are known.
+    """
+    if shutil.which("squeue") is None:
+      return {}
+    argv = ["squeue", "--me", "--noheader", "--format=%i %T %j"]
+    try:
+      result = subprocess.run(argv, capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      result = subprocess.CompletedProcess(argv, 1, "", f"no answer in {SQUEUE_TIMEOUT_S} s")
+    if result.returncode:
+      raise ValueError(f"`{shlex.join(argv)}` failed ({' '.join(result.stderr.split())}); "
+                       "the sweep asks it which runs are already queued, so that none is "
+                       "submitted twice: rerun once squeue answers.")
+    jobs = {}
+    for line in result.stdout.splitlines():
+      job_id, state, name = line.split(" ", 2)
+      jobs.setdefault(name, f"job {job_id} {state.lower()}")
+    return {run.name: jobs[self.job_name(run)] for run in runs if self.job_name(run) in jobs}
+
   def job_name(self, run: Run) -> str:
+    """EXPERIMENT-ROOTHASH-RUN: names the sweep root and the run, so squeue can find it."""
     experiment = os.path.splitext(os.path.basename(self.config_arg.split(":")[0]))[0]
-    return f"{experiment}-{run.name}"
+    root = hashlib.sha1(os.path.dirname(run.workdir).encode()).hexdigest()[:8]
+    return f"{_SBATCH_UNSAFE.sub('_', experiment)}-{root}-{run.name}"
 
   def script(self, run: Run) -> str:
     directives = [f"--job-name={self.job_name(run)}", f"--nodes={self.nodes}",

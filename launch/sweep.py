@@ -5,8 +5,9 @@ The experiment file's `get_sweep()` lists the runs' config overrides (launch/swe
 helpers). Each run trains in DIR/NAME, NAME written from its overrides
 (`model.d_model=64,optim.learning_rate=0.003`). Finished runs (a checkpoint at
 train.num_steps) are skipped, unfinished ones resumed from their latest checkpoint: run the
-same command again after a crash, a preemption or a time limit. DIR/sweep.json lists the
-runs for `python -m launch.report DIR`. --dry_run prints what would run and starts nothing.
+same command again after a crash, a preemption or a time limit. On SLURM, runs whose job is
+still queued or running (squeue, by job name) are not submitted again. DIR/sweep.json lists
+the runs for `python -m launch.report DIR`. --dry_run prints what would run and starts nothing.
 
 Runner flags:
   local: --gpus=N (0: CPU or every GPU for each run) --gpus_per_run=K (N/K runs at a time)
@@ -115,6 +116,19 @@ def write_manifest(root: str, config_arg: str, runs: list, manifest: dict) -> No
                              indent=2, default=repr) + "\n")
 
 
+def find_queued(runner, runs: list, dry_run: bool) -> dict[str, str]:
+  """The runs already in SLURM's queue; a dry run goes on without them when squeue fails."""
+  if not isinstance(runner, runners.Slurm):
+    return {}
+  try:
+    return runner.queued(runs)
+  except ValueError as e:
+    if not dry_run:
+      raise
+    print(f"warning: {e}", file=sys.stderr)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
@@ -122,14 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     runs = experiment.expand(args.config, args.workdir_root)
     runner = make_runner(args)
     runner.check(runs, dry_run=args.dry_run)
+    # Asked before the workdirs are read: a job that ends in between is then seen finished.
+    queued = find_queued(runner, runs, args.dry_run)
     manifest, statuses = read_workdirs(args.workdir_root, args.config, runs)
   except ValueError as e:
     print(f"error: {e}\n{USAGE}", file=sys.stderr)
     return 1
-  todo, counts, lines = [], {"finished": 0, "resume": 0, "start": 0}, []
+  todo, counts, lines = [], {"finished": 0, "resume": 0, "start": 0, "queued": 0}, []
   for run, (state, step) in zip(runs, statuses):
+    if run.name in queued and state != "finished":
+      state = "queued"
     counts[state] += 1
-    if state == "start":
+    if state == "queued":
+      detail = f"{queued[run.name]}: not submitted again"
+    elif state == "start":
       detail = f"{run.num_steps} steps"
     elif state == "finished":
       detail = f"checkpoint at step {step} >= {run.num_steps}"
@@ -138,13 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
       detail = f"its eval at step {step} is not recorded"
     lines.append(f"  {state:8s}  {run.name}  ({detail})")
-    if state != "finished":
+    if state in ("resume", "start"):
       todo.append(run)
+  waiting = f", {counts['queued']} already queued or running" if counts["queued"] else ""
   print(f"Sweep of {args.config}: {len(runs)} runs in {args.workdir_root} ({counts['finished']} "
-        f"finished, {counts['resume']} to resume, {counts['start']} to start).")
+        f"finished, {counts['resume']} to resume, {counts['start']} to start{waiting}).")
   print("\n".join(lines))
   if not todo:
-    print(f"Nothing to run. Results: python -m launch.report {args.workdir_root}")
+    report = f"python -m launch.report {args.workdir_root}"
+    print(f"Nothing to submit: rerun the sweep once the queued jobs have ended (squeue --me). "
+          f"Results so far: {report}" if waiting else f"Nothing to run. Results: {report}")
     return 0
   if args.dry_run:
     print(f"Would run ({args.runner}):\n" + "\n".join(runner.plan(todo)))

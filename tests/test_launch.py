@@ -289,7 +289,8 @@ def test_slurm_scripts(tmp_path, capsys, monkeypatch, in_repo, processes, tasks_
   (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/sbatch.calls\n"
                                   "echo Submitted batch job 42\n")
   (bin_dir / "srun").write_text(f"#!{sys.executable}\n{FAKE_SRUN}")
-  for program in ("sbatch", "srun"):
+  (bin_dir / "squeue").write_text("#!/bin/sh\n")  # nothing queued
+  for program in ("sbatch", "srun", "squeue"):
     (bin_dir / program).chmod(0o755)
   monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
   code, out, err = run_sweep(capsys, *flags_)
@@ -307,9 +308,10 @@ def test_slurm_scripts(tmp_path, capsys, monkeypatch, in_repo, processes, tasks_
     assert script.startswith("#!/bin/bash\n")
     options = sbatch_directives(script)
     assert len(options) == script.count("#SBATCH ")  # none after the first command
-    assert options[:6] == [f"--job-name=quickstart-{name}", "--nodes=2",
-                           f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=4",
-                           "--time=02:00:00", "--partition=gpu"]
+    job_name = options[0].removeprefix("--job-name=")
+    assert job_name.startswith("quickstart-") and job_name.endswith(f"-{name}")
+    assert options[1:6] == ["--nodes=2", f"--ntasks-per-node={tasks_per_node}",
+                            "--gpus-per-node=4", "--time=02:00:00", "--partition=gpu"]
     assert "--account=proj" in options and "--open-mode=append" in options
     output = next(o.removeprefix("--output=") for o in options if o.startswith("--output="))
     assert pathlib.Path(output).parent == root / name and "%j" in output
@@ -346,6 +348,51 @@ def test_slurm_cpu_only_nodes_ask_for_no_gpus(tmp_path, capsys, in_repo, flags_,
     assert options[1:3] == ["--nodes=2", f"--ntasks-per-node={tasks_per_node}"]
     assert not [o for o in options if "gpu" in o or "gres" in o], options
     assert "JAX_LOCAL_DEVICE_IDS" not in script and "CUDA" not in script
+
+
+def job_names(out: str) -> dict[str, str]:
+  """{run name: job name} from a --dry_run's sbatch scripts."""
+  scripts = out.split("Would run (slurm):\n")[1].split("\nsbatch ")
+  return {name: sbatch_directives(script.split(":\n", 1)[1])[0].removeprefix("--job-name=")
+          for name, script in zip(NAMES, scripts)}
+
+
+def test_slurm_does_not_submit_runs_already_queued(tmp_path, capsys, monkeypatch, in_repo):
+  root, bin_dir = tmp_path / "sweep", tmp_path / "bin"
+  bin_dir.mkdir()
+  queue = tmp_path / "squeue.out"  # what the fake squeue prints
+  (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/sbatch.calls\n"
+                                  "echo Submitted batch job 42\n")
+  (bin_dir / "squeue").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/squeue.calls\n"
+                                  f"cat {queue}\n")
+  for program in ("sbatch", "squeue"):
+    (bin_dir / program).chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+  flags_ = [f"--config={TINY}", "--runner=slurm"]
+  queue.write_text("")
+  ours = job_names(run_sweep(capsys, *flags_, f"--workdir_root={root}", "--dry_run")[1])
+  others = job_names(run_sweep(capsys, *flags_, f"--workdir_root={tmp_path}/other",
+                               "--dry_run")[1])
+  # Runs 0 and 1 of this sweep are in the queue, and run 2 of another sweep (another root).
+  queue.write_text(f"7 PENDING {ours[NAMES[0]]}\n8 RUNNING {ours[NAMES[1]]}\n"
+                   f"9 RUNNING {others[NAMES[2]]}\n")
+  code, out, err = run_sweep(capsys, *flags_, f"--workdir_root={root}")
+  assert code == 0, err
+  assert "(0 finished, 0 to resume, 2 to start, 2 already queued or running)" in out
+  assert f"queued    {NAMES[0]}  (job 7 pending: not submitted again)" in out
+  assert f"queued    {NAMES[1]}  (job 8 running: not submitted again)" in out
+  assert (tmp_path / "sbatch.calls").read_text().splitlines() == [
+      f"{root}/{name}/slurm.sbatch" for name in NAMES[2:]]
+  assert "--me" in (tmp_path / "squeue.calls").read_text().split()  # this user's jobs
+  queue.write_text("".join(f"{i} PENDING {ours[name]}\n" for i, name in enumerate(NAMES)))
+  code, out, err = run_sweep(capsys, *flags_, f"--workdir_root={root}")
+  assert code == 0 and "Nothing to submit: rerun the sweep once the queued jobs have ended" in out
+  assert len((tmp_path / "sbatch.calls").read_text().splitlines()) == 2
+  (bin_dir / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact "
+                                  "slurm controller' >&2\nexit 1\n")
+  code, out, err = run_sweep(capsys, *flags_, f"--workdir_root={root}")
+  assert code == 1 and out == "" and "Unable to contact slurm controller" in err
+  assert len((tmp_path / "sbatch.calls").read_text().splitlines()) == 2
 
 
 def test_tpu_commands(tmp_path, capsys, monkeypatch, in_repo):
