@@ -22,8 +22,9 @@ processes share (NFS, or gs:// on TPU pods), and only process 0 writes metrics.
 
 Runners, each with `check(runs)` (bad settings raise ValueError before anything starts),
 `plan(runs)` (the exact shell lines that would run: what --dry_run prints) and
-`launch(runs)` (returns the names of the runs that failed); Slurm also has `queued(runs)`,
-the runs already in the queue, which a sweep does not submit again:
+`launch(runs)` (returns the names of the runs that failed; FAILED and ADVICE say what that
+means and what to do); Slurm also has `queued(runs)`, the runs already in the queue, which a
+sweep does not submit again:
 
 - Local: runs one after another, or several at a time with GPUs split between them
   (CUDA_VISIBLE_DEVICES); each run as one process or as several joined on localhost.
@@ -78,7 +79,7 @@ def check_devices(run: Run, num_devices: int | None, num_processes: int, where: 
                      f"{num_processes}.")
 
 
-SQUEUE_TIMEOUT_S = 60
+SQUEUE_TIMEOUT_S = SBATCH_TIMEOUT_S = 60
 _SBATCH_SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]*")
 _SBATCH_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
@@ -105,6 +106,8 @@ def _need_program(name: str, runner: str) -> None:
 @dataclasses.dataclass
 class Local:
   """This machine: `gpus // gpus_per_run` runs at a time, each as `processes_per_run` processes."""
+  FAILED = "failed"
+  ADVICE = "Rerun the same command to resume them."
   config_arg: str
   python: str = sys.executable
   gpus: int = 0                   # GPUs to use, ids 0..gpus-1; 0 = leave CUDA_VISIBLE_DEVICES
@@ -232,6 +235,8 @@ class Local:
 @dataclasses.dataclass
 class Slurm:
   """One sbatch script per run; srun starts one process per node, per GPU, or N per node."""
+  FAILED = "were not submitted"
+  ADVICE = "Fix what sbatch said about each script (above), then rerun the same command."
   config_arg: str
   python: str = sys.executable
   repo_dir: str = ""              # the checkout on the cluster; "" = this directory
@@ -350,16 +355,26 @@ class Slurm:
       path = self.script_path(run)
       with open(path, "w") as f:
         f.write(self.script(run))
-      result = subprocess.run(["sbatch", path], capture_output=True, text=True)
-      print(f"{run.name}: {(result.stdout or result.stderr).strip()}", flush=True)
+      try:
+        result = subprocess.run(["sbatch", path], capture_output=True, text=True,
+                                timeout=SBATCH_TIMEOUT_S)
+      except subprocess.TimeoutExpired:
+        result = subprocess.CompletedProcess([], 1, "", f"no answer in {SBATCH_TIMEOUT_S} s")
       if result.returncode:
         failed.append(run.name)
+        said = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        print(f"{run.name}: sbatch {shlex.quote(path)} failed: {said}", file=sys.stderr,
+              flush=True)
+      else:
+        print(f"{run.name}: {result.stdout.strip()}", flush=True)
     return failed
 
 
 @dataclasses.dataclass
 class Tpu:
   """The runs one after another on every worker of a Cloud TPU VM (pod)."""
+  FAILED = "failed"
+  ADVICE = "Rerun the same command to resume them."
   config_arg: str
   tpu_name: str = ""
   zone: str = ""

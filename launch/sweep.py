@@ -22,6 +22,7 @@ Runner flags:
 
 import argparse
 import json
+import os
 import sys
 
 from etils import epath
@@ -175,12 +176,42 @@ def main(argv: list[str] | None = None) -> int:
   write_manifest(args.workdir_root, args.config, runs, manifest)
   failed = runner.launch(todo)
   if failed:
-    print(f"{len(failed)} run(s) failed: {', '.join(failed)}. Rerun the same command to resume "
-          "them.", file=sys.stderr)
+    print(f"{len(failed)} run(s) {runner.FAILED}: {', '.join(failed)}. {runner.ADVICE}",
+          file=sys.stderr)
     return 1
   print(f"Results: python -m launch.report {args.workdir_root}")
   return 0
 
 
+class DropWhenClosed:
+  """A text stream that, once its reader has gone (`| head`), sends the rest to /dev/null:
+  output into a closed pipe must not stop the runs being started or submitted."""
+
+  def __init__(self, stream):
+    self._stream = stream
+
+  def write(self, text: str) -> int:
+    try:
+      return self._stream.write(text)
+    except BrokenPipeError:
+      self._to_devnull()
+      return len(text)
+
+  def flush(self) -> None:
+    try:
+      self._stream.flush()
+    except BrokenPipeError:
+      self._to_devnull()
+
+  def _to_devnull(self) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, self._stream.fileno())
+    os.close(devnull)
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
 if __name__ == "__main__":
+  sys.stdout, sys.stderr = DropWhenClosed(sys.stdout), DropWhenClosed(sys.stderr)
   sys.exit(main())

@@ -395,6 +395,58 @@ def test_slurm_does_not_submit_runs_already_queued(tmp_path, capsys, monkeypatch
   assert len((tmp_path / "sbatch.calls").read_text().splitlines()) == 2
 
 
+def fake_slurm(tmp_path, failing: str = "") -> pathlib.Path:
+  """A bin folder with a fake squeue (nothing queued) and a fake sbatch that logs its calls to
+  sbatch.calls and refuses the scripts whose path holds `failing` as sbatch does."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "squeue").write_text("#!/bin/sh\n")
+  (bin_dir / "sbatch").write_text(textwrap.dedent(f"""\
+      #!/bin/sh
+      echo "$@" >> {tmp_path}/sbatch.calls
+      case "$1" in *{failing or "NEVER"}*)
+        echo "sbatch: error: Batch job submission failed: Invalid account or account/partition \\
+      combination specified" >&2; exit 1 ;;
+      esac
+      echo Submitted batch job 42
+      """))
+  for program in ("sbatch", "squeue"):
+    (bin_dir / program).chmod(0o755)
+  return bin_dir
+
+
+def test_slurm_sbatch_errors_say_what_to_fix(tmp_path, capsys, monkeypatch, in_repo):
+  root = tmp_path / "sweep"
+  monkeypatch.setenv("PATH", f"{fake_slurm(tmp_path, failing=NAMES[1])}:{os.environ['PATH']}")
+  code, out, err = run_sweep(capsys, f"--config={TINY}", f"--workdir_root={root}",
+                             "--runner=slurm")
+  assert code == 1
+  assert len((tmp_path / "sbatch.calls").read_text().splitlines()) == 4  # the others went in
+  assert all(f"{name}: Submitted batch job 42" in out for name in NAMES if name != NAMES[1])
+  script = shlex.quote(str(root / NAMES[1] / "slurm.sbatch"))
+  assert err.splitlines() == [
+      f"{NAMES[1]}: sbatch {script} failed: sbatch: error: Batch job submission failed: "
+      "Invalid account or account/partition combination specified",
+      f"1 run(s) were not submitted: {NAMES[1]}. Fix what sbatch said about each script "
+      "(above), then rerun the same command."]
+
+
+def test_a_closed_pipe_does_not_stop_the_submission(tmp_path, in_repo):
+  """`python -m launch.sweep ... | head -1`, with the reader gone before the first line."""
+  bin_dir = fake_slurm(tmp_path)
+  read_end, write_end = os.pipe()
+  os.close(read_end)
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+  result = subprocess.run([sys.executable, "-m", "launch.sweep", f"--config={TINY}",
+                           f"--workdir_root={tmp_path / 'sweep'}", "--runner=slurm"],
+                          stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
+                          timeout=120)
+  os.close(write_end)
+  assert result.returncode == 0 and result.stderr == "", result.stderr
+  assert (tmp_path / "sbatch.calls").read_text().splitlines() == [
+      f"{tmp_path}/sweep/{name}/slurm.sbatch" for name in NAMES]
+
+
 def test_tpu_commands(tmp_path, capsys, monkeypatch, in_repo):
   root = tmp_path / "sweep"
   fake_checkpoint(root / NAMES[0], TINY_STEPS)
