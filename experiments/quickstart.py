@@ -1,9 +1,11 @@
 """Quickstart: an encoder-decoder Transformer learns to write numbers in Portuguese words.
 
-"2026" -> "dois mil e vinte e seis". The data is generated with num2words from the config's
-seed; numbers held out for validation and test never appear in training. Inputs are digits
-(character tokens), targets are words (word tokens). On a 2-core CPU it reaches >= 99% exact
-match on 1,000 held-out numbers below one million in about two minutes.
+"2026" -> "dois mil e vinte e seis", "17" -> "dezessete": Brazilian Portuguese, or European
+("dezassete") with `--config.data.source_options.language=pt`. The data is generated with
+num2words from the config's seed; numbers held out for validation and test never appear in
+training. Inputs are digits (character tokens), targets are words (word tokens). On a 2-core
+CPU it reaches >= 99% exact match on 1,000 held-out numbers below one million in about two
+minutes.
 
   python -m train --config=experiments/quickstart.py --workdir=/tmp/quickstart
 
@@ -30,7 +32,7 @@ def get_config(variant: str = ""):
   c.seed = 0
 
   c.data.source = "numbers"
-  c.data.source_options.language = "pt"    # any language num2words speaks
+  c.data.source_options.language = "pt_BR"  # "pt": European; any language num2words speaks
   c.data.source_options.max_number = 10**6  # numbers in [0, max_number)
   c.data.source_options.num_train = 200_000
   c.data.source_options.num_validation = 1_000

@@ -4,6 +4,7 @@ import numpy as np
 from num2words import num2words
 import pytest
 
+from experiments import quickstart
 from train.data import numbers
 from train.data import sources
 
@@ -15,32 +16,66 @@ def _numbers(split, **options):
   return [int(source[i]["inputs"]) for i in range(len(source))]
 
 
-def test_examples_are_num2words_of_their_inputs():
-  source = numbers.numbers_source("test", **SMALL)
+def _brazilian(n: int) -> str:
+  """num2words' pt_BR without its commas: Brazilian writing has none between the groups."""
+  return num2words(n, lang="pt_BR").replace(",", "")
+
+
+@pytest.mark.parametrize("language, reference", [
+    ("pt_BR", _brazilian), ("pt", lambda n: num2words(n, lang="pt"))])
+def test_examples_are_num2words_of_their_inputs(language, reference):
+  source = numbers.numbers_source("test", language=language, **SMALL)
   assert len(source) == SMALL["num_test"]
   for i in range(len(source)):
     example = source[i]
     assert set(example) == {"inputs", "targets"}
-    assert example["targets"] == num2words(int(example["inputs"]), lang="pt")
+    assert example["targets"] == reference(int(example["inputs"]))
     assert example["inputs"] == str(int(example["inputs"]))
 
 
-def test_portuguese_is_the_default_and_reads_as_the_issue_says():
-  source = numbers.NumbersSource(np.array([2026, 16]), language="pt")
-  assert source[0] == {"inputs": "2026", "targets": "dois mil e vinte e seis"}
-  assert source[1]["targets"] == num2words(16, lang="pt")
+def test_brazilian_portuguese_is_the_default_and_reads_as_the_issue_says():
   default = numbers.numbers_source("validation", **SMALL)
-  assert default.language == "pt"
+  assert default.language == "pt_BR"
+  hand_written = {
+      2026: "dois mil e vinte e seis", 17: "dezessete", 2309: "dois mil trezentos e nove",
+      19: "dezenove", 16: "dezesseis",
+      123_456: "cento e vinte e três mil quatrocentos e cinquenta e seis",
+      987_654_321: "novecentos e oitenta e sete milhões seiscentos e cinquenta e quatro mil "
+                   "trezentos e vinte e um",
+  }
+  source = numbers.NumbersSource(np.array(list(hand_written)), language="pt_BR")
+  assert [source[i]["targets"] for i in range(len(source))] == list(hand_written.values())
+
+
+def test_european_portuguese_stays_available():
+  european = {17: "dezassete", 19: "dezanove", 16: "dezasseis",
+              2309: "dois mil trezentos e nove", 2026: "dois mil e vinte e seis"}
+  source = numbers.NumbersSource(np.array(list(european)), language="pt")
+  assert [source[i]["targets"] for i in range(len(source))] == list(european.values())
+
+
+def test_other_languages_keep_num2words_commas():
+  source = numbers.NumbersSource(np.array([1234]), language="en")
+  assert source[0]["targets"] == num2words(1234, lang="en") == (
+      "one thousand, two hundred and thirty-four")
 
 
 def test_language_switch():
-  pt = numbers.numbers_source("validation", **SMALL)
+  pt_br = numbers.numbers_source("validation", **SMALL)
   en = numbers.numbers_source("validation", language="en", **SMALL)
-  np.testing.assert_array_equal(pt.numbers, en.numbers)
+  np.testing.assert_array_equal(pt_br.numbers, en.numbers)
   for i in range(20):
     n = int(en[i]["inputs"])
     assert en[i]["targets"] == num2words(n, lang="en")
-    assert en[i]["targets"] != pt[i]["targets"]
+    assert en[i]["targets"] != pt_br[i]["targets"]
+
+
+def test_the_quickstart_writes_brazilian_portuguese():
+  options = quickstart.get_config("tiny").data.source_options.to_dict()
+  source = sources.get_source("numbers", "test", **options)
+  targets = [source[i]["targets"] for i in range(len(source))]
+  assert targets == [_brazilian(int(source[i]["inputs"])) for i in range(len(source))]
+  assert not any("," in words for words in targets)
 
 
 def test_same_seed_same_data_other_seed_other_data():

@@ -1,6 +1,9 @@
 """The quickstart task, a number in words: {"inputs": "2026", "targets": "dois mil e vinte e seis"}.
 
-Targets are whatever `num2words(n, lang=language)` prints, used as-is.
+Targets are what `num2words(n, lang=language)` prints. The default is Brazilian Portuguese
+("pt_BR": 17 -> "dezessete"), written without the commas num2words puts between its groups
+("dois mil trezentos e nove", not "dois mil, trezentos e nove"); "pt" is European Portuguese
+(17 -> "dezassete"), and every other language is used as num2words prints it.
 
 Sampling: each example draws a number of digits uniformly from 1..D (D: the digits of
 `max_number - 1`), then a number uniformly among those with that many digits (0 counts as a
@@ -21,6 +24,8 @@ import numpy as np
 SPLITS = ("train", "validation", "test")
 MAX_NUMBER_LIMIT = 10**9
 _CHUNK = 4096
+# Languages whose written numbers have no commas where num2words prints them.
+_WITHOUT_COMMAS = frozenset({"pt_BR"})
 
 
 class NumbersSource:
@@ -35,10 +40,10 @@ class NumbersSource:
 
   def __getitem__(self, index: int) -> dict[str, str]:
     number = int(self.numbers[index])
-    return {
-        "inputs": str(number),
-        "targets": num2words_lib.num2words(number, lang=self.language),
-    }
+    words = num2words_lib.num2words(number, lang=self.language)
+    if self.language in _WITHOUT_COMMAS:
+      words = words.replace(",", "")
+    return {"inputs": str(number), "targets": words}
 
   def __repr__(self) -> str:
     return f"NumbersSource({len(self)} numbers, language={self.language!r})"
@@ -47,7 +52,7 @@ class NumbersSource:
 def numbers_source(
     split: str,
     *,
-    language: str = "pt",
+    language: str = "pt_BR",
     max_number: int = 10**6,
     seed: int = 0,
     num_train: int = 100_000,
