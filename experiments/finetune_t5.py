@@ -26,7 +26,7 @@ def get_config(variant: str = ""):
   c.init_from = "hf:t5-small"             # a local folder: pass --config.init_from=hf:FOLDER
 
   c.data.source = "numbers"
-  c.data.source_options.language = "pt"
+  c.data.source_options.language = "pt_BR"
   c.data.source_options.max_number = 10**6
   c.data.source_options.num_train = 200_000
   c.data.source_options.num_validation = 1_000
