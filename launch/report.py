@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from launch import workdirs  # noqa: E402
+from train import cli  # noqa: E402
 from train.records import read_metrics  # noqa: E402
 
 HIGHER_IS_BETTER = ("accuracy", "exact_match", "bleu")
@@ -133,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--mode", choices=("min", "max"), default=None)
   parser.add_argument("--out", default="", help="the plot; default DIR/report.png")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    runs = load_runs(args.root)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  cli.guarded(report)(args)
+  return 0
+
+
+def report(args: argparse.Namespace) -> None:
+  """Prints the table of the sweep in args.root and writes the plot."""
+  runs = load_runs(args.root)
   split = args.split or ("eval" if any(r.get("split") == "eval" for run in runs
                                        for r in run["records"]) else "train")
   mode = args.mode or ("max" if args.metric in HIGHER_IS_BETTER else "min")
@@ -146,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
   out = args.out or os.path.join(args.root, "report.png")
   plot(rows, split, args.metric, out)
   print(f"Curves: {out}")
-  return 0
 
 
 if __name__ == "__main__":

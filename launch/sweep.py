@@ -28,6 +28,7 @@ import sys
 from etils import epath
 
 from launch import experiment, runners, workdirs
+from train import cli
 
 USAGE = ("usage: python -m launch.sweep --config=experiments/NAME.py[:VARIANT] "
          "--workdir_root=DIR [--runner=local|slurm|tpu] [--dry_run] [runner flags]")
@@ -140,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     # Asked before the workdirs are read: a job that ends in between is then seen finished.
     queued = find_queued(runner, runs, args.dry_run)
     manifest, statuses = read_workdirs(args.workdir_root, args.config, runs)
-  except ValueError as e:
-    print(f"error: {e}\n{USAGE}", file=sys.stderr)
-    return 1
+  except cli.EXPECTED as e:
+    cli.fail(e, USAGE)
   todo, counts, lines = [], {"finished": 0, "resume": 0, "start": 0, "queued": 0}, []
   for run, (state, step) in zip(runs, statuses):
     if run.name in queued and state != "finished":

@@ -86,6 +86,15 @@ CASES = [
      lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}",
                    f"--config.data.source=local:{random_text(t)}"],
      "t", r"random\.txt is not UTF-8 text: \d+% of it does not decode \(first at byte \d+\)"),
+    ("train.assets: an unknown asset name",
+     lambda w, t: ["train.assets", "nope"], "t", r"Unknown asset 'nope': choose from"),
+    ("launch.report: a folder that does not exist",
+     lambda w, t: ["launch.report", str(t / "nope")], "t",
+     r"nope does not exist: pass the --workdir_root of a sweep"),
+    ("launch.sweep: a runner that does not exist",
+     lambda w, t: ["launch.sweep", "--config=experiments/quickstart.py:tiny",
+                   f"--workdir_root={t / 'sweep'}", "--runner=k8s"], "t",
+     r"argument --runner: invalid choice: 'k8s'"),
 ]
 
 

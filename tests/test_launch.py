@@ -50,7 +50,10 @@ def in_repo(monkeypatch):
 
 
 def run_sweep(capsys, *args) -> tuple[int, str, str]:
-  code = sweep.main(list(args))
+  try:
+    code = sweep.main(list(args))
+  except SystemExit as e:  # bad input: train/cli.py's one error path
+    code = e.code
   out, err = capsys.readouterr()
   return code, out, err
 
@@ -391,7 +394,7 @@ def test_slurm_does_not_submit_runs_already_queued(tmp_path, capsys, monkeypatch
   (bin_dir / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact "
                                   "slurm controller' >&2\nexit 1\n")
   code, out, err = run_sweep(capsys, *flags_, f"--workdir_root={root}")
-  assert code == 1 and out == "" and "Unable to contact slurm controller" in err
+  assert code == 2 and out == "" and "Unable to contact slurm controller" in err
   assert len((tmp_path / "sbatch.calls").read_text().splitlines()) == 2
 
 
@@ -522,7 +525,7 @@ def test_bad_arguments_stop_before_anything_starts(args, message, tmp_path, caps
     config, args = args[0], args[1:]
   dry_run = [] if "sbatch" in message else ["--dry_run"]  # a failing test starts nothing
   code, out, err = run_sweep(capsys, config, f"--workdir_root={root}", *args, *dry_run)
-  assert code == 1 and out == ""
+  assert code == 2 and out == ""
   problem, usage = err.splitlines()
   assert problem.startswith("error: ") and re.search(message, problem), problem
   assert usage.startswith("usage: python -m launch.sweep")
@@ -535,7 +538,7 @@ def test_a_root_holding_another_sweep_is_refused(tmp_path, capsys, in_repo):
   (root / "sweep.json").write_text(json.dumps({"config": "experiments/quickstart.py",
                                                "runs": []}))
   code, _, err = run_sweep(capsys, f"--config={TINY}", f"--workdir_root={root}", "--dry_run")
-  assert code == 1
+  assert code == 2
   assert "holds the sweep of --config=experiments/quickstart.py; use another" in err
 
 

@@ -2,21 +2,16 @@
 
 import sys
 
-from train import assets
+from train import assets, cli
 
 SHORT_NAMES = {"shakespeare": "shakespeare_genres", "gpt2": "tiny_gpt2", "t5": "tiny_t5",
                "bert": "tiny_bert"}
 
 
-def main(names: list[str]) -> int:
-  try:
-    for name in names or ["shakespeare"]:
-      print(assets.folder(SHORT_NAMES.get(name, name)))
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+def main(names: list[str]) -> None:
+  for name in names or ["shakespeare"]:
+    print(assets.folder(SHORT_NAMES.get(name, name)))
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  cli.guarded(main)(sys.argv[1:])
