@@ -11,7 +11,6 @@ anything starts.
 import copy
 import dataclasses
 import difflib
-import importlib.util
 import inspect
 import os
 
@@ -20,6 +19,8 @@ import numpy as np
 
 from launch import workdirs
 from train import config as config_lib
+from train import experiment_file
+from train.experiment_file import get_config, load_module, split_config_arg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,36 +36,14 @@ class Run:
     return self.config.train.num_steps
 
 
-def split_config_arg(config_arg: str) -> tuple[str, str]:
-  """("experiments/NAME.py", "VARIANT") of --config=experiments/NAME.py[:VARIANT]."""
-  path, _, variant = config_arg.partition(":")
-  return path, variant
-
-
-def load_module(path: str):
-  if not os.path.isfile(path):
-    raise ValueError(f"--config={path}: no such file; pass an experiment file such as "
-                     "experiments/quickstart.py.")
-  name = "tapete_experiment_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def get_config(module, variant: str) -> ml_collections.ConfigDict:
-  """The experiment's config, called as ml_collections' config flags call it."""
-  return module.get_config(variant) if variant else module.get_config()
-
-
 def get_sweep(module, path: str, variant: str) -> list[dict]:
-  if not hasattr(module, "get_sweep"):
-    raise ValueError(
-        f"{path} has no get_sweep(): add one returning the runs' overrides, e.g. "
-        "`def get_sweep(): return sweeps.axis('optim.learning_rate', [1e-3, 3e-3])` "
-        "(from launch import sweeps).")
-  takes_variant = bool(inspect.signature(module.get_sweep).parameters)
-  sweep = module.get_sweep(variant) if takes_variant else module.get_sweep()
+  function = experiment_file.module_function(
+      module, "get_sweep", "add one returning the runs' overrides, e.g. "
+      "`def get_sweep(): return sweeps.axis('optim.learning_rate', [1e-3, 3e-3])` "
+      "(from launch import sweeps)")
+  takes_variant = bool(inspect.signature(function).parameters)
+  sweep = experiment_file.call(module, "get_sweep()", function,
+                               *([variant] if takes_variant else []))
   if not isinstance(sweep, (list, tuple)) or not sweep or not all(
       isinstance(run, dict) and all(isinstance(key, str) for key in run) for run in sweep):
     raise ValueError(f"{path}: get_sweep() must return a non-empty list of dicts "

@@ -41,6 +41,13 @@ def random_text(folder: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def bad_experiment(folder: pathlib.Path, source: str) -> pathlib.Path:
+  """An experiment file `bad.py` in `folder` holding `source`."""
+  path = folder / "bad.py"
+  path.write_text(source)
+  return path
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> pathlib.Path:
   """A finished tiny quickstart run, the workdir the cases below try to damage."""
@@ -62,6 +69,8 @@ def refused(args: list[str], watched: pathlib.Path, match: str):
   assert len(errors) == 1 and re.search(match, errors[0]), process.stderr[-3000:]
   assert (hashes(watched) if watched.exists() else None) == before
 
+
+BOOM = "def get_config():\n  raise RuntimeError('boom')\n"
 
 # (name, args given the trained workdir W and a fresh tmp folder T, watched path, error match)
 CASES = [
@@ -95,6 +104,25 @@ CASES = [
      lambda w, t: ["launch.sweep", "--config=experiments/quickstart.py:tiny",
                    f"--workdir_root={t / 'sweep'}", "--runner=k8s"], "t",
      r"argument --runner: invalid choice: 'k8s'"),
+    ("an experiment file with a syntax error",
+     lambda w, t: ["train", f"--config={bad_experiment(t, 'def get_config(:')}",
+                   f"--workdir={t / 'run'}"],
+     "t", r"--config=\S*bad\.py: line 1 is not valid Python \(.+\); fix that line\."),
+    ("an experiment file without get_config",
+     lambda w, t: ["train", f"--config={bad_experiment(t, 'X = 1')}", f"--workdir={t / 'run'}"],
+     "t", r"--config=\S*bad\.py has no get_config\(\): define get_config\(\) returning"),
+    ("an experiment file whose get_config raises",
+     lambda w, t: ["train", f"--config={bad_experiment(t, BOOM)}", f"--workdir={t / 'run'}"],
+     "t", r"--config=\S*bad\.py: get_config\(\) raised RuntimeError: boom \(\S*bad\.py, "
+     r"line 2\); fix the experiment file\."),
+    ("launch.sweep: an experiment file with a syntax error",
+     lambda w, t: ["launch.sweep", f"--config={bad_experiment(t, 'def get_config(:')}",
+                   f"--workdir_root={t / 'sweep'}"],
+     "t", r"--config=\S*bad\.py: line 1 is not valid Python"),
+    ("launch.sweep: an experiment file whose get_config raises",
+     lambda w, t: ["launch.sweep", f"--config={bad_experiment(t, BOOM)}",
+                   f"--workdir_root={t / 'sweep'}"],
+     "t", r"--config=\S*bad\.py: get_config\(\) raised RuntimeError: boom"),
 ]
 
 

@@ -305,7 +305,7 @@ ERRORS = {  # case: (module, arguments, words the error line must hold)
     "variant": ("train", ["--config=experiments/gpt2_small.py:huge"],
                 ["gpt2_small", "variant 'huge'"]),
     "no_config_file": ("train", ["--config=experiments/nope.py"],
-                       ["experiments/nope.py", "No such file"]),
+                       ["--config=experiments/nope.py: no such file"]),
     "no_data": ("train", ["--config=experiments/gpt2_small.py:tiny",
                           "--config.data.source=local:experiments/data/nope.txt"],
                 ["experiments/data/nope.txt", "does not exist"]),

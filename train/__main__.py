@@ -8,12 +8,28 @@ import re
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train import cli, loop
+from train import cli, experiment_file, loop
 
 USAGE = ("usage: python -m train --config=experiments/NAME.py[:VARIANT] --workdir=DIR "
          "[--config.KEY=VALUE ...]")
+
+
+class ExperimentFileParser(flags.ArgumentParser):
+  """The --config parser in place of ml_collections' own: the file loaded as launch.sweep
+  loads it (train/experiment_file.py), so that one that fails is one ExperimentFileError."""
+
+  def parse(self, argument):
+    config = experiment_file.load(argument)
+    config.lock()
+    return config
+
+  def flag_type(self):
+    return "config object"
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
+flags.FLAGS["config"].parser = ExperimentFileParser()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -21,24 +37,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag, config file or override as one line, no traceback."""
   try:
-    argv = flags.FLAGS(argv)
-    _CONFIG.value.keys()  # A config file that failed to load raises here.
-    return argv
+    return flags.FLAGS(argv)
   except flags.Error as e:
-    problem = flag_problem(str(e).strip())
+    # absl wraps the parser's error as "flag --config=PATH: ..."; ours already names the flag.
+    cause = e.__context__
+    problem = str(cause if isinstance(cause, experiment_file.ExperimentFileError) else e)
   except (AttributeError, KeyError) as e:
     problem = unknown_key_problem(e, argv)
-  except OSError as e:
-    problem = f"cannot load --config: {str(e).strip().splitlines()[-1].strip()}"
   cli.fail(problem, USAGE)
-
-
-def flag_problem(message: str) -> str:
-  """One line: a failing get_config() comes with its traceback, of which the last line says it."""
-  if "Traceback" not in message:
-    return " ".join(message.split())
-  flag = message.split(": ", 1)[0]
-  return f"{flag}: {message.splitlines()[-1].split(': ', 1)[-1]}"
 
 
 def unknown_key_problem(error: Exception, argv: list[str]) -> str:
