@@ -9,13 +9,14 @@ laid out as in training (`workdir.model_inputs`).
 """
 
 import dataclasses
+import os
 
 from absl import app, flags
 import jax.numpy as jnp
 import numpy as np
 
 from models.attention_maps import attention_maps
-from train import figures, generate, workdir as workdir_lib, workdir_cli
+from train import cli, figures, generate, workdir as workdir_lib, workdir_cli
 
 FLAGS = flags.FLAGS
 KINDS = ("self", "cross", "encoder")
@@ -82,6 +83,17 @@ def define_flags():
   flags.mark_flags_as_required(["out"])
 
 
+def check_out(path: str):
+  """--out must be a file that can be written: not a folder, nor inside a file."""
+  if os.path.isdir(path):
+    raise ValueError(f"--out={path} is a folder; give the PNG file to write, such as "
+                     f"--out={os.path.join(path, 'attention.png')}.")
+  parent = os.path.dirname(path)
+  if parent and os.path.exists(parent) and not os.path.isdir(parent):
+    raise ValueError(f"--out={path}: {parent} is a file, not a folder; give a PNG file in a "
+                     "folder.")
+
+
 def draw(run: workdir_lib.Run, texts: list[str]):
   if len(texts) != 1:
     raise ValueError("train.attention_maps draws one input: give --input once.")
@@ -93,6 +105,7 @@ def draw(run: workdir_lib.Run, texts: list[str]):
 
 def main(argv):
   del argv
+  cli.guarded(check_out)(FLAGS.out)
   workdir_cli.main(draw)
 
 
