@@ -31,8 +31,7 @@ def load_runs(root: str) -> list[dict]:
   """[{name, overrides, records, status}] of the sweep in `root`."""
   manifest_path = os.path.join(root, "sweep.json")
   if os.path.exists(manifest_path):
-    with open(manifest_path) as f:
-      listed = [(run["name"], run["overrides"]) for run in json.load(f)["runs"]]
+    listed = read_manifest(manifest_path)
   elif os.path.isdir(root):
     listed = [(name, None) for name in sorted(os.listdir(root))
               if os.path.exists(os.path.join(root, name, "metrics.jsonl"))]
@@ -44,6 +43,20 @@ def load_runs(root: str) -> list[dict]:
   return [{"name": name, "overrides": overrides if overrides is not None else parse_name(name),
            "records": read_metrics(os.path.join(root, name)),
            "status": run_status(os.path.join(root, name))} for name, overrides in listed]
+
+
+def read_manifest(path: str) -> list[tuple[str, dict]]:
+  """(name, overrides) of each run a sweep.json lists; a file that is not one is an error."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      runs = json.load(f)["runs"]
+    return [(run["name"], run["overrides"]) for run in runs]
+  except ValueError as e:  # not JSON, or not even text
+    problem = f"it is not JSON: {e}"
+  except (KeyError, TypeError):
+    problem = 'it holds no "runs" list of {"name", "overrides"}'
+  raise ValueError(f"{path} is not a sweep's manifest ({problem}). Move it away: the report then "
+                   "lists every run folder beside it, and the next launch.sweep writes it anew.")
 
 
 def parse_name(name: str) -> dict:

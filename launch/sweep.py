@@ -92,7 +92,14 @@ def check_manifest(root: str, config_arg: str) -> dict:
   path = epath.Path(root) / MANIFEST
   if not path.exists():
     return {}
-  manifest = json.loads(path.read_text())
+  try:
+    manifest = json.loads(path.read_text())
+    problem = "" if isinstance(manifest, dict) else f"it holds a {type(manifest).__name__}"
+  except ValueError as e:  # not JSON, or not even text
+    problem = f"it is not JSON: {e}"
+  if problem:
+    raise ValueError(f"{path} is not a sweep's manifest ({problem}). Move it away, and the sweep "
+                     "writes it anew.")
   if manifest.get("config") != config_arg:
     raise ValueError(f"{root} holds the sweep of --config={manifest.get('config')}; use "
                      f"another --workdir_root for --config={config_arg}.")

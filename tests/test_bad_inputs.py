@@ -48,6 +48,14 @@ def bad_experiment(folder: pathlib.Path, source: str) -> pathlib.Path:
   return path
 
 
+def sweep_root(folder: pathlib.Path, manifest: str) -> pathlib.Path:
+  """A sweep's root `folder/sweep` whose sweep.json holds `manifest`."""
+  root = folder / "sweep"
+  root.mkdir()
+  (root / "sweep.json").write_text(manifest)
+  return root
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> pathlib.Path:
   """A finished tiny quickstart run, the workdir the cases below try to damage."""
@@ -104,6 +112,17 @@ CASES = [
      lambda w, t: ["launch.sweep", "--config=experiments/quickstart.py:tiny",
                    f"--workdir_root={t / 'sweep'}", "--runner=k8s"], "t",
      r"argument --runner: invalid choice: 'k8s'"),
+    ("launch.report: a sweep.json without runs",
+     lambda w, t: ["launch.report", str(sweep_root(t, '{"config": "x.py"}'))], "t",
+     r"sweep/sweep\.json is not a sweep's manifest \(it holds no \"runs\" list .*\)\. Move it "
+     r"away"),
+    ("launch.report: a sweep.json that is not JSON",
+     lambda w, t: ["launch.report", str(sweep_root(t, '{"config": "x.py", "ru'))], "t",
+     r"sweep/sweep\.json is not a sweep's manifest \(it is not JSON: .+\)\. Move it away"),
+    ("launch.sweep: a sweep.json that is not JSON",
+     lambda w, t: ["launch.sweep", "--config=experiments/quickstart.py:tiny", "--dry_run",
+                   f"--workdir_root={sweep_root(t, '{')}"], "t",
+     r"sweep/sweep\.json is not a sweep's manifest \(it is not JSON: .+\)\. Move it away"),
     ("attention_maps --out an existing folder",
      lambda w, t: ["train.attention_maps", f"--workdir={w}", "--input=2026", f"--out={t}"], "t",
      r"--out=\S+ is a folder; give the PNG file to write, such as --out=\S+attention\.png"),
