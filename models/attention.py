@@ -37,6 +37,28 @@ def causal_mask(q_len: int, kv_len: int | None = None, offset=0):
   return (jnp.arange(kv_len)[None, :] <= last_key_T1)[None, None]
 
 
+def window_mask(q_len: int, kv_len: int, local_window_size):
+  """[1, 1, T, S]: query t may attend key s when t - left <= s <= t + right (local attention).
+
+  `local_window_size` is (left, right), or w for (w, w), as in `jax.nn.dot_product_attention`.
+  """
+  left, right = _window(local_window_size)
+  query_T1, key_1S = jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :]
+  return ((key_1S >= query_T1 - left) & (key_1S <= query_T1 + right))[None, None]
+
+
+def _window(local_window_size) -> tuple[int, int]:
+  """(left, right) of a local window given as w or (left, right); a clear error otherwise."""
+  window = local_window_size
+  if isinstance(window, int):
+    window = (window, window)
+  if not (isinstance(window, (tuple, list)) and len(window) == 2
+          and all(isinstance(w, int) and w >= 0 for w in window)):
+    raise ValueError(f"local_window_size must be an int >= 0 or a pair (left, right) of them, "
+                     f"got {local_window_size!r}.")
+  return tuple(window)
+
+
 def padding_mask(query_valid_BT=None, kv_valid_BS=None):
   """[B, 1, T, S] from per-token validity; a side given as None is all valid (and broadcasts).
 
@@ -185,7 +207,7 @@ def _weighted_values(weights_BNTS, value_BSKH):
 
 def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=False,
                           query_segment_ids=None, kv_segment_ids=None, scale=None,
-                          implementation=None, return_weights=False):
+                          local_window_size=None, implementation=None, return_weights=False):
   """softmax(Q Kᵀ·scale + bias, masked) V for query [B, T, N, H], key/value [B, S, K, H].
 
   Args:
@@ -195,6 +217,10 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
     query_segment_ids, kv_segment_ids: [B, T], [B, S] int ids of packed sequences (see
       `segment_mask`; id 0 is padding). kv_segment_ids defaults to query_segment_ids.
     scale: multiplies Q Kᵀ; None is 1/sqrt(H).
+    local_window_size: (left, right), or w for (w, w): query t attends only keys s with
+      t - left <= s <= t + right (top-left aligned, as jax.nn's). It reaches every
+      implementation as a mask (see `window_mask`); with is_causal, (W - 1, 0) is a sliding
+      window of the last W keys (Mistral).
     implementation: "reference" (plain einsum, can return weights), "xla" or "cudnn" (through
       `jax.nn.dot_product_attention`), or None: "cudnn" on a GPU for bf16/fp16 inputs without
       a dense mask or bias, "xla" otherwise, "reference" when return_weights=True.
@@ -209,6 +235,8 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
   shape_BNTS = (B, N, T, S)
   if query_segment_ids is not None or kv_segment_ids is not None:
     mask = combine_masks(mask, _checked_segment_mask(query_segment_ids, kv_segment_ids, B, T, S))
+  if local_window_size is not None:
+    mask = combine_masks(mask, window_mask(T, S, local_window_size))
   mask = None if mask is None else _as_4d("mask", combine_masks(mask), shape_BNTS)
   bias = None if bias is None else _as_4d("bias", bias, shape_BNTS)
   scale = 1.0 / np.sqrt(H) if scale is None else scale
@@ -249,12 +277,17 @@ class MultiHeadAttention(nn.Module):
   "weights": `model.apply(variables, ..., mutable=["attention_weights"])`. Attention dropout
   (dropout_rate > 0, deterministic=False, rng "dropout") also runs the reference path.
 
+  Sliding window (`sliding_window` W, self-attention only): a query attends only keys fewer
+  than W positions away, so with is_causal (or the cache) the last W keys, itself included
+  (Mistral); positions are indices in the sequence (cache slots when decoding).
+
   Decoding (decode=True, self-attention): the "cache" collection holds `cached_key` and
   `cached_value` [B, L, K, H] and a per-example `cache_index` [B]. The first call (init) creates
   them with L = the input length and computes normally. Later calls write the chunk's keys and
   values at cache_index[b] + arange(T), let query t attend cache slots s <= cache_index[b] + t
-  (this replaces `is_causal`; a caller mask or bias must have S = L), take RoPE positions
-  cache_index[b] + arange(T) by default, and advance cache_index by T. Writes past L are
+  (and s > cache_index[b] + t - W with a sliding window; this replaces `is_causal`; a caller
+  mask or bias must have S = L), take RoPE positions cache_index[b] + arange(T) by default, and
+  advance cache_index by T. Writes past L are
   dropped, so queries past L see a stale cache: size L for the longest prompt + generation.
   Cross-attention (inputs_kv given) has no cache: its keys and values are recomputed each call.
   """
@@ -263,20 +296,24 @@ class MultiHeadAttention(nn.Module):
   num_kv_heads: int | None = None  # None: num_heads (multi-head); 1: multi-query.
   out_features: int | None = None  # None: the input width.
   use_bias: bool = True
+  qkv_bias: bool | None = None  # Biases of query, key and value; None: use_bias (Qwen2: True).
   dropout_rate: float = 0.0  # On the attention weights.
   scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0.
   rope_max_wavelength: float | None = None  # None: no rotary embedding.
+  rope_llama3_scaling: tuple | None = None  # See layers.rope_frequencies; None: unscaled.
+  sliding_window: int | None = None  # W: attend only keys fewer than W positions away.
   implementation: str | None = None  # See dot_product_attention.
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
 
-  def _dense(self, features, axis, names, name):
+  def _dense(self, features, axis, names, name, use_bias=None):
     """DenseGeneral whose kernel carries the logical axis `names` (its bias, the output ones)."""
     num_out_axes = len(features) if isinstance(features, tuple) else 1
     return nn.DenseGeneral(
-        features, axis=axis, use_bias=self.use_bias, dtype=self.dtype,
+        features, axis=axis, use_bias=self.use_bias if use_bias is None else use_bias,
+        dtype=self.dtype,
         param_dtype=self.param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(self.kernel_init, names),
         bias_init=nn.with_logical_partitioning(self.bias_init, names[-num_out_axes:]))
@@ -291,10 +328,16 @@ class MultiHeadAttention(nn.Module):
     if N % K:
       raise ValueError(f"num_heads={N} must be a multiple of num_kv_heads={K}.")
     self_attention = inputs_kv_BSD is None
+    if self.sliding_window is not None and not self_attention:
+      raise ValueError("sliding_window applies to self-attention only; leave it None for "
+                       "cross-attention.")
     inputs_kv_BSD = inputs_q_BTD if self_attention else inputs_kv_BSD
-    q_BTNH = self._dense((N, H), -1, ("embed", "heads", "head_dim"), "query")(inputs_q_BTD)
-    k_BSKH = self._dense((K, H), -1, ("embed", "kv_heads", "head_dim"), "key")(inputs_kv_BSD)
-    v_BSKH = self._dense((K, H), -1, ("embed", "kv_heads", "head_dim"), "value")(inputs_kv_BSD)
+    q_BTNH = self._dense((N, H), -1, ("embed", "heads", "head_dim"), "query",
+                         self.qkv_bias)(inputs_q_BTD)
+    k_BSKH = self._dense((K, H), -1, ("embed", "kv_heads", "head_dim"), "key",
+                         self.qkv_bias)(inputs_kv_BSD)
+    v_BSKH = self._dense((K, H), -1, ("embed", "kv_heads", "head_dim"), "value",
+                         self.qkv_bias)(inputs_kv_BSD)
 
     use_cache = decode and self_attention
     if use_cache and (query_segment_ids is not None or kv_segment_ids is not None):
@@ -307,17 +350,19 @@ class MultiHeadAttention(nn.Module):
         positions = jnp.arange(T)[None] if index_B is None else index_B[:, None] + jnp.arange(T)
       if kv_positions is None:
         kv_positions = positions if self_attention else jnp.arange(k_BSKH.shape[1])[None]
-      q_BTNH = apply_rope(q_BTNH, positions, self.rope_max_wavelength)
-      k_BSKH = apply_rope(k_BSKH, kv_positions, self.rope_max_wavelength)
+      rope = functools.partial(apply_rope, max_wavelength=self.rope_max_wavelength,
+                               llama3_scaling=self.rope_llama3_scaling)
+      q_BTNH, k_BSKH = rope(q_BTNH, positions), rope(k_BSKH, kv_positions)
+    window = None if self.sliding_window is None else self.sliding_window - 1
     if use_cache:
       k_BSKH, v_BSKH, cache_mask_B1TL = self._update_cache(k_BSKH, v_BSKH, index_B)
       if cache_mask_B1TL is not None:
-        mask, is_causal = combine_masks(mask, cache_mask_B1TL), False
+        mask, is_causal, window = combine_masks(mask, cache_mask_B1TL), False, None
 
     attend = functools.partial(
         dot_product_attention, q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias,
         is_causal=is_causal, query_segment_ids=query_segment_ids,
-        kv_segment_ids=kv_segment_ids, scale=self.scale)
+        kv_segment_ids=kv_segment_ids, scale=self.scale, local_window_size=window)
     use_dropout = self.dropout_rate > 0.0 and not deterministic
     sow_weights = self.is_mutable_collection("attention_weights") and not self.is_initializing()
     if use_dropout or sow_weights:
@@ -357,5 +402,8 @@ class MultiHeadAttention(nn.Module):
     cached_key.value = cached_key.value.at[batch_B1, slots_BT].set(k_BTKH, mode="drop")
     cached_value.value = cached_value.value.at[batch_B1, slots_BT].set(v_BTKH, mode="drop")
     cache_index.value = index_B + T
-    mask_B1TL = jnp.arange(L)[None, None, None, :] <= slots_BT[:, None, :, None]
+    slots_L, slots_B1T1 = jnp.arange(L)[None, None, None, :], slots_BT[:, None, :, None]
+    mask_B1TL = slots_L <= slots_B1T1
+    if self.sliding_window is not None:
+      mask_B1TL &= slots_L > slots_B1T1 - self.sliding_window
     return cached_key.value, cached_value.value, mask_B1TL

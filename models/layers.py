@@ -64,18 +64,32 @@ def sinusoidal_positions(positions_BT, features: int, max_wavelength: float = 10
   return jnp.pad(encoding, [(0, 0)] * (encoding.ndim - 1) + [(0, features % 2)])
 
 
-def rope_frequencies(head_dim: int, max_wavelength: float = 10_000.0):
-  """Inverse frequencies of rotary embeddings, one per pair of features: [head_dim // 2]."""
-  return max_wavelength ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+def rope_frequencies(head_dim: int, max_wavelength: float = 10_000.0, llama3_scaling=None):
+  """Inverse frequencies of rotary embeddings, one per pair of features: [head_dim // 2].
+
+  `llama3_scaling` (factor, low_freq_factor, high_freq_factor, original_max_len), as LLaMA 3.1:
+  wavelengths longer than original_max_len / low_freq_factor are stretched by `factor`, those
+  shorter than original_max_len / high_freq_factor kept, and those between interpolated.
+  """
+  inv_freq = max_wavelength ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  if llama3_scaling is None:
+    return inv_freq
+  factor, low_freq_factor, high_freq_factor, original_max_len = llama3_scaling
+  wavelength = 2 * np.pi / inv_freq
+  smooth = (original_max_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  long = wavelength > original_max_len / low_freq_factor
+  short = wavelength < original_max_len / high_freq_factor
+  between = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  return jnp.where(long, inv_freq / factor, jnp.where(short, inv_freq, between))
 
 
-def apply_rope(x_BTNH, positions_BT, max_wavelength: float = 10_000.0):
+def apply_rope(x_BTNH, positions_BT, max_wavelength: float = 10_000.0, llama3_scaling=None):
   """Rotary position embedding (RoFormer), rotating halves [x1, x2] of the head dimension."""
   head_dim = x_BTNH.shape[-1]
   if head_dim % 2:
     raise ValueError(f"RoPE needs an even head_dim, got {head_dim}.")
   angles_BTK = positions_BT[..., None].astype(jnp.float32) * rope_frequencies(
-      head_dim, max_wavelength)
+      head_dim, max_wavelength, llama3_scaling)
   sin_BT1K = jnp.sin(angles_BTK)[:, :, None, :]
   cos_BT1K = jnp.cos(angles_BTK)[:, :, None, :]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)

@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 
 from models import attention
 from models.attention import (MultiHeadAttention, causal_mask, combine_masks,
-                              dot_product_attention, padding_mask, segment_mask)
+                              dot_product_attention, padding_mask, segment_mask, window_mask)
 
 ON_GPU = jax.default_backend() == "gpu"
 IMPLEMENTATIONS = ["reference", "xla"] + (["cudnn"] if ON_GPU else [])
@@ -76,6 +76,10 @@ def random_case(case, B, T, S, N, seed=0):
     q_ids, kv_ids = rng.integers(0, 3, (B, T)), rng.integers(0, 3, (B, S))
     kwargs.update(query_segment_ids=q_ids, kv_segment_ids=kv_ids)
     mask &= (q_ids[:, None, :, None] == kv_ids[:, None, None, :]) & (q_ids[:, None, :, None] > 0)
+  if case in ("window", "everything"):  # keys from 2 before to 1 after (top-left aligned)
+    kwargs["local_window_size"] = (2, 1)
+    offset = np.arange(S)[None, :] - np.arange(T)[:, None]
+    mask &= (offset >= -2) & (offset <= 1)
   if case in ("bias", "everything"):
     bias = rng.normal(size=(1, N, T, S)).astype(np.float32)
     kwargs["bias"] = bias
@@ -90,7 +94,7 @@ SHAPES = [  # B, T, S, N, K, H
     (2, 6, 4, 6, 1, 8),  # multi-query, T > S
     (3, 1, 9, 2, 2, 4),  # one query (a decoding step)
 ]
-CASES = ["plain", "causal", "padding", "segments", "bias", "scale", "everything"]
+CASES = ["plain", "causal", "padding", "segments", "window", "bias", "scale", "everything"]
 
 
 # --------------------------------------------------------------------------------------
@@ -106,6 +110,9 @@ def test_mask_helpers_match_numpy():
                                 [[[[True, False], [True, False], [False, False]]]])
   assert padding_mask(q_valid, None).shape == (1, 1, 3, 1)
   assert padding_mask(None, None) is None
+  np.testing.assert_array_equal(window_mask(3, 4, (1, 0)), [[[[1, 0, 0, 0], [1, 1, 0, 0],
+                                                                [0, 1, 1, 0]]]])
+  np.testing.assert_array_equal(window_mask(2, 3, 1), [[[[1, 1, 0], [1, 1, 1]]]])
   ids = np.array([[1, 1, 2, 0]])
   expected = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], bool)
   np.testing.assert_array_equal(segment_mask(ids, ids)[0, 0], expected)
@@ -153,7 +160,7 @@ def test_gradients_match_jax_nn_and_finite_differences(implementation):
 
   ours = jax.jit(lambda q, k, v, bias: dot_product_attention(
       q, k, v, bias=bias, mask=kwargs["mask"], is_causal=True, scale=0.3,
-      implementation=implementation))
+      local_window_size=kwargs["local_window_size"], implementation=implementation))
   theirs = lambda q, k, v, bias: jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
                                                               scale=0.3)
   grads = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2, 3)))(q, k, v, bias)
@@ -227,7 +234,8 @@ def test_automatic_choice_and_cudnn_conditions(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("case", ["plain", "causal", "padding", "segments", "bias", "everything"])
+@pytest.mark.parametrize("case", ["plain", "causal", "padding", "segments", "window", "bias",
+                                  "everything"])
 def test_cudnn_matches_reference(case):
   B, T, S, N, K, H = 2, 8, 8, 4, 2, 64
   q, k, v = random_qkv(8, B, T, S, N, K, H, jnp.bfloat16)
@@ -262,6 +270,10 @@ def test_cudnn_matches_reference(case):
      "Segment ids must be"),
     (lambda q, k: dot_product_attention(q, k, k, kv_segment_ids=jnp.ones((2, 5), int)),
      "without query_segment_ids"),
+    (lambda q, k: dot_product_attention(q, k, k, local_window_size=(2, -1)),
+     "local_window_size must be"),
+    (lambda q, k: dot_product_attention(q, k, k, local_window_size=1.5),
+     "local_window_size must be"),
 ])
 def test_bad_inputs_are_clear_errors(call, message):
   q, k, _ = random_qkv(0, 2, 5, 5, 4, 2, 8)
@@ -376,10 +388,10 @@ def test_rope_depends_only_on_relative_positions():
 L = 8
 
 
-def _decoder(rope, num_kv_heads):
+def _decoder(rope, num_kv_heads, sliding_window=None):
   """(module, params, empty cache of length L, inputs [B, L, D])."""
   m = MultiHeadAttention(num_heads=N, head_dim=H, num_kv_heads=num_kv_heads,
-                         rope_max_wavelength=rope)
+                         rope_max_wavelength=rope, sliding_window=sliding_window)
   x = normal(1, B, L, D)
   variables = random_variables(m, jnp.zeros((B, L, D)), decode=True)
   return m, variables["params"], variables["cache"], x
@@ -395,12 +407,18 @@ def _step(m, params, **kwargs):
   return step
 
 
-@pytest.mark.parametrize("rope, num_kv_heads", [(None, 4), (10_000.0, 2), (10_000.0, 1)])
-def test_prefill_then_steps_equal_full_forward(rope, num_kv_heads):
-  m, params, cache, x = _decoder(rope, num_kv_heads)
+@pytest.mark.parametrize("rope, num_kv_heads, window", [(None, 4, None), (10_000.0, 2, None),
+                                                        (10_000.0, 1, None), (10_000.0, 2, 3)])
+def test_prefill_then_steps_equal_full_forward(rope, num_kv_heads, window):
+  m, params, cache, x = _decoder(rope, num_kv_heads, window)
   assert cache["cached_key"].shape == cache["cached_value"].shape == (B, L, num_kv_heads, H)
   assert cache["cache_index"].shape == (B,) and cache["cache_index"].dtype == jnp.int32
   full = apply(m, {"params": params}, x, is_causal=True)
+  if window:  # The last `window` keys: as a numpy band mask on the module without a window.
+    plain = MultiHeadAttention(num_heads=N, head_dim=H, num_kv_heads=num_kv_heads,
+                               rope_max_wavelength=rope)
+    band = np.tril(np.ones((L, L), bool)) & np.triu(np.ones((L, L), bool), 1 - window)
+    np.testing.assert_allclose(full, apply(plain, {"params": params}, x, mask=band), atol=1e-6)
   step = _step(m, params)
   out, cache = step(cache, x[:, :3])
   np.testing.assert_allclose(out, full[:, :3], atol=1e-5, rtol=1e-5)
@@ -410,8 +428,9 @@ def test_prefill_then_steps_equal_full_forward(rope, num_kv_heads):
   np.testing.assert_array_equal(cache["cache_index"], [L, L])
 
 
-def test_right_padded_prompts_of_different_lengths():
-  m, params, cache, x = _decoder(10_000.0, 2)
+@pytest.mark.parametrize("window", [None, 2])
+def test_right_padded_prompts_of_different_lengths(window):
+  m, params, cache, x = _decoder(10_000.0, 2, window)
   full = apply(m, {"params": params}, x, is_causal=True)
   lengths = np.array([2, 5])
   prompts = jnp.where((np.arange(L)[None] < lengths[:, None])[..., None], x, normal(9, *x.shape))
@@ -457,3 +476,6 @@ def test_mha_bad_inputs_are_clear_errors():
   with pytest.raises(ValueError, match="multiple of num_kv_heads"):
     jax.eval_shape(MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=3).init,
                    jax.random.key(0), x)
+  with pytest.raises(ValueError, match="sliding_window applies to self-attention only"):
+    jax.eval_shape(MultiHeadAttention(num_heads=4, head_dim=8, sliding_window=2).init,
+                   jax.random.key(0), x, x)
