@@ -140,10 +140,14 @@ class RelativePositionBias(nn.Module):
 
 
 class Norm(nn.Module):
-  """LayerNorm or RMSNorm over the last axis, computed in float32, with an optional bias."""
+  """LayerNorm or RMSNorm over the last axis, computed in float32, with an optional bias.
+
+  With scale_plus_one the output is multiplied by 1 + scale, the parameter starting at 0 (Gemma).
+  """
   kind: str = "layernorm"
   epsilon: float = 1e-6
   use_bias: bool = True
+  scale_plus_one: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -156,8 +160,10 @@ class Norm(nn.Module):
     if self.kind == "layernorm":
       x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    y = y * self.param("scale", partitioned(nn.initializers.ones, "embed"), (features,),
+    init = nn.initializers.zeros if self.scale_plus_one else nn.initializers.ones
+    scale = self.param("scale", partitioned(init, "embed"), (features,),
                        self.param_dtype).astype(jnp.float32)
+    y = y * (1.0 + scale if self.scale_plus_one else scale)
     if self.use_bias:
       y = y + self.param("bias", partitioned(nn.initializers.zeros, "embed"), (features,),
                          self.param_dtype).astype(jnp.float32)

@@ -67,5 +67,36 @@ def llama(vocab_size: int = 32_000, **overrides) -> TransformerConfig:
       "embedding_init_stddev": 0.02, **overrides})
 
 
+def llama3(vocab_size: int = 128_256, **overrides) -> TransformerConfig:
+  """LLaMA 3.1 8B: LLaMA's switches, 8 key/value heads, RoPE base 500,000 and llama3 scaling."""
+  return llama(vocab_size, **{
+      "num_kv_heads": 8, "d_ff": 14_336, "rope_max_wavelength": 500_000.0,
+      "rope_llama3_factor": 8.0, "rope_llama3_low_freq_factor": 1.0,
+      "rope_llama3_high_freq_factor": 4.0, "rope_llama3_original_max_len": 8192, **overrides})
+
+
+def mistral(vocab_size: int = 32_000, **overrides) -> TransformerConfig:
+  """Mistral 7B v0.1: LLaMA's switches, 8 key/value heads and a 4,096-token sliding window."""
+  return llama(vocab_size, **{"num_kv_heads": 8, "d_ff": 14_336, "sliding_window": 4096,
+                              **overrides})
+
+
+def qwen2(vocab_size: int = 152_064, **overrides) -> TransformerConfig:
+  """Qwen2 7B: LLaMA's switches with biases on query, key and value only; 4 key/value heads."""
+  return llama(vocab_size, **{
+      "d_model": 3584, "num_heads": 28, "num_kv_heads": 4, "d_ff": 18_944, "num_layers": 28,
+      "rope_max_wavelength": 1_000_000.0, "norm_epsilon": 1e-6, "qkv_bias": True, **overrides})
+
+
+def gemma(vocab_size: int = 256_000, **overrides) -> TransformerConfig:
+  """Gemma 7B: embeddings scaled by √d and tied, RMSNorm by 1 + scale, GeGLU (tanh), head_dim
+  256 (not d_model / heads)."""
+  return llama(vocab_size, **{
+      "d_model": 3072, "num_heads": 16, "head_dim": 256, "d_ff": 24_576, "num_layers": 28,
+      "norm_epsilon": 1e-6, "norm_scale_plus_one": True, "activation": "gelu_tanh",
+      "scale_embeddings": True, "tie_output": True, **overrides})
+
+
 PRESETS = {"transformer_base": transformer_base, "gpt2": gpt2, "bert_base": bert_base,
-           "t5_v1_0": t5_v1_0, "t5_v1_1": t5_v1_1, "llama": llama}
+           "t5_v1_0": t5_v1_0, "t5_v1_1": t5_v1_1, "llama": llama, "llama3": llama3,
+           "mistral": mistral, "qwen2": qwen2, "gemma": gemma}

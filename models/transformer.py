@@ -1,7 +1,7 @@
 """The three Transformer families on one set of layers.
 
-`TransformerConfig` switches express the paper's base model, GPT-2, BERT, T5 v1.0/v1.1 and a
-LLaMA-style decoder (see models/presets.py). How each is called:
+`TransformerConfig` switches express the paper's base model, GPT-2, BERT, T5 v1.0/v1.1 and the
+LLaMA-style decoders LLaMA, Mistral, Qwen2 and Gemma (see models/presets.py). How each is called:
 
   DecoderOnly(cfg)(tokens_BT, *, segment_ids=None, positions=None) -> logits_BTV
   EncoderDecoder(cfg)(encoder_tokens_BS, decoder_tokens_BT, *, encoder_padding_mask=None,
@@ -50,16 +50,25 @@ class TransformerConfig:
   max_len: int = 512                    # size of the learned position table
   position: str = "sinusoidal"          # learned | sinusoidal | rope | relative | none
   rope_max_wavelength: float = 10_000.0  # RoPE base
+  rope_llama3_factor: float | None = None  # LLaMA 3.1 RoPE scaling (None = off): long
+                                           # wavelengths stretched by this factor
+  rope_llama3_low_freq_factor: float = 1.0   # wavelengths > original_max_len / this: stretched
+  rope_llama3_high_freq_factor: float = 4.0  # wavelengths < original_max_len / this: kept
+  rope_llama3_original_max_len: int = 8192   # the pretraining context of the scaled model
+  sliding_window: int | None = None     # self-attention: keys < W positions away (causal: last W)
   relative_buckets: int = 32            # T5 relative-position buckets
   relative_max_distance: int = 128      # T5: distance of the last bucket
   norm: str = "layernorm"               # layernorm | rmsnorm
   norm_epsilon: float = 1e-6
   norm_use_bias: bool = True            # LayerNorm/RMSNorm bias (T5, LLaMA: False)
+  norm_scale_plus_one: bool = False     # norms multiply by 1 + scale, scale starting at 0 (Gemma)
   pre_norm: bool = True                 # pre-LN (GPT-2, T5) or post-LN (paper, BERT)
   embedding_norm: bool = False          # a norm right after the embeddings (BERT)
   activation: str = "relu"              # relu | gelu | gelu_tanh | silu
   gated_ffn: bool = False               # GLU feed-forward: GEGLU (gelu), SwiGLU (silu)
   use_bias: bool = True                 # biases in attention and feed-forward projections
+  qkv_bias: bool | None = None          # query/key/value biases; None = use_bias (Qwen2: True)
+  ffn_bias: bool | None = None          # feed-forward biases; None = use_bias (LLaMA mlp_bias)
   attention_scale: float | None = None  # None = 1/sqrt(head_dim); T5 uses 1.0
   scale_embeddings: bool = False        # multiply token embeddings by sqrt(d_model) (paper)
   embedding_init_stddev: float | None = None  # None = d_model ** -0.5
@@ -109,6 +118,16 @@ class TransformerConfig:
                         "(e.g. 'float32', 'bfloat16')")
     if self.position == "rope" and head_dim % 2:
       problems.append(f"RoPE needs an even head_dim, got {head_dim}")
+    if self.rope_llama3_factor is not None:
+      if self.position != "rope":
+        problems.append("rope_llama3_factor needs position='rope'")
+      if not (self.rope_llama3_factor > 0 and self.rope_llama3_original_max_len > 0
+              and 0 < self.rope_llama3_low_freq_factor < self.rope_llama3_high_freq_factor):
+        problems.append("LLaMA 3 RoPE scaling needs rope_llama3_factor > 0, "
+                        "rope_llama3_original_max_len > 0 and 0 < rope_llama3_low_freq_factor < "
+                        "rope_llama3_high_freq_factor")
+    if self.sliding_window is not None and self.sliding_window <= 0:
+      problems.append(f"sliding_window must be positive or None, got {self.sliding_window}")
     if self.position == "learned" and self.max_len <= 0:
       problems.append("learned positions need max_len > 0")
     if self.position == "relative" and (self.relative_buckets < 4 or self.relative_buckets % 2):
@@ -132,21 +151,28 @@ class TransformerConfig:
 
 def _norm(cfg: TransformerConfig, name: str) -> layers.Norm:
   return layers.Norm(cfg.norm, epsilon=cfg.norm_epsilon, use_bias=cfg.norm_use_bias,
-                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+                     scale_plus_one=cfg.norm_scale_plus_one, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, name=name)
 
 
 def _attention(cfg: TransformerConfig, name: str) -> MultiHeadAttention:
+  rope = cfg.position == "rope"
+  llama3 = (cfg.rope_llama3_factor, cfg.rope_llama3_low_freq_factor,
+            cfg.rope_llama3_high_freq_factor, cfg.rope_llama3_original_max_len)
   return MultiHeadAttention(
       num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
-      use_bias=cfg.use_bias, dropout_rate=cfg.attention_dropout_rate, scale=cfg.attention_scale,
-      rope_max_wavelength=cfg.rope_max_wavelength if cfg.position == "rope" else None,
+      use_bias=cfg.use_bias, qkv_bias=cfg.qkv_bias, dropout_rate=cfg.attention_dropout_rate,
+      scale=cfg.attention_scale, rope_max_wavelength=cfg.rope_max_wavelength if rope else None,
+      rope_llama3_scaling=llama3 if rope and cfg.rope_llama3_factor is not None else None,
+      sliding_window=cfg.sliding_window if name == "self_attention" else None,
       implementation=cfg.attention_implementation, dtype=cfg.dtype,
       param_dtype=cfg.param_dtype, name=name)
 
 
 def _feed_forward(cfg: TransformerConfig) -> layers.FeedForward:
+  use_bias = cfg.use_bias if cfg.ffn_bias is None else cfg.ffn_bias
   return layers.FeedForward(cfg.d_ff, activation=cfg.activation, gated=cfg.gated_ffn,
-                            use_bias=cfg.use_bias, dropout_rate=cfg.ffn_dropout_rate,
+                            use_bias=use_bias, dropout_rate=cfg.ffn_dropout_rate,
                             dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")
 
 
