@@ -9,6 +9,7 @@ import os
 import pathlib
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -66,6 +67,19 @@ def trained(tmp_path_factory) -> pathlib.Path:
   return workdir
 
 
+@pytest.fixture(scope="module")
+def damaged(trained) -> pathlib.Path:
+  """A copy of the trained workdir whose every checkpoint has its array files cut to half, as
+  a full disk leaves them (as tests/test_checkpoint.py damages a step)."""
+  workdir = trained.parent / "damaged"
+  shutil.copytree(trained, workdir)
+  data_files = list(workdir.glob("checkpoints/*/state/**/d/*"))
+  assert data_files
+  for data_file in data_files:
+    data_file.write_bytes(data_file.read_bytes()[:data_file.stat().st_size // 2])
+  return workdir
+
+
 def refused(args: list[str], watched: pathlib.Path, match: str):
   """Runs `python -m ARGS`; checks the one error line, its exit status and untouched files."""
   before = hashes(watched) if watched.exists() else None
@@ -74,13 +88,15 @@ def refused(args: list[str], watched: pathlib.Path, match: str):
   errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
   assert process.returncode == 2, (process.returncode, process.stderr[-3000:])
   assert "Traceback" not in process.stderr, process.stderr[-3000:]
+  assert "Event loop is closed" not in process.stderr, process.stderr[-3000:]
   assert len(errors) == 1 and re.search(match, errors[0]), process.stderr[-3000:]
   assert (hashes(watched) if watched.exists() else None) == before
 
 
 BOOM = "def get_config():\n  raise RuntimeError('boom')\n"
 
-# (name, args given the trained workdir W and a fresh tmp folder T, watched path, error match)
+# (name, args given the trained workdir W and a fresh tmp folder T, watched path, error match);
+# watched "w": W, "t": T, "d": W is the `damaged` copy of the trained workdir, and is watched.
 CASES = [
     ("resume with another model shape",
      lambda w, t: ["train", *TINY, f"--workdir={w}", "--config.model.d_model=64"], "w",
@@ -112,6 +128,13 @@ CASES = [
      lambda w, t: ["launch.sweep", "--config=experiments/quickstart.py:tiny",
                    f"--workdir_root={t / 'sweep'}", "--runner=k8s"], "t",
      r"argument --runner: invalid choice: 'k8s'"),
+    ("resume when every checkpoint is truncated",
+     lambda w, t: ["train", *TINY, f"--workdir={w}"], "d",
+     r"No checkpoint in \S+ can be read: The checkpoint \S+/2 cannot be read \(.+\)\. Use a new "
+     r"workdir\.$"),
+    ("generate from a truncated checkpoint",
+     lambda w, t: ["train.generate", f"--workdir={w}", "--input=2026"], "d",
+     r"The checkpoint \S+/2 cannot be read \(.+\)\. Use another checkpoint or a new workdir\.$"),
     ("launch.report: a sweep.json without runs",
      lambda w, t: ["launch.report", str(sweep_root(t, '{"config": "x.py"}'))], "t",
      r"sweep/sweep\.json is not a sweep's manifest \(it holds no \"runs\" list .*\)\. Move it "
@@ -150,7 +173,8 @@ CASES = [
 
 @pytest.mark.parametrize("name, args, watched, match", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_and_changes_nothing(name, args, watched, match, trained,
-                                                  tmp_path):
-  refused(args(trained, tmp_path), trained if watched == "w" else tmp_path, match)
+                                                  damaged, tmp_path):
+  workdir = damaged if watched == "d" else trained
+  refused(args(workdir, tmp_path), tmp_path if watched == "t" else workdir, match)
   if watched == "t":  # Refused before any data was prepared in the fresh workdir.
     assert not [p for p in tmp_path.rglob("data") if p.is_dir()]

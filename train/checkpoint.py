@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from models import paths
+from train.settled_loops import settled_loops
 from train.step_folders import STEP_NAME
 
 STATE = "state"
@@ -54,9 +55,10 @@ class CheckpointError(ValueError):
 class DamagedCheckpointError(CheckpointError):
   """A checkpoint whose files cannot be read (truncated, garbled, missing)."""
 
-  def __init__(self, message: str, step_dir: epath.Path | None = None):
+  def __init__(self, message: str, step_dir: epath.Path | None = None, reason: str = ""):
     super().__init__(message)
     self.step_dir = step_dir
+    self.reason = reason or message  # what is wrong, without what to do about it
 
 
 class Checkpointer:
@@ -110,6 +112,7 @@ class Checkpointer:
                                  DATA: ocp.args.JsonSave(data_state)})
     return self._manager.save(step, args=args, force=force)
 
+  @settled_loops()  # a damaged file's failed read leaves no others running (train/settled_loops.py)
   def restore(self, abstract_state: Any, *, step: int | None = None) -> tuple[Any, dict]:
     """(state, data_state) of `step` (default: the latest readable), laid out as `abstract_state`.
 
@@ -142,11 +145,11 @@ class Checkpointer:
     else:
       raise DamagedCheckpointError(
           f"No checkpoint in {self.directory} can be read: " + "; ".join(
-              str(e).split(". Move ")[0] for e in damaged) + ". Use a new workdir.")
+              e.reason for e in damaged) + ". Use a new workdir.")
     for error in damaged:
       aside = _free_name(f"{error.step_dir}.damaged")
-      logging.warning("%s Set aside as %s; resuming from step %d instead.",
-                      str(error).split(" Move ")[0], aside, step)
+      logging.warning("%s. Set aside as %s; resuming from step %d instead.",
+                      error.reason, aside, step)
       if jax.process_index() == 0:
         error.step_dir.rename(aside)
     if damaged:
@@ -184,6 +187,7 @@ class Checkpointer:
     self.close()
 
 
+@settled_loops()
 def load_params(path: str | os.PathLike, abstract_params: Any = None) -> Any:
   """The params of another run's latest checkpoint, for `init_from` (optimizer state unread).
 
@@ -386,8 +390,8 @@ def _damaged(step_dir: epath.Path, error: Any) -> DamagedCheckpointError:
     older = sorted(s for s in ocp.utils.checkpoint_steps(step_dir.parent) if s < int(step_dir.name))
   fix = (f"Move {step_dir} away to resume from step {older[-1]}, or use a new workdir."
          if older else "Use another checkpoint or a new workdir.")
-  return DamagedCheckpointError(f"The checkpoint {step_dir} cannot be read ({cause}). {fix}",
-                                step_dir)
+  reason = f"The checkpoint {step_dir} cannot be read ({cause})"
+  return DamagedCheckpointError(f"{reason}. {fix}", step_dir, reason)
 
 
 def _free_name(path: str) -> str:
