@@ -80,6 +80,16 @@ def damaged(trained) -> pathlib.Path:
   return workdir
 
 
+@pytest.fixture(scope="module")
+def cut_config(trained) -> pathlib.Path:
+  """A copy of the trained workdir whose config.json is cut to half, as a full disk leaves it."""
+  workdir = trained.parent / "cut_config"
+  shutil.copytree(trained, workdir)
+  config = workdir / "config.json"
+  config.write_bytes(config.read_bytes()[:config.stat().st_size // 2])
+  return workdir
+
+
 def refused(args: list[str], watched: pathlib.Path, match: str):
   """Runs `python -m ARGS`; checks the one error line, its exit status and untouched files."""
   before = hashes(watched) if watched.exists() else None
@@ -95,8 +105,9 @@ def refused(args: list[str], watched: pathlib.Path, match: str):
 
 BOOM = "def get_config():\n  raise RuntimeError('boom')\n"
 
-# (name, args given the trained workdir W and a fresh tmp folder T, watched path, error match);
-# watched "w": W, "t": T, "d": W is the `damaged` copy of the trained workdir, and is watched.
+# (name, args given a workdir W and a fresh tmp folder T, watched path, error match); watched
+# "t" is T, the others are W and say which it is: the fixture WORKDIRS names.
+WORKDIRS = {"w": "trained", "d": "damaged", "c": "cut_config", "t": "trained"}
 CASES = [
     ("resume with another model shape",
      lambda w, t: ["train", *TINY, f"--workdir={w}", "--config.model.d_model=64"], "w",
@@ -135,6 +146,14 @@ CASES = [
     ("generate from a truncated checkpoint",
      lambda w, t: ["train.generate", f"--workdir={w}", "--input=2026"], "d",
      r"The checkpoint \S+/2 cannot be read \(.+\)\. Use another checkpoint or a new workdir\.$"),
+    ("generate from a workdir whose config.json is cut short",
+     lambda w, t: ["train.generate", f"--workdir={w}", "--input=2026"], "c",
+     r"cut_config/config\.json is not readable JSON \(.+\): it records how the run in \S+ was "
+     r"trained, and the run cannot be loaded without it; restore it\."),
+    ("resume a workdir whose config.json is cut short",
+     lambda w, t: ["train", *TINY, f"--workdir={w}"], "c",
+     r"cut_config/config\.json is not readable JSON \(.+\): it records the run in \S+; restore "
+     r"it, or train in a new --workdir\."),
     ("launch.report: a sweep.json without runs",
      lambda w, t: ["launch.report", str(sweep_root(t, '{"config": "x.py"}'))], "t",
      r"sweep/sweep\.json is not a sweep's manifest \(it holds no \"runs\" list .*\)\. Move it "
@@ -172,9 +191,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("name, args, watched, match", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_and_changes_nothing(name, args, watched, match, trained,
-                                                  damaged, tmp_path):
-  workdir = damaged if watched == "d" else trained
+def test_bad_input_is_refused_and_changes_nothing(name, args, watched, match, tmp_path,
+                                                  request):
+  workdir = request.getfixturevalue(WORKDIRS[watched])
   refused(args(workdir, tmp_path), tmp_path if watched == "t" else workdir, match)
   if watched == "t":  # Refused before any data was prepared in the fresh workdir.
     assert not [p for p in tmp_path.rglob("data") if p.is_dir()]

@@ -42,8 +42,12 @@ def load(workdir: str) -> Run:
   if not os.path.exists(path):
     raise ValueError(f"{workdir} holds no config.json: is it the --workdir of a training run "
                      "(python -m train --config=... --workdir=...)?")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path, encoding="utf-8") as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except ValueError as e:  # not JSON (cut short, garbled), or not even text
+    raise ValueError(f"{path} is not readable JSON ({e}): it records how the run in {workdir} "
+                     "was trained, and the run cannot be loaded without it; restore it.") from None
   input_tokenizer, target_tokenizer = run_tokenizers.make_tokenizers(config, workdir)
   vocab_size = max(input_tokenizer.vocab_size, target_tokenizer.vocab_size)
   source = trainable_lib.read_source(config) if config.lora.adapter_only_checkpoint else None
