@@ -1,6 +1,8 @@
-"""Import of Hugging Face checkpoints (GPT-2, BERT, T5) from a local folder; GPT-2 export.
+"""Import of Hugging Face checkpoints (GPT-2, BERT, T5, and the LLaMA-style llama) from a
+local folder; GPT-2 export.
 
-  module, params = from_hf(folder)   # gpt2 -> DecoderOnly, bert -> EncoderOnly,
+  module, params = from_hf(folder)   # gpt2, llama -> DecoderOnly,
+                                     # bert -> EncoderOnly,
                                      # t5 -> EncoderDecoder (v1.0, v1.1 / Flan-T5)
   module, params = from_hf(folder, head="classifier", num_classes=3)   # bert: EncoderClassifier
   module, params = from_hf(folder, head="mlm")                         # bert: EncoderMaskedLM
@@ -36,7 +38,8 @@ from models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, 
                                 EncoderOnly, TransformerConfig)
 
 SUPPORTED = tuple(FAMILIES)
-HEADS = {"gpt2": (None,), "bert": (None, "classifier", "mlm"), "t5": (None,)}
+DECODERS = ("gpt2", "llama")  # model types imported as DecoderOnly
+HEADS = {"bert": (None, "classifier", "mlm"), "t5": (None,), **{d: (None,) for d in DECODERS}}
 # Config fields a caller may change: they do not alter the parameters' shapes.
 OVERRIDABLE = ("dtype", "param_dtype", "dropout_rate", "attention_dropout_rate",
                "ffn_dropout_rate", "scan_layers", "remat_policy", "attention_implementation")
@@ -179,7 +182,9 @@ def _make_module(family: str, cfg: TransformerConfig, head, num_classes, pooling
     return EncoderClassifier(cfg, num_classes=num_classes, pooling=pooling)
   if head == "mlm":
     return EncoderMaskedLM(cfg)
-  return {"gpt2": DecoderOnly, "bert": EncoderOnly, "t5": EncoderDecoder}[family](cfg)
+  if family in DECODERS:
+    return DecoderOnly(cfg)
+  return {"bert": EncoderOnly, "t5": EncoderDecoder}[family](cfg)
 
 
 def _init_args(module: nn.Module):
@@ -256,7 +261,8 @@ def _check_unused(rows: list[Row], tensors: dict, family: Family, path: str) -> 
     raise PretrainedError(
         f"{path} holds {len(unexpected)} tensors that the import does not use: "
         f"{paths.listing(unexpected)}. Is it another architecture than config.json says?")
-  heads = sorted(n for n in ignored if not re.search(r"position_ids|attn\.(masked_)?bias", n))
+  heads = sorted(n for n in ignored
+                 if not re.search(r"position_ids|attn\.(masked_)?bias|inv_freq", n))
   if heads:
     logging.info("from_hf %s: not imported (heads the module does not take): %s", path,
                  paths.listing(heads))
@@ -276,7 +282,8 @@ def from_hf(path: str, *, head: str | None = None, num_classes: int | None = Non
   `import_hf` takes the same arguments and also says which params were freshly initialised.
 
   Args:
-    path: a folder with config.json and model.safetensors (model_type gpt2, bert or t5).
+    path: a folder with config.json and model.safetensors (model_type gpt2, bert, t5 or
+      llama).
     head: bert only. None: EncoderOnly (hidden states); "classifier": EncoderClassifier with
       BERT's pooler restored (pooling "cls"; freshly initialised if the file has none) and the
       classifier restored from a BertForSequenceClassification file with `num_classes`

@@ -1,9 +1,10 @@
 """What maps to what between Hugging Face checkpoints and our models (used by pretrained.py).
 
-For each family (gpt2, bert, t5): config.json -> TransformerConfig (through models/presets.py,
-whose defaults are those of transformers' GPT2Config, BertConfig and T5Config), and a table of
-rows `our param path <- HF tensor name`, each with the tensor's expected shape and a conversion
-(transpose of torch's Linear [out, in], split into heads, GPT-2's fused Conv1D `c_attn`).
+For each family (gpt2, bert, t5, and the LLaMA-style llama):
+config.json -> TransformerConfig (through models/presets.py, with the defaults of transformers'
+config classes for fields a config.json leaves out), and a table of rows `our param path <- HF
+tensor name`, each with the tensor's expected shape and a conversion (transpose of torch's
+Linear [out, in], split into heads, GPT-2's fused Conv1D `c_attn`).
 """
 
 import dataclasses
@@ -51,6 +52,11 @@ def _to_heads(w, n, h):
 def _from_heads(w, n, h):
   """Linear [D, N*H] -> kernel [N, H, D] (attention output)."""
   return w.T.reshape(n, h, -1)
+
+
+def _bias_heads(b, n, h):
+  """Linear bias [N*H] -> [N, H]."""
+  return b.reshape(n, h)
 
 
 def _fused_part(x, i, n, h):
@@ -147,6 +153,56 @@ def _t5_config(hf: dict, tensors: dict) -> TransformerConfig:
                          tie_output=_tied(hf, tensors, "lm_head.weight", "shared.weight"),
                          scale_tied_logits=bool(scale),
                          dropout_rate=rate, attention_dropout_rate=rate, ffn_dropout_rate=rate)
+
+
+# The LLaMA-style decoders. Defaults of transformers' LlamaConfig, for the fields a config.json may leave out.
+_DECODER_DEFAULTS = {
+    "llama": {"vocab_size": 32_000, "hidden_size": 4096, "intermediate_size": 11_008,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "hidden_act": "silu",
+              "max_position_embeddings": 2048, "tie_word_embeddings": False},
+}
+
+
+def _rope(hf: dict) -> dict:
+  """RoPE fields from `rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling`."""
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise PretrainedError("config.json sets a partial_rotary_factor; from_hf supports only RoPE "
+                          "over the whole head.")
+  fields = {"rope_max_wavelength": float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))}
+  if kind == "llama3":
+    fields.update(rope_llama3_factor=float(rope["factor"]),
+                  rope_llama3_low_freq_factor=float(rope["low_freq_factor"]),
+                  rope_llama3_high_freq_factor=float(rope["high_freq_factor"]),
+                  rope_llama3_original_max_len=int(rope.get(
+                      "original_max_position_embeddings", hf["max_position_embeddings"])))
+  elif kind != "default":
+    raise PretrainedError(f"config.json sets the RoPE type {kind!r}; from_hf supports 'default' "
+                          "and 'llama3'.")
+  return fields
+
+
+def _decoder_config(hf: dict, tensors: dict) -> TransformerConfig:
+  """LLaMA: the LLaMA switches (presets.llama) and each one's own."""
+  model_type = hf["model_type"]
+  hf = {**_DECODER_DEFAULTS[model_type], **hf}
+  heads = int(hf["num_attention_heads"])
+  kv_heads = int(hf.get("num_key_value_heads") or heads)
+  fields = {
+      "vocab_size": int(hf["vocab_size"]), "d_model": int(hf["hidden_size"]),
+      "num_heads": heads, "num_kv_heads": None if kv_heads == heads else kv_heads,
+      "head_dim": int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
+      "d_ff": int(hf["intermediate_size"]), "num_layers": int(hf["num_hidden_layers"]),
+      "max_len": int(hf["max_position_embeddings"]),
+      "norm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
+      "attention_dropout_rate": float(hf.get("attention_dropout", 0.0)),
+      "tie_output": _tied(hf, tensors, "lm_head.weight", "embed_tokens.weight"), **_rope(hf)}
+  act = hf["hidden_act"]
+  attention_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
+  biases = {"use_bias": attention_bias,
+            "ffn_bias": None if mlp_bias == attention_bias else mlp_bias}
+  return presets.llama(**fields, **biases, activation=_activation(act))
 
 
 # ------------------------------------------------------------------------------------------
@@ -283,6 +339,43 @@ def _t5_table(cfg: TransformerConfig, hf_config: dict, tensors: dict, **no_heads
   return rows
 
 
+def _decoder_table(cfg: TransformerConfig, hf_config: dict, tensors: dict,
+                   **no_heads) -> list[Row]:
+  """LLaMA (LlamaModel's names; the biases the config has)."""
+  del hf_config, tensors, no_heads
+  D, N, H, F = _dims(cfg)
+  K = cfg.num_kv_heads or N
+  qkv_bias = cfg.use_bias if cfg.qkv_bias is None else cfg.qkv_bias
+  ffn_bias = cfg.use_bias if cfg.ffn_bias is None else cfg.ffn_bias
+  rows = [Row("token_embed/embedding", "embed_tokens.weight", (cfg.vocab_size, D)),
+          Row("decoder/final_norm/scale", "norm.weight", (D,))]
+  if not cfg.tie_output:
+    rows.append(Row("decoder/logits_dense/kernel", "lm_head.weight", (cfg.vocab_size, D),
+                    transpose))
+  for i in range(cfg.num_layers):
+    ours, hf = f"decoder/layers_{i}", f"layers.{i}"
+    attention = f"{ours}/self_attention"
+    for name, short, heads in (("query", "q", N), ("key", "k", K), ("value", "v", K)):
+      rows.append(Row(f"{attention}/{name}/kernel", f"{hf}.self_attn.{short}_proj.weight",
+                      (heads * H, D), functools.partial(_to_heads, n=heads, h=H)))
+      if qkv_bias:
+        rows.append(Row(f"{attention}/{name}/bias", f"{hf}.self_attn.{short}_proj.bias",
+                        (heads * H,), functools.partial(_bias_heads, n=heads, h=H)))
+    rows.append(Row(f"{attention}/out/kernel", f"{hf}.self_attn.o_proj.weight", (D, N * H),
+                    functools.partial(_from_heads, n=N, h=H)))
+    if cfg.use_bias:
+      rows.append(Row(f"{attention}/out/bias", f"{hf}.self_attn.o_proj.bias", (D,)))
+    for name, hf_name, shape in (("wi_0", "gate_proj", (F, D)), ("wi_1", "up_proj", (F, D)),
+                                 ("wo", "down_proj", (D, F))):
+      rows.append(Row(f"{ours}/mlp/{name}/kernel", f"{hf}.mlp.{hf_name}.weight", shape,
+                      transpose))
+      if ffn_bias:
+        rows.append(Row(f"{ours}/mlp/{name}/bias", f"{hf}.mlp.{hf_name}.bias", shape[:1]))
+    rows += [Row(f"{ours}/self_attention_norm/scale", f"{hf}.input_layernorm.weight", (D,)),
+             Row(f"{ours}/mlp_norm/scale", f"{hf}.post_attention_layernorm.weight", (D,))]
+  return rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   config: Callable[[dict, dict], TransformerConfig]
@@ -303,4 +396,8 @@ FAMILIES = {
                   {"encoder.embed_tokens.weight": "shared.weight",
                    "decoder.embed_tokens.weight": "shared.weight"},
                   r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"),
+    **{name: Family(_decoder_config, _decoder_table, "model.",
+                    {"lm_head.weight": "embed_tokens.weight"},
+                    r"(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
+       for name in ("llama",)},
 }

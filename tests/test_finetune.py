@@ -274,10 +274,10 @@ def test_bad_checkpoint_folders_are_clear_errors(tmp_path, lora_run):
   config.init_from = f"hf:{assets.folder('tiny_bert')}"
   with pytest.raises(ValueError, match="is a bert checkpoint; task 'lm' fine-tunes gpt2"):
     config_lib.validate(config)
-  (tmp_path / "llama").mkdir()
-  (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
-  config.init_from = f"hf:{tmp_path / 'llama'}"
-  with pytest.raises(ValueError, match="model_type 'llama'"):
+  (tmp_path / "mixtral").mkdir()
+  (tmp_path / "mixtral" / "config.json").write_text('{"model_type": "mixtral"}')
+  config.init_from = f"hf:{tmp_path / 'mixtral'}"
+  with pytest.raises(ValueError, match="model_type 'mixtral'"):
     config_lib.validate(config)
   with pytest.raises(ValueError, match="holds only LoRA adapters"):
     trainable.run_params(str(lora_run[1]))

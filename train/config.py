@@ -320,7 +320,9 @@ def _validate_finite(config, prefix: str = "config") -> None:
       raise ValueError(f"{prefix}.{key}={value} is not a finite number: give a finite value.")
 
 
-HF_FAMILIES = {"lm": "gpt2", "seq2seq": "t5", "classify": "bert", "mlm": "bert"}
+# The Hugging Face model_types each task fine-tunes.
+HF_FAMILIES = {"lm": pretrained.DECODERS, "seq2seq": ("t5",), "classify": ("bert",),
+               "mlm": ("bert",)}
 
 
 def _validate_hf(config) -> TransformerConfig:
@@ -329,9 +331,10 @@ def _validate_hf(config) -> TransformerConfig:
   folder = config.init_from[len("hf:"):]
   hf = pretrained.read_config(folder)
   model_type = hf["model_type"]
-  if model_type != HF_FAMILIES[config.task]:
+  if model_type not in HF_FAMILIES[config.task]:
     raise ValueError(f"config.init_from={config.init_from!r} is a {model_type} checkpoint; task "
-                     f"{config.task!r} fine-tunes {HF_FAMILIES[config.task]} checkpoints.")
+                     f"{config.task!r} fine-tunes {', '.join(HF_FAMILIES[config.task])} "
+                     "checkpoints.")
   if config.model.preset:
     raise ValueError(f"config.model.preset={config.model.preset!r} does not apply with "
                      f"init_from={config.init_from!r}, whose config.json sets the model: set "
