@@ -1,5 +1,5 @@
 """What the CLIs over a trained workdir (train.generate, train.attention_maps) share: the
---workdir and --input flags, and a main that loads the run and answers."""
+--workdir and --input flags, their parsing, and a main that loads the run and answers."""
 
 from collections.abc import Callable
 
@@ -13,6 +13,15 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Workdir of a training run.")
   flags.DEFINE_multi_string("input", None, "Input text (repeat for several).")
   flags.mark_flags_as_required(["workdir", "input"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for app.run(flags_parser=...): a bad or missing flag is one `error:`
+  line and exit status 2 (train/cli.py), not absl's FATAL message and exit status 1."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    cli.fail(e, "--helpshort lists the flags.")
 
 
 def main(answer: Callable[[workdir_lib.Run, list[str]], None]):
