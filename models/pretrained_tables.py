@@ -1,6 +1,6 @@
 """What maps to what between Hugging Face checkpoints and our models (used by pretrained.py).
 
-For each family (gpt2, bert, t5, and the LLaMA-style llama):
+For each family (gpt2, bert, t5, and the LLaMA-style llama, mistral):
 config.json -> TransformerConfig (through models/presets.py, with the defaults of transformers'
 config classes for fields a config.json leaves out), and a table of rows `our param path <- HF
 tensor name`, each with the tensor's expected shape and a conversion (transpose of torch's
@@ -155,11 +155,16 @@ def _t5_config(hf: dict, tensors: dict) -> TransformerConfig:
                          dropout_rate=rate, attention_dropout_rate=rate, ffn_dropout_rate=rate)
 
 
-# The LLaMA-style decoders. Defaults of transformers' LlamaConfig, for the fields a config.json may leave out.
+# The LLaMA-style decoders. Defaults of transformers' config classes, for the fields a
+# config.json may leave out.
 _DECODER_DEFAULTS = {
     "llama": {"vocab_size": 32_000, "hidden_size": 4096, "intermediate_size": 11_008,
               "num_hidden_layers": 32, "num_attention_heads": 32, "hidden_act": "silu",
               "max_position_embeddings": 2048, "tie_word_embeddings": False},
+    "mistral": {"vocab_size": 32_000, "hidden_size": 4096, "intermediate_size": 14_336,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "hidden_act": "silu", "max_position_embeddings": 131_072,
+                "tie_word_embeddings": False, "sliding_window": 4096},
 }
 
 
@@ -184,7 +189,7 @@ def _rope(hf: dict) -> dict:
 
 
 def _decoder_config(hf: dict, tensors: dict) -> TransformerConfig:
-  """LLaMA: the LLaMA switches (presets.llama) and each one's own."""
+  """LLaMA and Mistral: the LLaMA switches (presets.llama) and each one's own."""
   model_type = hf["model_type"]
   hf = {**_DECODER_DEFAULTS[model_type], **hf}
   heads = int(hf["num_attention_heads"])
@@ -202,6 +207,10 @@ def _decoder_config(hf: dict, tensors: dict) -> TransformerConfig:
   attention_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
   biases = {"use_bias": attention_bias,
             "ffn_bias": None if mlp_bias == attention_bias else mlp_bias}
+  if model_type == "mistral":
+    window = hf.get("sliding_window")
+    return presets.mistral(**fields, activation=_activation(act),
+                           sliding_window=None if window is None else int(window))
   return presets.llama(**fields, **biases, activation=_activation(act))
 
 
@@ -341,7 +350,7 @@ def _t5_table(cfg: TransformerConfig, hf_config: dict, tensors: dict, **no_heads
 
 def _decoder_table(cfg: TransformerConfig, hf_config: dict, tensors: dict,
                    **no_heads) -> list[Row]:
-  """LLaMA (LlamaModel's names; the biases the config has)."""
+  """LLaMA and Mistral (LlamaModel's names; the biases the config has)."""
   del hf_config, tensors, no_heads
   D, N, H, F = _dims(cfg)
   K = cfg.num_kv_heads or N
@@ -399,5 +408,5 @@ FAMILIES = {
     **{name: Family(_decoder_config, _decoder_table, "model.",
                     {"lm_head.weight": "embed_tokens.weight"},
                     r"(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
-       for name in ("llama",)},
+       for name in ("llama", "mistral")},
 }

@@ -1,4 +1,4 @@
-"""models/pretrained.py's LLaMA-style decoders (llama) against transformers.
+"""models/pretrained.py's LLaMA-style decoders (llama, mistral) against transformers.
 
 One tiny transformers model with random weights per family (module-scoped), saved with
 save_pretrained: logits of padded batches within 1e-4 (fp32), cached decoding equal to the full
@@ -39,6 +39,8 @@ CONFIGS = {
     "llama_tied": lambda: transformers.LlamaConfig(
         **SIZES, tie_word_embeddings=True, mlp_bias=True,
         rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    # A window of 4 keys: shorter than the prompts and the generations.
+    "mistral": lambda: transformers.MistralConfig(**SIZES, sliding_window=4),
 }
 
 
