@@ -1,6 +1,6 @@
 """What maps to what between Hugging Face checkpoints and our models (used by pretrained.py).
 
-For each family (gpt2, bert, t5, and the LLaMA-style llama, mistral):
+For each family (gpt2, bert, t5, and the LLaMA-style llama, mistral, qwen2):
 config.json -> TransformerConfig (through models/presets.py, with the defaults of transformers'
 config classes for fields a config.json leaves out), and a table of rows `our param path <- HF
 tensor name`, each with the tensor's expected shape and a conversion (transpose of torch's
@@ -165,6 +165,10 @@ _DECODER_DEFAULTS = {
                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
                 "hidden_act": "silu", "max_position_embeddings": 131_072,
                 "tie_word_embeddings": False, "sliding_window": 4096},
+    "qwen2": {"vocab_size": 151_936, "hidden_size": 4096, "intermediate_size": 22_016,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+              "hidden_act": "silu", "max_position_embeddings": 32_768,
+              "tie_word_embeddings": False},
 }
 
 
@@ -189,7 +193,7 @@ def _rope(hf: dict) -> dict:
 
 
 def _decoder_config(hf: dict, tensors: dict) -> TransformerConfig:
-  """LLaMA and Mistral: the LLaMA switches (presets.llama) and each one's own."""
+  """LLaMA, Mistral and Qwen2: the LLaMA switches (presets.llama) and each one's own."""
   model_type = hf["model_type"]
   hf = {**_DECODER_DEFAULTS[model_type], **hf}
   heads = int(hf["num_attention_heads"])
@@ -207,6 +211,12 @@ def _decoder_config(hf: dict, tensors: dict) -> TransformerConfig:
   attention_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
   biases = {"use_bias": attention_bias,
             "ffn_bias": None if mlp_bias == attention_bias else mlp_bias}
+  if model_type == "qwen2":
+    layer_types = hf.get("layer_types") or ["full_attention"]
+    if hf.get("use_sliding_window") or set(layer_types) != {"full_attention"}:
+      raise PretrainedError("config.json sets use_sliding_window (or sliding_attention layers); "
+                            "from_hf supports Qwen2 with full attention in every layer.")
+    return presets.qwen2(**fields, activation=_activation(act), use_bias=False, qkv_bias=True)
   if model_type == "mistral":
     window = hf.get("sliding_window")
     return presets.mistral(**fields, activation=_activation(act),
@@ -350,7 +360,7 @@ def _t5_table(cfg: TransformerConfig, hf_config: dict, tensors: dict, **no_heads
 
 def _decoder_table(cfg: TransformerConfig, hf_config: dict, tensors: dict,
                    **no_heads) -> list[Row]:
-  """LLaMA and Mistral (LlamaModel's names; the biases the config has)."""
+  """LLaMA, Mistral and Qwen2 (LlamaModel's names; the biases the config has)."""
   del hf_config, tensors, no_heads
   D, N, H, F = _dims(cfg)
   K = cfg.num_kv_heads or N
@@ -408,5 +418,5 @@ FAMILIES = {
     **{name: Family(_decoder_config, _decoder_table, "model.",
                     {"lm_head.weight": "embed_tokens.weight"},
                     r"(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
-       for name in ("llama", "mistral")},
+       for name in ("llama", "mistral", "qwen2")},
 }

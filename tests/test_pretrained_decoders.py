@@ -1,4 +1,4 @@
-"""models/pretrained.py's LLaMA-style decoders (llama, mistral) against transformers.
+"""models/pretrained.py's LLaMA-style decoders (llama, mistral, qwen2) against transformers.
 
 One tiny transformers model with random weights per family (module-scoped), saved with
 save_pretrained: logits of padded batches within 1e-4 (fp32), cached decoding equal to the full
@@ -41,6 +41,8 @@ CONFIGS = {
         rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
     # A window of 4 keys: shorter than the prompts and the generations.
     "mistral": lambda: transformers.MistralConfig(**SIZES, sliding_window=4),
+    # Biases on query, key and value; tied output (as Qwen2-0.5B).
+    "qwen2": lambda: transformers.Qwen2Config(**SIZES, tie_word_embeddings=True),
 }
 
 
@@ -97,7 +99,7 @@ def _hf_logits(model, tokens, mask, positions=None):
 def test_logits_match_transformers(checkpoint):
   family, model, folder, module, params = checkpoint
   assert isinstance(module, DecoderOnly) and pretrained.hf_config(folder) == module.cfg
-  assert module.cfg.tie_output == (family == "llama_tied")
+  assert module.cfg.tie_output == (family in ("llama_tied", "qwen2"))
   apply = jax.jit(module.apply)
 
   tokens, mask = _padded(0, [12, 7, 3])  # Right padding: causal, so nothing to mask.
@@ -216,6 +218,9 @@ def test_buffers_are_skipped_and_unknown_tensors_are_errors(tmp_path, llama_fold
   folder = _copy(llama_folder, tmp_path / "yarn",
                  {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}})
   assert "RoPE type 'yarn'" in error(folder)
+  folder = _copy(llama_folder, tmp_path / "qwen2", {"model_type": "qwen2",
+                                                   "use_sliding_window": True})
+  assert "use_sliding_window" in error(folder)
   folder = _copy(llama_folder, tmp_path / "mixtral", {"model_type": "mixtral"})
   assert "model_type 'mixtral'" in error(folder) and "llama" in error(folder)
 
