@@ -1,7 +1,7 @@
-"""Import of Hugging Face checkpoints (GPT-2, BERT, T5 and LLaMA-style decoders) from a local
-folder; GPT-2 export.
+"""Import of Hugging Face checkpoints (GPT-2, BERT, T5, LLaMA, Mistral, Qwen2, Gemma) from a
+local folder; GPT-2 export.
 
-  module, params = from_hf(folder)   # gpt2, llama, mistral, qwen2 -> DecoderOnly,
+  module, params = from_hf(folder)   # gpt2, llama, mistral, qwen2, gemma -> DecoderOnly,
                                      # bert -> EncoderOnly,
                                      # t5 -> EncoderDecoder (v1.0, v1.1 / Flan-T5)
   module, params = from_hf(folder, head="classifier", num_classes=3)   # bert: EncoderClassifier
@@ -38,7 +38,7 @@ from models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, 
                                 EncoderOnly, TransformerConfig)
 
 SUPPORTED = tuple(FAMILIES)
-DECODERS = ("gpt2", "llama", "mistral", "qwen2")  # model types imported as DecoderOnly
+DECODERS = ("gpt2", "llama", "mistral", "qwen2", "gemma")  # model types imported as DecoderOnly
 HEADS = {"bert": (None, "classifier", "mlm"), "t5": (None,), **{d: (None,) for d in DECODERS}}
 # Config fields a caller may change: they do not alter the parameters' shapes.
 OVERRIDABLE = ("dtype", "param_dtype", "dropout_rate", "attention_dropout_rate",
@@ -282,8 +282,8 @@ def from_hf(path: str, *, head: str | None = None, num_classes: int | None = Non
   `import_hf` takes the same arguments and also says which params were freshly initialised.
 
   Args:
-    path: a folder with config.json and model.safetensors (model_type gpt2, bert, t5 or
-      llama, mistral, qwen2).
+    path: a folder with config.json and model.safetensors (model_type gpt2, bert, t5, llama,
+      mistral, qwen2 or gemma).
     head: bert only. None: EncoderOnly (hidden states); "classifier": EncoderClassifier with
       BERT's pooler restored (pooling "cls"; freshly initialised if the file has none) and the
       classifier restored from a BertForSequenceClassification file with `num_classes`

@@ -1,6 +1,6 @@
 """What maps to what between Hugging Face checkpoints and our models (used by pretrained.py).
 
-For each family (gpt2, bert, t5, and the LLaMA-style llama, mistral, qwen2):
+For each family (gpt2, bert, t5, and the LLaMA-style llama, mistral, qwen2, gemma):
 config.json -> TransformerConfig (through models/presets.py, with the defaults of transformers'
 config classes for fields a config.json leaves out), and a table of rows `our param path <- HF
 tensor name`, each with the tensor's expected shape and a conversion (transpose of torch's
@@ -155,8 +155,8 @@ def _t5_config(hf: dict, tensors: dict) -> TransformerConfig:
                          dropout_rate=rate, attention_dropout_rate=rate, ffn_dropout_rate=rate)
 
 
-# The LLaMA-style decoders. Defaults of transformers' config classes, for the fields a
-# config.json may leave out.
+# The LLaMA-style decoders. Defaults of transformers' LlamaConfig, MistralConfig, Qwen2Config
+# and GemmaConfig, for the fields a config.json may leave out.
 _DECODER_DEFAULTS = {
     "llama": {"vocab_size": 32_000, "hidden_size": 4096, "intermediate_size": 11_008,
               "num_hidden_layers": 32, "num_attention_heads": 32, "hidden_act": "silu",
@@ -169,6 +169,10 @@ _DECODER_DEFAULTS = {
               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
               "hidden_act": "silu", "max_position_embeddings": 32_768,
               "tie_word_embeddings": False},
+    "gemma": {"vocab_size": 256_000, "hidden_size": 3072, "intermediate_size": 24_576,
+              "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16,
+              "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+              "max_position_embeddings": 8192, "tie_word_embeddings": True},
 }
 
 
@@ -193,7 +197,7 @@ def _rope(hf: dict) -> dict:
 
 
 def _decoder_config(hf: dict, tensors: dict) -> TransformerConfig:
-  """LLaMA, Mistral and Qwen2: the LLaMA switches (presets.llama) and each one's own."""
+  """LLaMA, Mistral, Qwen2 and Gemma: the LLaMA switches (presets.llama) and each one's own."""
   model_type = hf["model_type"]
   hf = {**_DECODER_DEFAULTS[model_type], **hf}
   heads = int(hf["num_attention_heads"])
@@ -207,10 +211,16 @@ def _decoder_config(hf: dict, tensors: dict) -> TransformerConfig:
       "norm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
       "attention_dropout_rate": float(hf.get("attention_dropout", 0.0)),
       "tie_output": _tied(hf, tensors, "lm_head.weight", "embed_tokens.weight"), **_rope(hf)}
-  act = hf["hidden_act"]
+  act = hf.get("hidden_activation") or hf["hidden_act"]
   attention_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
   biases = {"use_bias": attention_bias,
             "ffn_bias": None if mlp_bias == attention_bias else mlp_bias}
+  if model_type == "gemma":  # As GemmaConfig: its legacy "gelu" means the tanh approximation.
+    if hf.get("use_bidirectional_attention"):
+      raise PretrainedError("config.json sets use_bidirectional_attention=True; from_hf supports "
+                            "only causal Gemma models.")
+    return presets.gemma(**fields, **biases, activation=_activation(
+        "gelu_pytorch_tanh" if act == "gelu" else act))
   if model_type == "qwen2":
     layer_types = hf.get("layer_types") or ["full_attention"]
     if hf.get("use_sliding_window") or set(layer_types) != {"full_attention"}:
@@ -360,7 +370,7 @@ def _t5_table(cfg: TransformerConfig, hf_config: dict, tensors: dict, **no_heads
 
 def _decoder_table(cfg: TransformerConfig, hf_config: dict, tensors: dict,
                    **no_heads) -> list[Row]:
-  """LLaMA, Mistral and Qwen2 (LlamaModel's names; the biases the config has)."""
+  """LLaMA, Mistral, Qwen2 and Gemma (LlamaModel's names; the biases the config has)."""
   del hf_config, tensors, no_heads
   D, N, H, F = _dims(cfg)
   K = cfg.num_kv_heads or N
@@ -418,5 +428,5 @@ FAMILIES = {
     **{name: Family(_decoder_config, _decoder_table, "model.",
                     {"lm_head.weight": "embed_tokens.weight"},
                     r"(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
-       for name in ("llama", "mistral", "qwen2")},
+       for name in ("llama", "mistral", "qwen2", "gemma")},
 }

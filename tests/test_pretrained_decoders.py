@@ -1,4 +1,4 @@
-"""models/pretrained.py's LLaMA-style decoders (llama, mistral, qwen2) against transformers.
+"""models/pretrained.py's LLaMA-style decoders (llama, mistral, qwen2, gemma) against transformers.
 
 One tiny transformers model with random weights per family (module-scoped), saved with
 save_pretrained: logits of padded batches within 1e-4 (fp32), cached decoding equal to the full
@@ -43,6 +43,8 @@ CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(**SIZES, sliding_window=4),
     # Biases on query, key and value; tied output (as Qwen2-0.5B).
     "qwen2": lambda: transformers.Qwen2Config(**SIZES, tie_word_embeddings=True),
+    # One key/value head and head_dim 12 (not 32 / 4); tied output.
+    "gemma": lambda: transformers.GemmaConfig(**{**SIZES, "num_key_value_heads": 1}, head_dim=12),
 }
 
 
@@ -52,12 +54,12 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
   with torch.no_grad():
     for name, p in model.named_parameters():
       noise = torch.randn(p.shape, generator=generator)
-      if "norm" in name:
+      if "norm" in name:  # LLaMA's scale is w, Gemma's 1 + w: both far from 1 and from 0.
         p.copy_(0.5 + 0.2 * noise)
       elif p.ndim == 1:
         p.copy_(0.2 * noise)
-      elif "embed" in name:
-        p.copy_(noise)
+      elif "embed" in name:  # Gemma scales its inputs by √d: entries / √d, as large as others'.
+        p.copy_(noise / np.sqrt(p.shape[1]) if "gemma" in type(model).__name__.lower() else noise)
       else:
         p.copy_(noise / np.sqrt(min(p.shape)))
   return model.eval()
@@ -99,7 +101,7 @@ def _hf_logits(model, tokens, mask, positions=None):
 def test_logits_match_transformers(checkpoint):
   family, model, folder, module, params = checkpoint
   assert isinstance(module, DecoderOnly) and pretrained.hf_config(folder) == module.cfg
-  assert module.cfg.tie_output == (family in ("llama_tied", "qwen2"))
+  assert module.cfg.tie_output == (family in ("llama_tied", "qwen2", "gemma"))
   apply = jax.jit(module.apply)
 
   tokens, mask = _padded(0, [12, 7, 3])  # Right padding: causal, so nothing to mask.
@@ -221,6 +223,9 @@ def test_buffers_are_skipped_and_unknown_tensors_are_errors(tmp_path, llama_fold
   folder = _copy(llama_folder, tmp_path / "qwen2", {"model_type": "qwen2",
                                                    "use_sliding_window": True})
   assert "use_sliding_window" in error(folder)
+  folder = _copy(llama_folder, tmp_path / "gemma", {"model_type": "gemma",
+                                                   "use_bidirectional_attention": True})
+  assert "use_bidirectional_attention=True" in error(folder)
   folder = _copy(llama_folder, tmp_path / "mixtral", {"model_type": "mixtral"})
   assert "model_type 'mixtral'" in error(folder) and "llama" in error(folder)
 

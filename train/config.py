@@ -38,7 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0                          # one seed: data order, init and dropout derive from it
   c.task = "lm"                       # lm | seq2seq | classify | mlm
   c.init_from = ""                    # "" | ckpt:WORKDIR (params of another run) | hf:FOLDER
-                                      # (Hugging Face gpt2/bert/t5; see train/trainable.py)
+                                      # (Hugging Face gpt2/llama/mistral/qwen2/gemma, bert, t5;
+                                      # see train/trainable.py)
   c.label_smoothing = 0.0             # seq2seq/lm targets: (1 - s)·onehot + s/V
 
   c.model = ml_collections.ConfigDict()
