@@ -362,7 +362,8 @@ class Slurm:
         result = subprocess.CompletedProcess([], 1, "", f"no answer in {SBATCH_TIMEOUT_S} s")
       if result.returncode:
         failed.append(run.name)
-        said = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        said = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
+        said = said or f"exit status {result.returncode}"
         print(f"{run.name}: sbatch {shlex.quote(path)} failed: {said}", file=sys.stderr,
               flush=True)
       else:
