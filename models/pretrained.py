@@ -13,7 +13,8 @@ The folder holds `config.json` and `model.safetensors` (or the shards that
 installed). Weights are copied by one table per family (models/pretrained_tables.py: `our
 path <- HF name`, with a conversion) onto the unchanged models of models/transformer.py.
 `params` is a plain nested dict of host numpy arrays in `param_dtype` (no logical-axis boxes),
-ready for `jax.device_put`. Tokenizers: train.data.tokenizers.tokenizer_for(folder).
+ready for `jax.device_put`. Tokenizers: train.data.tokenizers.tokenizer_for(folder) (with the
+end-of-sequence ids of the folder's generation_config.json as its `stop_ids`).
 Bad input (no folder, no config.json, an unsupported model_type, a missing, misshapen or
 unexpected tensor) raises one `PretrainedError` naming it.
 """

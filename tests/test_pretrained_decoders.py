@@ -2,7 +2,8 @@
 
 One tiny transformers model with random weights per family (module-scoped), saved with
 save_pretrained: logits of padded batches within 1e-4 (fp32), cached decoding equal to the full
-forward, bf16 checkpoints loaded exactly. Nothing is downloaded.
+forward, bf16 checkpoints loaded exactly; the families' tokenizer folders against
+AutoTokenizer. Nothing is downloaded.
 """
 
 import copy
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 import torch
 import transformers
 from safetensors.numpy import load_file, save_file
@@ -20,6 +22,8 @@ from safetensors.numpy import load_file, save_file
 from models import presets, pretrained
 from models.transformer import DecoderOnly
 from train import config as config_lib
+from train.data.examples import bos_eos
+from train.data.tokenizers import TokenizerError, tokenizer_for
 
 TOL = 1e-4
 VOCAB = 61
@@ -229,3 +233,70 @@ def test_buffers_are_skipped_and_unknown_tensors_are_errors(tmp_path, llama_fold
   folder = _copy(llama_folder, tmp_path / "mixtral", {"model_type": "mixtral"})
   assert "model_type 'mixtral'" in error(folder) and "llama" in error(folder)
 
+
+# ------------------------------------------------------------------------------------------
+# Tokenizer folders as transformers saves them: byte-fallback BPE (LLaMA, Mistral, Gemma) and
+# byte-level BPE (Qwen2), trained here on a few texts; the other texts fall back to bytes.
+
+TEXTS = ["Hello world, ação e reação!", "The quick brown fox jumps over the lazy dog.",
+         "naïve Café — 東京 😀 12345", "UPPER lower MiXeD  spaces"]
+BYTES = [f"<0x{i:02X}>" for i in range(256)]
+
+
+def _bpe(pre_tokenizer, vocab_size: int, specials: list[str], texts=TEXTS[:2]):
+  """(vocab, merges) of a BPE trained with the `tokenizers` library; specials first."""
+  trained = tokenizers.Tokenizer(tokenizers.models.BPE())
+  trained.pre_tokenizer = pre_tokenizer
+  trained.train_from_iterator(texts * 3, tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size, show_progress=False))
+  model = json.loads(trained.to_str())["model"]
+  pieces = specials + [p for p in model["vocab"] if p not in specials]
+  return {p: i for i, p in enumerate(pieces)}, [tuple(m) for m in model["merges"]]
+
+
+def _tokenizer_folders(root):
+  """{family: folder} of tokenizers saved by transformers (Qwen2 with a generation_config.json)."""
+  folders = {}
+  specials = ["<unk>", "<|begin_of_text|>", "<|eot_id|>"]  # LLaMA 3's names, not <s> and </s>.
+  vocab, merges = _bpe(tokenizers.pre_tokenizers.Metaspace(), 120, [*specials, *BYTES])
+  llama = transformers.LlamaTokenizer(vocab=vocab, merges=merges, bos_token=specials[1],
+                                      eos_token=specials[2], add_bos_token=True)
+  vocab, merges = _bpe(tokenizers.pre_tokenizers.Metaspace(prepend_scheme="never"), 120,
+                       ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *BYTES])
+  gemma = transformers.GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+  vocab, merges = _bpe(tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False), 300, [],
+                       TEXTS)
+  vocab.update({"<|endoftext|>": len(vocab), "<|im_end|>": len(vocab) + 1})
+  qwen2 = transformers.Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>")
+  for name, tokenizer in (("llama", llama), ("gemma", gemma), ("qwen2", qwen2)):
+    folders[name] = str(root / name)
+    tokenizer.save_pretrained(folders[name])
+  stop = [vocab["<|im_end|>"], vocab["<|endoftext|>"]]  # As Qwen2-Instruct's generation config.
+  transformers.GenerationConfig(eos_token_id=stop).save_pretrained(folders["qwen2"])
+  return folders
+
+
+def test_tokenizer_folders_match_auto_tokenizer(tmp_path, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  folders = _tokenizer_folders(tmp_path)
+  for family, folder in folders.items():
+    ours, reference = tokenizer_for(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    for text in TEXTS:
+      ids = ours.encode(text)
+      assert ids == reference(text, add_special_tokens=False)["input_ids"], (family, text)
+      with_specials = reference(text)["input_ids"]
+      if family == "qwen2":  # No BOS: the lm pipelines start with the EOS, as for GPT-2.
+        assert ours.bos_id is None and with_specials == ids
+      else:
+        assert with_specials == [bos_eos(ours)[0]] + ids
+      assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+    if family != "qwen2":  # 東 is not in the vocabulary: its UTF-8 bytes are.
+      assert "<0xE6>" in reference.convert_ids_to_tokens(ours.encode(TEXTS[2]))
+    assert ours.eos_id == reference.eos_token_id and ours.vocab_size == len(reference)
+    expected_stop = (ours.eos_id, reference.convert_tokens_to_ids("<|endoftext|>"))
+    assert ours.stop_ids == (expected_stop if family == "qwen2" else (ours.eos_id,))
+
+  with open(os.path.join(folders["qwen2"], "generation_config.json"), "w") as f:
+    json.dump({"eos_token_id": ["<|im_end|>"]}, f)
+  with pytest.raises(TokenizerError, match="generation_config.json has eos_token_id=.*list of ids"):
+    tokenizer_for(folders["qwen2"])

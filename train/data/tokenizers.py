@@ -11,7 +11,9 @@ vocabulary has no such token).
                  `.model` file) and loaded on later runs (as the Flax WMT example).
   pretrained     a Hugging Face `tokenizer.json`, or a BERT `vocab.txt` (WordPiece,
                  cased as the tokenizer_config.json beside it says; lowercased without
-                 one, as BERT), or a folder holding one of them; for fine-tuning.
+                 one, as BERT), or a folder holding one of them; for fine-tuning. Beside a
+                 tokenizer.json, tokenizer_config.json names the special tokens and
+                 generation_config.json the ids that end a generation (`stop_ids`).
   word / char    a `tokenizers` WordLevel vocabulary trained on the training split
                  (words split on whitespace, or single characters), cached as JSON.
 
@@ -58,6 +60,11 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def _decode_plain(self, ids: list[int]) -> str:
     """Text of ids that hold no BOS/EOS/padding."""
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """The ids that end a generation: the EOS (or what a generation_config.json lists)."""
+    return () if self.eos_id is None else (self.eos_id,)
 
   def decode(self, ids: Sequence[int]) -> str:
     ids = [int(i) for i in ids]
@@ -162,21 +169,31 @@ _SPECIAL_NAMES = {
 
 
 class HFTokenizer(Tokenizer):
-  """A `tokenizers.Tokenizer`; specials found by their usual names.
+  """A `tokenizers.Tokenizer`; specials as its folder names them, else by their usual names.
 
-  BERT's [CLS]/[SEP] serve as BOS/EOS; GPT-2's <|endoftext|> as BOS, EOS and
-  padding (padding is masked out, so any valid id will do).
+  `named` maps attributes (bos_id, ...) to the token a tokenizer_config.json names for it
+  (None: it has none); others are found by name. BOS is the token the tokenizer's template
+  (post-processor) puts before every text, where it puts one (LLaMA's <s>, Gemma's <bos>).
+  BERT's [CLS]/[SEP] serve as BOS/EOS; GPT-2's <|endoftext|> as BOS, EOS and padding
+  (padding is masked out, so any valid id will do). `stop_ids`: a generation_config.json's
+  eos_token_id list, else the EOS.
   """
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer):
+  def __init__(self, tokenizer: tokenizers.Tokenizer, named: dict | None = None,
+               stop_ids: Sequence[int] | None = None):
     tokenizer.no_padding()  # A saved tokenizer.json may pad or truncate (all-MiniLM-L6-v2: to
     tokenizer.no_truncation()  # 128); `encode` returns every id, the pipelines pad and cut.
     self._tokenizer = tokenizer
+    named = {**(named or {}), **_template_bos(tokenizer)}
     for attribute, names in _SPECIAL_NAMES.items():
-      ids = [tokenizer.token_to_id(n) for n in names]
+      if attribute in named and named[attribute] is None:  # The folder says it has none.
+        setattr(self, attribute, None)
+        continue
+      ids = [tokenizer.token_to_id(n) for n in (named.get(attribute), *names) if n]
       setattr(self, attribute, next((i for i in ids if i is not None), None))
     if self.pad_id is None:
       self.pad_id = self.eos_id if self.eos_id is not None else 0
+    self._stop_ids = None if stop_ids is None else tuple(stop_ids)
 
   @classmethod
   def from_file(cls, path: str) -> "HFTokenizer":
@@ -191,13 +208,16 @@ class HFTokenizer(Tokenizer):
     text = _read_file(path, "tokenizer file").decode("utf-8", errors="replace")
     lowercase = _lowercase(path) if path.endswith(".txt") else None
     try:
-      if path.endswith(".txt"):
-        return cls(_wordpiece(path, lowercase))
-      return cls(tokenizers.Tokenizer.from_str(text))
+      tokenizer = (_wordpiece(path, lowercase) if path.endswith(".txt")
+                   else tokenizers.Tokenizer.from_str(text))
     except Exception as e:  # tokenizers raises its own Exception subclasses.
       raise TokenizerError(
           f"{path} is not a valid tokenizer file ({e}); replace it with the "
           "pretrained model's tokenizer.json or vocab.txt.") from e
+    if path.endswith(".txt"):
+      return cls(tokenizer)
+    folder = os.path.dirname(os.path.abspath(path))
+    return cls(tokenizer, _named_specials(folder), _generation_stop_ids(folder))
 
   @classmethod
   def train_or_load(cls, path: str, texts: Texts, *, level: str = "word",
@@ -225,6 +245,10 @@ class HFTokenizer(Tokenizer):
   @property
   def vocab_size(self) -> int:
     return self._tokenizer.get_vocab_size()
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return super().stop_ids if self._stop_ids is None else self._stop_ids
 
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -268,6 +292,56 @@ def _wordpiece(vocab_path: str, lowercase: bool) -> tokenizers.Tokenizer:
   if tokenizer.token_to_id("[UNK]") is None:
     raise TokenizerError(f"{vocab_path} has no [UNK] token: is it a BERT vocab.txt?")
   return tokenizer
+
+
+def _template_bos(tokenizer: tokenizers.Tokenizer) -> dict:
+  """{"bos_id": token} when the tokenizer's template starts every text with a special token."""
+  processor = json.loads(tokenizer.to_str()).get("post_processor") or {}
+  for step in processor.get("processors", [processor]):
+    first = (step.get("single") or [{}])[0]
+    if step.get("type") == "TemplateProcessing" and "SpecialToken" in first:
+      return {"bos_id": first["SpecialToken"]["id"]}
+  return {}
+
+
+def _named_specials(folder: str) -> dict:
+  """{attribute: token or None} of the special tokens a tokenizer_config.json names."""
+  config = _json_object(os.path.join(folder, "tokenizer_config.json"), "tokenizer config")
+  named = {}
+  for attribute, key in (("pad_id", "pad_token"), ("bos_id", "bos_token"),
+                         ("eos_id", "eos_token"), ("unk_id", "unk_token"),
+                         ("mask_id", "mask_token")):
+    if key in config:
+      token = config[key]
+      named[attribute] = token.get("content") if isinstance(token, dict) else token
+  return named
+
+
+def _generation_stop_ids(folder: str) -> tuple[int, ...] | None:
+  """The eos_token_id (one or a list) of a generation_config.json; None without one."""
+  path = os.path.join(folder, "generation_config.json")
+  ids = _json_object(path, "generation config").get("eos_token_id")
+  if ids is None:
+    return None
+  ids = [ids] if isinstance(ids, int) else ids
+  if not (isinstance(ids, list) and all(isinstance(i, int) and i >= 0 for i in ids)):
+    raise TokenizerError(f"{path} has eos_token_id={ids!r}; it must be an id or a list of "
+                         "ids: fix or delete it.")
+  return tuple(ids)
+
+
+def _json_object(path: str, what: str) -> dict:
+  """The JSON object in `path`; {} when there is no such file."""
+  if not os.path.isfile(path):
+    return {}
+  try:
+    value = json.loads(_read_file(path, what))
+  except ValueError as e:
+    raise TokenizerError(f"{path} is not readable JSON ({e}); fix or delete it.") from e
+  if not isinstance(value, dict):
+    raise TokenizerError(f"{path} holds {type(value).__name__}, not a JSON object of {what} "
+                         "settings; fix or delete it.")
+  return value
 
 
 def _lowercase(vocab_path: str) -> bool:
