@@ -18,32 +18,44 @@ model (the last prompt token, or the decoder start token); N = max_new_tokens.
   sample(..., rng, temperature=1.0, top_k=None, top_p=None)      temperature 0 = greedy
   beam_search(..., beam_size, length_penalty_alpha=0.6)
 
-greedy and sample return `Decoded(tokens_BN, lengths_B)`; beam_search returns
+greedy and sample return `Decoded(tokens_BN, lengths_B, logprobs_B)`; beam_search returns
 `BeamSearchOutput` with the best sequence per example, its score, and all beams with
 their scores, best first. Tokens are the N new tokens: a sequence's EOS is kept and
-followed by `pad_id`; lengths count the tokens up to and including EOS (N without one).
+followed by `pad_id`; lengths count the tokens up to and including EOS (N without one);
+`logprobs_B` is the sum of the model's log-probabilities of those tokens (of its plain
+softmax: temperature 1, no top-k or top-p).
 `eos_id=None` never stops early. Beam scores are log P(sequence) / ((5 + length) / 6)^alpha,
 the GNMT / t5x length penalty; a beam that reaches N tokens without EOS ends there.
 
 Models. `Search` holds the settings (hashable, so a static `jit` argument) and runs one of
-the searches. The jitted entry points return the new tokens only:
+the searches. The entry points (jitted) return the new tokens only:
 
-  generate_decoder_only(module, params, prompt_BT, prompt_lengths_B, search, rng=None)
+  generate_decoder_only(module, params, prompt_BT, prompt_lengths_B, search, rng=None, *,
+                        padding_mask_BT=None)
   generate_encoder_decoder(module, params, encoder_tokens_BS, search, *,
                            encoder_padding_mask_BS=None, decoder_start_id, rng=None)
 
+Decoder-only prompts come in either convention: right-padded with their lengths
+(`prompt_lengths_B`; None: every row fills the width), or with a padding mask
+(`padding_mask_BT`, True on the prompt's tokens, left- or right-padded, as Hugging Face's
+`attention_mask`). `pad_batch(token_lists)` builds both from lists of ids. Each prompt
+continues from its own last token at its own positions, so the padding side and width do not
+change the answer.
+
 Their first halves, `prepare_decoder_only` and `prepare_encoder_decoder`, return
-(tokens_to_logits, cache, first_tokens_B) for any search. Decoder-only prompts are
-right-padded: the padded prompt is prefilled into the cache in one call, then decoding
+(tokens_to_logits, cache, first_tokens_B) for any search. `prepare_decoder_only` takes
+right-padded prompts: the padded prompt is prefilled into the cache in one call, then decoding
 restarts from each example's last real token, so every example continues from its own length.
 """
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 PyTree = Any
@@ -56,6 +68,7 @@ NEG_INF = -1.0e7
 class Decoded(NamedTuple):
   tokens_BN: jax.Array   # int32 new tokens, pad_id after each sequence's EOS
   lengths_B: jax.Array   # int32 tokens up to and including EOS
+  logprobs_B: jax.Array  # float32 sum of the model's log-probabilities of those tokens
 
 
 class BeamSearchOutput(NamedTuple):
@@ -65,6 +78,7 @@ class BeamSearchOutput(NamedTuple):
   beam_tokens_BKN: jax.Array   # every finished beam, best first
   beam_lengths_BK: jax.Array
   beam_scores_BK: jax.Array    # about NEG_INF where fewer than K sequences exist
+  logprobs_B: jax.Array        # log-prob of the best beam: scores_B times its length penalty
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,6 +145,7 @@ class _LoopState(NamedTuple):
   tokens_BN: jax.Array
   last_B: jax.Array
   done_B: jax.Array
+  logprobs_B: jax.Array
   cache: PyTree
 
 
@@ -147,19 +162,25 @@ def _decode_loop(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B
 
   def step(state: _LoopState) -> _LoopState:
     logits_BV, cache = tokens_to_logits(state.last_B[:, None], state.cache)
-    next_B = choose(logits_BV.astype(jnp.float32), state.step).astype(jnp.int32)
+    logits_BV = logits_BV.astype(jnp.float32)
+    next_B = choose(logits_BV, state.step).astype(jnp.int32)
     next_B = jnp.where(state.done_B, pad_id, next_B)
+    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), next_B[:, None],
+                                    axis=-1)[:, 0]
     done_B = state.done_B if eos_id is None else state.done_B | (next_B == eos_id)
     return _LoopState(step=state.step + 1,
                       tokens_BN=state.tokens_BN.at[:, state.step].set(next_B),
-                      last_B=next_B, done_B=done_B, cache=cache)
+                      last_B=next_B, done_B=done_B,
+                      logprobs_B=state.logprobs_B + jnp.where(state.done_B, 0.0, logprob_B),
+                      cache=cache)
 
   state = _LoopState(step=jnp.int32(0),
                      tokens_BN=jnp.full((batch_size, max_new_tokens), pad_id, jnp.int32),
                      last_B=jnp.asarray(first_tokens_B, jnp.int32),
-                     done_B=jnp.zeros((batch_size,), bool), cache=cache)
+                     done_B=jnp.zeros((batch_size,), bool),
+                     logprobs_B=jnp.zeros((batch_size,), jnp.float32), cache=cache)
   state = lax.while_loop(keep_going, step, state)
-  return Decoded(state.tokens_BN, _lengths(state.tokens_BN, eos_id))
+  return Decoded(state.tokens_BN, _lengths(state.tokens_BN, eos_id), state.logprobs_B)
 
 
 def greedy(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array, *,
@@ -316,10 +337,12 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B:
   tokens_BKN = state.finished_tokens_BKN
   lengths_BK = _lengths(tokens_BKN.reshape(batch_size * beams, n), eos_id).reshape(
       batch_size, beams)
+  scores_B = state.finished_scores_BK[:, 0]
   return BeamSearchOutput(
       tokens_BN=tokens_BKN[:, 0], lengths_B=lengths_BK[:, 0],
-      scores_B=state.finished_scores_BK[:, 0], beam_tokens_BKN=tokens_BKN,
-      beam_lengths_BK=lengths_BK, beam_scores_BK=state.finished_scores_BK)
+      scores_B=scores_B, beam_tokens_BKN=tokens_BKN,
+      beam_lengths_BK=lengths_BK, beam_scores_BK=state.finished_scores_BK,
+      logprobs_B=scores_B * length_penalty(lengths_BK[:, 0], length_penalty_alpha))
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,11 +452,90 @@ def prepare_encoder_decoder(module, params: PyTree, encoder_tokens_BS: jax.Array
   return tokens_to_logits, variables["cache"], first_tokens_B
 
 
-@functools.partial(jax.jit, static_argnames=("module", "search"))
+class PaddedBatch(NamedTuple):
+  tokens_BT: np.ndarray        # int32 ids, pad_id where a row has none
+  padding_mask_BT: np.ndarray  # bool, True on each row's ids
+  lengths_B: np.ndarray        # int32 ids per row
+
+
+def pad_batch(token_lists: Sequence[Sequence[int]], *, pad_id: int = 0, width: int | None = None,
+              left: bool = False) -> PaddedBatch:
+  """Rows of ids as one batch, padded to `width` (default: the longest row) on the right, or on
+  the left with `left=True`."""
+  lengths_B = np.array([len(ids) for ids in token_lists], np.int32)
+  if not len(lengths_B):
+    raise ValueError("pad_batch needs at least one row of ids.")
+  longest = int(lengths_B.max())
+  width = longest if width is None else width
+  if width < longest:
+    raise ValueError(f"width={width} is shorter than the longest row ({longest} ids); "
+                     "pass width >= it, or None.")
+  tokens_BT = np.full((len(lengths_B), width), pad_id, np.int32)
+  mask_BT = np.zeros((len(lengths_B), width), bool)
+  for row, ids in enumerate(token_lists):
+    start = width - len(ids) if left else 0
+    tokens_BT[row, start:start + len(ids)] = ids
+    mask_BT[row, start:start + len(ids)] = True
+  return PaddedBatch(tokens_BT, mask_BT, lengths_B)
+
+
+def _prompt_lengths(prompt_BT, prompt_lengths_B, padding_mask_BT) -> jax.Array:
+  """The prompts' lengths from either convention, checked where they are concrete values."""
+  if jnp.ndim(prompt_BT) != 2:
+    raise ValueError(f"prompt_BT must be 2-D [batch, width], got shape {jnp.shape(prompt_BT)}.")
+  batch, width = jnp.shape(prompt_BT)
+  if prompt_lengths_B is not None and padding_mask_BT is not None:
+    raise ValueError("Pass prompt_lengths_B (right-padded prompts) or padding_mask_BT (left- or "
+                     "right-padded), not both.")
+  if padding_mask_BT is not None:
+    if jnp.shape(padding_mask_BT) != (batch, width):
+      raise ValueError(f"padding_mask_BT has shape {jnp.shape(padding_mask_BT)}; it must be the "
+                       f"prompts' shape {(batch, width)}.")
+    lengths_B = jnp.sum(jnp.asarray(padding_mask_BT, bool), axis=1, dtype=jnp.int32)
+  elif prompt_lengths_B is None:
+    return jnp.full((batch,), width, jnp.int32)
+  elif jnp.shape(prompt_lengths_B) != (batch,):
+    raise ValueError(f"prompt_lengths_B has shape {jnp.shape(prompt_lengths_B)}; it must be "
+                     f"[batch] = {(batch,)}.")
+  else:
+    lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
+  try:
+    concrete_B = np.asarray(lengths_B)
+  except jax.errors.TracerArrayConversionError:
+    return lengths_B  # Traced by the caller's jit: values unknown until run, left unchecked.
+  bad = np.flatnonzero((concrete_B < 1) | (concrete_B > width))
+  if bad.size:
+    raise ValueError(f"Prompt lengths must be in [1, {width}] (the prompt width), but row(s) "
+                     f"{bad.tolist()[:5]} have {concrete_B[bad].tolist()[:5]}; start an empty "
+                     "prompt with a BOS token.")
+  return lengths_B
+
+
 def generate_decoder_only(module, params: PyTree, prompt_BT: jax.Array,
                           prompt_lengths_B: jax.Array | None, search: Search,
-                          rng: jax.Array | None = None) -> Decoded | BeamSearchOutput:
-  """Continues right-padded prompts (lengths >= 1) of a `DecoderOnly`; new tokens only."""
+                          rng: jax.Array | None = None, *,
+                          padding_mask_BT: jax.Array | None = None
+                          ) -> Decoded | BeamSearchOutput:
+  """Continues the prompts of a `DecoderOnly`; new tokens only.
+
+  Prompts are right-padded with `prompt_lengths_B` (None: no padding), or padded on either
+  side with `padding_mask_BT` (True on prompt tokens); lengths must be in [1, width].
+  """
+  lengths_B = _prompt_lengths(prompt_BT, prompt_lengths_B, padding_mask_BT)
+  if padding_mask_BT is not None:
+    prompt_BT = _prompt_first(prompt_BT, padding_mask_BT)
+  return _generate_decoder_only(module, params, prompt_BT, lengths_B, search, rng)
+
+
+@jax.jit
+def _prompt_first(prompt_BT: jax.Array, padding_mask_BT: jax.Array) -> jax.Array:
+  """Each row's prompt tokens moved, in order, to its start: the right-padded layout."""
+  order_BT = jnp.argsort(~jnp.asarray(padding_mask_BT, bool), axis=1, stable=True)
+  return jnp.take_along_axis(jnp.asarray(prompt_BT), order_BT, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "search"))
+def _generate_decoder_only(module, params, prompt_BT, prompt_lengths_B, search, rng):
   tokens_to_logits, cache, first_tokens_B = prepare_decoder_only(
       module, params, prompt_BT, prompt_lengths_B, search.max_new_tokens)
   return search(tokens_to_logits, cache, first_tokens_B, rng)

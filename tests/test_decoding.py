@@ -313,6 +313,26 @@ def test_same_rng_same_output_other_rng_other_output():
 
 
 # ---------------------------------------------------------------------------------------
+# Log-probabilities
+
+
+def test_every_search_returns_the_log_probability_of_its_tokens():
+  # The model's own log-probabilities (temperature 1, unfiltered), summed up to EOS: numpy.
+  toy = Toy.random(5, vocab_size=6, max_steps=5)
+  prev_B, first_B = [0, 2, 4, 5], [2, 4, 5, 0]
+  common = dict(max_new_tokens=5, eos_id=EOS, pad_id=PAD)
+  outs = [run(decoding.greedy, toy, prev_B, first_B, **common),
+          run(decoding.sample, toy, prev_B, first_B, rng=jax.random.key(1), temperature=2.0,
+              top_k=3, **common),
+          run(decoding.beam_search, toy, prev_B, first_B, beam_size=3, **common)]
+  assert (outs[0].lengths_B < 5).any()  # Tokens after EOS must not count.
+  for out in outs:
+    for b, (prev, first) in enumerate(zip(prev_B, first_B)):
+      logprob = toy.sequence_logprob(prev, first, out.tokens_BN[b, :out.lengths_B[b]])
+      np.testing.assert_allclose(out.logprobs_B[b], logprob, rtol=1e-5, err_msg=str(type(out)))
+
+
+# ---------------------------------------------------------------------------------------
 # Bad input
 
 
@@ -516,3 +536,87 @@ def test_model_entry_points_reject_bad_settings():
     model.generate(decoding.Search(method="sample", max_new_tokens=N))
   with pytest.raises(ValueError, match="max_len=16"):
     model.generate(decoding.Search(max_new_tokens=13))
+
+
+# ---------------------------------------------------------------------------------------
+# Padded prompts: lengths or a padding mask, either side, one at a time, and transformers.
+
+
+def test_pad_batch_lays_rows_out_on_either_side():
+  right = decoding.pad_batch([[5, 6, 7], [8]], pad_id=9)
+  np.testing.assert_array_equal(right.tokens_BT, [[5, 6, 7], [8, 9, 9]])
+  np.testing.assert_array_equal(right.padding_mask_BT, [[1, 1, 1], [1, 0, 0]])
+  np.testing.assert_array_equal(right.lengths_B, [3, 1])
+  left = decoding.pad_batch([[5, 6, 7], [8]], pad_id=9, width=4, left=True)
+  np.testing.assert_array_equal(left.tokens_BT, [[9, 5, 6, 7], [9, 9, 9, 8]])
+  np.testing.assert_array_equal(left.padding_mask_BT, [[0, 1, 1, 1], [0, 0, 0, 1]])
+  np.testing.assert_array_equal(left.lengths_B, [3, 1])
+  with pytest.raises(ValueError, match="width=2 is shorter than the longest row"):
+    decoding.pad_batch([[5, 6, 7]], width=2)
+  with pytest.raises(ValueError, match="at least one row"):
+    decoding.pad_batch([])
+
+
+@pytest.mark.parametrize("name", DECODER_ONLY)
+def test_a_padding_mask_on_either_side_decodes_as_lengths_and_as_one_prompt_at_a_time(name):
+  model = build(LM, name)
+  rows = [model.prompt[b, :n] for b, n in enumerate(model.lengths)]
+  for search in [decoding.Search(max_new_tokens=N), decoding.Search(
+      method="beam", beam_size=3, max_new_tokens=N)]:
+    by_lengths = model.generate(search)
+    for left in (False, True):
+      batch = decoding.pad_batch(rows, width=7, left=left)
+      out = decoding.generate_decoder_only(model.module, model.params, batch.tokens_BT, None,
+                                           search, padding_mask_BT=batch.padding_mask_BT)
+      np.testing.assert_array_equal(out.tokens_BN, by_lengths.tokens_BN)
+      np.testing.assert_allclose(out.logprobs_B, by_lengths.logprobs_B, rtol=1e-5)
+    for b, row in enumerate(rows):
+      alone = decoding.generate_decoder_only(model.module, model.params, row[None], None, search)
+      np.testing.assert_array_equal(alone.tokens_BN[0], by_lengths.tokens_BN[b])
+
+
+def test_prompt_lengths_outside_one_to_the_width_are_one_clear_error():
+  model = build(LM, "gpt2")
+  search = decoding.Search(max_new_tokens=N)
+  generate = functools.partial(decoding.generate_decoder_only, model.module, model.params,
+                               jnp.asarray(model.prompt))
+  for lengths, row in [([0, 5, 4], 0), ([2, 6, 4], 1)]:
+    with pytest.raises(ValueError, match=rf"lengths must be in \[1, 5\].*row\(s\) \[{row}\]"):
+      generate(jnp.asarray(lengths), search)
+  empty_row = np.ones((3, 5), bool)
+  empty_row[2] = False
+  with pytest.raises(ValueError, match=r"lengths must be in \[1, 5\].*row\(s\) \[2\]"):
+    generate(None, search, padding_mask_BT=empty_row)
+  with pytest.raises(ValueError, match="not both"):
+    generate(jnp.asarray(model.lengths), search, padding_mask_BT=np.ones((3, 5), bool))
+  with pytest.raises(ValueError, match=r"padding_mask_BT has shape \(3, 4\)"):
+    generate(None, search, padding_mask_BT=np.ones((3, 4), bool))
+
+
+def test_left_padded_prompts_decode_as_transformers_gpt2_generate(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  from models import pretrained
+  from train import assets
+  reference = transformers.GPT2LMHeadModel.from_pretrained(assets.folder("tiny_gpt2")).eval()
+  generator = torch.Generator().manual_seed(0)
+  with torch.no_grad():  # Far from its near-uniform init: answers depend on every position.
+    for p in reference.parameters():
+      p.add_(torch.randn(p.shape, generator=generator) * (0.5 if p.ndim > 1 else 0.1))
+  reference.save_pretrained(tmp_path)
+  module, params = pretrained.from_hf(str(tmp_path))
+  rng = np.random.default_rng(3)
+  rows = [rng.integers(1, module.cfg.vocab_size, size=n) for n in (6, 2, 4)]
+  batch = decoding.pad_batch(rows, pad_id=0, left=True)
+  n = 8
+  with torch.no_grad():
+    expected = reference.generate(
+        torch.tensor(batch.tokens_BT, dtype=torch.long),
+        attention_mask=torch.tensor(batch.padding_mask_BT, dtype=torch.long), do_sample=False,
+        num_beams=1, max_new_tokens=n, pad_token_id=0, eos_token_id=0).numpy()[:, 6:]
+  ours = np.asarray(decoding.generate_decoder_only(
+      module, params, batch.tokens_BT, None, decoding.Search(max_new_tokens=n, eos_id=0),
+      padding_mask_BT=batch.padding_mask_BT).tokens_BN)
+  np.testing.assert_array_equal(ours[:, :expected.shape[1]], expected)
+  np.testing.assert_array_equal(ours[:, expected.shape[1]:], 0)
+  assert len({tuple(row) for row in ours}) == 3  # Each prompt its own answer.

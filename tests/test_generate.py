@@ -7,7 +7,11 @@
   clear error; importing the CLI pulls in no training machinery and defines no flags.
 """
 
+import dataclasses
+import json
+import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +22,7 @@ import numpy as np
 import pytest
 
 from experiments import finetune_t5, gpt2_small
-from models import presets, pretrained
+from models import decoding, presets, pretrained
 from train import config as config_lib, generate, loop, run_tokenizers, tasks
 from train import workdir as workdir_lib
 from train.data import pipeline, tokenizers
@@ -101,8 +105,81 @@ def test_classify_answer_is_the_model_on_the_training_row():
                              token_types=row["token_types"][None])
     expected = np.asarray(jax.nn.softmax(logits[0]))
     np.testing.assert_allclose(generate.label_probabilities(run, text), expected, rtol=1e-6)
-    answer = generate.answer(run, text, None, None)
-    assert answer == ", ".join(f"label {i}: {p:.3f}" for i, p in enumerate(expected))
+    assert generate.answer(run, text, None, None) == np.argmax(expected)
+
+
+TEXTS = {"lm": ["o", TEXT, "gato", f"{TEXT}, {TEXT}", "tapete azul"],
+         "classify": ["o", TEXT, "gato", f"{TEXT}, {TEXT}", "tapete azul"],
+         "mlm": ["o <mask>", TEXT.replace("gato", "<mask>"), "<mask> gato <mask>"]}
+TEXTS["seq2seq"] = TEXTS["lm"]
+
+
+def unpadded_answer(run: workdir_lib.Run, text: str, search) -> generate.Answer:
+  """An lm or seq2seq answer decoded from the text's own row: no padding, no mask."""
+  batch = workdir_lib.model_inputs(run, text)
+  if run.config.task == "seq2seq":
+    out = decoding.generate_encoder_decoder(run.model, run.params, batch["encoder_tokens"],
+                                            search,
+                                            decoder_start_id=int(batch["decoder_inputs"][0, 0]))
+    output = run.target_tokenizer.decode(np.asarray(out.tokens_BN)[0])
+  else:
+    out = decoding.generate_decoder_only(run.model, run.params, batch["inputs"], None, search)
+    output = text + run.input_tokenizer.decode(np.asarray(out.tokens_BN)[0])
+  return generate.Answer(text, output, float(out.logprobs_B[0]))
+
+
+@pytest.mark.parametrize("task", ["lm", "seq2seq", "classify", "mlm"])
+def test_a_batch_answers_as_one_input_at_a_time(task):
+  run = tiny_run(task)
+  greedy = dataclasses.replace(workdir_lib.decoding_search(run.config, run.target_tokenizer),
+                               method="greedy", max_new_tokens=12)
+  texts = TEXTS[task]
+  batched = generate.answer_batch(run, texts, greedy, None, rows=8)
+  if task in ("lm", "seq2seq"):
+    alone = [unpadded_answer(run, text, greedy) for text in texts]
+  else:  # Rows of seq_len, as training feeds them.
+    alone = [generate.answer_batch(run, [text], greedy, None)[0] for text in texts]
+  assert [a.input for a in batched] == texts
+  assert [a.output for a in batched] == [a.output for a in alone]
+  assert len({a.score for a in batched}) == len(texts)  # Each row its own answer.
+  np.testing.assert_allclose([a.score for a in batched], [a.score for a in alone], rtol=1e-4)
+  if task == "classify":
+    np.testing.assert_allclose([a.probabilities for a in batched],
+                               [a.probabilities for a in alone], rtol=1e-5)
+
+
+def test_the_score_is_the_log_probability_of_the_new_tokens():
+  # Teacher forcing the answer through the whole model, with no cache and no padding.
+  run = tiny_run("seq2seq")
+  search = dataclasses.replace(workdir_lib.decoding_search(run.config, run.target_tokenizer),
+                               max_new_tokens=6)
+  for method in ("greedy", "beam"):
+    answer = generate.answer_batch(run, [TEXT], dataclasses.replace(search, method=method),
+                                   None)[0]
+    tokens = list(generate.continuation(run, TEXT, dataclasses.replace(search, method=method),
+                                        None))
+    tokens = tokens[:tokens.index(BYTES.eos_id) + 1] if BYTES.eos_id in tokens else tokens
+    batch = workdir_lib.model_inputs(run, TEXT, target=tokens[:-1])
+    logits = run.model.apply({"params": run.params}, batch["encoder_tokens"],
+                             batch["decoder_inputs"])[0, :len(tokens)]
+    logprobs = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)))
+    assert answer.new_tokens == len(tokens)
+    np.testing.assert_allclose(answer.score, logprobs[np.arange(len(tokens)), tokens].sum(),
+                               rtol=1e-4)
+
+
+def test_unknown_pieces_name_what_the_vocabulary_lacks(tmp_path):
+  digits = tokenizers.HFTokenizer.train_or_load(str(tmp_path / "char.json"),
+                                                lambda: ["0123456789"], level="char")
+  assert workdir_lib.unknown_pieces(digits, "2026") == []
+  assert workdir_lib.unknown_pieces(digits, "abc") == ["abc"]
+  assert workdir_lib.unknown_pieces(digits, "12a3 4b") == ["a", "b", " "]
+  assert workdir_lib.unknown_pieces(digits, "20 26") == [" "]
+  words = tokenizers.HFTokenizer.train_or_load(str(tmp_path / "word.json"),
+                                               lambda: ["dois mil e vinte"], level="word")
+  assert workdir_lib.unknown_pieces(words, "dois  mil e vinte") == []
+  assert workdir_lib.unknown_pieces(words, "dois gatos e vinte gatos") == ["gatos"]
+  assert workdir_lib.unknown_pieces(BYTES, "abc ñ €") == []
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +253,52 @@ def test_loading_a_run_reads_no_data(trained_lm, tmp_path):
     workdir_lib.load(str(moved))
 
 
+def run_generate(*args: str, cache) -> subprocess.Popen:
+  env = {**os.environ, "TAPETE_CACHE": str(cache)}
+  return subprocess.Popen([sys.executable, "-m", "train.generate", *args], cwd=ROOT, env=env,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_the_cli_answers_a_file_in_batches_as_json_lines(trained_lm, tmp_path):
+  workdir, _ = trained_lm
+  run = workdir_lib.load(str(workdir))
+  assert run.input_tokenizer.unk_id in run.input_tokenizer.encode("ж")  # Not in the corpus.
+  texts = ["The cat", "A dog sat", "The жat", "Once", "The end"]
+  inputs, outputs = tmp_path / "in.txt", tmp_path / "out.jsonl"
+  inputs.write_text("\n".join(texts) + "\n")
+  (tmp_path / "blank.txt").write_text("The cat\n\nA dog\n")
+  common = (f"--workdir={workdir}", "--method=greedy", f"--input_file={inputs}")
+  answering = run_generate(*common, f"--output_file={outputs}", "--batch_size=2",
+                           cache=tmp_path / "cache")
+  printing = run_generate(*common, cache=tmp_path / "cache")
+  refusing = run_generate(f"--workdir={workdir}", f"--input_file={tmp_path / 'blank.txt'}",
+                          cache=tmp_path / "cache")
+  _, stderr = answering.communicate(timeout=300)
+  assert answering.returncode == 0, stderr
+  greedy = dataclasses.replace(workdir_lib.decoding_search(run.config, run.target_tokenizer),
+                               method="greedy")
+  expected = generate.answer_batch(run, texts, greedy, None)
+  answers = [json.loads(line) for line in outputs.read_text().splitlines()]
+  assert [set(a) for a in answers] == [{"input", "output", "score"}] * len(texts)
+  assert [a["input"] for a in answers] == texts
+  assert [a["output"] for a in answers] == [a.output for a in expected]
+  np.testing.assert_allclose([a["score"] for a in answers], [a.score for a in expected],
+                             rtol=1e-4)
+  warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 1 and f"line 3 of {inputs}" in warnings[0] and "'ж'" in warnings[0]
+  generated = sum(a.new_tokens for a in expected)
+  assert re.search(rf"5 inputs in .* s of decoding .*batches of 2\): {generated} tokens "
+                   r"generated, [\d,]+ tokens/s", stderr), stderr
+
+  stdout, _ = printing.communicate(timeout=300)
+  assert [json.loads(line) for line in stdout.splitlines()] == answers
+
+  _, stderr = refusing.communicate(timeout=300)
+  assert refusing.returncode == 2 and "Traceback" not in stderr, stderr
+  assert stderr.splitlines()[-1] == (f"error: The input on line 2 of {tmp_path / 'blank.txt'} is "
+                                     "empty: give the model some text to answer.")
+
+
 LIGHT_CHECK = """
 import sys
 from absl import flags
@@ -197,3 +320,14 @@ def test_inference_imports_no_training_machinery_and_defines_no_flags(trained_lm
   out = subprocess.run([sys.executable, "-c", code, str(trained_lm[0])], cwd=ROOT, text=True,
                        capture_output=True, check=True).stdout
   assert out.splitlines() == ["[]", "[]", "[]"]
+
+
+@pytest.mark.slow
+def test_the_generate_benchmark_runs_in_its_tiny_mode():
+  stdout = subprocess.run([sys.executable, "-m", "benchmarks.generate", "--tiny"], cwd=ROOT,
+                          text=True, capture_output=True, check=True, timeout=600).stdout
+  for line in ("one input, cold compilation cache: [\\d.]+ s wall",
+               "one input, warm compilation cache: [\\d.]+ s wall",
+               "20 inputs, batches of 64: [\\d.]+ s wall; train.generate says: 20 inputs in .* "
+               "tokens/s"):
+    assert re.search(line, stdout), stdout

@@ -144,10 +144,9 @@ def test_quickstart_tiny_through_the_clis(tmp_path):
                      *(f"--input={number}" for number, _ in printed[:2]))
   drawing = start_cli("train.attention_maps", f"--workdir={workdir}", "--input=2026",
                       f"--out={png}")
-  answers = finish(asking)[0].splitlines()
-  assert [line.split(" -> ")[0] for line in answers] == [
-      "2026", "15", printed[0][0], printed[1][0]], answers
-  assert answers[2:] == [f"{number} -> {answer}" for number, answer in printed[:2]]
+  answers = [json.loads(line) for line in finish(asking)[0].splitlines()]
+  assert [a["input"] for a in answers] == ["2026", "15", printed[0][0], printed[1][0]], answers
+  assert [a["output"] for a in answers[2:]] == [answer for _, answer in printed[:2]]
 
   finish(drawing)
   assert png.read_bytes()[:8] == PNG_SIGNATURE

@@ -2,7 +2,8 @@
 
 `load(workdir)` reads config.json, the latest checkpoint's params (with LoRA: merged) and the
 tokenizers (trained ones from their cached files); it reads no data and builds no optimizer.
-`model_inputs(run, text)` lays an input text out as training did (train/data/examples.py).
+`model_inputs(run, text)` lays an input text out as training did (train/data/examples.py);
+`unknown_pieces` names what of a text the vocabulary lacks.
 """
 
 import dataclasses
@@ -11,6 +12,7 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import jax
 import ml_collections
 import numpy as np
 
@@ -92,6 +94,33 @@ def _with_masks(tokenizer: Tokenizer, text: str) -> list[int]:
   """The ids of `text` with the mask id for each "<mask>"."""
   pieces = [tokenizer.encode(piece) for piece in text.split(MASK)]
   return sum((piece + [tokenizer.mask_id] for piece in pieces[:-1]), []) + pieces[-1]
+
+
+def unknown_pieces(tokenizer: Tokenizer, text: str) -> list[str]:
+  """What of `text` the tokenizer maps to its unknown id or drops: each word (split on
+  whitespace) holding any, narrowed to its characters where the rest of the word is known
+  (a char vocabulary: "12a3" -> ["a"]), and whitespace characters the vocabulary lacks."""
+  def lost(piece: str) -> bool:
+    ids = tokenizer.encode(piece)
+    return not ids or tokenizer.unk_id in ids
+  pieces = []
+  for word in dict.fromkeys(text.split()):
+    if not lost(word):
+      continue
+    chars = [c for c in dict.fromkeys(word) if lost(c)]
+    rest = "".join(c for c in word if c not in chars)
+    pieces += chars if rest and not lost(rest) else [word]
+  spaces = [c for c in dict.fromkeys(text) if c.isspace()
+            and tokenizer.unk_id is not None and tokenizer.unk_id in tokenizer.encode(c)]
+  return pieces + spaces
+
+
+def use_compilation_cache():
+  """Keeps compiled programs in JAX's persistent cache, $TAPETE_CACHE/jax (default
+  ~/.cache/tapete/jax): a CLI over a run compiles its programs once, not at every start."""
+  from train.assets import cache
+  jax.config.update("jax_compilation_cache_dir", str(cache.cache_dir() / "jax"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def decoding_search(config, tokenizer: Tokenizer) -> decoding.Search:

@@ -8,11 +8,11 @@ from absl import flags, logging
 from train import cli, workdir as workdir_lib
 
 
-def define_flags():
-  """--workdir and --input (repeatable), both required; a CLI calls this when it runs."""
+def define_flags(input_required: bool = True):
+  """--workdir (required) and --input (repeatable); a CLI calls this when it runs."""
   flags.DEFINE_string("workdir", None, "Workdir of a training run.")
   flags.DEFINE_multi_string("input", None, "Input text (repeat for several).")
-  flags.mark_flags_as_required(["workdir", "input"])
+  flags.mark_flags_as_required(["workdir", "input"] if input_required else ["workdir"])
 
 
 def parse_flags(argv: list[str]) -> list[str]:
