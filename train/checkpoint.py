@@ -141,7 +141,9 @@ class Checkpointer:
         restored, error = None, e
       if _on_every_host(error is None):
         break
-      damaged.append(error or DamagedCheckpointError(f"step {step} cannot be read on another host"))
+      step_dir = self.directory / str(step)
+      damaged.append(error or DamagedCheckpointError(
+          f"The checkpoint {step_dir} cannot be read on another host", step_dir))
     else:
       raise DamagedCheckpointError(
           f"No checkpoint in {self.directory} can be read: " + "; ".join(
