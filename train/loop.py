@@ -222,21 +222,31 @@ class Throughput:
 
 
 class Evaluator:
-  """Loss metrics over the eval split; for seq2seq also decoding: exact match and BLEU."""
+  """Loss metrics over the eval split; for seq2seq also decoding: exact match and BLEU.
 
-  def __init__(self, exp: Experiment):
-    self.exp = exp
+  The loop calls it with the state's params; train.evaluate calls `evaluate` with a saved
+  run's model params, recording them under the split's own name.
+  """
+
+  def __init__(self, exp: Experiment, split: str = "eval"):
+    self.exp, self.split = exp, split
     t = exp.config.train
     self.batch_size = t.batch_size
     sharding = parallel.batch_sharding(exp.mesh)
     self.eval_step = jax.jit(lambda p, b: exp.task.loss(p, b)[1], in_shardings=(None, sharding))
     self.model_params = jax.jit(exp.trainable.model_params)
     self.search = workdir_lib.decoding_search(exp.config, exp.inputs.target_tokenizer)
-    self.data_report = DataReport("eval")
+    self.data_report = DataReport(split)
 
   def __call__(self, params, step: int, writer) -> dict:
+    """Evaluates the state's `params` and writes the results as (`step`, split)."""
+    results = self.evaluate(self.model_params(params))
+    writer.write(step, self.split, results)
+    return results
+
+  def evaluate(self, params) -> dict:
+    """The metrics of the model's `params` (as the model applies them) over the eval split."""
     exp, limit = self.exp, self.exp.config.train.eval_batches
-    params = self.model_params(params)
     sums, batches = None, iter(exp.inputs.eval_pipeline(self.batch_size))
     for i, batch in enumerate(batches):
       if limit and i >= limit:
@@ -246,7 +256,6 @@ class Evaluator:
     results = {**tasks.summarize(jax.device_get(sums)), **self.data_report(batches.counts)}
     if exp.config.task == "seq2seq":
       results.update(self.decode_metrics(params))
-    writer.write(step, "eval", results)
     return results
 
   def decode_metrics(self, params) -> dict:

@@ -35,21 +35,26 @@ class Run:
   decoder_start_id: int | None   # seq2seq: the decoder's first input; None otherwise
 
 
-def load(workdir: str) -> Run:
-  """The run in `workdir`, from its config.json, latest checkpoint and tokenizers."""
-  # These import optax (train.optim, the losses); imported here, `import train.generate` stays
-  # light and only loading a run pays for them.
-  from train import config as config_lib, tasks, trainable as trainable_lib
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config the run in `workdir` was trained with (its config.json)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{workdir} holds no config.json: is it the --workdir of a training run "
                      "(python -m train --config=... --workdir=...)?")
   try:
     with open(path, encoding="utf-8") as f:
-      config = ml_collections.ConfigDict(json.load(f))
+      return ml_collections.ConfigDict(json.load(f))
   except ValueError as e:  # not JSON (cut short, garbled), or not even text
     raise ValueError(f"{path} is not readable JSON ({e}): it records how the run in {workdir} "
                      "was trained, and the run cannot be loaded without it; restore it.") from None
+
+
+def load(workdir: str) -> Run:
+  """The run in `workdir`, from its config.json, latest checkpoint and tokenizers."""
+  # These import optax (train.optim, the losses); imported here, `import train.generate` stays
+  # light and only loading a run pays for them.
+  from train import config as config_lib, tasks, trainable as trainable_lib
+  config = read_config(workdir)
   input_tokenizer, target_tokenizer = run_tokenizers.make_tokenizers(config, workdir)
   vocab_size = max(input_tokenizer.vocab_size, target_tokenizer.vocab_size)
   source = trainable_lib.read_source(config) if config.lora.adapter_only_checkpoint else None
