@@ -3,7 +3,7 @@
 # slurmctld, slurmd, slurm-client and munge (root; nothing to do when they are there). The
 # tests start and stop the daemons themselves (tests/slurm_cluster.py); nothing starts here.
 set -euo pipefail
-programs=(munged mungekey slurmctld slurmd sbatch squeue scancel sinfo srun)
+programs=(munged mungekey slurmctld slurmd sbatch squeue scancel scontrol sinfo srun)
 missing=0
 for program in "${programs[@]}"; do
   command -v "$program" > /dev/null || missing=1
