@@ -16,6 +16,7 @@ Targets of issue 13 on a quiet 2-core machine: one input <= 3 s, 1,000 inputs <=
 import argparse
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -23,13 +24,21 @@ import tempfile
 import time
 
 
-def timed(*args: str, cache: str) -> tuple[float, str]:
-  """(wall seconds, stderr) of `python -m train.generate ARGS` with TAPETE_CACHE=cache."""
-  start = time.perf_counter()
+def cpu_seconds() -> float:
+  """CPU time (user + system) of the finished child processes so far."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def timed(*args: str, cache: str) -> tuple[float, float, str]:
+  """(wall seconds, CPU seconds, stderr) of `python -m train.generate ARGS`, TAPETE_CACHE=cache.
+
+  On a busy machine the wall time grows with the load; the CPU time much less."""
+  start, cpu = time.perf_counter(), cpu_seconds()
   done = subprocess.run([sys.executable, "-m", "train.generate", *args], check=True,
                         env={**os.environ, "TAPETE_CACHE": cache}, text=True,
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  return time.perf_counter() - start, done.stderr
+  return time.perf_counter() - start, cpu_seconds() - cpu, done.stderr
 
 
 def train(workdir: str, tiny: bool):
@@ -51,22 +60,23 @@ def main():
       train(workdir, args.tiny)
     cache = os.path.join(scratch, "cache")
     one = (f"--workdir={workdir}", "--input=2026")
-    cold, _ = timed(*one, cache=cache)
-    warm = statistics.median(timed(*one, cache=cache)[0] for _ in range(3))
-    print(f"one input, cold compilation cache: {cold:.2f} s wall")
-    print(f"one input, warm compilation cache: {warm:.2f} s wall (median of 3)")
+    cold, cold_cpu, _ = timed(*one, cache=cache)
+    warm = [timed(*one, cache=cache) for _ in range(3)]
+    print(f"one input, cold compilation cache: {cold:.2f} s wall, {cold_cpu:.2f} s CPU")
+    print(f"one input, warm compilation cache: {statistics.median(w[0] for w in warm):.2f} s "
+          f"wall, {statistics.median(w[1] for w in warm):.2f} s CPU (medians of 3)")
     inputs = os.path.join(scratch, "inputs.txt")
     rng = random.Random(0)
     with open(inputs, "w") as f:
       f.write("".join(f"{rng.randrange(10**6)}\n" for _ in range(count)))
     outputs = os.path.join(scratch, "answers.jsonl")
-    seconds, stderr = timed(f"--workdir={workdir}", f"--input_file={inputs}",
-                            f"--output_file={outputs}", "--batch_size=64", cache=cache)
+    seconds, cpu, stderr = timed(f"--workdir={workdir}", f"--input_file={inputs}",
+                                 f"--output_file={outputs}", "--batch_size=64", cache=cache)
     with open(outputs) as f:
       answered = sum(1 for _ in f)
     assert answered == count, f"{answered} answers to {count} inputs"
-    print(f"{count:,} inputs, batches of 64: {seconds:.2f} s wall; train.generate says: "
-          f"{stderr.strip().splitlines()[-1]}")
+    print(f"{count:,} inputs, batches of 64: {seconds:.2f} s wall, {cpu:.2f} s CPU; "
+          f"train.generate says: {stderr.strip().splitlines()[-1]}")
 
 
 if __name__ == "__main__":

@@ -326,8 +326,8 @@ def test_inference_imports_no_training_machinery_and_defines_no_flags(trained_lm
 def test_the_generate_benchmark_runs_in_its_tiny_mode():
   stdout = subprocess.run([sys.executable, "-m", "benchmarks.generate", "--tiny"], cwd=ROOT,
                           text=True, capture_output=True, check=True, timeout=600).stdout
-  for line in ("one input, cold compilation cache: [\\d.]+ s wall",
+  for line in ("one input, cold compilation cache: [\\d.]+ s wall, [\\d.]+ s CPU",
                "one input, warm compilation cache: [\\d.]+ s wall",
-               "20 inputs, batches of 64: [\\d.]+ s wall; train.generate says: 20 inputs in .* "
-               "tokens/s"):
+               "20 inputs, batches of 64: [\\d.]+ s wall, [\\d.]+ s CPU; train.generate says: "
+               "20 inputs in .* tokens/s"):
     assert re.search(line, stdout), stdout
