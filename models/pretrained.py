@@ -1,5 +1,5 @@
 """Import of Hugging Face checkpoints (GPT-2, BERT, T5, LLaMA, Mistral, Qwen2, Gemma) from a
-local folder; GPT-2 export.
+local folder (export: models/pretrained_export.py).
 
   module, params = from_hf(folder)   # gpt2, llama, mistral, qwen2, gemma -> DecoderOnly,
                                      # bert -> EncoderOnly,
@@ -32,9 +32,8 @@ import safetensors
 import safetensors.numpy
 from absl import logging
 
-from models import paths, presets
-from models.pretrained_tables import (FAMILIES, Family, PretrainedError, Row, gpt2_table,
-                                      transpose)
+from models import paths
+from models.pretrained_tables import FAMILIES, Family, PretrainedError, Row
 from models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, EncoderMaskedLM,
                                 EncoderOnly, TransformerConfig)
 
@@ -333,51 +332,3 @@ def import_hf(path: str, *, head: str | None = None, num_classes: int | None = N
   dtype = cfg.param_dtype
   params = {p: x.astype(dtype) for p, x in params.items()}
   return Imported(module, paths.unflatten(params), frozenset(new))
-
-
-# ------------------------------------------------------------------------------------------
-# Export.
-
-
-# Switches that make a DecoderOnly a GPT-2 (sizes, epsilon, activation and tying may vary).
-_GPT2_FIXED = ("position", "norm", "norm_use_bias", "pre_norm", "embedding_norm", "gated_ffn",
-               "use_bias", "attention_scale", "scale_embeddings", "scale_tied_logits",
-               "num_token_types")
-
-
-def to_hf_gpt2(params: dict, cfg: TransformerConfig, path: str) -> None:
-  """Writes DecoderOnly GPT-2 params as a Hugging Face folder (config.json, model.safetensors).
-
-  The config must be GPT-2's shape (presets.gpt2 switches, unrolled or scanned layers);
-  transformers' GPT2LMHeadModel.from_pretrained(path) then computes the same logits.
-  """
-  gpt2 = presets.gpt2()
-  differ = [f for f in _GPT2_FIXED if getattr(cfg, f) != getattr(gpt2, f)]
-  if cfg.head_dim * cfg.num_heads != cfg.d_model or cfg.num_kv_heads not in (None, cfg.num_heads):
-    differ.append("head_dim/num_kv_heads")
-  if differ:
-    raise PretrainedError(f"to_hf_gpt2 needs GPT-2's architecture (presets.gpt2); this config "
-                          f"differs in {differ}.")
-  flat = {p: np.asarray(x, np.float32) for p, x in _flat(params).items()}
-  if cfg.scan_layers:
-    flat = _unstack_layers(flat)
-  tensors = {}
-  for row in gpt2_table(cfg, {}, {}):  # The inverse of each row; q|k|v parts concatenated.
-    x = flat[row.ours]
-    x = x.T if row.convert is transpose else x.reshape(*row.hf_shape[:-1], -1)
-    tensors.setdefault(row.hf, []).append(x)
-  tensors = {name: np.ascontiguousarray(np.concatenate(parts, axis=-1))
-             for name, parts in tensors.items()}
-  activation = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
-  hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.max_len, "n_embd": cfg.d_model, "n_layer": cfg.num_layers,
-        "n_head": cfg.num_heads, "n_inner": cfg.d_ff,
-        "activation_function": activation[cfg.activation],
-        "layer_norm_epsilon": cfg.norm_epsilon, "resid_pdrop": cfg.dropout_rate,
-        "embd_pdrop": cfg.dropout_rate, "attn_pdrop": cfg.attention_dropout_rate,
-        "tie_word_embeddings": cfg.tie_output}
-  os.makedirs(path, exist_ok=True)
-  safetensors.numpy.save_file(tensors, os.path.join(path, "model.safetensors"),
-                              metadata={"format": "pt"})
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(hf, f, indent=2)

@@ -20,7 +20,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from models import presets, pretrained
+from models import pretrained
 from models.transformer import DecoderOnly
 from train.data.tokenizers import HFTokenizer, tokenizer_for
 
@@ -133,21 +133,6 @@ def test_gpt2_scan_layers_bf16_shards_and_torch_files_import_alike(tmp_path):
         dst.write(src.read())
     _, other = pretrained.from_hf(str(tmp_path / name))
     jax.tree.map(np.testing.assert_array_equal, other, params)
-
-
-@pytest.mark.parametrize("scan_layers, tie_output", [(False, True), (True, False)])
-def test_gpt2_export_loads_in_transformers(tmp_path, scan_layers, tie_output):
-  cfg = presets.gpt2(vocab_size=53, d_model=24, num_heads=3, d_ff=40, num_layers=2, max_len=10,
-                     tie_output=tie_output, scan_layers=scan_layers)
-  module = DecoderOnly(cfg)
-  tokens = np.arange(18).reshape(2, 9) * 7 % 53
-  params = jax.jit(module.init)(jax.random.key(1), tokens)["params"]
-  params = jax.tree.map(lambda x: x * 20 if x.ndim > 1 else x + 0.3, params)  # Bigger effects.
-  pretrained.to_hf_gpt2(params, cfg, str(tmp_path))
-  model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
-  with torch.no_grad():
-    reference = model(torch.tensor(tokens)).logits.numpy()
-  _close(_apply(module, params, tokens), reference)
 
 
 # ------------------------------------------------------------------------------------------
