@@ -24,8 +24,9 @@ their scores, best first. Tokens are the N new tokens: a sequence's EOS is kept 
 followed by `pad_id`; lengths count the tokens up to and including EOS (N without one);
 `logprobs_B` is the sum of the model's log-probabilities of those tokens (of its plain
 softmax: temperature 1, no top-k or top-p).
-`eos_id=None` never stops early. Beam scores are log P(sequence) / ((5 + length) / 6)^alpha,
-the GNMT / t5x length penalty; a beam that reaches N tokens without EOS ends there.
+`eos_id=None` never stops early; a tuple of ids (a generation_config.json's list) stops at any
+of them. Beam scores are log P(sequence) / ((5 + length) / 6)^alpha, the GNMT / t5x length
+penalty; a beam that reaches N tokens without EOS ends there.
 
 Models. `Search` holds the settings (hashable, so a static `jit` argument) and runs one of
 the searches. The entry points (jitted) return the new tokens only:
@@ -60,6 +61,7 @@ from jax import lax
 
 PyTree = Any
 TokensToLogits = Callable[[jax.Array, PyTree], tuple[jax.Array, PyTree]]
+EosIds = int | tuple[int, ...] | None  # the token(s) that end a sequence
 
 # A finite "minus infinity" for beam log-probs, so that sums and differences stay finite.
 NEG_INF = -1.0e7
@@ -116,11 +118,16 @@ def set_cache_index(cache: PyTree, index_B: jax.Array) -> PyTree:
   return jax.tree_util.tree_map_with_path(set_index, cache)
 
 
-def _lengths(tokens_BN: jax.Array, eos_id: int | None) -> jax.Array:
+def _is_eos(tokens: jax.Array, eos_id: EosIds) -> jax.Array:
+  """Where `tokens` are the EOS (any of a tuple of them)."""
+  return jnp.isin(tokens, jnp.asarray(eos_id))
+
+
+def _lengths(tokens_BN: jax.Array, eos_id: EosIds) -> jax.Array:
   batch_size, max_new_tokens = tokens_BN.shape
   if eos_id is None:
     return jnp.full((batch_size,), max_new_tokens, jnp.int32)
-  is_eos_BN = tokens_BN == eos_id
+  is_eos_BN = _is_eos(tokens_BN, eos_id)
   first_eos_B = jnp.argmax(is_eos_BN, axis=-1).astype(jnp.int32)
   return jnp.where(is_eos_BN.any(axis=-1), first_eos_B + 1, max_new_tokens)
 
@@ -151,7 +158,7 @@ class _LoopState(NamedTuple):
 
 def _decode_loop(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array,
                  choose: Callable[[jax.Array, jax.Array], jax.Array], *, max_new_tokens: int,
-                 eos_id: int | None, pad_id: int) -> Decoded:
+                 eos_id: EosIds, pad_id: int) -> Decoded:
   """Feeds each chosen token back until every sequence has its EOS or N tokens."""
   _check_common(first_tokens_B, max_new_tokens)
   batch_size = first_tokens_B.shape[0]
@@ -167,7 +174,7 @@ def _decode_loop(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B
     next_B = jnp.where(state.done_B, pad_id, next_B)
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), next_B[:, None],
                                     axis=-1)[:, 0]
-    done_B = state.done_B if eos_id is None else state.done_B | (next_B == eos_id)
+    done_B = state.done_B if eos_id is None else state.done_B | _is_eos(next_B, eos_id)
     return _LoopState(step=state.step + 1,
                       tokens_BN=state.tokens_BN.at[:, state.step].set(next_B),
                       last_B=next_B, done_B=done_B,
@@ -184,7 +191,7 @@ def _decode_loop(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B
 
 
 def greedy(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array, *,
-           max_new_tokens: int, eos_id: int | None, pad_id: int) -> Decoded:
+           max_new_tokens: int, eos_id: EosIds, pad_id: int) -> Decoded:
   """Picks the most likely token at every step."""
   return _decode_loop(tokens_to_logits, cache, first_tokens_B,
                       lambda logits_BV, _: jnp.argmax(logits_BV, axis=-1),
@@ -208,7 +215,7 @@ def keep_top_p(logits_BV: jax.Array, top_p: float) -> jax.Array:
 
 
 def sample(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array, *,
-           max_new_tokens: int, eos_id: int | None, pad_id: int, rng: jax.Array,
+           max_new_tokens: int, eos_id: EosIds, pad_id: int, rng: jax.Array,
            temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None) -> Decoded:
   """Samples from softmax(logits / temperature), cut to the top k and/or top p tokens.
@@ -258,7 +265,7 @@ class _BeamState(NamedTuple):
 
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array, *,
-                max_new_tokens: int, eos_id: int | None, pad_id: int, beam_size: int,
+                max_new_tokens: int, eos_id: EosIds, pad_id: int, beam_size: int,
                 length_penalty_alpha: float = 0.6) -> BeamSearchOutput:
   """Keeps the beam_size most likely unfinished prefixes and the best finished sequences.
 
@@ -297,7 +304,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B:
     cand_tokens_BCN = cand_tokens_BCN.at[:, :, state.step].set(cand_token_BC)
     ends_BC = jnp.broadcast_to(state.step == n - 1, cand_token_BC.shape)
     if eos_id is not None:
-      ends_BC = ends_BC | (cand_token_BC == eos_id)
+      ends_BC = ends_BC | _is_eos(cand_token_BC, eos_id)
 
     # Live set: the K best candidates that did not end.
     live_logprobs_BK, pick_BK = lax.top_k(jnp.where(ends_BC, NEG_INF, cand_logprobs_BC), beams)
@@ -357,7 +364,7 @@ class Search:
   """Decoding settings, hashable so that they can be a static argument of `jax.jit`."""
   method: str = "greedy"               # greedy | sample | beam
   max_new_tokens: int = 32             # N: tokens generated after the prompt / start token
-  eos_id: int | None = None            # ends a sequence; None: always N tokens
+  eos_id: EosIds = None                # ends a sequence (any of a tuple); None: always N tokens
   pad_id: int = 0                      # fills the positions after EOS
   temperature: float = 1.0             # sample: logits / temperature; 0 = greedy
   top_k: int | None = None             # sample: only the k most likely tokens
@@ -369,6 +376,8 @@ class Search:
     if self.method not in METHODS:
       raise ValueError(f"Unknown decoding method {self.method!r}; choose from {METHODS}.")
     _check_max_new_tokens(self.max_new_tokens)
+    if isinstance(self.eos_id, list):  # A list (e.g. from JSON) as a tuple: hashable.
+      object.__setattr__(self, "eos_id", tuple(self.eos_id))
 
   @property
   def copies(self) -> int:

@@ -149,6 +149,25 @@ def test_eos_stops_each_sequence_and_pads_after_it():
     np.testing.assert_array_equal(out.lengths_B, [1, 2, 3, 5])
 
 
+def test_a_tuple_of_eos_ids_stops_at_any_of_them():
+  """As a generation_config.json's eos_token_id list: every search ends at the first of them."""
+  chain = [[1, 0, 0, 0, 0],   # (start, never fed)
+           [1, 0, 0, 0, 0],   # EOS (never fed)
+           [0, 1, 0, 0, 0],   # A -> EOS
+           [0, 0, 1, 0, 0],   # B -> A
+           [0, 0, 0, 1, 0]]   # 4 -> B
+  toy = Toy.first_order(chain, max_steps=4)
+  for eos_id, want, length in [(EOS, [B, A, EOS, PAD], 3), ((EOS, A), [B, A, PAD, PAD], 2),
+                               ((4, B), [B, PAD, PAD, PAD], 1)]:
+    common = dict(max_new_tokens=4, eos_id=eos_id, pad_id=PAD)
+    for out in [run(decoding.greedy, toy, [0], [4], **common),
+                run(decoding.sample, toy, [0], [4], rng=jax.random.key(0), top_k=1, **common),
+                run(decoding.beam_search, toy, [0], [4], beam_size=2, **common)]:
+      np.testing.assert_array_equal(out.tokens_BN[0], want, err_msg=str(eos_id))
+      assert out.lengths_B[0] == length
+  assert decoding.Search(eos_id=[EOS, A]).eos_id == (EOS, A)  # A list from JSON: hashable.
+
+
 # ---------------------------------------------------------------------------------------
 # Beam search
 

@@ -2,7 +2,8 @@
 
 One tiny transformers model with random weights per family (module-scoped), saved with
 save_pretrained: logits of padded batches within 1e-4 (fp32), cached decoding equal to the full
-forward, bf16 checkpoints loaded exactly; the families' tokenizer folders against
+forward, greedy generation token-identical to transformers' `generate` (stopping at a list of
+EOS ids), bf16 checkpoints loaded exactly; the families' tokenizer folders against
 AutoTokenizer. Nothing is downloaded.
 """
 
@@ -19,7 +20,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from models import presets, pretrained
+from models import decoding, presets, pretrained
 from models.transformer import DecoderOnly
 from train import config as config_lib
 from train.data.examples import bos_eos
@@ -141,6 +142,29 @@ def test_cached_decoding_equals_the_full_forward(checkpoint):
   cached = np.concatenate(chunks, axis=1)
   np.testing.assert_allclose(cached, full, atol=1e-5, rtol=0, err_msg=family)
   assert _max_error(cached, reference, mask) <= TOL
+
+
+def test_greedy_generation_matches_transformers(checkpoint):
+  """Prompts of different lengths; EOS ids chosen among the tokens generated, so rows stop."""
+  family, model, _, module, params = checkpoint
+  prompts = [list(row[:n]) for row, n in zip(_padded(3, [9, 4, 6])[0], [9, 4, 6])]
+  new = 10
+  batch = np.array([row + [0] * (9 - len(row)) for row in prompts])  # Right-padded for us.
+  lengths = np.array([len(row) for row in prompts])
+  no_eos = decoding.generate_decoder_only(module, params, batch, lengths,
+                                          decoding.Search(max_new_tokens=new, pad_id=0))
+  eos_ids = (int(no_eos.tokens_BN[0, 3]), int(no_eos.tokens_BN[2, 6]))
+  search = decoding.Search(max_new_tokens=new, eos_id=eos_ids, pad_id=0)
+  ours = decoding.generate_decoder_only(module, params, batch, lengths, search)
+  assert int(ours.lengths_B.min()) < new  # The EOS list ended at least one row early.
+
+  left = np.array([[0] * (9 - len(row)) + row for row in prompts])  # Left-padded for them.
+  with torch.no_grad():
+    theirs = model.generate(torch.tensor(left), attention_mask=torch.tensor(left != 0),
+                            max_new_tokens=new, do_sample=False, num_beams=1,
+                            eos_token_id=list(eos_ids), pad_token_id=0).numpy()[:, 9:]
+  theirs = np.pad(theirs, [(0, 0), (0, new - theirs.shape[1])])  # transformers stops early.
+  np.testing.assert_array_equal(ours.tokens_BN, theirs, err_msg=family)
 
 
 def test_bf16_checkpoints_load_exactly(checkpoint, tmp_path):
