@@ -15,7 +15,7 @@ from absl import app, flags, logging
 import jax
 import orbax.checkpoint as ocp
 
-from train import cli, loop, metrics as metrics_lib, parallel, workdir as workdir_lib
+from train import cli, loop, metrics as metrics_lib, parallel, workdir as workdir_lib, workdir_cli
 
 FLAGS = flags.FLAGS
 
@@ -78,4 +78,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=workdir_cli.parse_flags)
