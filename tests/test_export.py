@@ -6,17 +6,29 @@ AutoModel* of the exported folder computes the same outputs (max |Δ| <= 1e-4, f
 batches), and from_hf of the folder gives back the identical params. Nothing is downloaded.
 """
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 
+from experiments import finetune_gpt2
 from models import paths, presets, pretrained
 from models.pretrained_export import hf_tensors, to_hf
 from models.pretrained_tables import PretrainedError, Row
 from models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, EncoderMaskedLM,
                                 EncoderOnly)
+from train import config as config_lib, export, export_tokenizer, loop, run_tokenizers
+from train import workdir as workdir_lib
+from train.data.tokenizers import HFTokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TOL = 1e-4
 VOCAB = 61
@@ -205,3 +217,95 @@ def test_rows_are_inverted_only_when_they_rearrange():
                {"a": np.zeros(2), "b": np.zeros(2)})
   with pytest.raises(AssertionError, match="No table row reads"):
     hf_tensors([Row("w", "t", (3, 2))], {**flat, "v": np.zeros(2)})
+
+
+# ------------------------------------------------------------------------------------------
+# python -m train.export over a LoRA fine-tuning run, and the tokenizers a run can use.
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+  """finetune_gpt2:tiny with LoRA adapters that moved far enough to change the logits."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("TAPETE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    config = config_lib.resolve_assets(finetune_gpt2.get_config("tiny"))
+    config.lora.enabled = True
+    config.optim.learning_rate = 3e-2
+    workdir = tmp_path_factory.mktemp("lora_gpt2")
+    loop.train_and_evaluate(config, str(workdir))
+    yield str(workdir)
+
+
+def _export_cli(*args: str) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", "train.export", *args], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_the_cli_exports_a_lora_run_that_transformers_loads(lora_run, tmp_path):
+  out, taken = tmp_path / "export", tmp_path / "taken"
+  taken.mkdir()
+  (taken / "notes.txt").write_text("mine")
+  exporting = _export_cli(f"--workdir={lora_run}", f"--out={out}")
+  refusing = _export_cli(f"--workdir={lora_run}", f"--out={taken}")
+  stdout, stderr = exporting.communicate(timeout=300)
+  assert exporting.returncode == 0, stderr
+  assert "a gpt2 checkpoint (GPT2LMHeadModel) and the run's pretrained tokenizer" in stdout
+  _, stderr = refusing.communicate(timeout=300)
+  assert refusing.returncode == 2 and "Traceback" not in stderr, stderr
+  assert stderr.splitlines()[-1] == (f"error: --out={taken} is a folder that holds files and no "
+                                     "readable export.json of an earlier export: give a new or "
+                                     "empty folder.")
+
+  run = workdir_lib.load(lora_run)
+  texts = ["To be, or not", "A horse! a horse!", "Now is the winter of our discontent"]
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+  ids = [run.input_tokenizer.encode(text) for text in texts]
+  assert ids == [hf_tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+  lengths = [len(row) for row in ids]
+  mask = np.array([[i < n for i in range(max(lengths))] for n in lengths])
+  tokens = np.array([row + [0] * (max(lengths) - len(row)) for row in ids])
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  with torch.no_grad():
+    reference = model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+  ours = np.asarray(jax.jit(run.model.apply)({"params": run.params}, tokens))
+  assert np.abs(ours - reference)[mask].max() <= TOL
+  _, base = pretrained.from_hf(run.config.init_from[len("hf:"):])
+  unadapted = np.asarray(jax.jit(run.model.apply)({"params": base}, tokens))
+  assert np.abs(unadapted - reference)[mask].max() > 100 * TOL  # The adapters are merged in.
+
+  (out / "tokenizer.json").unlink()
+  print(export.export(lora_run, str(out)))  # An earlier export is replaced.
+  assert sorted(os.listdir(out)) == sorted(json.loads((out / "export.json").read_text())["files"]
+                                           + ["export.json"])
+  assert (out / "tokenizer.json").exists()
+
+
+TEXTS = ["Hello world, ação e reação!", "naïve Café — 東京 😀 12345\tend", "UPPER lower MiXeD"]
+
+
+@pytest.mark.parametrize("kind", ["bytes", "word", "char"])
+def test_our_tokenizers_export_with_their_ids(kind, tmp_path):
+  config = config_lib.base_config()
+  config.data.tokenizer = kind
+  if kind != "bytes":
+    config.data.tokenizer_path = str(tmp_path / "vocab.json")
+    HFTokenizer.train_or_load(config.data.tokenizer_path, lambda: TEXTS * 2, level=kind)
+  tokenizer = run_tokenizers.make_tokenizers(config, str(tmp_path))[0]
+  folder = tmp_path / "export"
+  folder.mkdir()
+  for name, data in export_tokenizer.tokenizer_files(config, str(tmp_path), tokenizer).items():
+    (folder / name).write_bytes(data)
+  reference = transformers.AutoTokenizer.from_pretrained(str(folder))
+  for text in TEXTS:
+    ids = tokenizer.encode(text)
+    assert reference(text, add_special_tokens=False)["input_ids"] == ids
+    assert reference.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids)
+  for name in ("pad", "bos", "eos", "mask"):
+    assert getattr(reference, f"{name}_token_id") == getattr(tokenizer, f"{name}_id"), name
+
+
+def test_a_sentencepiece_tokenizer_is_not_written(tmp_path):
+  config = config_lib.base_config()
+  config.data.tokenizer, config.data.tokenizer_path = "sentencepiece", str(tmp_path / "sp.model")
+  with pytest.raises(export_tokenizer.NotWritten, match=r"sentencepiece tokenizer is not written"):
+    export_tokenizer.tokenizer_files(config, str(tmp_path), None)

@@ -1,0 +1,119 @@
+"""A run's tokenizer as the tokenizer files of a Hugging Face folder (for train/export.py).
+
+What each kind of data.tokenizer becomes, read back by transformers' AutoTokenizer with the
+ids the run's tokenizer gives:
+  pretrained     the files the run read, copied: its tokenizer.json (or BERT vocab.txt), with
+                 the tokenizer_config.json, special_tokens_map.json, added_tokens.json, chat
+                 template and generation_config.json (the ids that end a generation) beside it
+  word, char     the run's vocabulary (a `tokenizers` file) as tokenizer.json
+  bytes          a tokenizer.json mapping byte b to id b + 4, as ByteTokenizer does (a text
+                 holding a special token's name, such as "</s>", is the exception: transformers
+                 reads it as that token)
+  sentencepiece  not written: no tokenizer.json form of the run's SentencePiece model is
+                 tested here to give the same ids (NotWritten says so).
+Where no tokenizer_config.json comes with the files, one is written naming the run's pad, BOS,
+EOS, unknown and mask tokens.
+"""
+
+import json
+import os
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+from train import run_tokenizers
+from train.data.tokenizers import ByteTokenizer, Tokenizer
+
+# Files a Hugging Face tokenizer keeps beside its tokenizer.json or vocab.txt.
+COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "chat_template.jinja", "chat_template.json", "generation_config.json")
+BYTE_SPECIALS = ("<pad>", "<s>", "</s>", "<mask>")  # ByteTokenizer's ids 0-3
+
+
+class NotWritten(ValueError):
+  """The run's tokenizer has no Hugging Face form here."""
+
+
+def tokenizer_files(config, workdir: str, tokenizer: Tokenizer) -> dict[str, bytes]:
+  """{file name: contents} of the run's input tokenizer (`tokenizer`, as the run loads it)."""
+  kind = config.data.tokenizer
+  if kind == "sentencepiece":
+    raise NotWritten(
+        "the run's sentencepiece tokenizer is not written: no tokenizer.json form of it is "
+        "tested to give the same ids. Ship its .model file "
+        f"({source_file(config, workdir)}) with the folder and encode with sentencepiece.")
+  if kind == "bytes":
+    files = {"tokenizer.json": _byte_tokenizer().to_str().encode("utf-8")}
+  else:
+    files = _copied(source_file(config, workdir))
+  if "tokenizer_config.json" not in files:
+    files["tokenizer_config.json"] = json.dumps(_named_specials(files, tokenizer),
+                                                indent=2).encode("utf-8")
+  return files
+
+
+def source_file(config, workdir: str) -> str:
+  """The tokenizer file or folder that run_tokenizers.make_tokenizers reads for the inputs."""
+  data = config.data
+  if data.tokenizer_path:
+    return data.tokenizer_path
+  if data.tokenizer == "pretrained":
+    return config.init_from[len("hf:"):]
+  return os.path.join(data.tokenizer_dir or os.path.join(workdir, "tokenizers"),
+                      f"inputs.{run_tokenizers.EXTENSIONS[data.tokenizer]}")
+
+
+def _copied(path: str) -> dict[str, bytes]:
+  """A tokenizer file (or a folder's tokenizer.json, else vocab.txt) and its companions."""
+  if os.path.isdir(path):
+    names = [n for n in ("tokenizer.json", "vocab.txt") if os.path.isfile(os.path.join(path, n))]
+    folder, file = path, os.path.join(path, (names or ["tokenizer.json"])[0])
+  else:
+    folder, file = os.path.dirname(os.path.abspath(path)), path
+  name = "vocab.txt" if file.endswith(".txt") else "tokenizer.json"
+  files = {name: _read(file)}
+  for companion in COMPANIONS:
+    if os.path.isfile(os.path.join(folder, companion)):
+      files[companion] = _read(os.path.join(folder, companion))
+  return files
+
+
+def _read(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _named_specials(files: dict[str, bytes], tokenizer: Tokenizer) -> dict:
+  """A tokenizer_config.json naming the special tokens the run's tokenizer found."""
+  if "tokenizer.json" not in files:  # A vocab.txt alone: BERT's, lowercased as the run read it.
+    return {"tokenizer_class": "BertTokenizer", "do_lower_case": True}
+  table = tokenizers.Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+  config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+  for key, i in (("pad_token", tokenizer.pad_id), ("bos_token", tokenizer.bos_id),
+                 ("eos_token", tokenizer.eos_id), ("unk_token", tokenizer.unk_id),
+                 ("mask_token", tokenizer.mask_id)):
+    if i is not None and table.id_to_token(i) is not None:
+      config[key] = table.id_to_token(i)
+  return config
+
+
+def _byte_chars() -> list[str]:
+  """The character that byte-level BPE (GPT-2, tokenizers' ByteLevel) writes for each byte."""
+  printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)}
+  chars, moved = [], 0
+  for b in range(256):
+    chars.append(chr(b) if b in printable else chr(256 + moved))
+    moved += b not in printable
+  return chars
+
+
+def _byte_tokenizer() -> tokenizers.Tokenizer:
+  """ByteTokenizer as a `tokenizers` BPE without merges: the specials, then byte b at b + 4."""
+  vocab = {token: i for i, token in enumerate(BYTE_SPECIALS)}
+  vocab.update({char: b + ByteTokenizer.num_specials for b, char in enumerate(_byte_chars())})
+  tokenizer = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  tokenizer.add_special_tokens(list(BYTE_SPECIALS))
+  return tokenizer
