@@ -166,6 +166,13 @@ def test_from_hf_reads_back_the_identical_params(exported):
     np.testing.assert_array_equal(theirs[path], x, err_msg=f"{name}: {path}")
 
 
+def test_a_config_and_head_export_as_the_module_does(exported, tmp_path):
+  _, module, params, folder, _ = exported
+  to_hf(module.cfg, params, str(tmp_path), head=HEADS.get(type(module)))
+  for name in ("config.json", "model.safetensors"):
+    assert (tmp_path / name).read_bytes() == pathlib.Path(folder, name).read_bytes(), name
+
+
 # ------------------------------------------------------------------------------------------
 # What cannot be exported.
 
@@ -273,11 +280,12 @@ def test_the_cli_exports_a_lora_run_that_transformers_loads(lora_run, tmp_path):
   unadapted = np.asarray(jax.jit(run.model.apply)({"params": base}, tokens))
   assert np.abs(unadapted - reference)[mask].max() > 100 * TOL  # The adapters are merged in.
 
+  (out / "notes.txt").write_text("mine")
   (out / "tokenizer.json").unlink()
-  print(export.export(lora_run, str(out)))  # An earlier export is replaced.
-  assert sorted(os.listdir(out)) == sorted(json.loads((out / "export.json").read_text())["files"]
-                                           + ["export.json"])
-  assert (out / "tokenizer.json").exists()
+  assert export.export(lora_run, str(out)).startswith(f"Wrote {out}")  # An earlier export.
+  listed = json.loads((out / "export.json").read_text())["files"]
+  assert "tokenizer.json" in listed
+  assert sorted(os.listdir(out)) == sorted([*listed, "export.json", "notes.txt"])
 
 
 TEXTS = ["Hello world, ação e reação!", "naïve Café — 東京 😀 12345\tend", "UPPER lower MiXeD"]
