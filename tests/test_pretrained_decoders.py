@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from models import decoding, presets, pretrained
 from models.transformer import DecoderOnly
-from train import config as config_lib
+from train import config as config_lib, workdir as workdir_lib
 from train.data.examples import bos_eos
 from train.data.tokenizers import TokenizerError, tokenizer_for
 
@@ -319,6 +319,10 @@ def test_tokenizer_folders_match_auto_tokenizer(tmp_path, monkeypatch):
     assert ours.eos_id == reference.eos_token_id and ours.vocab_size == len(reference)
     expected_stop = (ours.eos_id, reference.convert_tokens_to_ids("<|endoftext|>"))
     assert ours.stop_ids == (expected_stop if family == "qwen2" else (ours.eos_id,))
+
+  qwen2 = tokenizer_for(folders["qwen2"])  # train.generate and the evals stop at its list.
+  assert workdir_lib.decoding_search(config_lib.base_config(), qwen2).eos_id == qwen2.stop_ids
+  assert len(qwen2.stop_ids) == 2
 
   with open(os.path.join(folders["qwen2"], "generation_config.json"), "w") as f:
     json.dump({"eos_token_id": ["<|im_end|>"]}, f)

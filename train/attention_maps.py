@@ -53,8 +53,8 @@ def head_maps(run: workdir_lib.Run, text: str, kind: str | None = None,
     search = dataclasses.replace(workdir_lib.decoding_search(run.config, run.target_tokenizer),
                                  method="greedy")
     answer = list(generate.continuation(run, text, search, rng=None))
-    if search.eos_id in answer:
-      answer = answer[:answer.index(search.eos_id)]
+    stops = [i for i, token in enumerate(answer) if token in (search.eos_id or ())]
+    answer = answer[:stops[0]] if stops else answer
     batch = workdir_lib.model_inputs(run, text, target=answer)
     maps = attention_maps(run.model, run.params, jnp.asarray(batch["encoder_tokens"]),
                           jnp.asarray(batch["decoder_inputs"]))

@@ -129,12 +129,13 @@ def use_compilation_cache():
 
 
 def decoding_search(config, tokenizer: Tokenizer) -> decoding.Search:
-  """The decoding settings of `config.decode`, stopping at the tokenizer's EOS."""
+  """The decoding settings of `config.decode`, stopping at the tokenizer's stop ids (its EOS, or
+  the list of a pretrained folder's generation_config.json)."""
   d = config.decode
   return decoding.Search(
       method=d.method, max_new_tokens=d.max_new_tokens or (
           config.data.targets_len if config.task == "seq2seq" else 64),
-      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=d.temperature,
+      eos_id=tokenizer.stop_ids or None, pad_id=tokenizer.pad_id, temperature=d.temperature,
       top_k=d.top_k or None, top_p=d.top_p or None, beam_size=d.beam_size,
       length_penalty_alpha=d.length_penalty_alpha)
 
