@@ -176,6 +176,14 @@ CASES = [
     ("attention_maps --out an existing folder",
      lambda w, t: ["train.attention_maps", f"--workdir={w}", "--input=2026", f"--out={t}"], "t",
      r"--out=\S+ is a folder; give the PNG file to write, such as --out=\S+attention\.png"),
+    ("export a model that no Hugging Face family computes",
+     lambda w, t: ["train.export", f"--workdir={w}", f"--out={t / 'hf'}"], "t",
+     r"This EncoderDecoder cannot be written as a t5 checkpoint: it differs from "
+     r"T5ForConditionalGeneration in .*position='sinusoidal' \(T5ForConditionalGeneration has "
+     r"'relative'\)"),
+    ("export into a folder that holds other files",
+     lambda w, t: ["train.export", f"--workdir={w}", f"--out={random_text(t).parent}"], "t",
+     r"--out=\S+ is a folder that holds files and no readable export\.json of an earlier export"),
     ("an experiment file with a syntax error",
      lambda w, t: ["train", f"--config={bad_experiment(t, 'def get_config(:')}",
                    f"--workdir={t / 'run'}"],

@@ -32,15 +32,15 @@ def export(workdir: str, out: str) -> str:
   earlier = _earlier_files(out)
   run = workdir_lib.load(workdir)
   config = run.config
+  warnings = []
   try:
     files = export_tokenizer.tokenizer_files(config, workdir, run.input_tokenizer)
   except export_tokenizer.NotWritten as e:
     files = {}
-    print(f"warning: {e}", file=sys.stderr, flush=True)
+    warnings.append(str(e))
   if config.task == "seq2seq" and config.data.target_tokenizer:
-    print(f"warning: the run's target tokenizer ({config.data.target_tokenizer}) is not "
-          "written: a Hugging Face folder holds one tokenizer, the inputs'.", file=sys.stderr,
-          flush=True)
+    warnings.append(f"the run's target tokenizer ({config.data.target_tokenizer}) is not "
+                    "written: a Hugging Face folder holds one tokenizer, the inputs'.")
   source = config.init_from[len("hf:"):] if config.init_from.startswith("hf:") else None
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
@@ -62,6 +62,8 @@ def export(workdir: str, out: str) -> str:
       os.replace(os.path.join(staging, name), os.path.join(out, name))
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+  for warning in warnings:
+    print(f"warning: {warning}", file=sys.stderr, flush=True)
   tokenizer = f"the run's {config.data.tokenizer} tokenizer" if files else "no tokenizer"
   return (f"Wrote {out}: a {hf['model_type']} checkpoint ({hf['architectures'][0]}) and "
           f"{tokenizer}; load it with transformers.{AUTO_CLASSES[config.task]}"
