@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import sentencepiece
 import torch
 import transformers
 
@@ -26,7 +27,7 @@ from models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, 
                                 EncoderOnly)
 from train import config as config_lib, export, export_tokenizer, loop, run_tokenizers
 from train import workdir as workdir_lib
-from train.data.tokenizers import HFTokenizer
+from train.data.tokenizers import HFTokenizer, SentencePieceTokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -291,11 +292,15 @@ def test_the_cli_exports_a_lora_run_that_transformers_loads(lora_run, tmp_path):
 TEXTS = ["Hello world, ação e reação!", "naïve Café — 東京 😀 12345\tend", "UPPER lower MiXeD"]
 
 
-@pytest.mark.parametrize("kind", ["bytes", "word", "char"])
+@pytest.mark.parametrize("kind", ["bytes", "word", "char", "sentencepiece"])
 def test_our_tokenizers_export_with_their_ids(kind, tmp_path):
   config = config_lib.base_config()
   config.data.tokenizer = kind
-  if kind != "bytes":
+  corpus = (ROOT / "experiments" / "data" / "tiny_corpus.txt").read_text().splitlines()
+  if kind == "sentencepiece":
+    config.data.tokenizer_path, config.data.vocab_size = str(tmp_path / "sp.model"), 200
+    SentencePieceTokenizer.train_or_load(config.data.tokenizer_path, lambda: corpus, 200)
+  elif kind != "bytes":
     config.data.tokenizer_path = str(tmp_path / "vocab.json")
     HFTokenizer.train_or_load(config.data.tokenizer_path, lambda: TEXTS * 2, level=kind)
   tokenizer = run_tokenizers.make_tokenizers(config, str(tmp_path))[0]
@@ -304,16 +309,22 @@ def test_our_tokenizers_export_with_their_ids(kind, tmp_path):
   for name, data in export_tokenizer.tokenizer_files(config, str(tmp_path), tokenizer).items():
     (folder / name).write_bytes(data)
   reference = transformers.AutoTokenizer.from_pretrained(str(folder))
-  for text in TEXTS:
+  for text in TEXTS + corpus[:50] + ["  two  spaces\tand a tab  ", "Ｆｕｌｌ width ①"]:
     ids = tokenizer.encode(text)
-    assert reference(text, add_special_tokens=False)["input_ids"] == ids
-    assert reference.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids)
-  for name in ("pad", "bos", "eos", "mask"):
+    assert reference(text, add_special_tokens=False)["input_ids"] == ids, text
+    if tokenizer.unk_id not in ids:  # SentencePiece decodes an unknown piece as " ⁇ ".
+      assert reference.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids), text
+  for name in ("pad", "bos", "eos", "unk", "mask"):
     assert getattr(reference, f"{name}_token_id") == getattr(tokenizer, f"{name}_id"), name
 
 
-def test_a_sentencepiece_tokenizer_is_not_written(tmp_path):
+def test_a_bpe_sentencepiece_model_is_not_written(tmp_path):
   config = config_lib.base_config()
   config.data.tokenizer, config.data.tokenizer_path = "sentencepiece", str(tmp_path / "sp.model")
-  with pytest.raises(export_tokenizer.NotWritten, match=r"sentencepiece tokenizer is not written"):
-    export_tokenizer.tokenizer_files(config, str(tmp_path), None)
+  config.data.vocab_size = 60
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(TEXTS * 5), model_prefix=str(tmp_path / "sp"), vocab_size=60,
+      model_type="bpe", pad_id=0, bos_id=1, eos_id=2, unk_id=3, minloglevel=2)
+  tokenizer = run_tokenizers.make_tokenizers(config, str(tmp_path))[0]
+  with pytest.raises(export_tokenizer.NotWritten, match=r"only unigram models"):
+    export_tokenizer.tokenizer_files(config, str(tmp_path), tokenizer)

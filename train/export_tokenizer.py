@@ -9,8 +9,10 @@ ids the run's tokenizer gives:
   bytes          a tokenizer.json mapping byte b to id b + 4, as ByteTokenizer does (a text
                  holding a special token's name, such as "</s>", is the exception: transformers
                  reads it as that token)
-  sentencepiece  not written: no tokenizer.json form of the run's SentencePiece model is
-                 tested here to give the same ids (NotWritten says so).
+  sentencepiece  a unigram model (as the runs train it) as a `tokenizers` Unigram with its
+                 normalizer, as transformers converts one (texts holding a special token's
+                 name are the exception; unknown pieces decode as nothing, not " ⁇ "); BPE or
+                 byte-fallback models are not written (NotWritten says so)
 Where no tokenizer_config.json comes with the files, one is written naming the run's pad, BOS,
 EOS, unknown and mask tokens.
 """
@@ -19,7 +21,8 @@ import json
 import os
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from train import run_tokenizers
 from train.data.tokenizers import ByteTokenizer, Tokenizer
@@ -37,13 +40,11 @@ class NotWritten(ValueError):
 def tokenizer_files(config, workdir: str, tokenizer: Tokenizer) -> dict[str, bytes]:
   """{file name: contents} of the run's input tokenizer (`tokenizer`, as the run loads it)."""
   kind = config.data.tokenizer
-  if kind == "sentencepiece":
-    raise NotWritten(
-        "the run's sentencepiece tokenizer is not written: no tokenizer.json form of it is "
-        "tested to give the same ids. Ship its .model file "
-        f"({source_file(config, workdir)}) with the folder and encode with sentencepiece.")
   if kind == "bytes":
     files = {"tokenizer.json": _byte_tokenizer().to_str().encode("utf-8")}
+  elif kind == "sentencepiece":
+    files = {"tokenizer.json": _unigram_tokenizer(source_file(config, workdir)).to_str().encode(
+        "utf-8")}
   else:
     files = _copied(source_file(config, workdir))
   if "tokenizer_config.json" not in files:
@@ -116,4 +117,29 @@ def _byte_tokenizer() -> tokenizers.Tokenizer:
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
   tokenizer.decoder = decoders.ByteLevel()
   tokenizer.add_special_tokens(list(BYTE_SPECIALS))
+  return tokenizer
+
+
+def _unigram_tokenizer(path: str) -> tokenizers.Tokenizer:
+  """A unigram SentencePiece model as a `tokenizers` Unigram: its pieces and scores, its
+  normalizer (the precompiled character map, then extra whitespace removed) and its "▁"."""
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(_read(path))
+  trainer, spec = proto.trainer_spec, proto.normalizer_spec
+  if trainer.model_type != trainer.UNIGRAM or trainer.byte_fallback:
+    raise NotWritten(f"the run's SentencePiece model {path} is not written: only unigram models "
+                     "without byte fallback (as the runs train them) have a tokenizer.json form "
+                     "here. Ship the .model file with the folder and encode with sentencepiece.")
+  tokenizer = tokenizers.Tokenizer(models.Unigram(
+      [(piece.piece, piece.score) for piece in proto.pieces], trainer.unk_id, False))
+  steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+  if spec.remove_extra_whitespaces:
+    steps += [normalizers.Strip(), normalizers.Replace(tokenizers.Regex(" {2,}"), " ")]
+  tokenizer.normalizer = normalizers.Sequence(steps)
+  prefix = "always" if spec.add_dummy_prefix else "never"
+  tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prefix,
+                                                     split=trainer.split_by_whitespace)
+  tokenizer.decoder = decoders.Metaspace(prepend_scheme=prefix, split=trainer.split_by_whitespace)
+  tokenizer.add_special_tokens([piece.piece for piece in proto.pieces if piece.type in (
+      piece.UNKNOWN, piece.CONTROL, piece.USER_DEFINED)])
   return tokenizer
