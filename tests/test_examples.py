@@ -3,16 +3,7 @@
 import numpy as np
 import pytest
 
-from experiments import finetune_t5
-from train import config as config_lib, inputs as inputs_lib, run_tokenizers
-
-
-@pytest.fixture(scope="module")
-def t5_config(tmp_path_factory):
-  """The tiny T5 fine-tuning config; its random checkpoint built away from ~/.cache."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv("TAPETE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield config_lib.resolve_assets(finetune_t5.get_config("tiny"))
+from train import inputs as inputs_lib, run_tokenizers
 
 
 def test_t5_decoder_inputs_are_the_labels_shifted_as_transformers_does(t5_config, tmp_path):

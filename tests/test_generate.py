@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import finetune_t5, gpt2_small
+from experiments import gpt2_small
 from models import decoding, presets, pretrained
 from train import config as config_lib, generate, loop, run_tokenizers, tasks
 from train import workdir as workdir_lib
@@ -180,14 +180,6 @@ def test_unknown_pieces_name_what_the_vocabulary_lacks(tmp_path):
   assert workdir_lib.unknown_pieces(words, "dois  mil e vinte") == []
   assert workdir_lib.unknown_pieces(words, "dois gatos e vinte gatos") == ["gatos"]
   assert workdir_lib.unknown_pieces(BYTES, "abc ñ €") == []
-
-
-@pytest.fixture(scope="module")
-def t5_config(tmp_path_factory):
-  """The tiny T5 fine-tuning config; its random checkpoint built away from ~/.cache."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv("TAPETE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield config_lib.resolve_assets(finetune_t5.get_config("tiny"))
 
 
 def test_t5_decodes_from_its_decoder_start_token_as_transformers(t5_config, tmp_path):
