@@ -165,7 +165,9 @@ def documented_commands(doc: str) -> list[list[str]]:
 
 
 def parse_command(args: list[str]):
-  """The config that `python -m train ARGS` resolves, parsed as train/__main__.py does."""
+  """The config that `python -m train ARGS` resolves: its file and overrides, through
+  ml_collections' own loader (train/__main__.py loads the file through train/experiment_file.py
+  for its error messages, with the same result)."""
   argv = ["train", *args]
   flag_values = flags.FlagValues()
   config = config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
