@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from train.data.packing import COUNTS, new_counts
+from train.data.counts import COUNTS, new_counts
 from train.data.tokenizers import Tokenizer
 
 

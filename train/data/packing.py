@@ -1,7 +1,7 @@
 """From tokenized examples to rows: split over-long ones, drop flagged ones, pack.
 
-Every example carries a "counts" vector (see `COUNTS`) from tokenization to the
-batch, so the counts survive worker processes and iterator checkpoints.
+Examples flagged by their counts (`train/data/counts.py`: empty, dropped as too long) are
+removed here, and the counts of the rest travel on into the batch.
 """
 
 from typing import Any
@@ -9,16 +9,7 @@ from typing import Any
 import grain
 import numpy as np
 
-COUNTS = ("examples", "empty", "invalid_utf8", "truncated", "split",
-          "dropped_long", "truncated_tokens")
-_DROPPED = np.array([name in ("empty", "dropped_long") for name in COUNTS])
-
-
-def new_counts() -> np.ndarray:
-  """The counts of one example just read."""
-  counts = np.zeros(len(COUNTS), np.int64)
-  counts[COUNTS.index("examples")] = 1
-  return counts
+from train.data.counts import DROPPED
 
 
 class SplitLong(grain.experimental.FlatMapTransform):
@@ -62,7 +53,7 @@ class _DropFlaggedIterator(grain.DatasetIterator):
         if carried is None:
           raise
         return {**element, "counts": carried}
-      if not np.any(element["counts"][_DROPPED]):
+      if not np.any(element["counts"][DROPPED]):
         break
       carried = element["counts"] if carried is None else carried + element["counts"]
     if carried is not None:

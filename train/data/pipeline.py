@@ -60,7 +60,7 @@ import jax
 import numpy as np
 
 from train.data import examples, packing
-from train.data.packing import COUNTS
+from train.data.counts import COUNTS
 from train.data.tokenizers import Tokenizer
 
 
