@@ -239,6 +239,9 @@ def validate(config) -> None:
   _validate_numbers(config)
   if config.task == "classify" and config.model.num_classes < 2:
     raise ValueError("config.task='classify' needs config.model.num_classes >= 2.")
+  if config.data.source_options.get("task") == "instruct" and config.task != "lm":
+    raise ValueError("config.data.source_options.task='instruct' (prompt -> response pairs) "
+                     f"trains an lm run, not config.task={config.task!r}: set task='lm'.")
   if config.init_from and not config.init_from.startswith(("ckpt:", "hf:")):
     raise ValueError(f"config.init_from={config.init_from!r}: use 'ckpt:WORKDIR' or "
                      "'hf:FOLDER'.")
