@@ -82,6 +82,13 @@ def make_train_step(exp: Experiment):
   return train_step
 
 
+def jit_train_step(exp: Experiment, shardings):
+  """The train step jitted over the mesh: state placed by `shardings` and donated."""
+  return jax.jit(make_train_step(exp),
+                 in_shardings=(shardings, parallel.batch_sharding(exp.mesh)),
+                 out_shardings=(shardings, None), donate_argnums=0)
+
+
 def write_config(exp: Experiment):
   """WORKDIR/config.json: the config as run, with the model's vocab_size resolved; written
   once the run has started or resumed, so that a refused command leaves it as it was."""
@@ -134,11 +141,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> dict:
   """Steps to num_steps: metrics every log_every, evals, checkpoints; stops on SIGTERM."""
   t = exp.config.train
-  train_step = jax.jit(make_train_step(exp),
-                       in_shardings=(shardings, parallel.batch_sharding(exp.mesh)),
-                       out_shardings=(shardings, None), donate_argnums=0)
+  train_step = jit_train_step(exp, shardings)
   evaluator = Evaluator(exp)
-  throughput = Throughput(exp, state.params)
+  throughput = Throughput(exp)
   data_report = DataReport("train")
   step, pending = int(state.step), []
   eval_due = lambda step: (t.eval_every and step % t.eval_every == 0) or step == t.num_steps
@@ -148,7 +153,9 @@ def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> 
                  or evaluator(state.params, step, writer))
   with checkpoint.PreemptionGuard() as guard:
     while step < t.num_steps:
-      state, sums = train_step(state, parallel.host_to_global(next(train_iter), exp.mesh))
+      batch = parallel.host_to_global(next(train_iter), exp.mesh)
+      throughput.count_flops_once(train_step, state, batch)
+      state, sums = train_step(state, batch)
       step += 1
       pending.append(sums)
       writer.advance()
@@ -193,19 +200,24 @@ def flush(pending: list, step: int) -> dict:
 
 
 class Throughput:
-  """tokens/s (real target tokens) and MFU between logs, compile and eval time excluded."""
+  """tokens/s (real target tokens) and MFU between logs, compile and eval time excluded.
 
-  def __init__(self, exp: Experiment, params):
-    d = exp.config.data
-    length = d.inputs_len + d.targets_len if exp.config.task == "seq2seq" else d.seq_len
-    layers = exp.model_cfg.num_layers + (
-        (exp.model_cfg.num_decoder_layers or exp.model_cfg.num_layers)
-        if exp.config.task == "seq2seq" else 0)
-    self.flops_per_step = metrics_lib.flops_per_token(
-        exp.model_cfg, params, length, layers) * exp.config.train.batch_size * length
+  MFU is the compiled step's FLOPs on one device (XLA's count: forward, backward and
+  optimizer; see metrics.step_flops) per second, over that device's peak.
+  """
+
+  def __init__(self, exp: Experiment):
     self.peak = metrics_lib.peak_flops_per_device(exp.config.train.peak_flops)
+    self.flops_per_step, self.counted = None, False
     self.stopwatch = metrics_lib.Stopwatch()
     self.first = True
+
+  def count_flops_once(self, train_step, state, batch):
+    """Counts the step's FLOPs on the first call where a peak is known; the step compiled
+    here is the one jit's cache then runs."""
+    if self.peak and not self.counted:
+      self.flops_per_step = metrics_lib.step_flops(train_step.lower(state, batch).compile())
+      self.counted = True
 
   def skip(self):
     self.stopwatch.lap()
@@ -216,8 +228,8 @@ class Throughput:
       self.first = False
       return {"step_seconds_with_compile": seconds / steps}
     out = {"tokens_per_second": logged["tokens"] / seconds, "step_seconds": seconds / steps}
-    if self.peak:
-      out["mfu"] = self.flops_per_step * steps / seconds / (self.peak * jax.device_count())
+    if self.flops_per_step:
+      out["mfu"] = self.flops_per_step * steps / seconds / self.peak
     return out
 
 
