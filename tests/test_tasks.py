@@ -1,4 +1,5 @@
-"""train/tasks.py: losses and metric sums of the four tasks, and that the sums add up.
+"""train/tasks.py: losses and metric sums of the four tasks, and that the sums add up; the
+cross-entropy of train/losses.py against its textbook definition.
 
 References: label-smoothed cross-entropy written out in float64 numpy from its textbook
 definition (Szegedy et al. 2016: q = (1 - s)·onehot + s/V; normalised by the entropy of q,
@@ -14,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import presets
-from train import optim, tasks
+from train import losses, optim, tasks
 
 VOCAB, BATCH, LENGTH, PADDED = 19, 8, 6, 9
 TINY = dict(d_model=16, num_heads=2, d_ff=32, num_layers=1, max_len=16, dropout_rate=0.0)
@@ -47,7 +48,7 @@ def test_smoothed_cross_entropy_is_the_textbook_one(smoothing):
   rng = np.random.default_rng(0)
   logits = rng.normal(0, 3, (4, 5, VOCAB)).astype(np.float32)
   targets = rng.integers(0, VOCAB, (4, 5))
-  got = tasks.smoothed_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), smoothing)
+  got, _ = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), smoothing)
   np.testing.assert_allclose(got, reference_cross_entropy(logits, targets, smoothing),
                              rtol=1e-5, atol=1e-5)
   assert np.all(np.asarray(got) > 0)  # a random prediction is not the target
@@ -57,22 +58,22 @@ def test_smoothed_cross_entropy_is_the_textbook_one(smoothing):
 def test_predicting_the_smoothed_target_scores_zero(smoothing):
   targets = np.arange(VOCAB)
   logits = np.log(smoothed_target(targets, VOCAB, smoothing)) + 7.0  # softmax ignores the shift
-  got = tasks.smoothed_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
-                                     smoothing)
+  got, _ = losses.cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
+                                smoothing)
   np.testing.assert_allclose(got, 0.0, atol=2e-6)
 
 
 def test_without_smoothing_a_peaked_prediction_tends_to_zero():
   targets = np.arange(VOCAB)
-  losses = []
+  maxima = []
   for margin in (2.0, 8.0, 32.0):
     logits = jnp.asarray(margin * np.eye(VOCAB), jnp.float32)
-    loss = np.asarray(tasks.smoothed_cross_entropy(logits, jnp.asarray(targets), 0.0))
+    loss = np.asarray(losses.cross_entropy(logits, jnp.asarray(targets), 0.0)[0])
     # Exactly log(1 + (V - 1) e^-margin) for a margin over every other logit.
     np.testing.assert_allclose(loss, np.log1p((VOCAB - 1) * np.exp(-margin)), rtol=1e-5,
                                atol=1e-7)
-    losses.append(loss.max())
-  assert losses[0] > losses[1] > losses[2] and losses[2] < 1e-7
+    maxima.append(loss.max())
+  assert maxima[0] > maxima[1] > maxima[2] and maxima[2] < 1e-7
 
 
 def test_summarize_divides_by_the_weight():

@@ -16,11 +16,10 @@ import dataclasses
 import math
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import optax
 
 from models import transformer
+from train import losses
 
 TASKS = ("lm", "seq2seq", "classify", "mlm")
 
@@ -67,29 +66,18 @@ class Task:
     return batch["targets"], batch["weights"]
 
   def loss(self, params, batch, rng=None, train: bool = False):
-    """(objective_sum, metric_sums): the smoothed training loss summed over weights."""
-    logits = self.apply(params, batch, rng=rng, train=train).astype(jnp.float32)
+    """(objective_sum, metric_sums): the smoothed training loss summed over weights.
+
+    The logits stay in the model's logits_dtype (bf16 on accelerators); train/losses.py
+    computes the softmax in float32 without keeping a float32 copy of them."""
+    logits = self.apply(params, batch, rng=rng, train=train)
     targets, weights = self.targets(batch)
     weights = weights.astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    objective = nll
-    if self.label_smoothing:
-      objective = smoothed_cross_entropy(logits, targets, self.label_smoothing)
+    objective, nll = losses.cross_entropy(logits, targets, self.label_smoothing)
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     metrics = {"loss": jnp.sum(nll * weights), "correct": jnp.sum(correct * weights),
                "weight": jnp.sum(weights)}
     return jnp.sum(objective * weights), metrics
-
-
-def smoothed_cross_entropy(logits_BTV, targets_BT, smoothing: float):
-  """Cross-entropy to the smoothed labels q = (1 - s)·onehot + s/V, minus the entropy of q,
-  so that a perfect prediction scores 0 (the Flax WMT example subtracts its entropy too, for a
-  q that puts s/(V - 1) on each other class)."""
-  vocab = logits_BTV.shape[-1]
-  q_true, q_other = 1.0 - smoothing + smoothing / vocab, smoothing / vocab
-  entropy = -(q_true * math.log(q_true) + (vocab - 1) * q_other * math.log(q_other or 1.0))
-  labels = optax.smooth_labels(jax.nn.one_hot(targets_BT, vocab), smoothing)
-  return optax.softmax_cross_entropy(logits_BTV, labels) - entropy
 
 
 def summarize(sums: dict) -> dict:
