@@ -6,13 +6,14 @@
 
 Writes one JSON object a line per input, in order (to --output_file, else stdout):
 {"input", "output", "score"}, and for classify {"probabilities"}. seq2seq: the output is the
-decoded target; lm: the prompt and its continuation; classify: the most likely label (an
-int); mlm: the input with each "<mask>" filled in. The score is the model's log-probability
-of what it added: the new tokens, EOS included (seq2seq, lm), the label (classify), the
-filled tokens (mlm). Decoding settings default to the run's `config.decode`. Inputs are laid
-out as in training (`workdir.model_inputs`) and decoded `--batch_size` at a time; stderr gets
-the tokens/s, and a warning naming what an input holds that the vocabulary lacks. An empty
-input is an error.
+decoded target; lm: the prompt and its continuation (the response alone for a run on
+prompt -> response pairs, data.source_options.task="instruct"); classify: the most likely
+label (an int); mlm: the input with each "<mask>" filled in. The score is the model's
+log-probability of what it added: the new tokens, EOS included (seq2seq, lm), the label
+(classify), the filled tokens (mlm). Decoding settings default to the run's `config.decode`.
+Inputs are laid out as in training (`workdir.model_inputs`) and decoded `--batch_size` at a
+time; stderr gets the tokens/s, and a warning naming what an input holds that the vocabulary
+lacks. An empty input is an error.
 """
 
 import dataclasses
@@ -28,6 +29,7 @@ import numpy as np
 
 from models import decoding
 from train import cli, workdir as workdir_lib, workdir_cli
+from train.data import examples
 
 FLAGS = flags.FLAGS
 SEARCH_FLAGS = ("method", "beam_size", "temperature", "top_k", "top_p", "max_new_tokens")
@@ -61,7 +63,8 @@ def answer_batch(run: workdir_lib.Run, texts: list[str], search: decoding.Search
   if task in ("seq2seq", "lm"):
     out = jax.tree.map(np.asarray, _decode(run, texts, search, rng, rows))
     tokenizer = run.target_tokenizer if task == "seq2seq" else run.input_tokenizer
-    return [Answer(text, (text if task == "lm" else "") + tokenizer.decode(tokens),
+    echo = task == "lm" and not examples.instruct(run.config.data)
+    return [Answer(text, (text if echo else "") + tokenizer.decode(tokens),
                    float(logprob), new_tokens=int(length))
             for text, tokens, length, logprob in zip(
                 texts, out.tokens_BN, out.lengths_B, out.logprobs_B)]

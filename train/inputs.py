@@ -11,7 +11,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from train import run_tokenizers
-from train.data import pipeline, tokenizers
+from train.data import examples, pipeline, tokenizers
 from train.data.sources import get_source, prepare
 
 
@@ -60,7 +60,7 @@ class Inputs:
     d = self.data
     if self.task == "lm":
       return pipeline.lm_pipeline(source, self.input_tokenizer, seq_len=d.seq_len, pack=pack,
-                                  **common)
+                                  instruct=examples.instruct(d), **common)
     if self.task == "seq2seq":
       return pipeline.seq2seq_pipeline(source, self.input_tokenizer, self.target_tokenizer,
                                        inputs_len=d.inputs_len, targets_len=d.targets_len,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 from models import pretrained
 from train.data import tokenizers
-from train.data.examples import bos_eos
+from train.data.examples import bos_eos, instruct
 
 EXTENSIONS = {"sentencepiece": "model", "word": "json", "char": "json"}
 # texts(fields) -> a callable reading those fields of the training split.
@@ -31,7 +31,8 @@ def make_tokenizers(config, workdir: str, texts: TrainingTexts | None = None
   tokenizer_dir = data.tokenizer_dir or os.path.join(workdir, "tokenizers")
   two_tokenizers = config.task == "seq2seq" and bool(data.target_tokenizer)
   input_fields = (("inputs",) if two_tokenizers else ("inputs", "targets")
-                  ) if config.task == "seq2seq" else ("text",)
+                  ) if config.task == "seq2seq" else (
+                      ("prompt", "response") if instruct(data) else ("text",))
 
   def build(kind, path, fields, name):
     if kind in EXTENSIONS and not path:

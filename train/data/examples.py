@@ -4,6 +4,8 @@ How a task lays out its tokens is written once, as a function of the ids, and us
 training (the callables below) and by inference over a trained run (train/workdir.py):
 
   lm_tokens              BOS text, text EOS (inputs and next-token targets)
+  instruct_tokens        lm_tokens of prompt + response, weighted 0 on the prompt's targets
+                         (inference: lm_tokens of the prompt, the same row without the response)
   seq2seq_tokens         source EOS; decoder start + target; target EOS
   classification_tokens  BOS text EOS [pair EOS], padded (classify, and mlm before masking)
 
@@ -35,14 +37,42 @@ class LM:
     if not ids:
       return {"inputs": _NONE, "targets": _NONE, "counts": counts}
     inputs, targets = lm_tokens(self.tokenizer, ids)
-    if len(inputs) > self.seq_len:
-      if self.overlong == "truncate":
-        counts[COUNTS.index("truncated")] = 1
-        counts[COUNTS.index("truncated_tokens")] = len(inputs) - self.seq_len
-        inputs, targets = inputs[:self.seq_len], targets[:self.seq_len]
-      else:
-        counts[COUNTS.index("split")] = 1
-    return {"inputs": inputs, "targets": targets, "counts": counts}
+    return _fit({"inputs": inputs, "targets": targets}, self.seq_len, self.overlong, counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruct:
+  """{"prompt", "response"} -> {"inputs", "targets", "weights": `instruct_tokens`, "counts"}."""
+
+  tokenizer: Tokenizer
+  seq_len: int
+  overlong: str
+  prompt_key: str
+  response_key: str
+
+  def __call__(self, example) -> dict[str, np.ndarray]:
+    counts = new_counts()
+    prompt = _encode(self.tokenizer, example, self.prompt_key, counts)
+    response = _encode(self.tokenizer, example, self.response_key, counts)
+    if not prompt or not response:  # Counted as empty by _encode.
+      return {"inputs": _NONE, "targets": _NONE, "weights": _NO_WEIGHTS, "counts": counts}
+    row = dict(zip(("inputs", "targets", "weights"),
+                   instruct_tokens(self.tokenizer, prompt, response)))
+    return _fit(row, self.seq_len, self.overlong, counts)
+
+
+def _fit(row: dict[str, np.ndarray], seq_len: int, overlong: str,
+         counts: np.ndarray) -> dict[str, np.ndarray]:
+  """An lm row over `seq_len` truncated (overlong="truncate") or counted as to be split."""
+  size = len(row["inputs"])
+  if size > seq_len:
+    if overlong == "truncate":
+      counts[COUNTS.index("truncated")] = 1
+      counts[COUNTS.index("truncated_tokens")] = size - seq_len
+      row = {key: value[:seq_len] for key, value in row.items()}
+    else:
+      counts[COUNTS.index("split")] = 1
+  return {**row, "counts": counts}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +168,22 @@ def lm_tokens(tokenizer: Tokenizer, ids: list[int]) -> tuple[np.ndarray, np.ndar
   return _ids([bos] + ids), _ids(ids + [eos])
 
 
+def instruct_tokens(tokenizer: Tokenizer, prompt: list[int], response: list[int]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(inputs, targets, weights): `lm_tokens` of prompt + response, each target weighted 0 where
+  it is a prompt token, 1 where it is a response token or the EOS."""
+  inputs, targets = lm_tokens(tokenizer, prompt + response)
+  weights = np.concatenate([np.zeros(len(prompt), np.float32),
+                            np.ones(len(response) + 1, np.float32)])
+  return inputs, targets, weights
+
+
+def instruct(data) -> bool:
+  """Whether a run's `config.data` reads prompt -> response pairs (a local instruct dataset),
+  whose rows `instruct_tokens` lays out and whose answers are the response alone."""
+  return data.source.startswith("local:") and data.source_options.get("task") == "instruct"
+
+
 def seq2seq_tokens(input_tokenizer: Tokenizer, target_tokenizer: Tokenizer,
                    source: list[int], target: list[int], *, inputs_len: int,
                    targets_len: int, decoder_start_id: int | None = None
@@ -192,6 +238,7 @@ def _num_masked(num_tokens: int, mask_rate: float) -> int:
 
 
 _NONE = np.zeros(0, np.int32)
+_NO_WEIGHTS = np.zeros(0, np.float32)
 
 
 def _ids(ids: list[int]) -> np.ndarray:

@@ -6,6 +6,8 @@ ignored and documents may hold newlines.
   seq2seq         .tsv   inputs TAB targets        .jsonl {"inputs", "targets"}
   classification  .tsv   label TAB text [TAB text_pair]
                                                    .jsonl {"label", "text"[, "text_pair"]}
+  instruct                                         .jsonl {"prompt", "response"}
+(instruct: prompt -> response pairs for an lm run, laid out by train/data/examples.py.)
 Labels that are all non-negative integers are the class ids; otherwise the labels are class
 names, in sorted order.
 
@@ -38,13 +40,14 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-TASKS = ("lm", "seq2seq", "classification")
+TASKS = ("lm", "seq2seq", "classification", "instruct")
 SPLITS = ("train", "validation", "test")
 VERSION = "1.0.0"
 _EXTENSIONS = {
     "lm": (".txt", ".jsonl"),
     "seq2seq": (".tsv", ".jsonl"),
     "classification": (".tsv", ".jsonl"),
+    "instruct": (".jsonl",),
 }
 _MAX_LOGGED = 10
 _MAX_INVALID_UTF8 = 0.01  # of a file's decoded characters; more: it is not UTF-8 text
@@ -334,6 +337,7 @@ def _text_fields(task: str, has_pair: bool) -> tuple[str, ...]:
       "lm": ("text",),
       "seq2seq": ("inputs", "targets"),
       "classification": ("text", "text_pair") if has_pair else ("text",),
+      "instruct": ("prompt", "response"),
   }[task]
 
 

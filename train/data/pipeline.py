@@ -1,8 +1,9 @@
 """grain input pipelines: shard by host, shuffle, tokenize, pack or pad, batch.
 
 A *source* is any random-access sequence of dicts (a list, `tfds.data_source`, a
-`grain.MapDataset`) with the canonical fields of its task: LM {"text"}; seq2seq
-{"inputs", "targets"}; classification {"text", "label"} (+ "text_pair").
+`grain.MapDataset`) with the canonical fields of its task: LM {"text"}, or {"prompt",
+"response"} with instruct=True; seq2seq {"inputs", "targets"}; classification {"text",
+"label"} (+ "text_pair").
 
 Each `*_pipeline(source, tokenizer, ...)` returns a `Pipeline`; `iter(pipeline)`
 gives a `BatchIterator` of host-local numpy batches (B = batch_size):
@@ -13,6 +14,9 @@ gives a `BatchIterator` of host-local numpy batches (B = batch_size):
     segment_ids  int32   [B, T]  1, 2, ... for the examples of a row; 0 = padding
     positions    int32   [B, T]  0, 1, ... restarting at each example
     weights      float32 [B, T]  1 on real targets, 0 on padding
+  With instruct=True an example is BOS + prompt + response (inputs) and prompt + response +
+  EOS (targets), and the weights are 0 on the prompt's targets too: only the response and
+  its EOS are learned (`examples.instruct_tokens`; the weights are packed with the tokens).
   Each example holds its own inputs and targets, so no target crosses a boundary;
   models mask attention with `segment_ids` (equal ids attend) and causality.
   seq2seq (`seq2seq_pipeline`), packed the same way on both sides:
@@ -107,25 +111,34 @@ class BatchIterator:
 def lm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
                 pack: bool = True, overlong: str = "split",
                 num_packing_bins: int | None = None, text_key: str = "text",
-                seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
-                process_index: int | None = None, process_count: int | None = None,
-                num_workers: int = 0) -> Pipeline:
-  """Language modelling batches; over-long examples `overlong`="split"|"truncate"."""
+                instruct: bool = False, prompt_key: str = "prompt",
+                response_key: str = "response", seed: int = 0, shuffle: bool = True,
+                num_epochs: int | None = None, process_index: int | None = None,
+                process_count: int | None = None, num_workers: int = 0) -> Pipeline:
+  """Language modelling batches; over-long examples `overlong`="split"|"truncate";
+  `instruct`: prompt -> response pairs, learned on the response only."""
   _check_choice("overlong", overlong, ("split", "truncate"))
   _check_positive(batch_size=batch_size, seq_len=seq_len)
   examples.bos_eos(tokenizer)
-  tokenize = examples.LM(tokenizer, seq_len, overlong, text_key)
+  if instruct:
+    tokenize = examples.Instruct(tokenizer, seq_len, overlong, prompt_key, response_key)
+  else:
+    tokenize = examples.LM(tokenizer, seq_len, overlong, text_key)
+  lengths = {"inputs": seq_len, "targets": seq_len}
+  pad_id = {"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id}
+  if instruct:
+    lengths["weights"], pad_id["weights"] = seq_len, 0
 
   def after_tokenize(ds):
     if overlong == "split":
       ds = grain.experimental.FlatMapIterDataset(ds, packing.SplitLong(seq_len))
     ds = packing.DropFlagged(ds)
-    return packing.pack(ds, {"inputs": seq_len, "targets": seq_len},
+    return packing.pack(ds, lengths,
                         {"inputs": "inputs", "targets": "targets",
                          "segment_ids": "inputs_segment_ids",
                          "positions": "inputs_positions"},
-                        weights_from="targets_segment_ids",
-                        pad_id=tokenizer.pad_id, batch_size=batch_size,
+                        weights_from="weights" if instruct else "targets_segment_ids",
+                        pad_id=pad_id, batch_size=batch_size,
                         num_packing_bins=num_packing_bins, pack=pack)
 
   return _load(source, tokenize, after_tokenize, batch_size=batch_size, seed=seed,

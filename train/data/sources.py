@@ -4,6 +4,7 @@ A source has `len(source)` and `source[i] -> dict`, with text as str:
   lm              {"text"}
   seq2seq         {"inputs", "targets"}
   classification  {"text", "label"}, plus "text_pair" for sentence pairs (glue/mnli, ...)
+  instruct        {"prompt", "response"} (local JSONL only; an lm run learns the response)
 
 Names:
   "wmt14_translate/de-en", any "*_translate/xx-yy"   seq2seq; source_language="en" turns
