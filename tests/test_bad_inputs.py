@@ -42,6 +42,13 @@ def random_text(folder: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def bad_pairs(folder: pathlib.Path) -> pathlib.Path:
+  """A prompt -> response JSONL file whose third line's response is a number."""
+  path = folder / "pairs.jsonl"
+  path.write_text('{"prompt": "a?", "response": "b"}\n' * 2 + '{"prompt": "c?", "response": 7}\n')
+  return path
+
+
 def bad_experiment(folder: pathlib.Path, source: str) -> pathlib.Path:
   """An experiment file `bad.py` in `folder` holding `source`."""
   path = folder / "bad.py"
@@ -130,6 +137,10 @@ CASES = [
      lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}",
                    f"--config.data.source=local:{random_text(t)}"],
      "t", r"random\.txt is not UTF-8 text: \d+% of it does not decode \(first at byte \d+\)"),
+    ("a prompt -> response line whose response is not a string",
+     lambda w, t: ["train", "--config=experiments/finetune_llama.py:tiny,instruct",
+                   f"--workdir={t / 'run'}", f"--config.data.source=local:{bad_pairs(t)}"],
+     "t", r"pairs\.jsonl:3: response must be a non-empty string, found 7\. Fix the line"),
     ("train.assets: an unknown asset name",
      lambda w, t: ["train.assets", "nope"], "t", r"Unknown asset 'nope': choose from"),
     ("launch.report: a folder that does not exist",
