@@ -10,6 +10,9 @@ implementation here follows that rule, so switching implementation never changes
 beyond floating-point rounding. (One caveat: cuDNN takes masks as an additive bias, so the
 gradient *through* a fully masked row, whose output means nothing, is not zero there as it is
 elsewhere; give such rows zero loss weight, as padding always has.)
+
+Fused kernels for packed causal self-attention (cuDNN's packed layout, Pallas on GPU, splash
+on TPU) live in models/attention_kernels.py; `dot_product_attention` chooses among them.
 """
 
 import functools
@@ -20,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import attention_kernels
 from models.layers import apply_rope
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn")
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas", "splash")
 # The value jax.nn.dot_product_attention gives masked logits (computed in float32 or wider).
 _MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
@@ -158,9 +162,48 @@ def _cudnn_problem(query, has_mask_or_bias: bool, q_len: int, kv_len: int) -> st
   return None
 
 
+def _packed_problem(implementation: str, query, packed_causal: bool) -> str | None:
+  """Why a packed-causal kernel ("cudnn_packed", "pallas", "splash") cannot take this case."""
+  if not packed_causal:
+    return ("it takes only causal self-attention (T == S) over segment ids shared by queries "
+            "and keys, without a mask, bias or local window")
+  platform, capability = jax.default_backend(), _cuda_capability()
+  if implementation == "cudnn_packed":
+    return attention_kernels.cudnn_packed_problem(query, platform, capability)
+  if implementation == "pallas":
+    return attention_kernels.pallas_problem(query, platform, capability)
+  return attention_kernels.splash_problem(query, platform)
+
+
+def _automatic_pallas_problem(query) -> str | None:
+  """Why None leaves a Pallas kernel (pallas, splash) to be asked for by name; None if not."""
+  if query.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"None picks fused kernels for bfloat16 or float16 inputs, got {query.dtype}"
+  if jax.device_count() > 1:
+    # A Pallas call has no partitioning rule, so a jit over several devices may gather its
+    # operands onto each one; cuDNN's attention has such rules.
+    return f"None picks a Pallas kernel on one device, and there are {jax.device_count()}"
+  return None
+
+
+def _automatic_packed(query) -> str:
+  """None's kernel for packed causal self-attention: the first fused one that can take it."""
+  candidates = {"gpu": ("cudnn_packed", "pallas"), "tpu": ("splash",)}
+  for name in candidates.get(jax.default_backend(), ()):
+    if _packed_problem(name, query, True) is None and (
+        name == "cudnn_packed" or _automatic_pallas_problem(query) is None):
+      return name
+  return "xla"
+
+
 def _select_implementation(implementation, query, *, has_mask_or_bias, q_len, kv_len,
-                           return_weights) -> str:
-  """The implementation to run: the one asked for, or the fastest correct one for None."""
+                           return_weights, packed_causal=False, batch_shared_bias=False) -> str:
+  """The implementation to run: the one asked for, or the fastest correct one for None.
+
+  packed_causal: causal self-attention over shared segment ids and nothing else (the case of
+  the fused packed kernels). batch_shared_bias: the only mask or bias is a bias [1, N, T, S].
+  Besides IMPLEMENTATIONS, it returns "cudnn_packed": cuDNN's packed layout.
+  """
   if implementation not in (None, *IMPLEMENTATIONS):
     raise ValueError(f"Unknown attention implementation {implementation!r}; use one of "
                      f"{IMPLEMENTATIONS} or None (automatic).")
@@ -169,14 +212,27 @@ def _select_implementation(implementation, query, *, has_mask_or_bias, q_len, kv
       raise ValueError(f"return_weights=True needs implementation='reference' or None, "
                        f"got {implementation!r}: only the reference path forms the weights.")
     return "reference"
+  if implementation in ("pallas", "splash"):
+    problem = _packed_problem(implementation, query, packed_causal)
+    if problem:
+      raise ValueError(f"implementation={implementation!r} cannot take this case: {problem}. "
+                       "Use implementation='xla' or None.")
+    return implementation
+  if implementation is None and packed_causal:
+    return _automatic_packed(query)
+  if implementation == "cudnn" and _packed_problem("cudnn_packed", query, packed_causal) is None:
+    return "cudnn_packed"
   problem = _cudnn_problem(query, has_mask_or_bias, q_len, kv_len)
   if implementation == "cudnn" and problem:
     raise ValueError(f"implementation='cudnn' cannot take this case: {problem}. "
                      "Use implementation='xla' or None.")
   if implementation is None:
     # A dense mask or bias reaches cuDNN as a [B, N, T, S] bias with a gradient of that size,
-    # which gives up what flash attention saves; XLA is the safer default then.
-    return "cudnn" if problem is None and not has_mask_or_bias else "xla"
+    # which gives up what flash attention saves; XLA is the safer default then. A bias shared
+    # by the batch (T5's relative bias) stays [1, N, T, S], which cuDNN broadcasts and whose
+    # gradient it computes (openxla/xla#11967), so it goes to cuDNN.
+    fits_cudnn = not has_mask_or_bias or batch_shared_bias
+    return "cudnn" if problem is None and fits_cudnn else "xla"
   return implementation
 
 
@@ -221,9 +277,15 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
       t - left <= s <= t + right (top-left aligned, as jax.nn's). It reaches every
       implementation as a mask (see `window_mask`); with is_causal, (W - 1, 0) is a sliding
       window of the last W keys (Mistral).
-    implementation: "reference" (plain einsum, can return weights), "xla" or "cudnn" (through
-      `jax.nn.dot_product_attention`), or None: "cudnn" on a GPU for bf16/fp16 inputs without
-      a dense mask or bias, "xla" otherwise, "reference" when return_weights=True.
+    implementation: "reference" (plain einsum, can return weights); "xla" or "cudnn" (through
+      `jax.nn.dot_product_attention`; "cudnn" takes packed causal self-attention in its packed
+      layout where it can); "pallas" (GPU) or "splash" (TPU), fused kernels for packed causal
+      self-attention only (is_causal, T == S, segment ids shared by queries and keys, no
+      mask, bias or window; see models/attention_kernels.py); or None: for bf16/fp16 packed
+      causal self-attention cuDNN's packed layout on a Hopper GPU, else Pallas on a GPU or
+      splash on a TPU (one device), else "xla"; otherwise "cudnn" on a GPU for bf16/fp16
+      inputs without a dense mask (a bias [1, N, T, S] is fine), "xla" elsewhere; "reference"
+      when return_weights=True.
     return_weights: also return the float32 weights [B, N, T, S] (reference path only).
 
   Key and value are cast to the query's dtype; the output has the query's dtype and shape.
@@ -233,6 +295,9 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
   key, value = key.astype(query.dtype), value.astype(query.dtype)
   (B, T, N, H), S = query.shape, key.shape[1]
   shape_BNTS = (B, N, T, S)
+  packed_causal = (is_causal and T == S and mask is None and bias is None
+                   and local_window_size is None and query_segment_ids is not None
+                   and (kv_segment_ids is None or kv_segment_ids is query_segment_ids))
   if query_segment_ids is not None or kv_segment_ids is not None:
     mask = combine_masks(mask, _checked_segment_mask(query_segment_ids, kv_segment_ids, B, T, S))
   if local_window_size is not None:
@@ -242,9 +307,12 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
   scale = 1.0 / np.sqrt(H) if scale is None else scale
 
   has_mask_or_bias = mask is not None or bias is not None or (is_causal and T != S)
+  batch_shared_bias = (bias is not None and bias.shape[0] == 1 and mask is None
+                       and not (is_causal and T != S))
   implementation = _select_implementation(
       implementation, query, has_mask_or_bias=has_mask_or_bias, q_len=T, kv_len=S,
-      return_weights=return_weights)
+      return_weights=return_weights, packed_causal=packed_causal,
+      batch_shared_bias=batch_shared_bias)
 
   if implementation == "reference":
     mask = combine_masks(mask, causal_mask(T, S) if is_causal else None)
@@ -252,12 +320,27 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
     out_BTNH = _weighted_values(weights_BNTS, value).astype(query.dtype)
     return (out_BTNH, weights_BNTS) if return_weights else out_BTNH
 
+  if implementation in ("pallas", "splash"):
+    kernel = {"pallas": attention_kernels.pallas_packed_causal,
+              "splash": attention_kernels.splash_packed_causal}[implementation]
+    return kernel(query, key, value, query_segment_ids, scale=scale)
+  if implementation == "cudnn_packed":
+    xla = functools.partial(jax.nn.dot_product_attention, mask=mask, scale=scale,
+                            is_causal=True, implementation="xla")
+    return attention_kernels.cudnn_packed_causal(query, key, value, query_segment_ids,
+                                                 scale=scale, fallback=xla)
+
   if implementation == "cudnn":
     # cuDNN wants mask and bias over the full [T, S]; its causal mask is used only for T == S.
     if is_causal and T != S:
       mask, is_causal = combine_masks(mask, causal_mask(T, S)), False
-    mask = None if mask is None else jnp.broadcast_to(mask, shape_BNTS)
-    bias = None if bias is None else jnp.broadcast_to(bias, shape_BNTS).astype(query.dtype)
+    if mask is None and bias is not None:
+      # A bias alone keeps its batch dimension: cuDNN broadcasts a [1, N, T, S] bias over the
+      # batch and computes its gradient at that size. It reaches cuDNN in the inputs' dtype.
+      bias = jnp.broadcast_to(bias, (bias.shape[0], N, T, S)).astype(query.dtype)
+    else:
+      mask = None if mask is None else jnp.broadcast_to(mask, shape_BNTS)
+      bias = None if bias is None else jnp.broadcast_to(bias, shape_BNTS).astype(query.dtype)
   return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
                                       is_causal=is_causal, implementation=implementation)
 
