@@ -120,8 +120,8 @@ def cudnn_packed_causal(query, key, value, segment_ids, *, scale, fallback):
 
   The segments become cuDNN's per-row seqlens and offsets (`packed_segments`). A batch whose
   ids do not fit them (a row with more than CUDNN_SEGMENTS_PER_ROW segments, or an id that
-  comes back after another) runs `fallback(query, key, value)` instead, chosen on the device
-  by `lax.cond`, so no batch gets a different result.
+  comes back after another) runs `fallback(query, key, value)` instead, chosen by a
+  `lax.cond` in the compiled program, so no batch gets a different result.
   """
   attention, mask_type, _ = _cudnn_private_api()
   T, N = query.shape[1:3]
