@@ -39,16 +39,21 @@ def train_losses(workdir) -> list[float]:
   return [line["loss"] for line in lines if line["split"] == "train"]
 
 
-@pytest.fixture(scope="module")
-def instruct_run(tmp_path_factory):
-  """finetune_llama:tiny,instruct trained by the loop; its tiny checkpoint built away from
-  ~/.cache."""
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+  """The tiny checkpoint, built once for this module, away from ~/.cache."""
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("TAPETE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    config = config_lib.resolve_assets(finetune_llama.get_config("tiny,instruct"))
-    workdir = tmp_path_factory.mktemp("llama_sft")
-    loop.train_and_evaluate(config, str(workdir))
-    yield config, workdir
+    yield
+
+
+@pytest.fixture(scope="module")
+def instruct_run(tmp_path_factory):
+  """finetune_llama:tiny,instruct trained by the loop."""
+  config = config_lib.resolve_assets(finetune_llama.get_config("tiny,instruct"))
+  workdir = tmp_path_factory.mktemp("llama_sft")
+  loop.train_and_evaluate(config, str(workdir))
+  return config, workdir
 
 
 @pytest.mark.slow
@@ -112,8 +117,7 @@ def _qwen2_folder(root: pathlib.Path) -> str:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_packed_rows_weigh_the_response_and_eos_only(family, tmp_path, monkeypatch):
-  monkeypatch.setenv("TAPETE_CACHE", str(tmp_path / "cache"))
+def test_packed_rows_weigh_the_response_and_eos_only(family, tmp_path):
   folder = tiny_hf.folder("llama") if family == "llama" else _qwen2_folder(tmp_path)
   reference = transformers.AutoTokenizer.from_pretrained(folder)
   expected = {}
@@ -152,6 +156,14 @@ def test_the_layout_is_one_formula_for_training_and_answers():
   inputs, targets, weights = examples.instruct_tokens(Ids(), [10, 11], [20])
   assert inputs.tolist() == [1, 10, 11, 20] and targets.tolist() == [10, 11, 20, 2]
   assert weights.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny,instruct"])
+def test_documented_commands_name_the_variants_and_they_validate(variant):
+  assert f"--config=experiments/finetune_llama.py:{variant} " in finetune_llama.__doc__
+  config = config_lib.resolve_assets(finetune_llama.get_config(variant))
+  config_lib.validate(config)
+  assert examples.instruct(config.data) == ("instruct" in variant)
 
 
 def test_instruct_data_needs_the_lm_task():
