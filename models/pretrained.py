@@ -40,9 +40,11 @@ from models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, 
 SUPPORTED = tuple(FAMILIES)
 DECODERS = ("gpt2", "llama", "mistral", "qwen2", "gemma")  # model types imported as DecoderOnly
 HEADS = {"bert": (None, "classifier", "mlm"), "t5": (None,), **{d: (None,) for d in DECODERS}}
-# Config fields a caller may change: they do not alter the parameters' shapes.
-OVERRIDABLE = ("dtype", "param_dtype", "dropout_rate", "attention_dropout_rate",
-               "ffn_dropout_rate", "scan_layers", "remat_policy", "attention_implementation")
+# Config fields a caller may change: they do not alter the parameters' shapes, except
+# vocab_pad_multiple, whose extra rows of the token table and logits layer start at zero.
+OVERRIDABLE = ("dtype", "param_dtype", "logits_dtype", "vocab_pad_multiple", "dropout_rate",
+               "attention_dropout_rate", "ffn_dropout_rate", "scan_layers", "remat_policy",
+               "attention_implementation")
 
 
 # ------------------------------------------------------------------------------------------
@@ -268,6 +270,15 @@ def _check_unused(rows: list[Row], tensors: dict, family: Family, path: str) -> 
                  paths.listing(heads))
 
 
+def _vocab_padded(x: np.ndarray, shape: tuple, cfg: TransformerConfig) -> np.ndarray:
+  """`x` with zeros appended on each axis that is vocab_size long where `shape` has the padded
+  vocabulary; any other mismatch is left for the shape check."""
+  if x.ndim != len(shape):
+    return x
+  return np.pad(x, [(0, n - m) if (m, n) == (cfg.vocab_size, cfg.padded_vocab_size) else (0, 0)
+                    for m, n in zip(x.shape, shape)])
+
+
 class Imported(NamedTuple):
   """A Hugging Face checkpoint as `import_hf` returns it."""
   module: nn.Module
@@ -309,7 +320,8 @@ def import_hf(path: str, *, head: str | None = None, num_classes: int | None = N
   """`from_hf`'s module and params, and the paths of the params the file did not hold."""
   hf, family, tensors, cfg = _load(path, overrides)
   module = _make_module(hf["model_type"], cfg, head, num_classes, pooling)
-  rows = family.table(cfg, hf, tensors, head=head, num_classes=num_classes, pooling=pooling)
+  rows = family.table(cfg.replace(vocab_pad_multiple=1), hf, tensors, head=head,
+                      num_classes=num_classes, pooling=pooling)
   params, fresh = _fill(rows, tensors, path, hf)
   _check_unused(rows, tensors, family, path)
   if cfg.scan_layers:
@@ -317,6 +329,9 @@ def import_hf(path: str, *, head: str | None = None, num_classes: int | None = N
 
   rng = jax.random.key(rng) if isinstance(rng, int) else rng
   expected = _flat(jax.eval_shape(module.init, rng, *_init_args(module))["params"])
+  if cfg.vocab_pad_multiple > 1:
+    params = {p: _vocab_padded(x, expected[p].shape, cfg) if p in expected else x
+              for p, x in params.items()}
   new = sorted(set(expected) - set(params))
   wrong = {p for p in params if p not in expected or params[p].shape != expected[p].shape}
   wrong |= {p for p in new if not p.startswith(("pooler/", "classifier/"))}

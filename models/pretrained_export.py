@@ -45,7 +45,7 @@ _MODULES = {"gpt2": (DecoderOnly,), "llama": (DecoderOnly,), "mistral": (Decoder
 _HEADS = {EncoderClassifier: "classifier", EncoderMaskedLM: "mlm"}
 _HEAD_TENSORS = re.compile(r"(lm_head|cls|classifier)\..*")  # Outside the base model's prefix.
 # Fields that change no output of a trained model (written where a family has them, not compared).
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy",
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "logits_dtype", "scan_layers", "remat_policy",
                    "attention_implementation", "embedding_init_stddev", "dropout_rate",
                    "attention_dropout_rate", "ffn_dropout_rate")
 _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu"}
@@ -79,7 +79,7 @@ def to_hf(model: nn.Module | TransformerConfig, params, folder: str, *, head: st
         f"A classifier with pooling={module.pooling!r} has no Hugging Face class: "
         "BertForSequenceClassification classifies the first token through BERT's pooler; train "
         "with model.pooling='cls' to export a classifier.")
-  flat = _checked_params(module, params)
+  module, flat = _without_vocab_padding(module, _checked_params(module, params))
   hf = {"model_type": model_type, "architectures": [ARCHITECTURES[model_type, head]],
         **_CONFIGS[model_type](module.cfg, module)}
   _check_expressible(module, hf)
@@ -198,6 +198,18 @@ def _checked_params(module: nn.Module, params) -> dict[str, np.ndarray]:
                           f"{'; '.join(problems)}.")
   flat = {p: np.asarray(x) for p, x in flat.items()}
   return _unstack_layers(flat) if module.cfg.scan_layers else flat
+
+
+def _without_vocab_padding(module: nn.Module, flat: dict) -> tuple[nn.Module, dict]:
+  """A module with vocab_pad_multiple > 1 as its unpadded twin: the token tables and the
+  logits layer cut back to vocab_size (the padded rows reach no output). Those params sit
+  outside the layer stack, so `flat` (layers unrolled) and the twin's paths meet there."""
+  if module.cfg.vocab_pad_multiple == 1:
+    return module, flat
+  module = module.clone(cfg=module.cfg.replace(vocab_pad_multiple=1))
+  expected = _flat(jax.eval_shape(module.init, jax.random.key(0), *_init_args(module))["params"])
+  cut = lambda p, x: x[tuple(slice(0, n) for n in expected[p].shape)] if p in expected else x
+  return module, {p: cut(p, x) for p, x in flat.items()}
 
 
 def _rows(module: nn.Module, hf: dict) -> list[Row]:

@@ -81,6 +81,10 @@ class TransformerConfig:
   ffn_dropout_rate: float = 0.0         # inside the feed-forward, after the activation (T5)
   dtype: str = "float32"                # compute dtype name (bfloat16 on accelerators)
   param_dtype: str = "float32"          # parameter dtype name
+  logits_dtype: str = "float32"         # dtype of the returned logits; bfloat16 (with a bf16
+                                        # dtype) lets the loss read them without a float32 copy
+  vocab_pad_multiple: int = 1           # token table and output layer rounded up to a multiple
+                                        # of this (128 on GPUs); logits keep vocab_size entries
   scan_layers: bool = False             # nn.scan over layers: compile time flat in depth
   remat_policy: str = "none"            # none | full | dots | dots_no_batch
   attention_implementation: str | None = None  # None (fastest) | reference | xla | cudnn
@@ -89,7 +93,8 @@ class TransformerConfig:
 
   def __post_init__(self):
     problems = []
-    for name in ("vocab_size", "d_model", "num_heads", "d_ff", "num_layers"):
+    for name in ("vocab_size", "d_model", "num_heads", "d_ff", "num_layers",
+                 "vocab_pad_multiple"):
       if getattr(self, name) <= 0:
         problems.append(f"{name} must be positive, got {getattr(self, name)}")
     derived = self.head_dim is None
@@ -110,7 +115,7 @@ class TransformerConfig:
                                   (None, *IMPLEMENTATIONS))):
       if value not in allowed:
         problems.append(f"unknown {name} {value!r}; choose from {allowed}")
-    for name in ("dtype", "param_dtype"):
+    for name in ("dtype", "param_dtype", "logits_dtype"):
       try:
         jnp.dtype(getattr(self, name))
       except TypeError:
@@ -141,6 +146,11 @@ class TransformerConfig:
       raise ValueError("Invalid TransformerConfig: " + "; ".join(problems) + ".")
     object.__setattr__(self, "head_dim", head_dim)
     object.__setattr__(self, "_head_dim_derived", derived)
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """Rows of the token table and outputs of the logits layer: vocab_size rounded up."""
+    return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
 
   def replace(self, **changes) -> "TransformerConfig":
     """A copy with `changes`; a head_dim that was derived is derived again."""
@@ -355,12 +365,12 @@ class Decoder(nn.Module):
         x_BTD = x_BTD * jnp.asarray(cfg.d_model ** -0.5, x_BTD.dtype)
       logits_BTV = self.embed.attend(x_BTD)
     else:
-      logits_BTV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+      logits_BTV = nn.Dense(cfg.padded_vocab_size, use_bias=False, dtype=cfg.dtype,
                             param_dtype=cfg.param_dtype,
                             kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                                            "embed", "vocab"),
                             name="logits_dense")(x_BTD)
-    return logits_BTV.astype(jnp.float32)
+    return _real_vocab(cfg, logits_BTV).astype(cfg.logits_dtype)
 
   def _decode_positions(self, tokens_BT, positions_BT):
     """In decode mode, positions continue from the tokens already in the cache."""
@@ -381,9 +391,17 @@ class Decoder(nn.Module):
                                                   (batch, length))).value
 
 
+def _real_vocab(cfg: TransformerConfig, logits_BTV):
+  """The logits of the real vocabulary: the padded rows never reach a softmax or a search (the
+  slice fuses into the ops that read the logits)."""
+  if cfg.padded_vocab_size == cfg.vocab_size:
+    return logits_BTV
+  return logits_BTV[..., :cfg.vocab_size]
+
+
 def _token_embed(cfg: TransformerConfig, name: str) -> layers.Embed:
   stddev = cfg.embedding_init_stddev or cfg.d_model ** -0.5
-  return layers.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+  return layers.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=cfg.dtype,
                       param_dtype=cfg.param_dtype,
                       embedding_init=nn.initializers.normal(stddev), name=name)
 
@@ -459,7 +477,7 @@ class EncoderOnly(nn.Module):
 
   def attend(self, hidden_BTD):
     """Logits over the vocabulary through the token table (the masked-LM head's decoder)."""
-    return self.token_embed.attend(hidden_BTD)
+    return _real_vocab(self.cfg, self.token_embed.attend(hidden_BTD))
 
 
 class EncoderClassifier(nn.Module):
@@ -513,4 +531,4 @@ class EncoderMaskedLM(nn.Module):
     h_BTD = _norm(cfg, "transform_norm")(layers.ACTIVATIONS[cfg.activation](h_BTD))
     bias_V = self.param("output_bias", layers.partitioned(nn.initializers.zeros, "vocab"),
                         (cfg.vocab_size,), cfg.param_dtype)
-    return (encoder.attend(h_BTD) + bias_V).astype(jnp.float32)
+    return (encoder.attend(h_BTD) + bias_V).astype(cfg.logits_dtype)
