@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.searches import (  # noqa: F401  (greedy, sample, beam_search: re-exported)
-    BeamSearchOutput, Decoded, EosIds, PyTree, TokensToLogits, beam_search,
-    check_max_new_tokens, expand_to_beams, greedy, sample)
+    EOS_CHECK_EVERY, BeamSearchOutput, Decoded, EosIds, PyTree, TokensToLogits, beam_search,
+    check_eos_check_every, check_max_new_tokens, expand_to_beams, greedy, sample)
 
 
 def set_cache_index(cache: PyTree, index_B: jax.Array) -> PyTree:
@@ -67,11 +67,13 @@ class Search:
   top_p: float | None = None           # sample: only the most likely tokens of mass top_p
   beam_size: int = 4                   # beam
   length_penalty_alpha: float = 0.6    # beam: scores are log-prob / ((5 + len) / 6)^alpha
+  eos_check_every: int = EOS_CHECK_EVERY  # tokens between end tests; same output for any value
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"Unknown decoding method {self.method!r}; choose from {METHODS}.")
     check_max_new_tokens(self.max_new_tokens)
+    check_eos_check_every(self.eos_check_every)
     if isinstance(self.eos_id, list):  # A list (e.g. from JSON) as a tuple: hashable.
       object.__setattr__(self, "eos_id", tuple(self.eos_id))
 
@@ -82,7 +84,8 @@ class Search:
 
   def __call__(self, tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array,
                rng: jax.Array | None = None) -> Decoded | BeamSearchOutput:
-    common = dict(max_new_tokens=self.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id)
+    common = dict(max_new_tokens=self.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
+                  eos_check_every=self.eos_check_every)
     if self.method == "greedy":
       return greedy(tokens_to_logits, cache, first_tokens_B, **common)
     if self.method == "beam":

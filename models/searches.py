@@ -27,6 +27,14 @@ softmax: temperature 1, no top-k or top-p).
 `eos_id=None` never stops early; a tuple of ids (a generation_config.json's list) stops at any
 of them. Beam scores are log P(sequence) / ((5 + length) / 6)^alpha, the GNMT / t5x length
 penalty; a beam that reaches N tokens without EOS ends there.
+
+The end test (every sequence has its EOS; for beam search, no live beam can still win) runs
+only every `eos_check_every` tokens (C, default 16): a `lax.while_loop` over chunks, each chunk
+a `lax.scan` of C steps (of N mod C for the last one), whose trip count XLA knows. On a GPU a
+while loop's condition goes to the host at every iteration, so C = 1 (a test before every
+token) pays that round trip per token, and C = 16 once per 16 tokens, at the cost of up to
+C - 1 steps after the end. Steps after the end change nothing that is returned, so the
+outputs are the same for every C.
 """
 
 from typing import Any, Callable, NamedTuple
@@ -41,6 +49,7 @@ EosIds = int | tuple[int, ...] | None  # the token(s) that end a sequence
 
 # A finite "minus infinity" for beam log-probs, so that sums and differences stay finite.
 NEG_INF = -1.0e7
+EOS_CHECK_EVERY = 16  # Default tokens between two end tests (see the module docstring).
 
 
 class Decoded(NamedTuple):
@@ -104,10 +113,35 @@ def check_max_new_tokens(max_new_tokens: int):
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
 
 
-def _check_common(first_tokens_B, max_new_tokens: int):
+def check_eos_check_every(eos_check_every: int):
+  if not isinstance(eos_check_every, int) or eos_check_every < 1:
+    raise ValueError(f"eos_check_every must be a positive int (1: test for the end before "
+                     f"every token), got {eos_check_every!r}.")
+
+
+def _check_common(first_tokens_B, max_new_tokens: int, eos_check_every: int):
   if jnp.ndim(first_tokens_B) != 1:
     raise ValueError(f"first_tokens_B must be 1-D [batch], got shape {jnp.shape(first_tokens_B)}.")
   check_max_new_tokens(max_new_tokens)
+  check_eos_check_every(eos_check_every)
+
+
+def _run_steps(keep_going: Callable[[Any], jax.Array], step: Callable[[Any], Any], state, *,
+               num_steps: int, check_every: int):
+  """Applies `step` to `state` (a NamedTuple with a `step` counter from 0) num_steps times, or
+  until keep_going(state) is false, tested only before every check_every steps."""
+  def steps(count):
+    if count == 1:
+      return step
+    return lambda state: lax.scan(lambda s, _: (step(s), None), state, length=count)[0]
+
+  chunks, rest = divmod(num_steps, check_every)
+  for last_step, count in ((chunks * check_every, check_every), (num_steps, rest)):
+    if last_step and count:
+      state = lax.while_loop(
+          lambda s, last_step=last_step: (s.step < last_step) & keep_going(s), steps(count),
+          state)
+  return state
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,14 +159,18 @@ class _LoopState(NamedTuple):
 
 def _decode_loop(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array,
                  choose: Callable[[jax.Array, jax.Array], jax.Array], *, max_new_tokens: int,
-                 eos_id: EosIds, pad_id: int) -> Decoded:
-  """Feeds each chosen token back until every sequence has its EOS or N tokens."""
-  _check_common(first_tokens_B, max_new_tokens)
+                 eos_id: EosIds, pad_id: int, eos_check_every: int) -> Decoded:
+  """Feeds each chosen token back until every sequence has its EOS or N tokens.
+
+  A step after every sequence's EOS writes pad_id where pad_id already is and adds no
+  log-probability, so steps run past the end (eos_check_every > 1) change no output.
+  """
+  _check_common(first_tokens_B, max_new_tokens, eos_check_every)
   batch_size = first_tokens_B.shape[0]
   _check_cache(cache, batch_size)
 
   def keep_going(state: _LoopState):
-    return (state.step < max_new_tokens) & ~jnp.all(state.done_B)
+    return ~jnp.all(state.done_B)
 
   def step(state: _LoopState) -> _LoopState:
     logits_BV, cache = tokens_to_logits(state.last_B[:, None], state.cache)
@@ -153,16 +191,19 @@ def _decode_loop(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B
                      last_B=jnp.asarray(first_tokens_B, jnp.int32),
                      done_B=jnp.zeros((batch_size,), bool),
                      logprobs_B=jnp.zeros((batch_size,), jnp.float32), cache=cache)
-  state = lax.while_loop(keep_going, step, state)
+  state = _run_steps(keep_going, step, state, num_steps=max_new_tokens,
+                     check_every=eos_check_every)
   return Decoded(state.tokens_BN, _lengths(state.tokens_BN, eos_id), state.logprobs_B)
 
 
 def greedy(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array, *,
-           max_new_tokens: int, eos_id: EosIds, pad_id: int) -> Decoded:
+           max_new_tokens: int, eos_id: EosIds, pad_id: int,
+           eos_check_every: int = EOS_CHECK_EVERY) -> Decoded:
   """Picks the most likely token at every step."""
   return _decode_loop(tokens_to_logits, cache, first_tokens_B,
                       lambda logits_BV, _: jnp.argmax(logits_BV, axis=-1),
-                      max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+                      max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                      eos_check_every=eos_check_every)
 
 
 def keep_top_k(logits_BV: jax.Array, top_k: int) -> jax.Array:
@@ -183,8 +224,8 @@ def keep_top_p(logits_BV: jax.Array, top_p: float) -> jax.Array:
 
 def sample(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array, *,
            max_new_tokens: int, eos_id: EosIds, pad_id: int, rng: jax.Array,
-           temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None) -> Decoded:
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           eos_check_every: int = EOS_CHECK_EVERY) -> Decoded:
   """Samples from softmax(logits / temperature), cut to the top k and/or top p tokens.
 
   Filters apply in that order: temperature, top-k, top-p. Temperature 0 is greedy. Step t
@@ -198,7 +239,7 @@ def sample(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.
     raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}.")
   if temperature == 0:
     return greedy(tokens_to_logits, cache, first_tokens_B, max_new_tokens=max_new_tokens,
-                  eos_id=eos_id, pad_id=pad_id)
+                  eos_id=eos_id, pad_id=pad_id, eos_check_every=eos_check_every)
 
   def choose(logits_BV, step):
     logits_BV = logits_BV / temperature
@@ -209,7 +250,8 @@ def sample(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.
     return jax.random.categorical(jax.random.fold_in(rng, step), logits_BV, axis=-1)
 
   return _decode_loop(tokens_to_logits, cache, first_tokens_B, choose,
-                      max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+                      max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                      eos_check_every=eos_check_every)
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,15 +275,17 @@ class _BeamState(NamedTuple):
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array, *,
                 max_new_tokens: int, eos_id: EosIds, pad_id: int, beam_size: int,
-                length_penalty_alpha: float = 0.6) -> BeamSearchOutput:
+                length_penalty_alpha: float = 0.6,
+                eos_check_every: int = EOS_CHECK_EVERY) -> BeamSearchOutput:
   """Keeps the beam_size most likely unfinished prefixes and the best finished sequences.
 
   Each step extends every live beam by every token, keeps the best 2K candidates (so K
   stay live even if K of them end), moves those ending in EOS (or reaching N tokens) into
   the finished set by length-penalized score, and keeps the K best others live. It stops
-  early once no live beam can beat the worst finished one of any example.
+  early once no live beam can beat the worst finished one of any example; steps run past
+  that point (eos_check_every > 1) keep every beam as it was there.
   """
-  _check_common(first_tokens_B, max_new_tokens)
+  _check_common(first_tokens_B, max_new_tokens, eos_check_every)
   if not isinstance(beam_size, int) or beam_size < 1:
     raise ValueError(f"beam_size must be a positive int, got {beam_size!r}.")
   batch_size, beams, n = first_tokens_B.shape[0], beam_size, max_new_tokens
@@ -255,7 +299,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B:
   def keep_going(state: _BeamState):
     best_possible_B = state.live_logprobs_BK.max(axis=-1) / max_penalty(state.step)
     worst_finished_B = state.finished_scores_BK.min(axis=-1)
-    return (state.step < n) & ~jnp.all(worst_finished_B > best_possible_B)
+    return ~jnp.all(worst_finished_B > best_possible_B)
 
   def step(state: _BeamState) -> _BeamState:
     logits_FV, cache = tokens_to_logits(state.live_last_BK.reshape(-1, 1), state.cache)
@@ -296,6 +340,14 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B:
         finished_tokens_BKN=finished_tokens_BKN,
         finished_scores_BK=finished_scores_BK)
 
+  def step_unless_ended(state: _BeamState) -> _BeamState:
+    """A step, or, once the search has ended, the beams unchanged (the cache is not returned)."""
+    stepped = step(state)
+    going = keep_going(state)
+    beams_kept = jax.tree.map(lambda new, old: jnp.where(going, new, old),
+                              stepped._replace(cache=None), state._replace(cache=None))
+    return beams_kept._replace(cache=stepped.cache)
+
   pad_BKN = jnp.full((batch_size, beams, n), pad_id, jnp.int32)
   state = _BeamState(
       step=jnp.int32(0),
@@ -306,7 +358,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B:
       cache=expand_to_beams(cache, beams),
       finished_tokens_BKN=pad_BKN,
       finished_scores_BK=jnp.full((batch_size, beams), NEG_INF))
-  state = lax.while_loop(keep_going, step, state)
+  state = _run_steps(keep_going, step if eos_check_every == 1 else step_unless_ended, state,
+                     num_steps=n, check_every=eos_check_every)
 
   tokens_BKN = state.finished_tokens_BKN
   lengths_BK = _lengths(tokens_BKN.reshape(batch_size * beams, n), eos_id).reshape(

@@ -1,0 +1,179 @@
+"""The end test every `eos_check_every` tokens: the same outputs as a test before every token
+(eos_check_every=1, the loop of old), checked against Python loops over `tokens_to_logits`
+written here, exhaustive beam search and full forward passes; and the compiled loops' shape."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import decoding
+from test_decoding import EOS, LM, N, PAD, Seq2Seq, Toy, build, np_all_sequences, \
+    reference_greedy, run
+
+CHECK_EVERY = [1, 2, 3, 4, 16]  # For 7 new tokens: 1, non-divisors, and more than 7.
+
+
+def python_loop(tokens_to_logits, cache, first_B, *, max_new_tokens, choose):
+  """One eager call of tokens_to_logits per token; each row stops at its own EOS."""
+  batch = len(first_B)
+  tokens_BN = np.full((batch, max_new_tokens), PAD)
+  logprobs_B = np.zeros(batch)
+  last_B, done_B = np.asarray(first_B), np.zeros(batch, bool)
+  for step in range(max_new_tokens):
+    if done_B.all():
+      break
+    logits_BV, cache = tokens_to_logits(jnp.asarray(last_B, jnp.int32)[:, None], cache)
+    logits_BV = np.asarray(logits_BV, np.float64)
+    next_B = np.where(done_B, PAD, np.asarray(choose(logits_BV, step)))
+    logprobs_BV = logits_BV - np.logaddexp.reduce(logits_BV, axis=-1, keepdims=True)
+    logprobs_B += np.where(done_B, 0.0, logprobs_BV[np.arange(batch), next_B])
+    tokens_BN[:, step] = next_B
+    last_B, done_B = next_B, done_B | (next_B == EOS)
+  return tokens_BN, logprobs_B
+
+
+def early_ending_toy():
+  """Rows that all end within 3 of 7 tokens (checked below): the end test decides the steps."""
+  toy = Toy.random(9, vocab_size=6, max_steps=7)
+  toy.table[..., EOS] += 1.0
+  return toy, [0, 2, 3, 4, 5], [1, 2, 3, 5, 4]
+
+
+RNG = jax.random.key(5)
+
+
+def choose_greedy(logits_BV, _):
+  return logits_BV.argmax(-1)
+
+
+def choose_sample(logits_BV, step):
+  """As decoding.sample at temperature 1.5: float32 logits / 1.5, the step's own key."""
+  return jax.random.categorical(jax.random.fold_in(RNG, step),
+                                jnp.asarray(logits_BV, jnp.float32) / 1.5, axis=-1)
+
+
+@functools.cache
+def python_loop_answer(choose):
+  toy, prev_B, first_B = early_ending_toy()
+  return python_loop(toy.tokens_to_logits, toy.cache(prev_B), first_B, max_new_tokens=7,
+                     choose=choose)
+
+
+def run_counting_steps(search, toy, prev_B, first_B, **settings):
+  """(outputs, how many times the jitted search ran the model) for one call."""
+  steps = []
+
+  def counted(tokens_B1, cache):
+    jax.debug.callback(lambda: steps.append(1))
+    return toy.tokens_to_logits(tokens_B1, cache)
+
+  out = jax.jit(lambda cache, first: search(counted, cache, first, **settings))(
+      toy.cache(prev_B), jnp.asarray(first_B, jnp.int32))
+  return jax.tree.map(np.asarray, out), len(steps)
+
+
+def steps_with_end_test_every(check_every, end, n):
+  """Steps run when all rows end at step `end` of n: on to the end of the chunk; in the last,
+  shorter chunk (n mod check_every steps, no test inside), to n."""
+  in_full_chunks = n // check_every * check_every
+  return -(-end // check_every) * check_every if end <= in_full_chunks else n
+
+
+@pytest.mark.parametrize("check_every", CHECK_EVERY)
+def test_greedy_and_sampling_give_the_python_loops_tokens_for_any_check_interval(check_every):
+  toy, prev_B, first_B = early_ending_toy()
+  common = dict(max_new_tokens=7, eos_id=EOS, pad_id=PAD, eos_check_every=check_every)
+  greedy, steps = run_counting_steps(decoding.greedy, toy, prev_B, first_B, **common)
+  want, want_logprobs = python_loop_answer(choose_greedy)
+  np.testing.assert_array_equal(greedy.tokens_BN, want)
+  np.testing.assert_allclose(greedy.logprobs_B, want_logprobs, rtol=1e-5)
+  assert sorted(greedy.lengths_B) == [1, 1, 2, 3, 3]
+  assert steps == steps_with_end_test_every(check_every, 3, 7)
+
+  sampled, steps = run_counting_steps(decoding.sample, toy, prev_B, first_B, rng=RNG,
+                                      temperature=1.5, **common)
+  want, want_logprobs = python_loop_answer(choose_sample)
+  np.testing.assert_array_equal(sampled.tokens_BN, want)
+  np.testing.assert_allclose(sampled.logprobs_B, want_logprobs, rtol=1e-5)
+  assert sorted(sampled.lengths_B) == [1, 1, 1, 2, 3]
+  assert steps == steps_with_end_test_every(check_every, 3, 7)
+
+
+@pytest.mark.parametrize("check_every", [3, 5, 16])
+def test_beam_search_that_ends_early_is_the_same_for_any_check_interval(check_every):
+  # A likely EOS fills the finished set early, so with a test before every token the search
+  # ends within the 9 steps, and without it steps on (the beams unchanged).
+  toy = Toy.random(8, vocab_size=5, max_steps=9)
+  toy.table[..., EOS] += 3.0
+  common = dict(max_new_tokens=9, eos_id=EOS, pad_id=PAD, beam_size=3, length_penalty_alpha=0.6)
+  every_token, end = run_counting_steps(decoding.beam_search, toy, [0, 2, 4], [2, 3, 0],
+                                        eos_check_every=1, **common)
+  chunked, steps = run_counting_steps(decoding.beam_search, toy, [0, 2, 4], [2, 3, 0],
+                                      eos_check_every=check_every, **common)
+  assert end < 9 and steps == steps_with_end_test_every(check_every, end, 9) > end
+  for field, want in every_token._asdict().items():
+    np.testing.assert_array_equal(getattr(chunked, field), want, err_msg=field)
+
+
+@pytest.mark.parametrize("check_every", [2, 3])
+def test_beam_search_with_enough_beams_is_exhaustive_for_any_check_interval(check_every):
+  toy = Toy.random(1, vocab_size=3, max_steps=5)
+  toy.table[..., EOS] += 2.0
+  out = run(decoding.beam_search, toy, [0, 2], [1, 2], max_new_tokens=5, eos_id=EOS,
+            pad_id=PAD, beam_size=24, length_penalty_alpha=0.6, eos_check_every=check_every)
+  for b, (prev, first) in enumerate([(0, 1), (2, 2)]):
+    best = np_all_sequences(toy, prev, first, 5, EOS, 0.6)[:24]
+    np.testing.assert_allclose(out.beam_scores_BK[b], [s for s, _ in best], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.beam_tokens_BKN[b], [t for _, t in best])
+
+
+@pytest.mark.parametrize("family,name", [(LM, "gpt2"), (Seq2Seq, "t5")])
+def test_models_decode_the_same_for_any_check_interval(family, name):
+  model = build(family, name)
+  eos_id = int(reference_greedy(model, None)[0, 1])  # Example 0 ends after 2 tokens.
+  want = reference_greedy(model, eos_id)
+  beams = {}
+  for check_every in (1, 3):
+    greedy = model.generate(decoding.Search(max_new_tokens=N, eos_id=eos_id,
+                                            eos_check_every=check_every))
+    np.testing.assert_array_equal(greedy.tokens_BN, want)
+    beams[check_every] = model.generate(decoding.Search(
+        method="beam", beam_size=2, max_new_tokens=N, eos_id=eos_id, eos_check_every=check_every))
+  for field, value in beams[1]._asdict().items():
+    np.testing.assert_array_equal(getattr(beams[3], field), value, err_msg=field)
+
+
+def compiled_while_trip_counts(search, toy, max_new_tokens, check_every):
+  """The known trip count (None: unknown) of every while loop XLA compiled for the search."""
+  decode = jax.jit(lambda cache, first_B: search(
+      toy.tokens_to_logits, cache, first_B, max_new_tokens=max_new_tokens, eos_id=EOS,
+      pad_id=PAD, eos_check_every=check_every))
+  hlo = decode.lower(toy.cache([0, 0]), jnp.array([2, 3])).compile().as_text()
+  counts = [re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+            for line in hlo.splitlines() if re.search(r"\swhile\(", line)]
+  return sorted((int(c.group(1)) if c else 0) for c in counts)
+
+
+@pytest.mark.parametrize("search", [decoding.greedy, decoding.beam_search])
+def test_only_the_loops_over_chunks_have_an_unknown_trip_count(search):
+  """10 tokens, every 4: a loop over chunks of a 4-step loop, then one of a 2-step loop."""
+  toy = Toy.random(0, vocab_size=5, max_steps=10)
+  if search is decoding.beam_search:
+    search = lambda *args, **kwargs: decoding.beam_search(*args, beam_size=2, **kwargs)
+  assert compiled_while_trip_counts(search, toy, 10, 1) == [0]
+  assert compiled_while_trip_counts(search, toy, 10, 4) == [0, 0, 2, 4]
+  assert compiled_while_trip_counts(search, toy, 10, 16) == [0, 10]
+
+
+def test_a_bad_check_interval_is_one_clear_error():
+  for bad in (0, 2.0):
+    with pytest.raises(ValueError, match="eos_check_every must be a positive int"):
+      decoding.Search(eos_check_every=bad)
+  toy = Toy.random(0, vocab_size=4, max_steps=2)
+  with pytest.raises(ValueError, match="eos_check_every must be a positive int"):
+    decoding.greedy(toy.tokens_to_logits, toy.cache([0]), jnp.array([1]), max_new_tokens=2,
+                    eos_id=EOS, pad_id=PAD, eos_check_every=-1)
