@@ -6,9 +6,10 @@
 
 Pre-LN, learned positions, GELU (tanh), output tied to the token table, context 1024; AdamW
 (0.9, 0.95), weight decay 0.1, peak 6e-4 with 2,000 warmup steps and cosine decay, clipping
-1.0, ~0.5M tokens a step, bf16 compute. The tokenizer is a 32k SentencePiece model trained on
-the data (~111M parameters; 124M with GPT-2's own 50,257-token BPE file, which works too:
-data.tokenizer=pretrained, data.tokenizer_path=...).
+1.0, ~0.5M tokens a step; bf16 compute and logits (softmax in float32), the vocabulary padded
+to a multiple of 128, layers unrolled without remat. The tokenizer is a 32k SentencePiece
+model trained on the data (~111M parameters; 124M with GPT-2's own 50,257-token BPE file,
+which works too: data.tokenizer=pretrained, data.tokenizer_path=...).
 
 Tiny variant (the bundled text, seconds on a CPU):
   python -m train --config=experiments/gpt2_small.py:tiny --workdir=/tmp/gpt2_tiny
@@ -33,6 +34,8 @@ def get_config(variant: str = ""):
 
   c.model.preset = "gpt2"
   c.model.dtype = "bfloat16"
+  c.model.logits_dtype = "bfloat16"   # the loss takes them as they are, softmax in float32
+  c.model.vocab_pad_multiple = 128    # GPT-2's 50,257 ids -> a 50,304-row table
   c.model.dropout_rate = 0.0
 
   c.optim.optimizer = "adamw"
@@ -57,5 +60,6 @@ def get_config(variant: str = ""):
   if v.tiny:
     shrink_to_tiny(c, local_data="experiments/data/tiny_corpus.txt", task="lm")
     c.data.seq_len = 64
+    c.model.logits_dtype = "float32"
     c.decode.max_new_tokens = 16
   return c

@@ -8,7 +8,7 @@ import re
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train import cli, experiment_file, loop
+from train import cli, experiment_file, loop, xla_flags
 
 USAGE = ("usage: python -m train --config=experiments/NAME.py[:VARIANT] --workdir=DIR "
          "[--config.KEY=VALUE ...]")
@@ -62,11 +62,17 @@ def unknown_key_problem(error: Exception, argv: list[str]) -> str:
           f"{hint or 'the keys are those of train/config.py:base_config and the experiment file.'}")
 
 
+def train(config, workdir: str) -> None:
+  """config.train.xla_flags into XLA_FLAGS before anything uses a device, then the run."""
+  xla_flags.apply(config.train.xla_flags)
+  loop.train_and_evaluate(config, workdir)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
-  cli.guarded(loop.train_and_evaluate, (loop.NonFiniteLossError,))(_CONFIG.value, _WORKDIR.value)
+  cli.guarded(train, (loop.NonFiniteLossError,))(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

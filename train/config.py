@@ -25,7 +25,7 @@ from ml_collections import config_dict
 from models import decoding, lora, presets, pretrained
 from models.pretrained_tables import FAMILIES, PretrainedError
 from models.transformer import TransformerConfig
-from train import assets, optim
+from train import assets, optim, xla_flags
 from train.tasks import TASKS
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -89,6 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.peak_flops = 0.0            # per device, for MFU; 0 = from the device table
   c.train.print_examples = 5          # seq2seq: translations printed at each eval
+  c.train.xla_flags = ""              # appended to XLA_FLAGS before JAX starts (the train CLI),
+                                      # e.g. on GPUs, to A/B test:
+                                      # --xla_gpu_enable_latency_hiding_scheduler=true
+                                      # --xla_gpu_enable_triton_gemm=false
+                                      # --xla_gpu_enable_command_buffer=  (empty: no CUDA graphs)
 
   c.decode = ml_collections.ConfigDict()
   c.decode.method = "greedy"          # greedy | sample | beam (eval, train.generate)
@@ -254,6 +259,7 @@ def validate(config) -> None:
     raise ValueError("config.decode.temperature=0 with decode.method='sample': give a "
                      "temperature > 0, or use decode.method='greedy'.")
   optim.validate_optim_config(config.optim, config.train.batch_size)
+  xla_flags.validate(config.train.xla_flags)
   # The model as far as it is known before any data or tokenizer work (vocab_size aside).
   _validate_lengths(config, hf_model or model_config(config, vocab_size=1))
   _validate_finite(config)
@@ -408,10 +414,10 @@ def _validate_lora(config) -> None:
 # Keys a resumed run may change: they leave the state's shapes and the data's tokens as trained.
 RESUMABLE = re.compile(
     r"^(train\.(num_steps|log_every|eval_every|eval_batches|checkpoint_every|keep_checkpoints"
-    r"|peak_flops|print_examples)|decode\..*|mesh\..*|distributed\..*|data\.data_dir"
+    r"|peak_flops|print_examples|xla_flags)|decode\..*|mesh\..*|distributed\..*|data\.data_dir"
     r"|label_smoothing"
-    r"|model\.(dropout_rate|attention_dropout_rate|ffn_dropout_rate|dtype|remat_policy"
-    r"|attention_implementation)"
+    r"|model\.(dropout_rate|attention_dropout_rate|ffn_dropout_rate|dtype|logits_dtype"
+    r"|remat_policy|attention_implementation)"
     r"|optim\.(learning_rate|schedule|warmup_steps|decay_steps|end_learning_rate_factor|b1|b2"
     r"|eps|weight_decay|grad_accum_steps))$")
 
