@@ -34,9 +34,11 @@ def timed(*args: str, cache: str) -> tuple[float, float, str]:
   """(wall seconds, CPU seconds, stderr) of `python -m train.generate ARGS`, TAPETE_CACHE=cache.
 
   On a busy machine the wall time grows with the load; the CPU time much less."""
+  env = {**os.environ, "TAPETE_CACHE": cache}
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # It would take the place of TAPETE_CACHE's.
   start, cpu = time.perf_counter(), cpu_seconds()
-  done = subprocess.run([sys.executable, "-m", "train.generate", *args], check=True,
-                        env={**os.environ, "TAPETE_CACHE": cache}, text=True,
+  done = subprocess.run([sys.executable, "-m", "train.generate", *args], check=True, env=env,
+                        text=True,
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   return time.perf_counter() - start, cpu_seconds() - cpu, done.stderr
 

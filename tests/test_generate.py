@@ -23,7 +23,7 @@ import pytest
 
 from experiments import gpt2_small
 from models import decoding, presets, pretrained
-from train import config as config_lib, generate, loop, run_tokenizers, tasks
+from train import checkpoint, config as config_lib, generate, loop, run_tokenizers, tasks
 from train import workdir as workdir_lib
 from train.data import pipeline, tokenizers
 
@@ -243,6 +243,32 @@ def test_loading_a_run_reads_no_data(trained_lm, tmp_path):
   (moved / "tokenizers" / "inputs.json").unlink()
   with pytest.raises(ValueError, match=f"{moved / 'tokenizers' / 'inputs.json'}.*missing"):
     workdir_lib.load(str(moved))
+
+
+def test_loading_a_run_traces_no_model_init(trained_lm, monkeypatch):
+  # The params' layout is the checkpoint's: building the model's own (a trace of its init,
+  # about a second of a cold start) is only needed to rebuild an adapter-only run's base.
+  expected = checkpoint.load_params(trained_lm[0])
+  def init(*args, **kwargs):
+    raise AssertionError("workdir.load traced the model's init")
+  monkeypatch.setattr(nn.Module, "init", init)
+  run = workdir_lib.load(str(trained_lm[0]))
+  assert jax.tree.map(np.shape, run.params) == jax.tree.map(np.shape, expected)
+
+
+def test_the_clis_compilation_cache_yields_to_one_named_by_jax_compilation_cache_dir(
+    tmp_path, monkeypatch):
+  monkeypatch.setenv("TAPETE_CACHE", str(tmp_path))
+  before = jax.config.jax_compilation_cache_dir  # conftest's, from JAX_COMPILATION_CACHE_DIR
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    workdir_lib.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "named"))
+    workdir_lib.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "named")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
 
 
 def run_generate(*args: str, cache) -> subprocess.Popen:

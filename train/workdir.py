@@ -64,12 +64,14 @@ def load(workdir: str) -> Run:
         config.init_from[len("hf:"):], **config_lib.hf_overrides(config))
   model = tasks.make_model(config.task, config_lib.model_config(config, vocab_size, folder_cfg),
                            num_classes=config.model.num_classes, pooling=config.model.pooling)
-  trainable = trainable_lib.Trainable(config, model, tasks.init_inputs(config.task, config.data),
-                                      source)
+  if source is not None:  # Adapters only: the base is rebuilt in the model's layout.
+    params = trainable_lib.Trainable(config, model, tasks.init_inputs(config.task, config.data),
+                                     source).trained_params(workdir)
+  else:  # The params as saved, LoRA merged: no model init to trace.
+    params = trainable_lib.run_params(workdir)
   start = (run_tokenizers.decoder_start_id(config, target_tokenizer)
            if config.task == "seq2seq" else None)
-  return Run(config, model, trainable.trained_params(workdir), input_tokenizer,
-             target_tokenizer, start)
+  return Run(config, model, params, input_tokenizer, target_tokenizer, start)
 
 
 def model_inputs(run: Run, text: str, target: list[int] | None = None) -> dict[str, np.ndarray]:
@@ -122,9 +124,11 @@ def unknown_pieces(tokenizer: Tokenizer, text: str) -> list[str]:
 
 def use_compilation_cache():
   """Keeps compiled programs in JAX's persistent cache, $TAPETE_CACHE/jax (default
-  ~/.cache/tapete/jax): a CLI over a run compiles its programs once, not at every start."""
+  ~/.cache/tapete/jax), or the one $JAX_COMPILATION_CACHE_DIR names: a CLI over a run compiles
+  its programs once, not at every start."""
   from train.assets import cache
-  jax.config.update("jax_compilation_cache_dir", str(cache.cache_dir() / "jax"))
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(cache.cache_dir() / "jax"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
