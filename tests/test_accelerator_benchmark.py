@@ -1,0 +1,46 @@
+"""benchmarks/accelerator.py --tiny runs end to end on CPU and prints every row, measured."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_prints_every_row_with_measured_numbers():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.accelerator", "--tiny", "--peak_flops=1e12",
+       "--steps=2", "--warmup=1", "--implementations=xla,cudnn"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  lines = done.stdout.strip().splitlines()
+  summary = json.loads(lines[-1])
+  table = "\n".join(lines[:-1])
+  rows = {(r["kind"], r.get("implementation"), r["batch"], r.get("packed")): r["result"]
+          for r in summary["rows"]}
+  measured = [("train", "xla", 8, False), ("train", "xla", 8, True), ("decode", None, 1, None),
+              ("decode", None, 16, None), ("seq2seq", None, 8, None)]
+  for key in measured:
+    result = rows[key]
+    assert result["tokens_per_second"] > 0 and result["compile_seconds"] > 0, (key, result)
+    if key[0] != "decode":
+      assert 0 < result["mfu"] < 1 and result["step_flops"] > 0, (key, result)
+  for line in ["train xla       B8   unpacked", "train xla       B8   packed", "decode          B1",
+               "decode          B16", "seq2seq         B8"]:
+    assert line in table
+  assert "train cudnn     B8   packed      skipped: implementation='cudnn'" in table
+
+
+@pytest.mark.slow
+def test_a_row_in_its_own_process_reports_its_result_and_device():
+  from benchmarks import accelerator
+  args = accelerator.parse_args(["--tiny"])
+  row = {"kind": "train", "implementation": "cudnn", "batch": 8, "packed": True}
+  result = accelerator.run_child(row, args, timeout=120)
+  assert result["skipped"].startswith("implementation='cudnn' cannot take this case")
+  assert result["device"].endswith("(cpu)") and result["peak_flops"] is None
