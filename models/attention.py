@@ -372,7 +372,10 @@ class MultiHeadAttention(nn.Module):
   mask or bias must have S = L), take RoPE positions cache_index[b] + arange(T) by default, and
   advance cache_index by T. Writes past L are
   dropped, so queries past L see a stale cache: size L for the longest prompt + generation.
-  Cross-attention (inputs_kv given) has no cache: its keys and values are recomputed each call.
+  Cross-attention (inputs_kv given) with decode=True projects inputs_kv to keys and values
+  [B, S, K, H] on the first call only and keeps them in the cache (`cached_key`,
+  `cached_value`); later calls use those and read only inputs_kv's length, so they must pass
+  the same encoded input (re-initialise the cache for another).
   """
   num_heads: int
   head_dim: int
@@ -417,10 +420,15 @@ class MultiHeadAttention(nn.Module):
     inputs_kv_BSD = inputs_q_BTD if self_attention else inputs_kv_BSD
     q_BTNH = self._dense((N, H), -1, ("embed", "heads", "head_dim"), "query",
                          self.qkv_bias)(inputs_q_BTD)
-    k_BSKH = self._dense((K, H), -1, ("embed", "kv_heads", "head_dim"), "key",
-                         self.qkv_bias)(inputs_kv_BSD)
-    v_BSKH = self._dense((K, H), -1, ("embed", "kv_heads", "head_dim"), "value",
-                         self.qkv_bias)(inputs_kv_BSD)
+    cached_cross = decode and not self_attention
+    cross_kv = self._cached_cross_kv(q_BTNH, inputs_kv_BSD) if cached_cross else None
+    if cross_kv is None:
+      k_BSKH = self._dense((K, H), -1, ("embed", "kv_heads", "head_dim"), "key",
+                           self.qkv_bias)(inputs_kv_BSD)
+      v_BSKH = self._dense((K, H), -1, ("embed", "kv_heads", "head_dim"), "value",
+                           self.qkv_bias)(inputs_kv_BSD)
+    else:
+      k_BSKH, v_BSKH = cross_kv
 
     use_cache = decode and self_attention
     if use_cache and (query_segment_ids is not None or kv_segment_ids is not None):
@@ -435,7 +443,12 @@ class MultiHeadAttention(nn.Module):
         kv_positions = positions if self_attention else jnp.arange(k_BSKH.shape[1])[None]
       rope = functools.partial(apply_rope, max_wavelength=self.rope_max_wavelength,
                                llama3_scaling=self.rope_llama3_scaling)
-      q_BTNH, k_BSKH = rope(q_BTNH, positions), rope(k_BSKH, kv_positions)
+      q_BTNH = rope(q_BTNH, positions)
+      if cross_kv is None:
+        k_BSKH = rope(k_BSKH, kv_positions)
+    if cached_cross and cross_kv is None:
+      self.variable("cache", "cached_key", lambda: k_BSKH)
+      self.variable("cache", "cached_value", lambda: v_BSKH)
     window = None if self.sliding_window is None else self.sliding_window - 1
     if use_cache:
       k_BSKH, v_BSKH, cache_mask_B1TL = self._update_cache(k_BSKH, v_BSKH, index_B)
@@ -470,6 +483,17 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"Input batch {B} and chunk length {T} do not fit the cache "
                        f"[B={cache_B}, L={cache_len}]; re-initialise the cache.")
     return self.get_variable("cache", "cache_index")
+
+  def _cached_cross_kv(self, q_BTNH, inputs_kv_BSD):
+    """The cross-attention keys and values kept by the first decode call; None before it."""
+    if not self.has_variable("cache", "cached_key"):
+      return None
+    cached_key = self.get_variable("cache", "cached_key")
+    (B, S), (cache_B, cache_S) = (q_BTNH.shape[0], inputs_kv_BSD.shape[1]), cached_key.shape[:2]
+    if B != cache_B or S != cache_S:
+      raise ValueError(f"Input batch {B} and encoded length {S} do not fit the cross-attention "
+                       f"cache [B={cache_B}, S={cache_S}]; re-initialise the cache.")
+    return cached_key, self.get_variable("cache", "cached_value")
 
   def _update_cache(self, k_BTKH, v_BTKH, index_B):
     """Writes the chunk into the cache: (keys, values, mask [B, 1, T, L]); at init, no mask."""

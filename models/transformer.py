@@ -228,7 +228,7 @@ class DecoderLayer(nn.Module):
     if self.cross_attention:
       cross = lambda h: _attention(self.cfg, "cross_attention")(
           h, encoded_BSD, mask=cross_mask, query_segment_ids=segment_ids_BT,
-          kv_segment_ids=encoder_segment_ids_BS, deterministic=deterministic)
+          kv_segment_ids=encoder_segment_ids_BS, decode=decode, deterministic=deterministic)
       x_BTD = _add_and_norm(self.cfg, "cross_attention", x_BTD, cross, deterministic)
     mlp = lambda h: _feed_forward(self.cfg)(h, deterministic=deterministic)
     x_BTD = _add_and_norm(self.cfg, "mlp", x_BTD, mlp, deterministic)
