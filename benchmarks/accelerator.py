@@ -30,6 +30,7 @@ kernels. Rows run most important first and stop at --budget_seconds.
 """
 
 import argparse
+import contextlib
 import importlib
 import json
 import statistics
@@ -122,6 +123,12 @@ def gpt2_config(tiny: bool, implementation):
                            attention_implementation=implementation)
 
 
+def build(config, workdir: str) -> loop.Experiment:
+  """loop.build, its dataset preparation's messages sent to stderr: stdout holds the table."""
+  with contextlib.redirect_stdout(sys.stderr):
+    return loop.build(config, workdir)
+
+
 def peak_bytes():
   stats = jax.local_devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
@@ -129,7 +136,7 @@ def peak_bytes():
 
 def measure_train(config, batch, args, workdir: str) -> dict:
   """The loop's train step on one synthetic batch, repeated."""
-  exp = loop.build(config, workdir)
+  exp = build(config, workdir)
   state, shardings = loop.init_state(exp, jax.random.key(0))
   step = loop.jit_train_step(exp, shardings)
   batch = parallel.host_to_global(batch, exp.mesh)
@@ -151,7 +158,7 @@ def measure_train(config, batch, args, workdir: str) -> dict:
 
 def measure_decode(rows: int, args, workdir: str) -> dict:
   """Greedy decoding of the GPT-2 model with random weights in its compute dtype."""
-  exp = loop.build(gpt2_config(args.tiny, None), workdir)
+  exp = build(gpt2_config(args.tiny, None), workdir)
   module = exp.task.model
   prompt_len, new_tokens = (TINY_PROMPT, TINY_NEW_TOKENS) if args.tiny else (PROMPT, NEW_TOKENS)
   prompt_BT = np.random.default_rng(0).integers(

@@ -21,6 +21,7 @@ def test_tiny_benchmark_prints_every_row_with_measured_numbers():
   lines = done.stdout.strip().splitlines()
   summary = json.loads(lines[-1])
   table = "\n".join(lines[:-1])
+  assert lines[0].startswith("1 x cpu (cpu), jax "), lines[0]  # Nothing but the table.
   rows = {(r["kind"], r.get("implementation"), r["batch"], r.get("packed")): r["result"]
           for r in summary["rows"]}
   measured = [("train", "xla", 8, False), ("train", "xla", 8, True), ("decode", None, 1, None),
