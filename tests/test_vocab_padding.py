@@ -89,6 +89,7 @@ def test_a_padded_masked_lm_has_the_real_vocabulary():
                              atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie_output", [True, False])
 def test_a_padded_model_exports_its_real_rows_and_imports_padded_again(tie_output, tmp_path):
   padded, padded_params, plain, plain_params = padded_and_plain(
