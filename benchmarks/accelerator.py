@@ -64,7 +64,7 @@ def parse_args(argv=None):
                       help="per device, for MFU; 0 = from train.metrics' table")
   parser.add_argument("--budget_seconds", type=float, default=450.0,
                       help="rows not started by then are skipped")
-  parser.add_argument("--row", default="", help=argparse.SUPPRESS)  # A child's one row (JSON).
+  parser.add_argument("--job", default="", help=argparse.SUPPRESS)  # A child's one job (JSON).
   args = parser.parse_args(argv)
   args.steps = args.steps or (3 if args.tiny else 20)
   if args.steps < 1 or args.warmup < 1:
@@ -134,26 +134,39 @@ def peak_bytes():
   return stats.get("peak_bytes_in_use")
 
 
-def measure_train(config, batch, args, workdir: str) -> dict:
-  """The loop's train step on one synthetic batch, repeated."""
+def measure_train(config, batches: list[dict], args, workdir: str) -> list[dict]:
+  """The loop's train step, compiled once, timed on each synthetic batch (of the same shapes:
+  a later batch runs the program compiled for the first, so it shares its compile seconds)."""
   exp = build(config, workdir)
   state, shardings = loop.init_state(exp, jax.random.key(0))
   step = loop.jit_train_step(exp, shardings)
-  batch = parallel.host_to_global(batch, exp.mesh)
-  start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_seconds = time.perf_counter() - start
-  seconds = []
-  for i in range(args.warmup + args.steps):
-    start = time.perf_counter()
-    state, sums = step(state, batch)
-    jax.block_until_ready((state, sums))
-    seconds.append(time.perf_counter() - start)
-  step_seconds = statistics.median(seconds[args.warmup:])
-  tokens = float(sums["weight"])
-  return {"tokens_per_second": tokens / step_seconds, "step_seconds": step_seconds,
-          "compile_seconds": compile_seconds, "step_flops": metrics.step_flops(compiled),
-          "peak_bytes": peak_bytes()}
+  results = []
+  for batch in batches:
+    batch = parallel.host_to_global(batch, exp.mesh)
+    try:
+      start = time.perf_counter()
+      compiled = step.lower(state, batch).compile()
+    except ValueError as e:
+      results.append(refused(e))
+      continue
+    compile_seconds = results[0]["compile_seconds"] if results else (
+        time.perf_counter() - start)
+    seconds = []
+    for _ in range(args.warmup + args.steps):
+      start = time.perf_counter()
+      state, sums = step(state, batch)
+      jax.block_until_ready(sums)
+      seconds.append(time.perf_counter() - start)
+    step_seconds = statistics.median(seconds[args.warmup:])
+    results.append({"tokens_per_second": float(sums["weight"]) / step_seconds,
+                    "step_seconds": step_seconds, "compile_seconds": compile_seconds,
+                    "step_flops": metrics.step_flops(compiled), "peak_bytes": peak_bytes()})
+  return results
+
+
+def refused(error: ValueError) -> dict:
+  """A case an implementation cannot take: the first sentence of its error."""
+  return {"refused": str(error).split(". ")[0]}
 
 
 def measure_decode(rows: int, args, workdir: str) -> dict:
@@ -178,43 +191,45 @@ def measure_decode(rows: int, args, workdir: str) -> dict:
           "peak_bytes": peak_bytes()}
 
 
-def run_row(row: dict, args, workdir: str) -> dict:
-  """One row's measurements, or {"skipped": reason} for a case an implementation refuses.
+def run_job(job: dict, args, workdir: str) -> list[dict]:
+  """The results of a job's rows: train, unpacked then packed; decode and seq2seq, one.
 
   `workdir` holds the local datasets that building an experiment prepares (once).
   """
+  rows = 2 if job["kind"] == "train" else 1
   try:
-    if row["kind"] == "train":
+    if job["kind"] == "train":
       length = TINY_LENGTH if args.tiny else LENGTH
-      config = gpt2_config(args.tiny, row["implementation"])
       vocab = 256 if args.tiny else GPT2_VOCAB
-      batch = lm_batch(row["batch"], length, vocab, 4 if row["packed"] else 1)
-      return measure_train(config, batch, args, workdir)
-    if row["kind"] == "decode":
-      return measure_decode(row["batch"], args, workdir)
-    assert row["kind"] == "seq2seq", row
+      batches = [lm_batch(job["batch"], length, vocab, examples) for examples in (1, 4)]
+      return measure_train(gpt2_config(args.tiny, job["implementation"]), batches, args, workdir)
+    if job["kind"] == "decode":
+      return [measure_decode(job["batch"], args, workdir)]
+    assert job["kind"] == "seq2seq", job
     config = experiment_config("transformer_base", args.tiny, "experiments/data/en_de_tiny.tsv",
                                vocab_size=0 if args.tiny else 32_000)
-    d = config.data
-    vocab = 256 if args.tiny else 32_000
-    return measure_train(config, seq2seq_batch(row["batch"], d.inputs_len, d.targets_len, vocab),
-                         args, workdir)
+    d, vocab = config.data, 256 if args.tiny else 32_000
+    batch = seq2seq_batch(job["batch"], d.inputs_len, d.targets_len, vocab)
+    return measure_train(config, [batch], args, workdir)
   except ValueError as e:
-    return {"skipped": str(e).split(". ")[0]}
+    return [refused(e)] * rows
 
 
-def run_child(row: dict, args, timeout: float) -> dict:
-  """`run_row` in a fresh process: its own peak memory, and a crash costs one row only."""
-  command = [sys.executable, "-m", "benchmarks.accelerator", f"--row={json.dumps(row)}",
+def run_child(job: dict, args, timeout: float) -> list[dict]:
+  """`run_job` in a fresh process: its own peak memory and cold compilations, and a crash
+  costs its rows only. {"results": [...], "device": ..., "peak_flops": ...}."""
+  command = [sys.executable, "-m", "benchmarks.accelerator", f"--job={json.dumps(job)}",
              f"--steps={args.steps}", f"--warmup={args.warmup}",
              f"--peak_flops={args.peak_flops}"] + (["--tiny"] if args.tiny else [])
+  rows = 2 if job["kind"] == "train" else 1
   try:
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
-    return {"skipped": f"over {timeout:.0f} s"}
+    return {"results": [{"skipped": f"over {timeout:.0f} s"}] * rows}
   lines = done.stdout.strip().splitlines()
   if done.returncode or not lines:
-    return {"skipped": f"failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:120]}"}
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1][:120]
+    return {"results": [{"skipped": f"failed: {last}"}] * rows}
   return json.loads(lines[-1])
 
 
@@ -241,17 +256,45 @@ def run_torch(args, batch: int, decode: bool, timeout: float) -> dict:
 # ---------------------------------------------------------------- the table
 
 def plan(args, implementations) -> list[dict]:
-  """Every row, most important first: batch 16 training, decoding, seq2seq, batch 32."""
+  """Every job, most important first: batch 16 training, decoding, seq2seq, batch 32."""
   small, large = (8, None) if args.tiny else (16, 32)
-  train = lambda batch: [{"kind": "train", "implementation": name, "batch": batch,
-                          "packed": packed}
-                         for name in implementations for packed in (False, True)]
+  train = lambda batch: [{"kind": "train", "implementation": name, "batch": batch}
+                         for name in implementations]
   torch = lambda batch, decode: ([{"kind": "torch", "batch": batch, "decode": decode}]
                                  if args.torch_baseline else [])
   rest = [] if args.tiny else train(large) + torch(large, False)
   return (torch(small, True) + train(small) + [{"kind": "decode", "batch": 1},
                                               {"kind": "decode", "batch": 16}]
           + [{"kind": "seq2seq", "batch": 8 if args.tiny else 96}] + rest)
+
+
+def run_all(args, jobs: list[dict], workdir: str) -> tuple[list[dict], dict]:
+  """(each job's rows with their results, the device's description and peak FLOP/s)."""
+  start, rows, refusals = time.perf_counter(), [], {}
+  # With --tiny this process measures; else only its children touch the device.
+  info = device_info(args) if args.tiny else {"device": "no device reported",
+                                              "peak_flops": args.peak_flops or None}
+  for job in jobs:
+    count = 2 if job["kind"] == "train" else 1
+    left = args.budget_seconds - (time.perf_counter() - start)
+    if left < 20:
+      results = [{"skipped": "time budget spent"}] * count
+    elif job["kind"] == "torch":
+      results = [run_torch(args, job["batch"], job["decode"], left)]
+    elif job.get("implementation") in refusals:  # It refused the smaller batch: same reasons.
+      results = refusals[job["implementation"]]
+    elif args.tiny:
+      results = run_job(job, args, workdir)
+    else:
+      out = run_child(job, args, min(left, 240))
+      results = out["results"]
+      info = out if "device" in out else info
+    if job["kind"] == "train" and all("refused" in r for r in results):
+      refusals[job["implementation"]] = results
+    for packed, result in zip((False, True), results):
+      rows.append({**job, **({"packed": packed} if job["kind"] == "train" else {}),
+                   "result": result})
+  return rows, {"device": info["device"], "peak_flops": info["peak_flops"]}
 
 
 def label(row: dict) -> str:
@@ -285,8 +328,9 @@ def add_mfu_and_ratios(rows: list[dict], peak):
 
 def format_row(row: dict) -> str:
   result = row["result"]
-  if "skipped" in result or "error" in result:
-    return f"{label(row):<32} skipped: {result.get('skipped') or result.get('error')}"
+  for reason in ("refused", "skipped", "error"):
+    if reason in result:
+      return f"{label(row):<32} {reason}: {result[reason]}"
   tokens = result.get("tokens_per_second") or result.get("tokens_per_s")
   mfu = result.get("mfu")
   peak = result.get("peak_bytes") or (result.get("peak_mem_gib") or 0) * 2**30
@@ -311,27 +355,18 @@ def device_info(args) -> dict:
 
 def main(argv=None):
   args = parse_args(argv)
-  workdir = tempfile.TemporaryDirectory()
-  if args.row:
-    print(json.dumps({**run_row(json.loads(args.row), args, workdir.name), **device_info(args)}))
+  if args.job:
+    if not args.tiny:  # Compile seconds of a cold start, whatever the environment caches.
+      jax.config.update("jax_enable_compilation_cache", False)
+    with tempfile.TemporaryDirectory() as workdir:
+      results = run_job(json.loads(args.job), args, workdir)
+    print(json.dumps({"results": results, **device_info(args)}))
     return
   start = time.perf_counter()
   implementations = (args.implementations.split(",") if args.implementations
                      else [name for name in IMPLEMENTATIONS if name != "reference"])
-  rows = plan(args, implementations)
-  for row in rows:
-    left = args.budget_seconds - (time.perf_counter() - start)
-    if left < 20:
-      row["result"] = {"skipped": "time budget spent"}
-    elif row["kind"] == "torch":
-      row["result"] = run_torch(args, row["batch"], row["decode"], left)
-    else:
-      row["result"] = (run_row(row, args, workdir.name) if args.tiny
-                       else run_child(row, args, min(left, 240)))
-  # With --tiny this process measured; else only its children touched the device.
-  info = device_info(args) if args.tiny else next(
-      (r["result"] for r in rows if "device" in r["result"]),
-      {"device": "no device reported", "peak_flops": args.peak_flops or None})
+  with tempfile.TemporaryDirectory() as workdir:
+    rows, info = run_all(args, plan(args, implementations), workdir)
   peak = info["peak_flops"]
   add_mfu_and_ratios(rows, peak)
   print(f"{info['device']}, jax {jax.__version__}, "

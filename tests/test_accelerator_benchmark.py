@@ -34,14 +34,16 @@ def test_tiny_benchmark_prints_every_row_with_measured_numbers():
   for line in ["train xla       B8   unpacked", "train xla       B8   packed", "decode          B1",
                "decode          B16", "seq2seq         B8"]:
     assert line in table
-  assert "train cudnn     B8   packed      skipped: implementation='cudnn'" in table
+  assert "train cudnn     B8   packed      refused: implementation='cudnn'" in table
 
 
 @pytest.mark.slow
-def test_a_row_in_its_own_process_reports_its_result_and_device():
+def test_a_job_in_its_own_process_reports_its_rows_and_device():
   from benchmarks import accelerator
   args = accelerator.parse_args(["--tiny"])
-  row = {"kind": "train", "implementation": "cudnn", "batch": 8, "packed": True}
-  result = accelerator.run_child(row, args, timeout=120)
-  assert result["skipped"].startswith("implementation='cudnn' cannot take this case")
-  assert result["device"].endswith("(cpu)") and result["peak_flops"] is None
+  job = {"kind": "train", "implementation": "cudnn", "batch": 8}
+  out = accelerator.run_child(job, args, timeout=120)
+  assert [r["refused"] for r in out["results"]] == [
+      "implementation='cudnn' cannot take this case: it needs a CUDA GPU, and the backend is "
+      "'cpu'"] * 2
+  assert out["device"].endswith("(cpu)") and out["peak_flops"] is None
