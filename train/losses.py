@@ -34,8 +34,8 @@ def _forward(logits_BTV, targets_BT, smoothing: float):
   max_BT = jnp.max(logits32_BTV, axis=-1)
   log_sum_BT = jnp.log(jnp.sum(jnp.exp(logits32_BTV - max_BT[..., None]), axis=-1))
   # A masked sum rather than a gather: a reduction like the others, also over a sharded vocab.
-  is_target_BTV = targets_BT[..., None] == jnp.arange(logits_BTV.shape[-1], dtype=targets_BT.dtype)
-  target_BT = jnp.sum(jnp.where(is_target_BTV, logits32_BTV, 0.0), axis=-1) - max_BT
+  target_BT = jnp.sum(jnp.where(_is_target(targets_BT, logits_BTV.shape[-1]), logits32_BTV, 0.0),
+                      axis=-1) - max_BT
   nll_BT = log_sum_BT - target_BT
   objective_BT = nll_BT
   if smoothing:
@@ -51,12 +51,16 @@ def _backward(smoothing: float, residuals, cotangents):
   g_objective_BT, g_nll_BT = cotangents
   vocab = logits_BTV.shape[-1]
   probs_BTV = jnp.exp(logits_BTV.astype(jnp.float32) - lse_BT[..., None])
-  is_target_BTV = targets_BT[..., None] == jnp.arange(vocab, dtype=targets_BT.dtype)
   g_target_BT = (1.0 - smoothing) * g_objective_BT + g_nll_BT
   grad_BTV = ((g_objective_BT + g_nll_BT)[..., None] * probs_BTV
-              - jnp.where(is_target_BTV, g_target_BT[..., None], 0.0)
+              - jnp.where(_is_target(targets_BT, vocab), g_target_BT[..., None], 0.0)
               - (smoothing / vocab) * g_objective_BT[..., None])
   return grad_BTV.astype(logits_BTV.dtype), None
+
+
+def _is_target(targets_BT, vocab: int):
+  """The one-hot of the targets as booleans [B, T, V], built where it is read (fused)."""
+  return targets_BT[..., None] == jnp.arange(vocab, dtype=targets_BT.dtype)
 
 
 cross_entropy.defvjp(_forward, _backward)
