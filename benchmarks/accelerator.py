@@ -22,11 +22,14 @@ benchmarks/accelerator.sh runs it on a GPU host. It prints one table, then one J
 
 Everything is measured: a step's time is the median of --steps steps, each waited for
 (block_until_ready), after --warmup steps; compile is the seconds to lower and compile the
-first step; peak memory is the device's `peak_bytes_in_use`, so each row runs in its own
-process (--tiny: all in this one, CPUs report no memory). MFU is FLOPs per device / step
-seconds / peak: the FLOPs XLA counts in the compiled step (metrics.step_flops), the largest
-count among the implementations of the same shape, as XLA sees nothing inside cuDNN or Pallas
-kernels. Rows run most important first and stop at --budget_seconds.
+first step, cold; peak memory is the device's `peak_bytes_in_use`. So each job runs in its
+own process (--tiny: all in this one; CPUs report no memory): an implementation at a batch
+size, whose unpacked and packed rows have the same shapes and so share one compiled program;
+a decoding batch size; the seq2seq step. MFU is FLOPs per device / step seconds / peak: the
+FLOPs XLA counts in the compiled step (metrics.step_flops), the largest count among the
+implementations of the same shape, as XLA sees nothing inside cuDNN or Pallas kernels. Jobs
+run most important first; those not started within --budget_seconds are skipped (the default
+leaves an 8-minute device call time to install wheels and start).
 """
 
 import argparse
@@ -62,8 +65,8 @@ def parse_args(argv=None):
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the first compiles")
   parser.add_argument("--peak_flops", type=float, default=0.0,
                       help="per device, for MFU; 0 = from train.metrics' table")
-  parser.add_argument("--budget_seconds", type=float, default=450.0,
-                      help="rows not started by then are skipped")
+  parser.add_argument("--budget_seconds", type=float, default=420.0,
+                      help="jobs not started by then are skipped; a job ends by then")
   parser.add_argument("--job", default="", help=argparse.SUPPRESS)  # A child's one job (JSON).
   args = parser.parse_args(argv)
   args.steps = args.steps or (3 if args.tiny else 20)
