@@ -295,9 +295,13 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
   key, value = key.astype(query.dtype), value.astype(query.dtype)
   (B, T, N, H), S = query.shape, key.shape[1]
   shape_BNTS = (B, N, T, S)
-  packed_causal = (is_causal and T == S and mask is None and bias is None
-                   and local_window_size is None and query_segment_ids is not None
-                   and (kv_segment_ids is None or kv_segment_ids is query_segment_ids))
+  causal_self = (is_causal and T == S and mask is None and bias is None
+                 and local_window_size is None
+                 and (kv_segment_ids is None or kv_segment_ids is query_segment_ids))
+  packed_causal = causal_self and query_segment_ids is not None
+  if causal_self and query_segment_ids is None and implementation in ("pallas", "splash"):
+    # Unpacked causal self-attention is the packed case with one segment a row.
+    query_segment_ids, packed_causal = jnp.ones((B, T), jnp.int32), True
   if query_segment_ids is not None or kv_segment_ids is not None:
     mask = combine_masks(mask, _checked_segment_mask(query_segment_ids, kv_segment_ids, B, T, S))
   if local_window_size is not None:

@@ -316,6 +316,19 @@ def test_packed_pallas_through_the_dispatcher(monkeypatch):
   np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_unpacked_causal_rows_reach_pallas_as_one_segment(monkeypatch):
+  """Plain causal self-attention asked of "pallas" runs it (as model init does): one segment."""
+  monkeypatch.setattr(attention, "_packed_problem", lambda *args: None)
+  monkeypatch.setattr(attention_kernels, "pallas_packed_causal", functools.partial(
+      attention_kernels.pallas_packed_causal, interpret=True))
+  B, T, N, H = 2, 16, 2, 16
+  q, k, v = random_qkv(13, B, T, T, N, N, H)
+  out = jax.jit(lambda q, k, v: dot_product_attention(
+      q, k, v, is_causal=True, implementation="pallas"))(q, k, v)
+  expected, _ = numpy_attention(q, k, v, mask=np.tril(np.ones((T, T), bool))[None, None])
+  np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_cudnn_gets_a_batch_shared_bias_unbroadcast(monkeypatch):
   """The bias reaches cuDNN as [1, N, T, S] in the inputs' dtype (cuDNN spied on, run by XLA)."""
   seen = []
