@@ -1,6 +1,11 @@
 """Test set-up: 8 host devices on CPU, so that sharded code is tested for real."""
 
+import fcntl
 import os
+import pathlib
+import re
+import subprocess
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -18,6 +23,8 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def t5_config(tmp_path_factory):
@@ -27,3 +34,37 @@ def t5_config(tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("TAPETE_CACHE", str(tmp_path_factory.mktemp("cache")))
     yield config_lib.resolve_assets(finetune_t5.get_config("tiny"))
+
+
+QUICKSTART_TINY_CLI = ["-m", "train", "--config=experiments/quickstart.py:tiny",
+                       "--config.train.num_steps=4", "--config.optim.learning_rate=1e-5"]
+
+
+def one_device_env() -> dict:
+  """The environment of a CLI as a user runs it: CPU with one device."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                            env.get("XLA_FLAGS", "")).strip()
+  return env
+
+
+@pytest.fixture(scope="session")
+def quickstart_tiny_cli(tmp_path_factory) -> tuple[pathlib.Path, str]:
+  """(workdir, stdout) of `python -m train QUICKSTART_TINY_CLI`, trained once for the whole
+  session: the first xdist worker to ask trains it, under a lock the others wait on.
+
+  A small learning rate keeps the model near its random start, whose answers differ from
+  input to input (a few steps at the real one answer "e e e ..." to everything)."""
+  shared = tmp_path_factory.getbasetemp()
+  if "PYTEST_XDIST_WORKER" in os.environ:
+    shared = shared.parent  # the session's folder, above every worker's own
+  workdir, stdout = shared / "quickstart_tiny_cli", shared / "quickstart_tiny_cli.stdout"
+  with open(shared / "quickstart_tiny_cli.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not stdout.exists():
+      process = subprocess.run([sys.executable, *QUICKSTART_TINY_CLI, f"--workdir={workdir}"],
+                               cwd=ROOT, env=one_device_env(), capture_output=True, text=True,
+                               timeout=300)
+      assert process.returncode == 0, process.stderr[-3000:]
+      stdout.write_text(process.stdout)
+  return workdir, stdout.read_text()

@@ -122,6 +122,7 @@ def _stack_layers(params):
   return {k: _stack_layers(v) for k, v in params.items()}
 
 
+@pytest.mark.slow
 def test_encoder_decoder_maps_and_scanned_equals_unrolled():
   cfg = presets.transformer_base(**TINY, num_decoder_layers=3)
   source_BS, target_BT = tokens(3, (2, 7)), tokens(4, (2, 5))

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a CLI started for each case
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config=experiments/quickstart.py:tiny", "--config.train.num_steps=2",
         "--config.train.checkpoint_every=2"]

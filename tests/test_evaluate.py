@@ -14,6 +14,8 @@ import pytest
 from experiments import quickstart
 from train import evaluate, loop, records
 
+pytestmark = pytest.mark.slow  # the quickstart trained, then evaluated
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METRICS = ("loss", "accuracy", "perplexity", "exact_match", "bleu", "decoded")
 

@@ -116,6 +116,7 @@ def test_scratch_builds_the_checkpoints_architecture(variant, checkpoint, tmp_pa
       f: getattr(expected, f) for f in SHAPE_FIELDS}
 
 
+@pytest.mark.slow
 def test_tiny_lora_trains_from_asset_names_and_records_the_folders(tmp_path, monkeypatch):
   """finetune_classify:tiny,lora through train_and_evaluate, which resolves the assets."""
   monkeypatch.setenv("TAPETE_CACHE", str(tmp_path / "cache"))

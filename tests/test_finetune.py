@@ -90,6 +90,7 @@ def frozen_run(tmp_path_factory):
   return config, workdir, results
 
 
+@pytest.mark.slow
 def test_frozen_parameters_stay_bitwise_unchanged(frozen_run):
   config, workdir, _ = frozen_run
   start, end = hf_params(config), flat(checkpoint.load_params(workdir))
@@ -103,6 +104,7 @@ def test_frozen_parameters_stay_bitwise_unchanged(frozen_run):
       assert not np.array_equal(end[path], start[path]), path
 
 
+@pytest.mark.slow
 def test_fine_tune_from_imported_weights_improves_the_eval_loss(frozen_run, tmp_path):
   config, _, results = frozen_run
   before = eval_loss(config, jax.tree.map(np.asarray, traverse_util.unflatten_dict(
@@ -135,6 +137,7 @@ def lora_run(tmp_path_factory, genres):
   return config, workdir, results
 
 
+@pytest.mark.slow
 def test_lora_trains_the_expected_parameters(lora_run):
   config, workdir, _ = lora_run
   exp = loop.build(config, str(workdir))
@@ -149,6 +152,7 @@ def test_lora_trains_the_expected_parameters(lora_run):
   assert "classifier/kernel" in hf_params(config)
 
 
+@pytest.mark.slow
 def test_adapter_only_checkpoint_holds_what_trains_and_loads_back(lora_run):
   config, workdir, results = lora_run
   saved = flat(checkpoint.load_params(workdir))
@@ -172,6 +176,7 @@ def test_adapter_only_checkpoint_holds_what_trains_and_loads_back(lora_run):
     np.testing.assert_array_equal(params[path], expected[path], err_msg=path)
 
 
+@pytest.mark.slow
 def test_adapter_only_run_resumes_as_if_uninterrupted(lora_run, tmp_path):
   config, workdir, _ = lora_run
   shutil.copytree(workdir, tmp_path / "run")
@@ -211,6 +216,7 @@ def test_restore_logs_new_heads_and_skips_what_the_model_lacks(capsys):
 # T5 on numbers, and the experiments' documented commands.
 
 
+@pytest.mark.slow
 def test_t5_tiny_variant_trains_from_the_imported_weights(tmp_path):
   config = config_lib.resolve_assets(finetune_t5.get_config("tiny"))
   config.train.num_steps = config.train.checkpoint_every = 2
@@ -266,6 +272,7 @@ def test_bad_fine_tuning_configs_are_clear_errors(changes, match):
     config_lib.validate(gpt2_tiny(**changes))
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_folders_are_clear_errors(tmp_path, lora_run):
   config = gpt2_tiny()
   config.init_from = f"hf:{tmp_path / 'nope'}"
@@ -283,6 +290,7 @@ def test_bad_checkpoint_folders_are_clear_errors(tmp_path, lora_run):
     trainable.run_params(str(lora_run[1]))
 
 
+@pytest.mark.slow
 def test_cli_reports_a_missing_checkpoint_folder_in_one_line(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   process = subprocess.run(

@@ -128,6 +128,7 @@ def unpadded_answer(run: workdir_lib.Run, text: str, search) -> generate.Answer:
   return generate.Answer(text, output, float(out.logprobs_B[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["lm", "seq2seq", "classify", "mlm"])
 def test_a_batch_answers_as_one_input_at_a_time(task):
   run = tiny_run(task)
@@ -148,6 +149,7 @@ def test_a_batch_answers_as_one_input_at_a_time(task):
                                [a.probabilities for a in alone], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_score_is_the_log_probability_of_the_new_tokens():
   # Teacher forcing the answer through the whole model, with no cache and no padding.
   run = tiny_run("seq2seq")
@@ -182,6 +184,7 @@ def test_unknown_pieces_name_what_the_vocabulary_lacks(tmp_path):
   assert workdir_lib.unknown_pieces(BYTES, "abc ñ €") == []
 
 
+@pytest.mark.slow
 def test_t5_decodes_from_its_decoder_start_token_as_transformers(t5_config, tmp_path):
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")
@@ -224,6 +227,7 @@ def trained_lm(tmp_path_factory):
   return folder / "run", corpus
 
 
+@pytest.mark.slow
 def test_loading_a_run_reads_no_data(trained_lm, tmp_path):
   workdir, corpus = trained_lm
   before = workdir_lib.load(str(workdir))
@@ -245,6 +249,7 @@ def test_loading_a_run_reads_no_data(trained_lm, tmp_path):
     workdir_lib.load(str(moved))
 
 
+@pytest.mark.slow
 def test_loading_a_run_traces_no_model_init(trained_lm, monkeypatch):
   # The params' layout is the checkpoint's: building the model's own (a trace of its init,
   # about a second of a cold start) is only needed to rebuild an adapter-only run's base.
@@ -277,6 +282,7 @@ def run_generate(*args: str, cache) -> subprocess.Popen:
                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_the_cli_answers_a_file_in_batches_as_json_lines(trained_lm, tmp_path):
   workdir, _ = trained_lm
   run = workdir_lib.load(str(workdir))
@@ -331,6 +337,7 @@ print(sorted(m for m in {loaded} if m in sys.modules))
 """
 
 
+@pytest.mark.slow
 def test_inference_imports_no_training_machinery_and_defines_no_flags(trained_lm):
   heavy = ("torch", "tensorboardX", "optax", "train.loop")
   loaded = ("torch", "tensorboardX", "train.loop", "train.inputs", "tensorflow_datasets")

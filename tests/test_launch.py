@@ -659,6 +659,7 @@ def losses(records, split="train"):
   return {r["step"]: r["loss"] for r in records if r["split"] == split}
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_resume(tmp_path, monkeypatch):
   path = str(ROOT / "experiments" / "quickstart.py")
   module = experiment.load_module(path)

@@ -129,6 +129,7 @@ def unrolled(tree, num_layers):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "t5"])
 def test_scanned_stack_gets_one_adapter_per_layer(name):
   scanned, plain = MODELS[name](scan_layers=True), MODELS[name]()

@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from train import config as config_lib, loop, parallel
 from train.state import TrainState
@@ -37,6 +38,7 @@ def test_an_abstract_7b_lora_state_shards_over_8_devices(tmp_path):
   assert {x.dtype for x, _ in base} == {np.dtype(jax.numpy.bfloat16)}
 
 
+@pytest.mark.slow
 def test_memory_benchmark_tiny_prints_the_table():
   """Per device: weights halve on 2 devices; a row keeps at least its layers' inputs (bf16)
   and its float32 logits for the backward pass."""

@@ -236,6 +236,7 @@ def _lm_loss_sums(model):
   return loss_fn
 
 
+@pytest.mark.slow
 def test_accumulated_grads_equal_full_batch_grads(model_and_params):
   model, params = model_and_params
   rng = np.random.RandomState(0)

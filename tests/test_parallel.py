@@ -334,6 +334,7 @@ TWO_PROCESS_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_host_to_global_across_two_processes():
   with socket.socket() as sock:
     sock.bind(("localhost", 0))

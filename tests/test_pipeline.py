@@ -313,6 +313,7 @@ def test_bad_input_gives_clear_errors():
     pipeline.mlm_pipeline(lm_source(), no_mask, batch_size=2, seq_len=8)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_data_and_resume():
   source = lm_source(40)
   build = lambda: lm(source, pack=False, num_epochs=1, num_workers=2)

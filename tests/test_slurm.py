@@ -22,6 +22,8 @@ import slurm_cluster
 from launch import workdirs
 from train import records
 
+pytestmark = pytest.mark.slow  # a cluster started, jobs queued, tiny runs trained
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 40  # long enough for a scancel to land mid-run; a tiny step takes ~50 ms
 SHORT_STEPS = 6

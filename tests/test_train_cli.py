@@ -125,12 +125,9 @@ def check_workdir(workdir: pathlib.Path, config, eval_keys=()) -> list[dict]:
 # The quickstart through the CLIs.
 
 
-def test_quickstart_tiny_through_the_clis(tmp_path):
-  workdir = tmp_path / "quickstart"
-  # A small learning rate keeps the model near its random start, whose answers differ from
-  # input to input (a few steps at the real one answer "e e e ..." to everything).
-  stdout, _ = finish(start_cli("train", f"--config={QUICKSTART_TINY}", f"--workdir={workdir}",
-                               "--config.train.num_steps=4", "--config.optim.learning_rate=1e-5"))
+@pytest.mark.slow
+def test_quickstart_tiny_through_the_clis(quickstart_tiny_cli, tmp_path):
+  workdir, stdout = quickstart_tiny_cli  # `python -m train` of the quickstart's tiny variant
   assert f"tensorboard --logdir {workdir / 'tensorboard'}" in stdout
   config = load_experiment("quickstart").get_config("tiny")
   config.train.num_steps = 4
@@ -233,6 +230,7 @@ def check_translations(run, search, prompt: str, printed: str):
     assert generate.answer(run, text, greedy, jax.random.key(0)) == expected, text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, prompt", [
     ("transformer_base", "The house is small."),
     ("gpt2_small", "The cat"),
@@ -261,6 +259,7 @@ def test_tiny_variant_trains_and_answers(name, prompt, tmp_path, capsys):
     assert answer.startswith(before) and answer.endswith(after) and answer != prompt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, source", [
     ("transformer_base", "wmt14_translate/de-en"),
     ("gpt2_small", "lm1b"),
@@ -333,6 +332,7 @@ def error_runs(tmp_path_factory) -> dict:
   return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ERRORS)
 def test_bad_input_is_one_clear_line(case, error_runs):
   workdir, returncode, stderr = error_runs[case]
@@ -346,6 +346,7 @@ def test_bad_input_is_one_clear_line(case, error_runs):
   assert not (workdir / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_flag_errors_show_the_usage(error_runs):
   for case in ("no_workdir", "unknown_key", "wrong_type", "variant", "no_config_file"):
     assert "usage: python -m train --config=" in error_runs[case][2], case

@@ -71,6 +71,7 @@ def uninterrupted(tmp_path_factory):
   return {"workdir": workdir, **{line["step"]: line for line in train_lines(workdir)}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_killed_and_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit(
     uninterrupted, tmp_path, sig):
@@ -90,6 +91,7 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit(
       assert line[key] == expected[key], (line["step"], key)
 
 
+@pytest.mark.slow
 def test_a_run_killed_during_its_final_eval_runs_it_on_rerun(uninterrupted, tmp_path):
   process = start(tmp_path)
   deadline = time.time() + 240
@@ -104,6 +106,7 @@ def test_a_run_killed_during_its_final_eval_runs_it_on_rerun(uninterrupted, tmp_
   assert records.recorded(tmp_path, 120, "eval") == expected and expected["exact_match"] >= 0
 
 
+@pytest.mark.slow
 def test_sharded_training_equals_single_device(tmp_path):
   config = experiment("quickstart", "tiny")
   exp = loop.build(config, str(tmp_path))
@@ -144,6 +147,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   checkpointer.close()
 
 
+@pytest.mark.slow
 def test_init_from_starts_from_another_runs_parameters(tmp_path):
   first = experiment("quickstart", "tiny")
   loop.train_and_evaluate(first, str(tmp_path / "first"))
@@ -160,6 +164,7 @@ def test_init_from_starts_from_another_runs_parameters(tmp_path):
   assert checkpoint.Checkpointer(tmp_path / "second" / "checkpoints").latest_step() == 1
 
 
+@pytest.mark.slow
 def test_quickstart_learns_on_a_short_budget(tmp_path):
   config = experiment("quickstart")
   config.train.num_steps = 150

@@ -51,6 +51,7 @@ def random_like(tree, seed):
   return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
+@pytest.mark.slow
 def test_clipping_sees_only_the_trainable_gradients():
   trainable = lm_trainable(freeze=("^token_embed/",))
   params = jax.tree.map(jnp.ones_like, jax.tree.map(
@@ -67,6 +68,7 @@ def test_clipping_sees_only_the_trainable_gradients():
     np.testing.assert_allclose(-np.asarray(u), expected, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_frozen_params_stay_bitwise_unchanged_and_get_no_gradient():
   trainable = lm_trainable(freeze=("^token_embed/", "layers_0/.*bias$"))
   cfg = optim.default_optim_config()
@@ -117,6 +119,7 @@ def test_import_reports_the_params_the_file_does_not_hold(head, pooling, absent)
   assert absent <= set(paths.flatten(imported.params))
 
 
+@pytest.mark.slow
 def test_an_hf_folder_is_read_once_per_run(tmp_path, monkeypatch):
   config = finetune_gpt2.get_config("tiny")
   config.train.num_steps = config.train.checkpoint_every = 2
