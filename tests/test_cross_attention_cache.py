@@ -17,6 +17,7 @@ def projections(paths, attention, name):
   return {p for p in paths if p.endswith(f"{attention}/{name}")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["t5", "base_scanned"])
 def test_cross_keys_and_values_are_projected_once_and_kept_in_the_cache(name):
   model = build(Seq2Seq, name)
