@@ -249,6 +249,7 @@ def _export_cli(*args: str) -> subprocess.Popen:
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_the_cli_exports_a_lora_run_that_transformers_loads(lora_run, tmp_path):
   out, taken = tmp_path / "export", tmp_path / "taken"
   taken.mkdir()

@@ -143,6 +143,7 @@ def test_scanned_stack_gets_one_adapter_per_layer(name):
       atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_number_of_adapter_parameters():
   d, n, h, r, layers = 32, 4, 8, 4, 2
   cfg = lora.LoraConfig(targets=r"self_attention/(query|value)/kernel", rank=r, alpha=1.0)

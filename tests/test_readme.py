@@ -68,6 +68,7 @@ def test_readme_commands_over_the_quickstart_workdir_run(quickstart_tiny_cli, tm
   assert (tmp_path / "att.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_readme_library_example_runs():
   snippet = next(block for block in fenced("python") if "DecoderOnly(cfg)" in block)
   namespace = {}

@@ -132,6 +132,7 @@ def test_sharded_training_equals_single_device(tmp_path):
                                err_msg=str(shape))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config = experiment("quickstart", "tiny")
   config.optim.learning_rate = 1e30
@@ -177,6 +178,7 @@ def test_quickstart_learns_on_a_short_budget(tmp_path):
   assert results["exact_match"] > 0.2
 
 
+@pytest.mark.slow
 def test_truncated_examples_are_reported_in_metrics_and_the_log(tmp_path, capsys):
   """Every line is 30 bytes; rows hold BOS + 14 bytes + EOS, so each example loses 16."""
   from train import config as config_lib
