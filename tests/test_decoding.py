@@ -576,6 +576,7 @@ def test_pad_batch_lays_rows_out_on_either_side():
     decoding.pad_batch([])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DECODER_ONLY)
 def test_a_padding_mask_on_either_side_decodes_as_lengths_and_as_one_prompt_at_a_time(name):
   model = build(LM, name)
@@ -589,11 +590,12 @@ def test_a_padding_mask_on_either_side_decodes_as_lengths_and_as_one_prompt_at_a
                                            search, padding_mask_BT=batch.padding_mask_BT)
       np.testing.assert_array_equal(out.tokens_BN, by_lengths.tokens_BN)
       np.testing.assert_allclose(out.logprobs_B, by_lengths.logprobs_B, rtol=1e-5)
-    if search.method == "greedy":  # One prompt at a time (a compile per length): greedy only.
+    if search.method == "greedy":  # One prompt at a time, each padded to 7: one compile.
       for b, row in enumerate(rows):
-        alone = decoding.generate_decoder_only(model.module, model.params, row[None], None,
-                                               search)
-        np.testing.assert_array_equal(alone.tokens_BN[0], by_lengths.tokens_BN[b])
+        alone = decoding.pad_batch([row], width=7, left=True)
+        out = decoding.generate_decoder_only(model.module, model.params, alone.tokens_BT, None,
+                                             search, padding_mask_BT=alone.padding_mask_BT)
+        np.testing.assert_array_equal(out.tokens_BN[0], by_lengths.tokens_BN[b])
 
 
 def test_prompt_lengths_outside_one_to_the_width_are_one_clear_error():
@@ -614,6 +616,7 @@ def test_prompt_lengths_outside_one_to_the_width_are_one_clear_error():
     generate(None, search, padding_mask_BT=np.ones((3, 4), bool))
 
 
+@pytest.mark.slow
 def test_left_padded_prompts_decode_as_transformers_gpt2_generate(tmp_path):
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")
