@@ -14,7 +14,8 @@ reorders the leaves as it reorders the beams.
 Searches. `first_tokens_B` is the last known token of each sequence, not yet fed to the
 model (the last prompt token, or the decoder start token); N = max_new_tokens.
 
-  greedy(tokens_to_logits, cache, first_tokens_B, *, max_new_tokens, eos_id, pad_id)
+  greedy(tokens_to_logits, cache, first_tokens_B, *, max_new_tokens, eos_id, pad_id,
+         eos_check_every=16)
   sample(..., rng, temperature=1.0, top_k=None, top_p=None)      temperature 0 = greedy
   beam_search(..., beam_size, length_penalty_alpha=0.6)
 
@@ -34,7 +35,8 @@ a `lax.scan` of C steps (of N mod C for the last one), whose trip count XLA know
 while loop's condition goes to the host at every iteration, so C = 1 (a test before every
 token) pays that round trip per token, and C = 16 once per 16 tokens, at the cost of up to
 C - 1 steps after the end. Steps after the end change nothing that is returned, so the
-outputs are the same for every C.
+outputs are the same for every C. Where C does not divide N the program holds the model step
+twice (the chunks' scan and the last one), which lengthens its compilation.
 """
 
 from typing import Any, Callable, NamedTuple
