@@ -19,6 +19,7 @@ from flax import traverse_util
 from experiments import finetune_llama
 from models import pretrained
 from train import checkpoint, config as config_lib, export, generate, loop
+from train import inputs as inputs_lib
 from train import workdir as workdir_lib
 from train.assets import tiny_hf
 from train.data import examples, pipeline
@@ -172,3 +173,18 @@ def test_instruct_data_needs_the_lm_task():
   with pytest.raises(ValueError, match=r"source_options\.task='instruct' .* trains an lm run, "
                                        r"not config\.task='seq2seq': set task='lm'\."):
     config_lib.validate(config)
+
+
+def test_an_over_long_pair_is_truncated_not_split(tmp_path):
+  """Each row is one pair cut at seq_len, opening with BOS + its prompt (a split pair's later
+  pieces would teach a response without its prompt); transformers' tokenizer the reference."""
+  config = config_lib.resolve_assets(finetune_llama.get_config("tiny,instruct"))
+  config.data.seq_len, config.data.pack = 8, False
+  reference = transformers.AutoTokenizer.from_pretrained(config.init_from[len("hf:"):])
+  inputs = inputs_lib.make_inputs(config, str(tmp_path))
+  batches = iter(inputs.eval_pipeline(4))
+  batch, counts = next(batches), batches.counts
+  assert counts["split"] == 0 and counts["truncated"] == counts["examples"] == 4
+  starts = {tuple(reference(pair["prompt"])["input_ids"][:8]) for pair in PAIRS}
+  for row in batch["inputs"]:
+    assert tuple(row.tolist()) in starts

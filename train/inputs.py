@@ -59,8 +59,11 @@ class Inputs:
     source = self.source(split)
     d = self.data
     if self.task == "lm":
+      # A pair cut in pieces would teach later pieces of a response without their prompt.
+      instruct = examples.instruct(d)
       return pipeline.lm_pipeline(source, self.input_tokenizer, seq_len=d.seq_len, pack=pack,
-                                  instruct=examples.instruct(d), **common)
+                                  instruct=instruct,
+                                  overlong="truncate" if instruct else "split", **common)
     if self.task == "seq2seq":
       return pipeline.seq2seq_pipeline(source, self.input_tokenizer, self.target_tokenizer,
                                        inputs_len=d.inputs_len, targets_len=d.targets_len,
