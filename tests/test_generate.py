@@ -315,7 +315,10 @@ def test_the_cli_answers_a_file_in_batches_as_json_lines(trained_lm, tmp_path):
                    r"generated, [\d,]+ tokens/s", stderr), stderr
 
   stdout, _ = printing.communicate(timeout=300)
-  assert [json.loads(line) for line in stdout.splitlines()] == answers
+  printed = [json.loads(line) for line in stdout.splitlines()]  # Batches of 64: other rounding.
+  assert [a["output"] for a in printed] == [a["output"] for a in answers]
+  np.testing.assert_allclose([a["score"] for a in printed], [a["score"] for a in answers],
+                             rtol=1e-5)
 
   _, stderr = refusing.communicate(timeout=300)
   assert refusing.returncode == 2 and "Traceback" not in stderr, stderr
