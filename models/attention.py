@@ -179,10 +179,9 @@ def _automatic_pallas_problem(query) -> str | None:
   """Why None leaves a Pallas kernel (pallas, splash) to be asked for by name; None if not."""
   if query.dtype not in (jnp.bfloat16, jnp.float16):
     return f"None picks fused kernels for bfloat16 or float16 inputs, got {query.dtype}"
-  if jax.device_count() > 1:
-    # A Pallas call has no partitioning rule, so a jit over several devices may gather its
-    # operands onto each one; cuDNN's attention has such rules.
-    return f"None picks a Pallas kernel on one device, and there are {jax.device_count()}"
+  problem = attention_kernels.mesh_problem()
+  if problem:
+    return f"None picks a Pallas kernel on several devices only per shard of a mesh: {problem}"
   return None
 
 
@@ -283,7 +282,8 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
       self-attention only (is_causal, T == S, segment ids shared by queries and keys, no
       mask, bias or window; see models/attention_kernels.py); or None: for bf16/fp16 packed
       causal self-attention cuDNN's packed layout on a Hopper GPU, else Pallas on a GPU or
-      splash on a TPU (one device), else "xla"; otherwise "cudnn" on a GPU for bf16/fp16
+      splash on a TPU (on one device, or per shard of the mesh being traced under: see
+      attention_kernels.per_shard), else "xla"; otherwise "cudnn" on a GPU for bf16/fp16
       inputs without a dense mask (a bias [1, N, T, S] is fine), "xla" elsewhere; "reference"
       when return_weights=True.
     return_weights: also return the float32 weights [B, N, T, S] (reference path only).
@@ -327,7 +327,8 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
   if implementation in ("pallas", "splash"):
     kernel = {"pallas": attention_kernels.pallas_packed_causal,
               "splash": attention_kernels.splash_packed_causal}[implementation]
-    return kernel(query, key, value, query_segment_ids, scale=scale)
+    return attention_kernels.per_shard(kernel, query, key, value, query_segment_ids,
+                                       scale=scale)
   if implementation == "cudnn_packed":
     xla = functools.partial(jax.nn.dot_product_attention, mask=mask, scale=scale,
                             is_causal=True, implementation="xla")

@@ -12,13 +12,22 @@ Each `*_problem` function says why its kernel cannot run on this machine or take
 a jax without them (or with another interface) gets a problem, never a wrong call; the
 dispatcher in models.attention then falls back to XLA or, if the kernel was asked for by name,
 raises a ValueError with the problem.
+
+A `pallas_call` has no partitioning rule (under jit, XLA would gather its operands onto every
+device), so `per_shard` runs the Pallas and splash kernels in `shard_map` over the mesh being
+traced under (jax's abstract mesh), the batch and heads split over the mesh axes `split_over`
+names; `train.parallel.on_mesh` sets both.
 """
 
+import contextlib
+import contextvars
 import functools
 import inspect
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 # Rows holding more segments than this run the packed cuDNN path's fallback (see
 # cudnn_packed_causal): cuDNN keeps softmax statistics of [B * this, N, T] floats per call.
@@ -241,3 +250,74 @@ def splash_packed_causal(query, key, value, segment_ids, *, scale, interpret=Fal
   out_BNTH = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, splash.SegmentIds(q=ids, kv=ids)))(
       q_BNTH, k_BKTH, v_BKTH, ids_BT)
   return _average_values_on_padding(out_BNTH.transpose(0, 2, 1, 3), value, ids_BT)
+
+
+# ----------------------------------------------------------------------------------------
+# Running a kernel on each device's shard of the mesh in context.
+
+
+# (batch axes, head axes) of the mesh for per_shard: set by split_over, None outside it.
+_SPLIT_AXES = contextvars.ContextVar("split_axes", default=None)
+
+
+@contextlib.contextmanager
+def split_over(batch_axes, head_axes):
+  """Within it, per_shard splits the batch over mesh axes `batch_axes` and the heads over
+  `head_axes` (each a mesh axis name, a tuple of them, or None)."""
+  as_tuple = lambda axes: () if axes is None else (axes,) if isinstance(axes, str) else tuple(
+      axes)
+  token = _SPLIT_AXES.set((as_tuple(batch_axes), as_tuple(head_axes)))
+  try:
+    yield
+  finally:
+    _SPLIT_AXES.reset(token)
+
+
+def _splitting_mesh():
+  """The abstract mesh being traced under if it has several devices and none yet manual."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return None
+  return mesh
+
+
+def mesh_problem() -> str | None:
+  """Why a Pallas kernel would see whole operands on each of several devices; None if not."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if jax.device_count() == 1 or mesh.manual_axes or mesh.size == 1:
+    return None
+  if mesh.empty:
+    return (f"there are {jax.device_count()} devices and no mesh in context (trace under "
+            "jax.sharding.use_abstract_mesh, as train.parallel.on_mesh does), so XLA would "
+            "gather its operands onto each device")
+  if _SPLIT_AXES.get() is None:
+    return ("the mesh in context comes without the axes to split the batch and heads over "
+            "(attention_kernels.split_over), so its operands would not be split")
+  return None
+
+
+def _dividing(axes: tuple, size: int, mesh):
+  """The longest prefix of mesh `axes` whose sizes multiply to a divisor of `size`, or None."""
+  while axes and size % math.prod(mesh.shape[axis] for axis in axes):
+    axes = axes[:-1]
+  return axes or None
+
+
+def per_shard(kernel, query, key, value, segment_ids, **kwargs):
+  """kernel(query, key, value, segment_ids, **kwargs), on each device's shard of the mesh.
+
+  Under a mesh of several devices (see `mesh_problem`) it runs in `shard_map`: query, key and
+  value [B, T, *, H] split P(batch axes, None, head axes, None), the ids [B, T] P(batch axes,
+  None), with the axes of `split_over`, as many as divide B and the key/value heads K.
+  Without such a mesh it calls kernel.
+  """
+  mesh, axes = _splitting_mesh(), _SPLIT_AXES.get()
+  if mesh is None or axes is None:
+    return kernel(query, key, value, segment_ids, **kwargs)
+  batch = _dividing(axes[0], query.shape[0], mesh)
+  heads = _dividing(axes[1], key.shape[2], mesh)
+  qkv_spec, ids_spec = PartitionSpec(batch, None, heads, None), PartitionSpec(batch, None)
+  # check_vma=False: jax's Pallas attention fails shard_map's varying-axes check (its pads).
+  return jax.shard_map(functools.partial(kernel, **kwargs), mesh=mesh,
+                       in_specs=(qkv_spec, qkv_spec, qkv_spec, ids_spec), out_specs=qkv_spec,
+                       check_vma=False)(query, key, value, jnp.asarray(segment_ids, jnp.int32))

@@ -84,7 +84,7 @@ def make_train_step(exp: Experiment):
 
 def jit_train_step(exp: Experiment, shardings):
   """The train step jitted over the mesh: state placed by `shardings` and donated."""
-  return jax.jit(make_train_step(exp),
+  return jax.jit(parallel.on_mesh(make_train_step(exp), exp.mesh),
                  in_shardings=(shardings, parallel.batch_sharding(exp.mesh)),
                  out_shardings=(shardings, None), donate_argnums=0)
 
@@ -245,7 +245,8 @@ class Evaluator:
     t = exp.config.train
     self.batch_size = t.batch_size
     sharding = parallel.batch_sharding(exp.mesh)
-    self.eval_step = jax.jit(lambda p, b: exp.task.loss(p, b)[1], in_shardings=(None, sharding))
+    self.eval_step = jax.jit(parallel.on_mesh(lambda p, b: exp.task.loss(p, b)[1], exp.mesh),
+                             in_shardings=(None, sharding))
     self.model_params = jax.jit(exp.trainable.model_params)
     self.search = workdir_lib.decoding_search(exp.config, exp.inputs.target_tokenizer)
     self.data_report = DataReport(split)

@@ -38,6 +38,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+from models import attention_kernels
+
 _LOG = logging.getLogger(__name__)
 AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -159,6 +161,19 @@ def _divisible_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh,
                     f"{math.prod(mesh.shape[axis] for axis in names)}")
     entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
   return PartitionSpec(*entries)
+
+
+def on_mesh(fn: Callable[..., Any], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Callable:
+  """`fn` traced with `mesh` in context (jax's abstract mesh), so that the fused attention
+  kernels run on each device's shard: batch and heads split over the mesh axes `rules` give
+  "batch" and "heads" (models.attention_kernels.per_shard). Wrap the function given to jit."""
+  batch_axes, head_axes = nn.logical_to_mesh_axes(("batch", "heads"), rules)
+
+  def traced_on_mesh(*args, **kwargs):
+    with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+          attention_kernels.split_over(batch_axes, head_axes)):
+      return fn(*args, **kwargs)
+  return traced_on_mesh
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
