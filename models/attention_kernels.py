@@ -131,6 +131,11 @@ def cudnn_packed_causal(query, key, value, segment_ids, *, scale, fallback):
   ids do not fit them (a row with more than CUDNN_SEGMENTS_PER_ROW segments, or an id that
   comes back after another) runs `fallback(query, key, value)` instead, chosen by a
   `lax.cond` in the compiled program, so no batch gets a different result.
+
+  The cond is not free on XLA GPU: its ConditionalThunk copies the predicate to the host and
+  waits for the stream, once per call (at least 2 x layers a step), unless command buffers record
+  conditionals (`--xla_gpu_enable_command_buffer=+CONDITIONAL` in config.train.xla_flags;
+  not in XLA's default list), which decide on the device.
   """
   attention, mask_type, _ = _cudnn_private_api()
   T, N = query.shape[1:3]
