@@ -13,6 +13,10 @@ a jax without them (or with another interface) gets a problem, never a wrong cal
 dispatcher in models.attention then falls back to XLA or, if the kernel was asked for by name,
 raises a ValueError with the problem.
 
+cuDNN's packed layout has a fixed number of segments a row. Within `segments_at_most(M)` (set
+by `train.parallel.on_mesh` from the data's packing limit) the caller promises that every row
+holds at most M segments and `cudnn_packed_causal` trusts it; outside, it checks on the device.
+
 A `pallas_call` has no partitioning rule (under jit, XLA would gather its operands onto every
 device), so `per_shard` runs the Pallas and splash kernels in `shard_map` over the mesh being
 traced under (jax's abstract mesh), the batch and heads split over the mesh axes `split_over`
@@ -29,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-# Rows holding more segments than this run the packed cuDNN path's fallback (see
-# cudnn_packed_causal): cuDNN keeps softmax statistics of [B * this, N, T] floats per call.
+# Without segments_at_most, rows holding more segments than this run the packed cuDNN path's
+# fallback (see cudnn_packed_causal): cuDNN keeps softmax statistics of [B * this, N, T] floats.
 CUDNN_SEGMENTS_PER_ROW = 16
 # cuDNN added the packed (ragged offsets) layout to flash attention in 9.6.
 _CUDNN_PACKED_MIN_VERSION = 90600
@@ -127,20 +131,24 @@ def cudnn_packed_problem(query, platform: str, capability) -> str | None:
 def cudnn_packed_causal(query, key, value, segment_ids, *, scale, fallback):
   """Packed causal self-attention on cuDNN's packed layout (see the module docstring).
 
-  The segments become cuDNN's per-row seqlens and offsets (`packed_segments`). A batch whose
-  ids do not fit them (a row with more than CUDNN_SEGMENTS_PER_ROW segments, or an id that
-  comes back after another) runs `fallback(query, key, value)` instead, chosen by a
-  `lax.cond` in the compiled program, so no batch gets a different result.
+  The segments become cuDNN's per-row seqlens and offsets (`packed_segments`), M of them a
+  row. Within `segments_at_most(M)` the ids are taken to fit, unchecked, and nothing else
+  runs. Outside it, M is CUDNN_SEGMENTS_PER_ROW, and a batch whose ids do not fit (a row with
+  more segments, or an id that comes back after another) runs `fallback(query, key, value)`
+  instead, chosen by a `lax.cond` in the compiled program, so no batch gets a different result.
 
-  The cond is not free on XLA GPU: its ConditionalThunk copies the predicate to the host and
+  That cond is not free on XLA GPU: its ConditionalThunk copies the predicate to the host and
   waits for the stream, once per call (at least 2 x layers a step), unless command buffers record
   conditionals (`--xla_gpu_enable_command_buffer=+CONDITIONAL` in config.train.xla_flags;
   not in XLA's default list), which decide on the device.
   """
   attention, mask_type, _ = _cudnn_private_api()
   T, N = query.shape[1:3]
+  capacity = _SEGMENT_CAPACITY.get()
   ids_BT = jnp.asarray(segment_ids, jnp.int32)
-  seqlens_BM, offsets_BM1, fits = packed_segments(ids_BT, min(T, CUDNN_SEGMENTS_PER_ROW))
+  # At least 2: jax's API reads M = 1 as the unpacked layout and ignores the offsets.
+  seqlens_BM, offsets_BM1, fits = packed_segments(
+      ids_BT, max(2, min(T, capacity or CUDNN_SEGMENTS_PER_ROW)))
 
   def fused(query, key, value):
     # Keys and values get all N heads: jax's packed layout strides both by the query's heads.
@@ -151,7 +159,30 @@ def cudnn_packed_causal(query, key, value, segment_ids, *, scale, fallback):
                          qkv_layout="BTNH")
     return _average_values_on_padding(out_BTNH, value, ids_BT)
 
+  if capacity is not None:
+    return fused(query, key, value)
   return jax.lax.cond(fits, fused, fallback, query, key, value)
+
+
+# The most segments a row of segment ids holds, promised by segments_at_most; None outside it.
+_SEGMENT_CAPACITY = contextvars.ContextVar("segment_capacity", default=None)
+
+
+@contextlib.contextmanager
+def segments_at_most(max_segments_per_row: int):
+  """Within it, the caller promises that every row of segment ids passed to the attention holds
+  at most `max_segments_per_row` segments, each one run of its id (grain's packing writes ids
+  1, ..., k with k at most its max_sequences_per_bin), so cudnn_packed_causal needs no check.
+  A row that breaks the promise would get a wrong result, so promise only what the data does."""
+  if isinstance(max_segments_per_row, bool) or not isinstance(max_segments_per_row, int) or (
+      max_segments_per_row < 1):
+    raise ValueError(f"max_segments_per_row must be a positive integer, got "
+                     f"{max_segments_per_row!r}.")
+  token = _SEGMENT_CAPACITY.set(max_segments_per_row)
+  try:
+    yield
+  finally:
+    _SEGMENT_CAPACITY.reset(token)
 
 
 # ----------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ through its arguments (against a hand-worked example, numpy, and a numpy attenti
 only those arguments) and its wrapper with an emulated kernel. GPU tests run it for real.
 """
 
+import contextlib
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +182,50 @@ def test_cudnn_packed_wrapper_matches_reference(fake_cudnn, many_segments):
   kernel = lambda q, k, v, ids, scale: attention_kernels.cudnn_packed_causal(
       q, k, v, ids, scale=scale, fallback=xla_fallback(ids, scale))
   check_kernel(kernel, q, k, v, ids, scale=0.3)
+
+
+def conds(fn, *args):
+  """How many conditionals jax traces fn(*args) to (nested jaxprs included)."""
+  return len(re.findall(r"\bcond\[", str(jax.make_jaxpr(fn)(*args))))
+
+
+def cudnn_within(capacity):
+  """cudnn_packed_causal traced within segments_at_most(capacity) (None: without it)."""
+  def kernel(q, k, v, ids, scale):
+    with (contextlib.nullcontext() if capacity is None
+          else attention_kernels.segments_at_most(capacity)):
+      return attention_kernels.cudnn_packed_causal(q, k, v, ids, scale=scale,
+                                                   fallback=xla_fallback(ids, scale))
+  return kernel
+
+
+@pytest.mark.parametrize("many_segments", [False, True], ids=["few", "many"])
+def test_cudnn_packed_within_a_capacity_runs_no_cond(fake_cudnn, many_segments):
+  """Promised as many segments a row as the ids have at most, it equals the reference with no
+  conditional in the program (many: 20, more than CUDNN_SEGMENTS_PER_ROW, all in the kernel)."""
+  B, T, N, K, H = 2, 32, 4, 2, 8
+  ids = packed_ids(np.random.default_rng(8), B, T, max_segments=4)
+  if many_segments:
+    ids[1] = np.pad(np.repeat(np.arange(1, 21), [1, 2] * 10), (0, 2))
+  capacity = max(len(set(row) - {0}) for row in ids.tolist())
+  assert capacity == (20 if many_segments else 3)
+  q, k, v = random_qkv(9, B, T, T, N, K, H)
+  kernel = cudnn_within(capacity)
+  assert conds(lambda q, k, v: kernel(q, k, v, ids, scale=0.3), q, k, v) == 0
+  check_kernel(kernel, q, k, v, ids, scale=0.3)
+
+
+def test_cudnn_packed_without_a_capacity_keeps_its_cond(fake_cudnn):
+  ids = packed_ids(np.random.default_rng(8), 2, 32)
+  q, k, v = random_qkv(9, 2, 32, 32, 4, 2, 8)
+  assert conds(lambda q, k, v: cudnn_within(None)(q, k, v, ids, scale=0.3), q, k, v) == 1
+
+
+def test_segments_at_most_takes_a_positive_integer():
+  for bad in (0, -3, 2.0, True, None):
+    with pytest.raises(ValueError, match="max_segments_per_row must be a positive integer"):
+      with attention_kernels.segments_at_most(bad):
+        pass
 
 
 # --------------------------------------------------------------------------------------
