@@ -13,7 +13,7 @@ from num2words import num2words
 import tokenizers
 from tokenizers import implementations
 
-from train.data import pipeline, tokenizers as toks
+from train.data import packing, pipeline, tokenizers as toks
 
 BYTES = toks.ByteTokenizer()
 BOS, EOS = BYTES.bos_id, BYTES.eos_id
@@ -94,6 +94,27 @@ def test_lm_rows_hold_every_piece_once_with_right_ids(pack):
   assert found == expected_lm_pieces(source, 24)
   if pack:  # Packing fills rows: fewer rows than pieces.
     assert len(out) * 4 < sum(found.values())
+
+
+def test_max_segments_per_row_caps_rows_and_drops_nothing():
+  source = lm_source()
+  limited, free = ([segments(b, ["inputs", "targets"], "segment_ids")
+                    for b in iter(lm(source, seq_len=64, num_epochs=1, **limit))]
+                   for limit in ({"max_segments_per_row": 2}, {}))
+  per_row = lambda out: collections.Counter((i, row) for i, found in enumerate(out)
+                                            for row, _ in found).values()
+  assert max(per_row(limited)) == 2 < max(per_row(free))
+  pieces = collections.Counter(piece for found in limited for _, piece in found)
+  assert pieces == expected_lm_pieces(source, 64)
+  with pytest.raises(ValueError, match="max_segments_per_row=-1 must be 0"):
+    lm(source, max_segments_per_row=-1)
+
+
+def test_a_row_breaking_the_segment_promise_is_refused():
+  packing.check_segments(np.array([1, 1, 2, 3, 3, 0, 0]), 3)
+  for ids in ([1, 1, 2, 3, 4, 0], [1, 2, 1, 0, 0, 0], [2, 1, 1, 0, 0, 0]):
+    with pytest.raises(RuntimeError, match="A packed row has segment ids"):
+      packing.check_segments(np.array(ids), 3)
 
 
 def test_seq2seq_pairs_stay_together():

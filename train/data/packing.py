@@ -69,30 +69,51 @@ class _DropFlaggedIterator(grain.DatasetIterator):
 
 def pack(ds: grain.IterDataset, lengths: dict[str, int], rename: dict[str, str], *,
          weights_from: str, pad_id: int | dict[str, int], batch_size: int,
-         num_packing_bins: int | None, pack: bool) -> grain.IterDataset:
+         num_packing_bins: int | None, pack: bool,
+         max_segments_per_row: int = 0) -> grain.IterDataset:
   """Rows of `lengths` (grain first-fit packing, one example a row if not `pack`).
 
   grain adds `<feature>_segment_ids` (1, 2, ... per example, 0 on padding) and
-  `<feature>_positions` (0, 1, ... per example); `rename` picks the row's keys.
+  `<feature>_positions` (0, 1, ... per example); `rename` picks the row's keys. A packed row
+  holds at most `max_segments_per_row` examples (0 = as many as fit); an example that would
+  be one too many starts another row, so none is dropped.
   """
   if not isinstance(pad_id, dict):
     pad_id = {k: pad_id for k in lengths}
+  max_segments = (max_segments_per_row or None) if pack else 1
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct=lengths,
       num_packing_bins=(num_packing_bins or batch_size) if pack else batch_size,
       shuffle_bins=False, meta_features=("counts",), padding_struct=pad_id,
-      max_sequences_per_bin=None if pack else 1)
-  return ds.map(_FinishRow(rename, weights_from))
+      max_sequences_per_bin=max_segments)
+  return ds.map(_FinishRow(rename, weights_from, max_segments))
+
+
+def check_segments(segment_ids_T: np.ndarray, max_segments: int) -> None:
+  """A RuntimeError unless the row's non-zero ids form at most `max_segments` runs, each id
+  one run (what the attention is promised: models.attention_kernels.segments_at_most)."""
+  previous_T = np.concatenate([[0], segment_ids_T[:-1]])
+  run_ids = segment_ids_T[(segment_ids_T != 0) & (segment_ids_T != previous_T)]
+  if len(run_ids) > max_segments or np.any(np.diff(run_ids) <= 0):
+    raise RuntimeError(f"A packed row has segment ids {run_ids.tolist()} (one a run): more "
+                       f"than {max_segments} runs, or an id that is not above the one before; "
+                       "grain's packing should not write that, so check the grain version.")
 
 
 class _FinishRow:
-  """Renames a packed row's features, adds weights, sums its examples' counts."""
+  """Renames a packed row's features, adds weights, sums its examples' counts; checks that
+  its segment ids keep to `max_segments` (None: no limit, nothing to check)."""
 
-  def __init__(self, rename: dict[str, str], weights_from: str):
+  def __init__(self, rename: dict[str, str], weights_from: str, max_segments: int | None):
     self.rename, self.weights_from = rename, weights_from
+    self.max_segments = max_segments
 
   def __call__(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
     out = {new: row[old] for new, old in self.rename.items()}
+    if self.max_segments is not None:
+      for key in out:
+        if key.endswith("segment_ids"):
+          check_segments(out[key], self.max_segments)
     out["weights"] = (row[self.weights_from] > 0).astype(np.float32)
     out["counts"] = np.sum(row["counts"], axis=0, dtype=np.int64)
     return out

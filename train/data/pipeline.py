@@ -110,15 +110,18 @@ class BatchIterator:
 
 def lm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
                 pack: bool = True, overlong: str = "split",
-                num_packing_bins: int | None = None, text_key: str = "text",
+                num_packing_bins: int | None = None, max_segments_per_row: int = 0,
+                text_key: str = "text",
                 instruct: bool = False, prompt_key: str = "prompt",
                 response_key: str = "response", seed: int = 0, shuffle: bool = True,
                 num_epochs: int | None = None, process_index: int | None = None,
                 process_count: int | None = None, num_workers: int = 0) -> Pipeline:
   """Language modelling batches; over-long examples `overlong`="split"|"truncate";
-  `instruct`: prompt -> response pairs, learned on the response only."""
+  `instruct`: prompt -> response pairs, learned on the response only; packed rows hold at
+  most `max_segments_per_row` examples (0 = as many as fit)."""
   _check_choice("overlong", overlong, ("split", "truncate"))
   _check_positive(batch_size=batch_size, seq_len=seq_len)
+  _check_not_negative(max_segments_per_row=max_segments_per_row)
   examples.bos_eos(tokenizer)
   if instruct:
     tokenize = examples.Instruct(tokenizer, seq_len, overlong, prompt_key, response_key)
@@ -139,7 +142,8 @@ def lm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
                          "positions": "inputs_positions"},
                         weights_from="weights" if instruct else "targets_segment_ids",
                         pad_id=pad_id, batch_size=batch_size,
-                        num_packing_bins=num_packing_bins, pack=pack)
+                        num_packing_bins=num_packing_bins, pack=pack,
+                        max_segments_per_row=max_segments_per_row)
 
   return _load(source, tokenize, after_tokenize, batch_size=batch_size, seed=seed,
                shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
@@ -150,16 +154,19 @@ def seq2seq_pipeline(source, input_tokenizer: Tokenizer,
                      target_tokenizer: Tokenizer | None = None, *, batch_size: int,
                      inputs_len: int, targets_len: int, pack: bool = True,
                      overlong: str = "truncate", num_packing_bins: int | None = None,
+                     max_segments_per_row: int = 0,
                      inputs_key: str = "inputs", targets_key: str = "targets",
                      decoder_start_id: int | None = None, seed: int = 0, shuffle: bool = True,
                      num_epochs: int | None = None, process_index: int | None = None,
                      process_count: int | None = None,
                      num_workers: int = 0) -> Pipeline:
   """Encoder-decoder batches; over-long pairs `overlong`="truncate"|"drop"; the decoder
-  inputs start from `decoder_start_id` (default: the target tokenizer's BOS, else EOS)."""
+  inputs start from `decoder_start_id` (default: the target tokenizer's BOS, else EOS);
+  packed rows hold at most `max_segments_per_row` pairs (0 = as many as fit)."""
   _check_choice("overlong", overlong, ("truncate", "drop"))
   _check_positive(batch_size=batch_size, inputs_len=inputs_len,
                   targets_len=targets_len)
+  _check_not_negative(max_segments_per_row=max_segments_per_row)
   target_tokenizer = target_tokenizer or input_tokenizer
   examples.bos_eos(input_tokenizer), examples.bos_eos(target_tokenizer)
   tokenize = examples.Seq2Seq(input_tokenizer, target_tokenizer, inputs_len,
@@ -181,7 +188,8 @@ def seq2seq_pipeline(source, input_tokenizer: Tokenizer,
         pad_id={"encoder_tokens": input_tokenizer.pad_id,
                 "decoder_inputs": target_tokenizer.pad_id,
                 "decoder_targets": target_tokenizer.pad_id},
-        batch_size=batch_size, num_packing_bins=num_packing_bins, pack=pack)
+        batch_size=batch_size, num_packing_bins=num_packing_bins, pack=pack,
+        max_segments_per_row=max_segments_per_row)
 
   return _load(source, tokenize, after_tokenize, batch_size=batch_size, seed=seed,
                shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
@@ -275,3 +283,9 @@ def _check_positive(**values: int) -> None:
   for name, value in values.items():
     if value <= 0:
       raise ValueError(f"{name}={value} must be positive.")
+
+
+def _check_not_negative(**values: int) -> None:
+  for name, value in values.items():
+    if value < 0:
+      raise ValueError(f"{name}={value} must be 0 (no limit) or more.")
