@@ -130,10 +130,10 @@ def test_tiny_checkpoint_is_rebuilt_when_a_package_it_reads_changes_version(monk
 
 
 def test_missing_package_and_unknown_names_are_clear_errors(monkeypatch):
-  with pytest.raises(ValueError, match="Unknown asset 'tiny_llama': choose from .*tiny_gpt2"):
-    assets.folder("tiny_llama")
-  with pytest.raises(ValueError, match=r"No tiny 'llama' checkpoint"):
-    tiny_hf.folder("llama")
+  with pytest.raises(ValueError, match="Unknown asset 'tiny_gemma': choose from .*tiny_gpt2"):
+    assets.folder("tiny_gemma")
+  with pytest.raises(ValueError, match=r"No tiny 'gemma' checkpoint"):
+    tiny_hf.folder("gemma")
 
   def not_installed(name):
     raise importlib.metadata.PackageNotFoundError(name)
