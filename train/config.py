@@ -67,6 +67,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.targets_len = 64             # seq2seq target length
   c.data.mask_rate = 0.15             # mlm
   c.data.pack = True                  # pack several examples into a row (lm, seq2seq)
+  c.data.max_segments_per_row = 0     # most examples packed in a row; 0 = as many as fit.
+                                      # A limit M lets cuDNN's packed attention take M
+                                      # segments a row unchecked (without one: 16, checked on
+                                      # the device at every call, XLA beyond); it keeps
+                                      # softmax statistics of ~[B*M, heads, length] float32
+                                      # a layer for the backward pass
   c.data.num_workers = 0              # grain worker processes
 
   c.optim = optim.default_optim_config()
@@ -272,6 +278,7 @@ INTEGERS = (
     ("train.eval_batches", 0), ("train.print_examples", 0),
     ("data.seq_len", 1), ("data.inputs_len", 1), ("data.targets_len", 1),
     ("data.tokenizer_train_examples", 1), ("data.vocab_size", 0), ("data.num_workers", 0),
+    ("data.max_segments_per_row", 0),
     ("decode.beam_size", 1), ("decode.top_k", 0), ("decode.max_new_tokens", 0),
 )
 # Real numbers: (key, the range allowed, in words). Each must be finite.

@@ -58,22 +58,41 @@ class Inputs:
                   shuffle=shuffle, num_epochs=num_epochs, num_workers=self.data.num_workers)
     source = self.source(split)
     d = self.data
+    limit = segment_limit(d)
     if self.task == "lm":
       # A pair cut in pieces would teach later pieces of a response without their prompt.
       instruct = examples.instruct(d)
       return pipeline.lm_pipeline(source, self.input_tokenizer, seq_len=d.seq_len, pack=pack,
+                                  max_segments_per_row=limit,
                                   instruct=instruct,
                                   overlong="truncate" if instruct else "split", **common)
     if self.task == "seq2seq":
       return pipeline.seq2seq_pipeline(source, self.input_tokenizer, self.target_tokenizer,
                                        inputs_len=d.inputs_len, targets_len=d.targets_len,
-                                       pack=pack, decoder_start_id=self.decoder_start_id,
+                                       pack=pack, max_segments_per_row=limit,
+                                       decoder_start_id=self.decoder_start_id,
                                        **common)
     if self.task == "classify":
       return pipeline.classification_pipeline(source, self.input_tokenizer, seq_len=d.seq_len,
                                               **common)
     return pipeline.mlm_pipeline(source, self.input_tokenizer, seq_len=d.seq_len,
                                  mask_rate=d.mask_rate, **common)
+
+
+def max_segments_per_row(config) -> int | None:
+  """The most segments a row of the train batches' segment ids holds (grain's packing writes
+  ids 1, ..., k with k at most this; one a row unpacked), or None where packing sets no limit.
+  """
+  if config.task not in ("lm", "seq2seq"):
+    return None
+  if not config.data.pack:
+    return 1
+  return segment_limit(config.data) or None
+
+
+def segment_limit(data) -> int:
+  """data.max_segments_per_row; 0 (no limit) for runs saved before the key existed."""
+  return data.get("max_segments_per_row", 0)
 
 
 LOCAL_TASKS = {"lm": "lm", "mlm": "lm", "seq2seq": "seq2seq", "classify": "classification"}

@@ -83,8 +83,11 @@ def make_train_step(exp: Experiment):
 
 
 def jit_train_step(exp: Experiment, shardings):
-  """The train step jitted over the mesh: state placed by `shardings` and donated."""
-  return jax.jit(parallel.on_mesh(make_train_step(exp), exp.mesh),
+  """The train step jitted over the mesh: state placed by `shardings` and donated. The
+  attention is promised what the train batches' packing guarantees (segments per row)."""
+  step = parallel.on_mesh(make_train_step(exp), exp.mesh,
+                          max_segments_per_row=inputs_lib.max_segments_per_row(exp.config))
+  return jax.jit(step,
                  in_shardings=(shardings, parallel.batch_sharding(exp.mesh)),
                  out_shardings=(shardings, None), donate_argnums=0)
 

@@ -26,6 +26,7 @@ Typical use, in this order:
 """
 
 from collections.abc import Mapping
+import contextlib
 import logging
 import math
 import os
@@ -163,15 +164,23 @@ def _divisible_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh,
   return PartitionSpec(*entries)
 
 
-def on_mesh(fn: Callable[..., Any], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Callable:
+def on_mesh(fn: Callable[..., Any], mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
+            max_segments_per_row: int | None = None) -> Callable:
   """`fn` traced with `mesh` in context (jax's abstract mesh), so that the fused attention
   kernels run on each device's shard: batch and heads split over the mesh axes `rules` give
-  "batch" and "heads" (models.attention_kernels.per_shard). Wrap the function given to jit."""
+  "batch" and "heads" (models.attention_kernels.per_shard). Wrap the function given to jit.
+
+  `max_segments_per_row`: the caller's promise that every row of the segment ids `fn` passes
+  to the attention holds at most that many segments, each one run of its id (true of the
+  packed batches, see train.inputs.max_segments_per_row), which lets cuDNN's packed attention
+  run without a check on the device (attention_kernels.segments_at_most); None: no promise."""
   batch_axes, head_axes = nn.logical_to_mesh_axes(("batch", "heads"), rules)
 
   def traced_on_mesh(*args, **kwargs):
     with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
-          attention_kernels.split_over(batch_axes, head_axes)):
+          attention_kernels.split_over(batch_axes, head_axes),
+          contextlib.nullcontext() if max_segments_per_row is None
+          else attention_kernels.segments_at_most(max_segments_per_row)):
       return fn(*args, **kwargs)
   return traced_on_mesh
 
