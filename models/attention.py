@@ -278,14 +278,15 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
       window of the last W keys (Mistral).
     implementation: "reference" (plain einsum, can return weights); "xla" or "cudnn" (through
       `jax.nn.dot_product_attention`; "cudnn" takes packed causal self-attention in its packed
-      layout where it can); "pallas" (GPU) or "splash" (TPU), fused kernels for packed causal
-      self-attention only (is_causal, T == S, segment ids shared by queries and keys, no
-      mask, bias or window; see models/attention_kernels.py); or None: for bf16/fp16 packed
-      causal self-attention cuDNN's packed layout on a Hopper GPU, else Pallas on a GPU or
-      splash on a TPU (on one device, or per shard of the mesh being traced under: see
-      attention_kernels.per_shard), else "xla"; otherwise "cudnn" on a GPU for bf16/fp16
-      inputs without a dense mask (a bias [1, N, T, S] is fine), "xla" elsewhere; "reference"
-      when return_weights=True.
+      layout where it can: 16 segments a row, checked at every call, or as many as promised
+      by `attention_kernels.segments_at_most`, unchecked); "pallas" (GPU) or "splash" (TPU),
+      fused kernels for packed causal self-attention only (is_causal, T == S, segment ids
+      shared by queries and keys, no mask, bias or window; see models/attention_kernels.py);
+      or None: for bf16/fp16 packed causal self-attention cuDNN's packed layout on a Hopper
+      GPU, else Pallas on a GPU or splash on a TPU (on one device, or per shard of the mesh
+      being traced under: see attention_kernels.per_shard), else "xla"; otherwise "cudnn" on
+      a GPU for bf16/fp16 inputs without a dense mask (a bias [1, N, T, S] is fine), "xla"
+      elsewhere; "reference" when return_weights=True.
     return_weights: also return the float32 weights [B, N, T, S] (reference path only).
 
   Key and value are cast to the query's dtype; the output has the query's dtype and shape.
