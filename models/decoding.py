@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.searches import (  # noqa: F401  (greedy, sample, beam_search: re-exported)
-    EOS_CHECK_EVERY, BeamSearchOutput, Decoded, EosIds, PyTree, TokensToLogits, beam_search,
+    BeamSearchOutput, Decoded, EosIds, PyTree, TokensToLogits, beam_search,
     check_eos_check_every, check_max_new_tokens, expand_to_beams, greedy, sample)
 
 
@@ -67,7 +67,7 @@ class Search:
   top_p: float | None = None           # sample: only the most likely tokens of mass top_p
   beam_size: int = 4                   # beam
   length_penalty_alpha: float = 0.6    # beam: scores are log-prob / ((5 + len) / 6)^alpha
-  eos_check_every: int = EOS_CHECK_EVERY  # tokens between end tests; same output for any value
+  eos_check_every: int | None = None  # tokens between end tests (None: 16 on GPU, else 1)
 
   def __post_init__(self):
     if self.method not in METHODS:

@@ -15,7 +15,7 @@ Searches. `first_tokens_B` is the last known token of each sequence, not yet fed
 model (the last prompt token, or the decoder start token); N = max_new_tokens.
 
   greedy(tokens_to_logits, cache, first_tokens_B, *, max_new_tokens, eos_id, pad_id,
-         eos_check_every=16)
+         eos_check_every=None)
   sample(..., rng, temperature=1.0, top_k=None, top_p=None)      temperature 0 = greedy
   beam_search(..., beam_size, length_penalty_alpha=0.6)
 
@@ -30,13 +30,15 @@ of them. Beam scores are log P(sequence) / ((5 + length) / 6)^alpha, the GNMT / 
 penalty; a beam that reaches N tokens without EOS ends there.
 
 The end test (every sequence has its EOS; for beam search, no live beam can still win) runs
-only every `eos_check_every` tokens (C, default 16): a `lax.while_loop` over chunks, each chunk
-a `lax.scan` of C steps (of N mod C for the last one), whose trip count XLA knows. On a GPU a
+only every `eos_check_every` tokens (C): a `lax.while_loop` over chunks, each chunk a
+`lax.scan` of C steps (of N mod C for the last one), whose trip count XLA knows. On a GPU a
 while loop's condition goes to the host at every iteration, so C = 1 (a test before every
 token) pays that round trip per token, and C = 16 once per 16 tokens, at the cost of up to
 C - 1 steps after the end. Steps after the end change nothing that is returned, so the
 outputs are the same for every C. Where C does not divide N the program holds the model step
-twice (the chunks' scan and the last one), which lengthens its compilation.
+twice (the chunks' scan and the last one), which lengthens its compilation. C = None (the
+default) is 16 on a GPU and 1 elsewhere: CPU and TPU loops test their condition on the device
+that runs them, so there C = 1 costs nothing and compiles the least.
 """
 
 from typing import Any, Callable, NamedTuple
@@ -51,7 +53,7 @@ EosIds = int | tuple[int, ...] | None  # the token(s) that end a sequence
 
 # A finite "minus infinity" for beam log-probs, so that sums and differences stay finite.
 NEG_INF = -1.0e7
-EOS_CHECK_EVERY = 16  # Default tokens between two end tests (see the module docstring).
+GPU_EOS_CHECK_EVERY = 16  # Tokens between two end tests on a GPU (see the module docstring).
 
 
 class Decoded(NamedTuple):
@@ -115,17 +117,28 @@ def check_max_new_tokens(max_new_tokens: int):
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
 
 
-def check_eos_check_every(eos_check_every: int):
+def eos_check_interval(eos_check_every: int | None) -> int:
+  """C itself, or for None the backend's default: 16 on a GPU, 1 elsewhere."""
+  if eos_check_every is None:
+    return GPU_EOS_CHECK_EVERY if jax.default_backend() == "gpu" else 1
+  check_eos_check_every(eos_check_every)
+  return eos_check_every
+
+
+def check_eos_check_every(eos_check_every: int | None):
+  if eos_check_every is None:
+    return
   if not isinstance(eos_check_every, int) or eos_check_every < 1:
     raise ValueError(f"eos_check_every must be a positive int (1: test for the end before "
                      f"every token), got {eos_check_every!r}.")
 
 
-def _check_common(first_tokens_B, max_new_tokens: int, eos_check_every: int):
+def _check_common(first_tokens_B, max_new_tokens: int, eos_check_every: int | None) -> int:
+  """Checks the arguments every search takes; returns the end-test interval C."""
   if jnp.ndim(first_tokens_B) != 1:
     raise ValueError(f"first_tokens_B must be 1-D [batch], got shape {jnp.shape(first_tokens_B)}.")
   check_max_new_tokens(max_new_tokens)
-  check_eos_check_every(eos_check_every)
+  return eos_check_interval(eos_check_every)
 
 
 def _run_steps(keep_going: Callable[[Any], jax.Array], step: Callable[[Any], Any], state, *,
@@ -167,7 +180,7 @@ def _decode_loop(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B
   A step after every sequence's EOS writes pad_id where pad_id already is and adds no
   log-probability, so steps run past the end (eos_check_every > 1) change no output.
   """
-  _check_common(first_tokens_B, max_new_tokens, eos_check_every)
+  eos_check_every = _check_common(first_tokens_B, max_new_tokens, eos_check_every)
   batch_size = first_tokens_B.shape[0]
   _check_cache(cache, batch_size)
 
@@ -200,7 +213,7 @@ def _decode_loop(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B
 
 def greedy(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array, *,
            max_new_tokens: int, eos_id: EosIds, pad_id: int,
-           eos_check_every: int = EOS_CHECK_EVERY) -> Decoded:
+           eos_check_every: int | None = None) -> Decoded:
   """Picks the most likely token at every step."""
   return _decode_loop(tokens_to_logits, cache, first_tokens_B,
                       lambda logits_BV, _: jnp.argmax(logits_BV, axis=-1),
@@ -227,7 +240,7 @@ def keep_top_p(logits_BV: jax.Array, top_p: float) -> jax.Array:
 def sample(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array, *,
            max_new_tokens: int, eos_id: EosIds, pad_id: int, rng: jax.Array,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           eos_check_every: int = EOS_CHECK_EVERY) -> Decoded:
+           eos_check_every: int | None = None) -> Decoded:
   """Samples from softmax(logits / temperature), cut to the top k and/or top p tokens.
 
   Filters apply in that order: temperature, top-k, top-p. Temperature 0 is greedy. Step t
@@ -278,7 +291,7 @@ class _BeamState(NamedTuple):
 def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.Array, *,
                 max_new_tokens: int, eos_id: EosIds, pad_id: int, beam_size: int,
                 length_penalty_alpha: float = 0.6,
-                eos_check_every: int = EOS_CHECK_EVERY) -> BeamSearchOutput:
+                eos_check_every: int | None = None) -> BeamSearchOutput:
   """Keeps the beam_size most likely unfinished prefixes and the best finished sequences.
 
   Each step extends every live beam by every token, keeps the best 2K candidates (so K
@@ -287,7 +300,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B:
   early once no live beam can beat the worst finished one of any example; steps run past
   that point (eos_check_every > 1) keep every beam as it was there.
   """
-  _check_common(first_tokens_B, max_new_tokens, eos_check_every)
+  eos_check_every = _check_common(first_tokens_B, max_new_tokens, eos_check_every)
   if not isinstance(beam_size, int) or beam_size < 1:
     raise ValueError(f"beam_size must be a positive int, got {beam_size!r}.")
   batch_size, beams, n = first_tokens_B.shape[0], beam_size, max_new_tokens

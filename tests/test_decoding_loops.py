@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import decoding
+from models import decoding, searches
 from test_decoding import EOS, LM, N, PAD, Seq2Seq, Toy, build, np_all_sequences, \
     reference_greedy, run
 
@@ -163,6 +163,13 @@ def test_only_the_loops_over_chunks_have_an_unknown_trip_count(search):
   assert compiled_while_trip_counts(search, toy, 10, 1) == [0]
   assert compiled_while_trip_counts(search, toy, 10, 4) == [0, 0, 2, 4]
   assert compiled_while_trip_counts(search, toy, 10, 16) == [0, 10]
+  assert compiled_while_trip_counts(search, toy, 10, None) == [0]  # This CPU's default: 1.
+
+
+def test_the_default_interval_is_16_on_a_gpu_only(monkeypatch):
+  assert searches.eos_check_interval(None) == 1 and searches.eos_check_interval(3) == 3
+  monkeypatch.setattr(searches.jax, "default_backend", lambda: "gpu")
+  assert searches.eos_check_interval(None) == 16
 
 
 def test_greedy_decoding_writes_the_kv_cache_in_place():
