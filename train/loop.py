@@ -248,8 +248,9 @@ class Evaluator:
     t = exp.config.train
     self.batch_size = t.batch_size
     sharding = parallel.batch_sharding(exp.mesh)
-    self.eval_step = jax.jit(parallel.on_mesh(lambda p, b: exp.task.loss(p, b)[1], exp.mesh),
-                             in_shardings=(None, sharding))
+    loss = parallel.on_mesh(lambda p, b: exp.task.loss(p, b)[1], exp.mesh,
+                            max_segments_per_row=inputs_lib.max_segments_per_row(exp.config))
+    self.eval_step = jax.jit(loss, in_shardings=(None, sharding))
     self.model_params = jax.jit(exp.trainable.model_params)
     self.search = workdir_lib.decoding_search(exp.config, exp.inputs.target_tokenizer)
     self.data_report = DataReport(split)
