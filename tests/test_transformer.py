@@ -40,6 +40,7 @@ def init_and_fn(model, *args, **kwargs):
   return params, jax.jit(lambda p, *a: model.apply({"params": p}, *a, **kwargs))
 
 
+@pytest.mark.slow
 def test_every_preset_builds_its_family():
   enc, dec = tokens(1, (2, 7)), tokens(2, (2, 5))
   for name, (preset, family) in FAMILIES.items():
@@ -153,6 +154,7 @@ def _stack_layers(params, num_layers):
   return {k: _stack_layers(v, num_layers) for k, v in params.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,family,policy", [(presets.gpt2, DecoderOnly, "full"),
                                                   (presets.t5_v1_0, EncoderDecoder, "dots"),
                                                   (presets.bert_base, EncoderOnly,
