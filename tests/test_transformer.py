@@ -1,4 +1,8 @@
-"""The three model families: configuration checks and properties that must always hold."""
+"""The three model families: configuration checks and properties that must always hold.
+
+Models init and run under jit: one compile a program, where eager flax compiles every op."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -34,10 +38,20 @@ def tokens(key, shape, vocab=37):
   return jax.random.randint(jax.random.key(key), shape, 1, vocab)
 
 
+def init_params(model, *args, **kwargs):
+  """model.init(key 0, *args, **kwargs)'s params, unboxed, computed under jit."""
+  init = jax.jit(functools.partial(model.init, **kwargs))
+  return nn.unbox(init(jax.random.key(0), *args))["params"]
+
+
+def jit_apply(model, **kwargs):
+  """A jitted function of (params, *args, **more_kwargs) -> model.apply's output."""
+  return jax.jit(lambda p, *a, **more: model.apply({"params": p}, *a, **kwargs, **more))
+
+
 def init_and_fn(model, *args, **kwargs):
   """Params (unboxed) and a function of (params, *args) -> output."""
-  params = nn.unbox(model.init(jax.random.key(0), *args, **kwargs))["params"]
-  return params, jax.jit(lambda p, *a: model.apply({"params": p}, *a, **kwargs))
+  return init_params(model, *args, **kwargs), jit_apply(model, **kwargs)
 
 
 @pytest.mark.slow
@@ -102,13 +116,13 @@ def test_packed_decoder_equals_separate_sequences(preset):
   model = DecoderOnly(tiny(preset))
   seqs = [np.asarray(tokens(i, (n,))) for i, n in ((1, 5), (2, 7), (3, 3))]
   row, segment_ids, positions = _pack(seqs, 18)
-  params = nn.unbox(model.init(jax.random.key(0), row))["params"]
-  packed = model.apply({"params": params}, row, segment_ids=segment_ids, positions=positions)
-  implied = model.apply({"params": params}, row, segment_ids=segment_ids)
+  params, apply = init_and_fn(model, row)
+  packed = apply(params, row, segment_ids=segment_ids, positions=positions)
+  implied = apply(params, row, segment_ids=segment_ids)
   np.testing.assert_allclose(implied[:, :15], packed[:, :15], atol=1e-6)  # 15.. is padding
   start = 0
   for s in seqs:
-    alone = model.apply({"params": params}, s[None])
+    alone = apply(params, s[None])
     np.testing.assert_allclose(packed[:, start:start + len(s)], alone, atol=2e-5, rtol=2e-5)
     start += len(s)
 
@@ -120,13 +134,13 @@ def test_packed_encoder_decoder_equals_separate_pairs(preset):
   targets = [np.asarray(tokens(i + 10, (n,))) for i, n in ((1, 3), (2, 5))]
   src, src_seg, src_pos = _pack(sources, 12)
   tgt, tgt_seg, tgt_pos = _pack(targets, 9)
-  params = nn.unbox(model.init(jax.random.key(0), src, tgt))["params"]
-  packed = model.apply({"params": params}, src, tgt, encoder_segment_ids=src_seg,
+  params, apply = init_and_fn(model, src, tgt)
+  packed = apply(params, src, tgt, encoder_segment_ids=src_seg,
                        decoder_segment_ids=tgt_seg, encoder_positions=src_pos,
                        decoder_positions=tgt_pos)
   start = 0
   for s, t in zip(sources, targets):
-    alone = model.apply({"params": params}, s[None], t[None])
+    alone = apply(params, s[None], t[None])
     np.testing.assert_allclose(packed[:, start:start + len(t)], alone, atol=2e-5, rtol=2e-5)
     start += len(t)
 
@@ -135,8 +149,8 @@ def test_encoder_padding_is_ignored():
   model = EncoderOnly(tiny(presets.bert_base))
   x = tokens(1, (2, 8))
   padding_mask = jnp.arange(8)[None] < jnp.array([[5], [8]])
-  params, _ = init_and_fn(model, x)
-  run = lambda ids: model.apply({"params": params}, ids, padding_mask=padding_mask)
+  params, apply = init_and_fn(model, x)
+  run = lambda ids: apply(params, ids, padding_mask=padding_mask)
   other = x.at[0, 5:].set(tokens(9, (3,)))
   np.testing.assert_allclose(run(x)[0, :5], run(other)[0, :5], atol=1e-6)
   np.testing.assert_allclose(run(x)[1], run(other)[1], atol=1e-6)
@@ -169,7 +183,7 @@ def test_scan_equals_unrolled_and_remat_keeps_gradients(preset, family, policy):
 
   scanned = family(cfg.replace(scan_layers=True))
   scan_params = _stack_layers(params, cfg.num_layers)
-  scanned_init = nn.unbox(scanned.init(jax.random.key(0), *args))["params"]
+  scanned_init = init_params(scanned, *args)
   assert jax.tree.map(jnp.shape, scanned_init) == jax.tree.map(jnp.shape, scan_params)
   scan_value, scan_grads = value_and_grad(scanned, scan_params)
   np.testing.assert_allclose(scan_value, value, rtol=1e-5)
@@ -200,11 +214,12 @@ def test_bfloat16_compute_stays_close_to_float32(preset):
 def test_dropout_needs_an_rng_and_changes_outputs_only_in_training():
   cfg = tiny(presets.gpt2, dropout_rate=0.5)
   model, x = DecoderOnly(cfg), tokens(1, (2, 8))
-  params = nn.unbox(model.init(jax.random.key(0), x))["params"]
-  eval_a = model.apply({"params": params}, x)
-  np.testing.assert_array_equal(eval_a, model.apply({"params": params}, x))
-  train = lambda seed: model.apply({"params": params}, x, deterministic=False,
-                                   rngs={"dropout": jax.random.key(seed)})
+  params, apply = init_and_fn(model, x)
+  eval_a = apply(params, x)
+  np.testing.assert_array_equal(eval_a, apply(params, x))
+  train_apply = jax.jit(lambda p, rng: model.apply({"params": p}, x, deterministic=False,
+                                                   rngs={"dropout": rng}))
+  train = lambda seed: train_apply(params, jax.random.key(seed))
   assert not np.allclose(train(1), eval_a)
   np.testing.assert_array_equal(train(1), train(1))
 
@@ -240,7 +255,7 @@ def test_head_dim_resolved_and_derived_again_by_replace():
   with pytest.raises(ValueError, match="not divisible"):
     derived.replace(d_model=30)
   wide = derived.replace(d_model=64, param_dtype="bfloat16")
-  params = nn.unbox(DecoderOnly(wide).init(jax.random.key(0), tokens(0, (1, 4))))["params"]
+  params = init_params(DecoderOnly(wide), tokens(0, (1, 4)))
   query = params["decoder"]["layers_0"]["self_attention"]["query"]["kernel"]
   assert query.shape == (64, 4, 16) and query.dtype == jnp.bfloat16
 
@@ -259,8 +274,8 @@ def test_classifier_head_pools_only_real_tokens(pooling):
   model = EncoderClassifier(tiny(presets.bert_base), num_classes=3, pooling=pooling)
   x = tokens(1, (2, 8))
   padding_mask = jnp.arange(8)[None] < jnp.array([[5], [8]])
-  params = nn.unbox(model.init(jax.random.key(0), x, padding_mask=padding_mask))["params"]
-  run = lambda ids: model.apply({"params": params}, ids, padding_mask=padding_mask)
+  params, apply = init_and_fn(model, x, padding_mask=padding_mask)
+  run = lambda ids: apply(params, ids)
   logits = run(x)
   assert logits.shape == (2, 3)
   np.testing.assert_allclose(run(x.at[0, 5:].set(3)), logits, atol=1e-6)
@@ -270,6 +285,6 @@ def test_classifier_head_pools_only_real_tokens(pooling):
 def test_masked_lm_head_ties_the_token_table():
   model = EncoderMaskedLM(tiny(presets.bert_base))
   x = tokens(1, (2, 8))
-  params = nn.unbox(model.init(jax.random.key(0), x))["params"]
-  assert model.apply({"params": params}, x).shape == (2, 8, 37)
+  params, apply = init_and_fn(model, x)
+  assert apply(params, x).shape == (2, 8, 37)
   assert set(params) == {"encoder", "transform", "transform_norm", "output_bias"}
