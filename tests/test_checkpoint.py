@@ -52,9 +52,11 @@ def _replicated(tree):
 
 
 def test_round_trip_is_bitwise_onto_another_mesh(tmp_path):
-  params = _params(1)
-  state = TrainState.create(params=params, tx=optax.adamw(1e-3), rng=jax.random.key(3))
-  state = state.apply_gradients(jax.tree.map(jnp.ones_like, params), optax.adamw(1e-3))
+  def trained_once(params):  # jitted: one compile, not one per eager op
+    state = TrainState.create(params=params, tx=optax.adamw(1e-3), rng=jax.random.key(3))
+    return state.apply_gradients(jax.tree.map(jnp.ones_like, params), optax.adamw(1e-3))
+
+  state = jax.jit(trained_once)(_params(1))
   save_mesh = jax.make_mesh((4, 2), ("data", "tensor"))
   state = jax.device_put(state, _shardings(state, save_mesh, P("data", "tensor")))
   data_state = {"grain": {"next_index": 17, "epoch": 2, "name": "x"}, "counts": [1, 2, 3.5]}
