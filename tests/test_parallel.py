@@ -241,7 +241,8 @@ def test_indivisible_dims_fall_back_to_replication(caplog):
   model = DecoderOnly(cfg)
   mesh = parallel.make_mesh(dict(data=2, tensor=4))
   key = jax.random.key(0)
-  state, _ = parallel.init_state(make_init_fn(model), mesh, parallel.DEFAULT_RULES, key)
+  # The shardings init_state places the state with (test_init_state_shardings), not compiled.
+  state, _ = parallel.abstract_init(make_init_fn(model), mesh, parallel.DEFAULT_RULES, key)
   layer = state.params["decoder"]["layers_0"]
   assert shard_shape(state.params["token_embed"]["embedding"]) == (37, 32)  # vocab replicated
   assert shard_shape(layer["self_attention"]["key"]["kernel"]) == (32, 2, 8)  # kv_heads too
