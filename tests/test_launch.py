@@ -557,7 +557,7 @@ def write_run(root: pathlib.Path, name: str, records: list[dict], num_steps: int
     fake_checkpoint(workdir, step, evaluated=False)
 
 
-def test_report_table_and_plot(tmp_path):
+def test_report_table_and_plot(tmp_path, capsys):
   root = tmp_path / "sweep"
   runs = {"a": {"optim.learning_rate": 0.001}, "b": {"optim.learning_rate": 0.003},
           "c": {"optim.learning_rate": 0.01}, "d": {"optim.learning_rate": 0.03}}
@@ -573,10 +573,11 @@ def test_report_table_and_plot(tmp_path):
   write_run(root, "b", train([5, 3, 9, 2]) + evals([2.5, 2.25]) + [
       {"step": 6, "split": "train", "loss": 2.1}], 8, [4, 8])
   write_run(root, "c", train([5, 4.5]) + evals([4]), 8, [4], tail='{"step": 5, "spl')
-  result = subprocess.run([sys.executable, "-m", "launch.report", str(root)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-  assert result.returncode == 0, result.stderr
-  lines = result.stdout.splitlines()
+  # In-process: tests/test_slurm.py runs `python -m launch.report` end to end.
+  code = report.main([str(root)])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  lines = out.splitlines()
   header = lines[0].split()
   assert header == ["optim.learning_rate", "status", "step", "train", "loss", "eval", "loss",
                     "best", "eval", "loss"]
