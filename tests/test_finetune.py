@@ -84,7 +84,7 @@ def frozen_run(tmp_path_factory):
   config = config_lib.resolve_assets(finetune_gpt2.get_config("tiny"))
   config.optim.freeze = ("^token_embed/", "layers_0/")
   config.optim.learning_rate = 1e-2
-  config.train.num_steps = 6
+  config.train.num_steps = config.train.checkpoint_every = 6  # the tests read the last only
   config.train.eval_every = 0
   results = loop.train_and_evaluate(config, str(workdir))
   return config, workdir, results

@@ -52,6 +52,7 @@ def cache(tmp_path_factory):
 def instruct_run(tmp_path_factory):
   """finetune_llama:tiny,instruct trained by the loop."""
   config = config_lib.resolve_assets(finetune_llama.get_config("tiny,instruct"))
+  config.train.checkpoint_every = config.train.num_steps  # the tests read the last only
   workdir = tmp_path_factory.mktemp("llama_sft")
   loop.train_and_evaluate(config, str(workdir))
   return config, workdir
