@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import one_device_env
 from train import checkpoint, loop, parallel, records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -33,16 +33,19 @@ def train_lines(workdir) -> list[dict]:
           if line["split"] == "train"]
 
 
-RESUME_FLAGS = ["--config=experiments/quickstart.py:tiny", "--config.train.num_steps=120",
+# Long enough for a signal to land mid-run (a tiny step takes ~50 ms); the final eval on one
+# batch, which is enough to compare it with the uninterrupted run's.
+NUM_STEPS = 40
+RESUME_FLAGS = ["--config=experiments/quickstart.py:tiny", f"--config.train.num_steps={NUM_STEPS}",
                 "--config.train.log_every=1", "--config.train.checkpoint_every=10",
-                "--config.train.eval_every=0", "--config.train.keep_checkpoints=20"]
+                "--config.train.eval_every=0", "--config.train.keep_checkpoints=20",
+                "--config.train.eval_batches=1", "--config.train.print_examples=0"]
 
 
 def start(workdir) -> subprocess.Popen:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   return subprocess.Popen([sys.executable, "-m", "train", *RESUME_FLAGS, f"--workdir={workdir}"],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          cwd=ROOT, env=one_device_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
 
 
 def finish(process: subprocess.Popen):
@@ -75,11 +78,11 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_killed_and_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit(
     uninterrupted, tmp_path, sig):
-  code = interrupt_at(tmp_path, 25, sig)
+  code = interrupt_at(tmp_path, 15, sig)
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   if sig == signal.SIGTERM:
     assert code == 0
-    assert steps[-1] == max(line["step"] for line in train_lines(tmp_path)) >= 25
+    assert steps[-1] == max(line["step"] for line in train_lines(tmp_path)) >= 15
   else:
     assert code == -signal.SIGKILL
   finish(start(tmp_path))
@@ -95,15 +98,15 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit(
 def test_a_run_killed_during_its_final_eval_runs_it_on_rerun(uninterrupted, tmp_path):
   process = start(tmp_path)
   deadline = time.time() + 240
-  while not (tmp_path / "checkpoints" / "120").is_dir():  # Saved before the final eval.
+  while not (tmp_path / "checkpoints" / str(NUM_STEPS)).is_dir():  # Saved before the final eval.
     assert process.poll() is None and time.time() < deadline, "the run ended too early"
     time.sleep(0.01)
   process.send_signal(signal.SIGKILL)
   process.communicate(timeout=120)
-  assert records.recorded(tmp_path, 120, "eval") is None, "the kill came after the eval"
+  assert records.recorded(tmp_path, NUM_STEPS, "eval") is None, "the kill came after the eval"
   finish(start(tmp_path))
-  expected = records.recorded(uninterrupted["workdir"], 120, "eval")
-  assert records.recorded(tmp_path, 120, "eval") == expected and expected["exact_match"] >= 0
+  expected = records.recorded(uninterrupted["workdir"], NUM_STEPS, "eval")
+  assert records.recorded(tmp_path, NUM_STEPS, "eval") == expected and expected["exact_match"] >= 0
 
 
 @pytest.mark.slow
@@ -149,19 +152,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_init_from_starts_from_another_runs_parameters(tmp_path):
-  first = experiment("quickstart", "tiny")
-  loop.train_and_evaluate(first, str(tmp_path / "first"))
+def test_init_from_starts_from_another_runs_parameters(quickstart_tiny_cli, tmp_path):
+  first, _ = quickstart_tiny_cli  # the quickstart's tiny run, shared with other tests
   second = experiment("quickstart", "tiny")
-  second.init_from = f"ckpt:{tmp_path / 'first'}"
+  second.init_from = f"ckpt:{first}"
   second.optim.schedule = "constant"
   second.optim.warmup_steps = 0
   second.optim.learning_rate = 0.0
   second.train.num_steps = 1
-  second.data.tokenizer_dir = str(tmp_path / "first" / "tokenizers")
+  second.train.eval_batches = 1
+  second.train.print_examples = 0
+  second.data.tokenizer_dir = str(first / "tokenizers")
   loop.train_and_evaluate(second, str(tmp_path / "second"))
-  params = lambda run: checkpoint.load_params(tmp_path / run)
-  jax.tree.map(np.testing.assert_array_equal, params("second"), params("first"))
+  jax.tree.map(np.testing.assert_array_equal, checkpoint.load_params(tmp_path / "second"),
+               checkpoint.load_params(first))
   assert checkpoint.Checkpointer(tmp_path / "second" / "checkpoints").latest_step() == 1
 
 
@@ -170,6 +174,7 @@ def test_quickstart_learns_on_a_short_budget(tmp_path):
   config = experiment("quickstart")
   config.train.num_steps = 150
   config.train.log_every = 50
+  config.data.source_options.num_train = 10_000  # the 9,600 examples read (200,000: 5 s more)
   config.data.source_options.num_test = 128
   results = loop.train_and_evaluate(config, str(tmp_path))
   first = train_lines(tmp_path)[0]["loss"]
