@@ -1,33 +1,25 @@
 """Bad input, as a hostile user gives it: one `error:` line, exit status 2, no traceback, and
 every file of the workdir (or the input) byte for byte as it was.
 
-Add a row to CASES whenever a new way to get it wrong is found.
+Add a row to CASES whenever a new way to get it wrong is found. The cases' commands run in one
+driver process that forks each (tests/cli_runs.py), so they share one interpreter start-up.
 """
 
 import hashlib
-import os
 import pathlib
 import random
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow  # a CLI started for each case
+import cli_runs
+from conftest import QUICKSTART_TINY_CLI, one_device_env
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--config=experiments/quickstart.py:tiny", "--config.train.num_steps=2",
-        "--config.train.checkpoint_every=2"]
+pytestmark = pytest.mark.slow  # a CLI run for each case
+
+TINY = QUICKSTART_TINY_CLI[2:]  # the session's trained quickstart (conftest.quickstart_tiny_cli)
 GPT2_TINY = "--config=experiments/gpt2_small.py:tiny"
-
-
-def env() -> dict:
-  out = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  out["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                            out.get("XLA_FLAGS", "")).strip()
-  return out
 
 
 def hashes(folder: pathlib.Path) -> dict[str, str]:
@@ -67,21 +59,23 @@ def sweep_root(folder: pathlib.Path, manifest: str) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> pathlib.Path:
-  """A finished tiny quickstart run, the workdir the cases below try to damage."""
+def trained(quickstart_tiny_cli, tmp_path_factory) -> pathlib.Path:
+  """A copy of the session's finished tiny quickstart run, the workdir the cases below try to
+  damage."""
   workdir = tmp_path_factory.mktemp("trained") / "run"
-  process = subprocess.run([sys.executable, "-m", "train", *TINY, f"--workdir={workdir}"],
-                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-  assert process.returncode == 0, process.stderr[-3000:]
+  shutil.copytree(quickstart_tiny_cli[0], workdir)
   return workdir
 
 
 @pytest.fixture(scope="module")
 def damaged(trained) -> pathlib.Path:
-  """A copy of the trained workdir whose every checkpoint has its array files cut to half, as
-  a full disk leaves them (as tests/test_checkpoint.py damages a step)."""
+  """A copy of the trained workdir holding only its last checkpoint, whose array files are cut
+  to half, as a full disk leaves them (as tests/test_checkpoint.py damages a step)."""
   workdir = trained.parent / "damaged"
   shutil.copytree(trained, workdir)
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  for step in steps[:-1]:
+    shutil.rmtree(workdir / "checkpoints" / str(step))
   data_files = list(workdir.glob("checkpoints/*/state/**/d/*"))
   assert data_files
   for data_file in data_files:
@@ -97,19 +91,6 @@ def cut_config(trained) -> pathlib.Path:
   config = workdir / "config.json"
   config.write_bytes(config.read_bytes()[:config.stat().st_size // 2])
   return workdir
-
-
-def refused(args: list[str], watched: pathlib.Path, match: str):
-  """Runs `python -m ARGS`; checks the one error line, its exit status and untouched files."""
-  before = hashes(watched) if watched.exists() else None
-  process = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env(),
-                           capture_output=True, text=True, timeout=300)
-  errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
-  assert process.returncode == 2, (process.returncode, process.stderr[-3000:])
-  assert "Traceback" not in process.stderr, process.stderr[-3000:]
-  assert "Event loop is closed" not in process.stderr, process.stderr[-3000:]
-  assert len(errors) == 1 and re.search(match, errors[0]), process.stderr[-3000:]
-  assert (hashes(watched) if watched.exists() else None) == before
 
 
 BOOM = "def get_config():\n  raise RuntimeError('boom')\n"
@@ -154,11 +135,11 @@ CASES = [
      r"argument --runner: invalid choice: 'k8s'"),
     ("resume when every checkpoint is truncated",
      lambda w, t: ["train", *TINY, f"--workdir={w}"], "d",
-     r"No checkpoint in \S+ can be read: The checkpoint \S+/2 cannot be read \(.+\)\. Use a new "
+     r"No checkpoint in \S+ can be read: The checkpoint \S+/4 cannot be read \(.+\)\. Use a new "
      r"workdir\.$"),
     ("generate from a truncated checkpoint",
      lambda w, t: ["train.generate", f"--workdir={w}", "--input=2026"], "d",
-     r"The checkpoint \S+/2 cannot be read \(.+\)\. Use another checkpoint or a new workdir\.$"),
+     r"The checkpoint \S+/4 cannot be read \(.+\)\. Use another checkpoint or a new workdir\.$"),
     ("generate from a workdir whose config.json is cut short",
      lambda w, t: ["train.generate", f"--workdir={w}", "--input=2026"], "c",
      r"cut_config/config\.json is not readable JSON \(.+\): it records how the run in \S+ was "
@@ -219,10 +200,32 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, args, watched, match", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_and_changes_nothing(name, args, watched, match, tmp_path,
-                                                  request):
-  workdir = request.getfixturevalue(WORKDIRS[watched])
-  refused(args(workdir, tmp_path), tmp_path if watched == "t" else workdir, match)
-  if watched == "t":  # Refused before any data was prepared in the fresh workdir.
-    assert not [p for p in tmp_path.rglob("data") if p.is_dir()]
+@pytest.fixture(scope="module")
+def refusals(request, tmp_path_factory) -> dict:
+  """{case name: (finished command, fresh folder T, watched path, its hashes before the runs)}:
+  every case's command, run once in a driver that forks each (tests/cli_runs.py)."""
+  prepared = {}
+  for name, args, watched, _ in CASES:
+    workdir = request.getfixturevalue(WORKDIRS[watched])
+    fresh = tmp_path_factory.mktemp("case")
+    command = args(workdir, fresh)
+    path = fresh if watched == "t" else workdir
+    prepared[name] = (command, fresh, path)
+  before = {name: hashes(path) for name, (_, _, path) in prepared.items()}
+  finished = cli_runs.run_all([(command[0], command[1:]) for command, _, _ in prepared.values()],
+                              tmp_path_factory.mktemp("outputs"), one_device_env())
+  return {name: (done, fresh, path, before[name])
+          for (name, (_, fresh, path)), done in zip(prepared.items(), finished)}
+
+
+@pytest.mark.parametrize("name, match", [(c[0], c[3]) for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_and_changes_nothing(name, match, refusals):
+  process, fresh, watched, before = refusals[name]
+  errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+  assert process.returncode == 2, (process.returncode, process.stderr[-3000:])
+  assert "Traceback" not in process.stderr, process.stderr[-3000:]
+  assert "Event loop is closed" not in process.stderr, process.stderr[-3000:]
+  assert len(errors) == 1 and re.search(match, errors[0]), process.stderr[-3000:]
+  assert hashes(watched) == before
+  if watched == fresh:  # Refused before any data was prepared in the fresh workdir.
+    assert not [p for p in fresh.rglob("data") if p.is_dir()]
