@@ -60,8 +60,7 @@ def test_every_preset_builds_its_family():
   for name, (preset, family) in FAMILIES.items():
     model = family(tiny(preset))
     args = (enc, dec) if family is EncoderDecoder else (enc,)
-    params, fn = init_and_fn(model, *args)
-    out = fn(params, *args)
+    out, _ = jax.jit(model.init_with_output)(jax.random.key(0), *args)
     width = 32 if family is EncoderOnly else 37
     assert out.shape == args[-1].shape + (width,), name
     assert np.isfinite(out).all(), name
@@ -183,7 +182,7 @@ def test_scan_equals_unrolled_and_remat_keeps_gradients(preset, family, policy):
 
   scanned = family(cfg.replace(scan_layers=True))
   scan_params = _stack_layers(params, cfg.num_layers)
-  scanned_init = init_params(scanned, *args)
+  scanned_init = nn.unbox(jax.eval_shape(scanned.init, jax.random.key(0), *args))["params"]
   assert jax.tree.map(jnp.shape, scanned_init) == jax.tree.map(jnp.shape, scan_params)
   scan_value, scan_grads = value_and_grad(scanned, scan_params)
   np.testing.assert_allclose(scan_value, value, rtol=1e-5)
@@ -201,7 +200,7 @@ def test_bfloat16_compute_stays_close_to_float32(preset):
   cfg = tiny(preset)
   x = tokens(1, (2, 16))
   params, fn32 = init_and_fn(DecoderOnly(cfg), x)
-  _, fn16 = init_and_fn(DecoderOnly(cfg.replace(dtype="bfloat16")), x)
+  fn16 = jit_apply(DecoderOnly(cfg.replace(dtype="bfloat16")))
   out32, out16 = fn32(params, x), fn16(params, x)
   assert out16.dtype == jnp.float32  # logits always leave in float32
   assert jax.tree.leaves(params)[0].dtype == jnp.float32
