@@ -508,12 +508,20 @@ def test_cached_decoding_reproduces_the_full_forward_pass(family, name):
                              atol=1e-5, rtol=1e-5)
 
 
+def model_searches(model):
+  """(EOS id ending example 0 early, greedy, beam of 3): one compile each, shared by tests."""
+  eos_id = int(reference_greedy(model, None)[0, 1])
+  return eos_id, decoding.Search(method="greedy", max_new_tokens=N, eos_id=eos_id), \
+      decoding.Search(method="beam", beam_size=3, max_new_tokens=N, eos_id=eos_id,
+                      length_penalty_alpha=0.6)
+
+
 @pytest.mark.parametrize("family,name", MODELS)
 def test_model_greedy_and_beam_search_agree_with_full_forward_passes(family, name):
   model = build(family, name)
   no_eos = reference_greedy(model, None)
-  eos_id = int(no_eos[0, 1])   # so that example 0 ends early
-  greedy = model.generate(decoding.Search(method="greedy", max_new_tokens=N, eos_id=eos_id))
+  eos_id, greedy_search, beam_search = model_searches(model)
+  greedy = model.generate(greedy_search)
   want = reference_greedy(model, eos_id)
   np.testing.assert_array_equal(greedy.tokens_BN, want)
   np.testing.assert_array_equal(greedy.lengths_B, [
@@ -523,8 +531,7 @@ def test_model_greedy_and_beam_search_agree_with_full_forward_passes(family, nam
   beam_1 = model.generate(decoding.Search(method="beam", beam_size=1, max_new_tokens=N))
   np.testing.assert_array_equal(beam_1.tokens_BN, no_eos)
 
-  beam = model.generate(decoding.Search(method="beam", beam_size=3, max_new_tokens=N,
-                                        eos_id=eos_id, length_penalty_alpha=0.6))
+  beam = model.generate(beam_search)
   for k in range(3):
     tokens_BN, lengths_B = beam.beam_tokens_BKN[:, k], beam.beam_lengths_BK[:, k]
     logprobs_BNV = log_softmax(model.full_logits(tokens_BN))
@@ -581,8 +588,7 @@ def test_pad_batch_lays_rows_out_on_either_side():
 def test_a_padding_mask_on_either_side_decodes_as_lengths_and_as_one_prompt_at_a_time(name):
   model = build(LM, name)
   rows = [model.prompt[b, :n] for b, n in enumerate(model.lengths)]
-  for search in [decoding.Search(max_new_tokens=N), decoding.Search(
-      method="beam", beam_size=3, max_new_tokens=N)]:
+  for search in model_searches(model)[1:]:  # Example 0 ends early: padding after its EOS too.
     by_lengths = model.generate(search)
     for left in (False, True):
       batch = decoding.pad_batch(rows, width=7, left=left)
