@@ -27,6 +27,8 @@ from train import checkpoint, config as config_lib, generate, loop, run_tokenize
 from train import workdir as workdir_lib
 from train.data import pipeline, tokenizers
 
+import cli_runs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BYTES = tokenizers.ByteTokenizer()
 TINY = dict(vocab_size=BYTES.vocab_size, d_model=32, num_heads=4, d_ff=64, num_layers=2,
@@ -276,12 +278,6 @@ def test_the_clis_compilation_cache_yields_to_one_named_by_jax_compilation_cache
     jax.config.update("jax_compilation_cache_dir", before)
 
 
-def run_generate(*args: str, cache) -> subprocess.Popen:
-  env = {**os.environ, "TAPETE_CACHE": str(cache)}
-  return subprocess.Popen([sys.executable, "-m", "train.generate", *args], cwd=ROOT, env=env,
-                          text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 @pytest.mark.slow
 def test_the_cli_answers_a_file_in_batches_as_json_lines(trained_lm, tmp_path):
   workdir, _ = trained_lm
@@ -292,12 +288,13 @@ def test_the_cli_answers_a_file_in_batches_as_json_lines(trained_lm, tmp_path):
   inputs.write_text("\n".join(texts) + "\n")
   (tmp_path / "blank.txt").write_text("The cat\n\nA dog\n")
   common = (f"--workdir={workdir}", "--method=greedy", f"--input_file={inputs}")
-  answering = run_generate(*common, f"--output_file={outputs}", "--batch_size=2",
-                           cache=tmp_path / "cache")
-  printing = run_generate(*common, cache=tmp_path / "cache")
-  refusing = run_generate(f"--workdir={workdir}", f"--input_file={tmp_path / 'blank.txt'}",
-                          cache=tmp_path / "cache")
-  _, stderr = answering.communicate(timeout=300)
+  # Three `python -m train.generate` runs in one driver that forks each (tests/cli_runs.py).
+  answering, printing, refusing = cli_runs.run_all(
+      [("train.generate", [*common, f"--output_file={outputs}", "--batch_size=2"]),
+       ("train.generate", common),
+       ("train.generate", [f"--workdir={workdir}", f"--input_file={tmp_path / 'blank.txt'}"])],
+      tmp_path / "runs", {**os.environ, "TAPETE_CACHE": str(tmp_path / "cache")})
+  stderr = answering.stderr
   assert answering.returncode == 0, stderr
   greedy = dataclasses.replace(workdir_lib.decoding_search(run.config, run.target_tokenizer),
                                method="greedy")
@@ -314,13 +311,14 @@ def test_the_cli_answers_a_file_in_batches_as_json_lines(trained_lm, tmp_path):
   assert re.search(rf"5 inputs in .* s of decoding .*batches of 2\): {generated} tokens "
                    r"generated, [\d,]+ tokens/s", stderr), stderr
 
-  stdout, _ = printing.communicate(timeout=300)
-  printed = [json.loads(line) for line in stdout.splitlines()]  # Batches of 64: other rounding.
+  assert printing.returncode == 0, printing.stderr
+  # Batches of 64: other rounding.
+  printed = [json.loads(line) for line in printing.stdout.splitlines()]
   assert [a["output"] for a in printed] == [a["output"] for a in answers]
   np.testing.assert_allclose([a["score"] for a in printed], [a["score"] for a in answers],
                              rtol=1e-5)
 
-  _, stderr = refusing.communicate(timeout=300)
+  stderr = refusing.stderr
   assert refusing.returncode == 2 and "Traceback" not in stderr, stderr
   assert stderr.splitlines()[-1] == (f"error: The input on line 2 of {tmp_path / 'blank.txt'} is "
                                      "empty: give the model some text to answer.")
@@ -351,9 +349,12 @@ def test_inference_imports_no_training_machinery_and_defines_no_flags(trained_lm
 
 
 @pytest.mark.slow
-def test_the_generate_benchmark_runs_in_its_tiny_mode():
-  stdout = subprocess.run([sys.executable, "-m", "benchmarks.generate", "--tiny"], cwd=ROOT,
-                          text=True, capture_output=True, check=True, timeout=600).stdout
+def test_the_generate_benchmark_runs_in_its_tiny_mode(quickstart_tiny_cli, tmp_path):
+  workdir = tmp_path / "quickstart"  # conftest.quickstart_tiny_cli's run, not trained again
+  shutil.copytree(quickstart_tiny_cli[0], workdir)
+  stdout = subprocess.run([sys.executable, "-m", "benchmarks.generate", "--tiny",
+                           f"--workdir={workdir}"], cwd=ROOT, text=True, capture_output=True,
+                          check=True, timeout=600).stdout
   for line in ("one input, cold compilation cache: [\\d.]+ s wall, [\\d.]+ s CPU",
                "one input, warm compilation cache: [\\d.]+ s wall",
                "20 inputs, batches of 64: [\\d.]+ s wall, [\\d.]+ s CPU; train.generate says: "
