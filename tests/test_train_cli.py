@@ -20,8 +20,6 @@ import pathlib
 import re
 import shlex
 import struct
-import subprocess
-import sys
 
 from absl import flags
 import jax
@@ -35,6 +33,8 @@ from tensorboardX.proto import event_pb2
 from train import config as config_lib, generate, loop, workdir as workdir_lib
 from train.data import pipeline
 
+import cli_runs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART_TINY = "experiments/quickstart.py:tiny"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -46,18 +46,6 @@ def cli_env() -> dict:
   env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                             env.get("XLA_FLAGS", "")).strip()
   return env
-
-
-def start_cli(module: str, *args: str) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=cli_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen) -> tuple[str, str]:
-  """(stdout, stderr) of a CLI that must succeed."""
-  stdout, stderr = process.communicate(timeout=300)
-  assert process.returncode == 0, stderr[-3000:]
-  return stdout, stderr
 
 
 def load_experiment(name: str):
@@ -137,15 +125,18 @@ def test_quickstart_tiny_through_the_clis(quickstart_tiny_cli, tmp_path):
   printed = re.findall(r"^  (\d+) -> (.*?)(?:   \(expected: .*\))?$", stdout, re.MULTILINE)
   assert len(printed) >= 2 and len({answer for _, answer in printed}) > 1, stdout
   png = tmp_path / "attention.png"
-  asking = start_cli("train.generate", f"--workdir={workdir}", "--input=2026", "--input=15",
-                     *(f"--input={number}" for number, _ in printed[:2]))
-  drawing = start_cli("train.attention_maps", f"--workdir={workdir}", "--input=2026",
-                      f"--out={png}")
-  answers = [json.loads(line) for line in finish(asking)[0].splitlines()]
+  # Both CLIs in one driver that forks each (tests/cli_runs.py); test_readme.py starts them.
+  asking, drawing = cli_runs.run_all(
+      [("train.generate", [f"--workdir={workdir}", "--input=2026", "--input=15",
+                           *(f"--input={number}" for number, _ in printed[:2])]),
+       ("train.attention_maps", [f"--workdir={workdir}", "--input=2026", f"--out={png}"])],
+      tmp_path / "runs", cli_env())
+  assert asking.returncode == 0, asking.stderr[-3000:]
+  answers = [json.loads(line) for line in asking.stdout.splitlines()]
   assert [a["input"] for a in answers] == ["2026", "15", printed[0][0], printed[1][0]], answers
   assert [a["output"] for a in answers[2:]] == [answer for _, answer in printed[:2]]
 
-  finish(drawing)
+  assert drawing.returncode == 0, drawing.stderr[-3000:]
   assert png.read_bytes()[:8] == PNG_SIGNATURE
   height, width, _ = matplotlib.image.imread(png).shape
   assert height > 100 and width > 100
@@ -316,20 +307,14 @@ ERRORS = {  # case: (module, arguments, words the error line must hold)
 
 @pytest.fixture(scope="module")
 def error_runs(tmp_path_factory) -> dict:
-  """{case: (workdir, returncode, stderr)} of every error case, run at once (mostly start-up)."""
+  """{case: (workdir, returncode, stderr)} of every error case, run in one driver that forks
+  each (tests/cli_runs.py): they are mostly start-up."""
   root = tmp_path_factory.mktemp("errors")
-  processes = {}
-  for case, (module, args, _) in ERRORS.items():
-    workdir = root / case
-    processes[case] = (workdir, subprocess.Popen(
-        [sys.executable, "-m", module, *args] + ([] if case == "no_workdir" else [
-            f"--workdir={workdir}"]),
-        cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  results = {}
-  for case, (workdir, process) in processes.items():
-    _, stderr = process.communicate(timeout=300)
-    results[case] = (workdir, process.returncode, stderr)
-  return results
+  commands = [(module, args + ([] if case == "no_workdir" else [f"--workdir={root / case}"]))
+              for case, (module, args, _) in ERRORS.items()]
+  finished = cli_runs.run_all(commands, root / "outputs", cli_env())
+  return {case: (root / case, done.returncode, done.stderr)
+          for case, done in zip(ERRORS, finished)}
 
 
 @pytest.mark.slow
