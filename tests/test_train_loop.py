@@ -74,24 +74,10 @@ def uninterrupted(tmp_path_factory):
   return {"workdir": workdir, **{line["step"]: line for line in train_lines(workdir)}}
 
 
-def kill_in_final_eval(workdir):
-  """Starts (or resumes) a run and SIGKILLs it once its last checkpoint, saved before the
-  final eval, is there."""
-  process = start(workdir)
-  deadline = time.time() + 240
-  while not (workdir / "checkpoints" / str(NUM_STEPS)).is_dir():
-    assert process.poll() is None and time.time() < deadline, "the run ended too early"
-    time.sleep(0.01)
-  process.send_signal(signal.SIGKILL)
-  process.communicate(timeout=120)
-  assert records.recorded(workdir, NUM_STEPS, "eval") is None, "the kill came after the eval"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_killed_and_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit(
     uninterrupted, tmp_path, sig):
-  """SIGKILL: the resumed run is killed again in its final eval, which the rerun then runs."""
   code = interrupt_at(tmp_path, 15, sig)
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   if sig == signal.SIGTERM:
@@ -99,7 +85,6 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit(
     assert steps[-1] == max(line["step"] for line in train_lines(tmp_path)) >= 15
   else:
     assert code == -signal.SIGKILL
-    kill_in_final_eval(tmp_path)
   finish(start(tmp_path))
   lines = train_lines(tmp_path)
   assert {line["step"] for line in lines} == set(uninterrupted) - {"workdir"}
@@ -107,6 +92,19 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit(
     expected = uninterrupted[line["step"]]
     for key in ("loss", "accuracy", "grad_norm", "learning_rate", "tokens"):
       assert line[key] == expected[key], (line["step"], key)
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_its_final_eval_runs_it_on_rerun(uninterrupted, tmp_path):
+  process = start(tmp_path)
+  deadline = time.time() + 240
+  while not (tmp_path / "checkpoints" / str(NUM_STEPS)).is_dir():  # Saved before the final eval.
+    assert process.poll() is None and time.time() < deadline, "the run ended too early"
+    time.sleep(0.01)
+  process.send_signal(signal.SIGKILL)
+  process.communicate(timeout=120)
+  assert records.recorded(tmp_path, NUM_STEPS, "eval") is None, "the kill came after the eval"
+  finish(start(tmp_path))
   expected = records.recorded(uninterrupted["workdir"], NUM_STEPS, "eval")
   assert records.recorded(tmp_path, NUM_STEPS, "eval") == expected and expected["exact_match"] >= 0
 
