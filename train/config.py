@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
                                       # --xla_gpu_enable_latency_hiding_scheduler=true
                                       # --xla_gpu_enable_triton_gemm=false
                                       # --xla_gpu_enable_command_buffer=  (empty: no CUDA graphs)
+                                      # --xla_gpu_enable_command_buffer=+CONDITIONAL
 
   c.decode = ml_collections.ConfigDict()
   c.decode.method = "greedy"          # greedy | sample | beam (eval, train.generate)
