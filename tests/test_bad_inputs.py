@@ -1,8 +1,7 @@
 """Bad input, as a hostile user gives it: one `error:` line, exit status 2, no traceback, and
 every file of the workdir (or the input) byte for byte as it was.
 
-Add a row to CASES whenever a new way to get it wrong is found. The cases' commands run in one
-driver process that forks each (tests/cli_runs.py), so they share one interpreter start-up.
+Add a row to CASES whenever a new way to get it wrong is found.
 """
 
 import hashlib
@@ -203,7 +202,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def refusals(request, tmp_path_factory) -> dict:
   """{case name: (finished command, fresh folder T, watched path, its hashes before the runs)}:
-  every case's command, run once in a driver that forks each (tests/cli_runs.py)."""
+  every case's command, run once (tests/cli_runs.py)."""
   prepared = {}
   for name, args, watched, _ in CASES:
     workdir = request.getfixturevalue(WORKDIRS[watched])

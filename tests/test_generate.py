@@ -288,7 +288,6 @@ def test_the_cli_answers_a_file_in_batches_as_json_lines(trained_lm, tmp_path):
   inputs.write_text("\n".join(texts) + "\n")
   (tmp_path / "blank.txt").write_text("The cat\n\nA dog\n")
   common = (f"--workdir={workdir}", "--method=greedy", f"--input_file={inputs}")
-  # Three `python -m train.generate` runs in one driver that forks each (tests/cli_runs.py).
   answering, printing, refusing = cli_runs.run_all(
       [("train.generate", [*common, f"--output_file={outputs}", "--batch_size=2"]),
        ("train.generate", common),

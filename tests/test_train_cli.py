@@ -125,7 +125,7 @@ def test_quickstart_tiny_through_the_clis(quickstart_tiny_cli, tmp_path):
   printed = re.findall(r"^  (\d+) -> (.*?)(?:   \(expected: .*\))?$", stdout, re.MULTILINE)
   assert len(printed) >= 2 and len({answer for _, answer in printed}) > 1, stdout
   png = tmp_path / "attention.png"
-  # Both CLIs in one driver that forks each (tests/cli_runs.py); test_readme.py starts them.
+  # Both CLIs (test_readme.py starts them too, over the README's own workdir).
   asking, drawing = cli_runs.run_all(
       [("train.generate", [f"--workdir={workdir}", "--input=2026", "--input=15",
                            *(f"--input={number}" for number, _ in printed[:2])]),
@@ -307,8 +307,7 @@ ERRORS = {  # case: (module, arguments, words the error line must hold)
 
 @pytest.fixture(scope="module")
 def error_runs(tmp_path_factory) -> dict:
-  """{case: (workdir, returncode, stderr)} of every error case, run in one driver that forks
-  each (tests/cli_runs.py): they are mostly start-up."""
+  """{case: (workdir, returncode, stderr)} of every error case."""
   root = tmp_path_factory.mktemp("errors")
   commands = [(module, args + ([] if case == "no_workdir" else [f"--workdir={root / case}"]))
               for case, (module, args, _) in ERRORS.items()]
