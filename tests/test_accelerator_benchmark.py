@@ -7,12 +7,14 @@ import sys
 
 import pytest
 
+from conftest import one_device_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_tiny_benchmark_prints_every_row_with_measured_numbers():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = one_device_env()
   done = subprocess.run(
       [sys.executable, "-m", "benchmarks.accelerator", "--tiny", "--peak_flops=1e12",
        "--steps=2", "--warmup=1", "--implementations=xla,cudnn"],
