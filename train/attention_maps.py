@@ -11,7 +11,7 @@ laid out as in training (`workdir.model_inputs`).
 import dataclasses
 import os
 
-from absl import app, flags
+from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
@@ -111,4 +111,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=workdir_cli.parse_flags)
+  cli.run(main, workdir_cli.parse_flags)

@@ -6,8 +6,12 @@ OSError for files that are missing or of the wrong kind. Anything else is a bug 
 its traceback.
 """
 
+import atexit
+import gc
 import sys
 from collections.abc import Callable
+
+from absl import app
 
 EXPECTED = (ValueError, OSError)
 EXIT_BAD_INPUT = 2
@@ -29,3 +33,12 @@ def guarded(main: Callable, expected: tuple[type[BaseException], ...] = ()) -> C
     except EXPECTED + expected as e:
       fail(str(e) or type(e).__name__)
   return run
+
+
+def run(main: Callable, flags_parser: Callable) -> None:
+  """absl's `app.run` for a CLI's `__main__`, without the interpreter's final garbage
+  collection: with jax loaded it takes about 0.5 s at every exit (a quarter of answering one
+  input), and the process is ending anyway. Registered first, gc.freeze runs after every other
+  exit hook (orbax's last save, absl's log flush)."""
+  atexit.register(gc.freeze)
+  app.run(main, flags_parser=flags_parser)

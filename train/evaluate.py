@@ -78,4 +78,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=workdir_cli.parse_flags)
+  cli.run(main, workdir_cli.parse_flags)

@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from models import pretrained, pretrained_export
 from train import cli, export_tokenizer, workdir as workdir_lib, workdir_cli
@@ -113,4 +113,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=workdir_cli.parse_flags)
+  cli.run(main, workdir_cli.parse_flags)

@@ -22,7 +22,7 @@ import json
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -253,4 +253,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=workdir_cli.parse_flags)
+  cli.run(main, workdir_cli.parse_flags)
