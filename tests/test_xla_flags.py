@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from experiments import gpt2_small
-from train import config as config_lib
+from train import config as config_lib, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -78,3 +78,20 @@ def test_flags_after_the_backend_started_are_one_error_line(tmp_path):
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.startswith("error: config.train.xla_flags cannot take effect"), result.stderr
   assert not (tmp_path / "dump").exists()
+
+
+@pytest.mark.parametrize("platforms, accelerator, before, after", [
+    ("cpu", True, "--xla_foo=1", "--xla_foo=1 --xla_backend_optimization_level=1"),
+    ("", False, "", "--xla_backend_optimization_level=1"),
+    ("", True, "", ""),  # JAX would pick the GPU or TPU: its codegen is left alone.
+    ("cpu", False, "--xla_backend_optimization_level=0", "--xla_backend_optimization_level=0"),
+])
+def test_generate_compiles_at_o1_only_on_the_cpu_and_only_unless_told(
+    monkeypatch, platforms, accelerator, before, after):
+  monkeypatch.setenv("JAX_PLATFORMS", platforms)
+  monkeypatch.setenv("XLA_FLAGS", before)
+  monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)
+  monkeypatch.setattr(xla_flags, "_accelerator_installed", lambda: accelerator)
+  xla_flags.compile_quickly_on_cpu()
+  assert os.environ["XLA_FLAGS"] == after
+

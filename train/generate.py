@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import decoding
-from train import cli, workdir as workdir_lib, workdir_cli
+from train import cli, workdir as workdir_lib, workdir_cli, xla_flags
 from train.data import examples
 
 FLAGS = flags.FLAGS
@@ -247,6 +247,7 @@ def write_answers(run: workdir_lib.Run, texts: list[str], where: list[str]):
 def main(argv):
   del argv
   texts, where = cli.guarded(read_inputs)()
+  xla_flags.compile_quickly_on_cpu()
   workdir_lib.use_compilation_cache()
   workdir_cli.main(lambda run, _: write_answers(run, texts, where))
 
