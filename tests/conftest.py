@@ -10,9 +10,10 @@ import sys
 # LLVM at -O0: three quarters of the suite's CPU time is XLA compiling tiny programs, mostly in
 # LLVM; -O0 cuts a test file's CPU time by 30-45% (test_transformer 183 -> 119 s) and changes no
 # result a test checks. The CLIs the tests start inherit it; users' runs keep XLA's default.
+_LEVEL = ("" if "--xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "")
+          else " --xla_backend_optimization_level=0")  # unless the caller's XLA_FLAGS sets one
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + _LEVEL + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the test session's processes (both xdist workers and the
