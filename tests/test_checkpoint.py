@@ -272,6 +272,34 @@ def test_load_params_from_workdir_folder_or_step(tmp_path):
   assert all(x.sharding == s for x, s in zip(jax.tree.leaves(first), jax.tree.leaves(shardings)))
 
 
+def test_load_params_from_the_tree_file_alone_equals_orbaxs_full_metadata(tmp_path, monkeypatch):
+  with Checkpointer(tmp_path / "checkpoints") as ckpt:
+    ckpt.save(3, {**_state(3), "opt_state": {"mu": _params(7), "count": jnp.zeros((), jnp.int32)}},
+              {})
+  step_dir = checkpoint._find_step_dir(checkpoint._absolute(tmp_path))
+  assert checkpoint._saved_params_keys(step_dir) == jax.tree.map(lambda _: 0, _params())
+  fast = checkpoint.load_params(tmp_path)
+  monkeypatch.setattr(checkpoint, "_saved_params_keys", lambda _: None)  # orbax's metadata
+  full = checkpoint.load_params(tmp_path)
+  assert jax.tree.structure(fast) == jax.tree.structure(full)
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(full)):
+    assert type(a) is type(b) is np.ndarray and a.dtype == b.dtype and a.shape == b.shape
+  assert _bits(fast) == _bits(full) == _bits(_params(3))
+
+
+def test_a_tree_file_of_another_form_falls_back_to_the_full_metadata(tmp_path):
+  with Checkpointer(tmp_path / "checkpoints") as ckpt:
+    ckpt.save(1, _state(1), {})
+  step_dir = checkpoint._find_step_dir(checkpoint._absolute(tmp_path))
+  metadata = step_dir / "state" / "_METADATA"
+  original = metadata.read_text()
+  for other in ('{"tree": {}}', "[1, 2]", "not json"):
+    metadata.write_text(other)
+    assert checkpoint._saved_params_keys(step_dir) is None
+  metadata.write_text(original.replace('"key_type": 2', '"key_type": 1'))
+  assert checkpoint._saved_params_keys(step_dir) is None
+
+
 def test_load_params_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     checkpoint.load_params(tmp_path / "nowhere")

@@ -46,6 +46,7 @@ DATA = "data"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _DAMAGED = re.compile(r"^(0|[1-9]\d*)\.damaged(-\d+)?$")  # a step folder set aside, unreadable
 _ORBAX_ROOT_FILES = ("metadata", "_ROOT_METADATA")
+_DICT_KEY = 2  # orbax's key_type of a dict key in a tree's metadata file (1: a sequence index)
 
 
 class CheckpointError(ValueError):
@@ -199,6 +200,10 @@ def load_params(path: str | os.PathLike, abstract_params: Any = None) -> Any:
   shapes must match the checkpoint's (dtypes are cast). None: numpy arrays as saved.
   """
   step_dir = _find_step_dir(_absolute(path))
+  if abstract_params is None and (keys := _saved_params_keys(step_dir)) is not None:
+    item = {"params": keys}
+    return _restore_params(step_dir, item, jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item))
   saved = _saved_tree(step_dir)
   if not isinstance(saved, dict) or "params" not in saved:
     raise CheckpointError(f"{step_dir} holds no params: not a checkpoint of train.checkpoint.")
@@ -210,8 +215,37 @@ def load_params(path: str | os.PathLike, abstract_params: Any = None) -> Any:
     _check_tree_matches({"params": abstract_params}, {"params": saved["params"]}, step_dir,
                         fix="set the model config to the one that wrote it")
   item = {"params": abstract_params}
-  args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
-                                restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+  return _restore_params(step_dir, item, ocp.checkpoint_utils.construct_restore_args(item))
+
+
+def _saved_params_keys(step_dir: epath.Path) -> dict | None:
+  """The saved params' nested dicts of keys (leaves 0), from orbax's tree metadata file alone.
+
+  The full metadata (`_saved_tree`) also reads every array's own metadata, the optimizer's
+  included: 0.35 of the 0.6 s train.generate took to load the quickstart. None where the file
+  is not as orbax 0.12 writes it (another orbax): the caller then reads the full metadata.
+  """
+  params: dict = {}
+  try:
+    entries = json.loads((step_dir / STATE / "_METADATA").read_text())["tree_metadata"]
+    for entry in entries.values():
+      keys = entry["key_metadata"]
+      if keys[0]["key"] != "params":
+        continue
+      if len(keys) < 2 or any(k["key_type"] != _DICT_KEY for k in keys):
+        return None
+      node = params
+      for key in keys[1:-1]:
+        node = node.setdefault(key["key"], {})
+      node[keys[-1]["key"]] = 0
+  except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+    return None
+  return params or None
+
+
+def _restore_params(step_dir: epath.Path, item: dict, restore_args: Any) -> Any:
+  """The params of STEP_DIR/state laid out as `item` with `restore_args`."""
+  args = ocp.args.PyTreeRestore(item=item, partial_restore=True, restore_args=restore_args)
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     return checkpointer.restore(step_dir / STATE, args=args)["params"]
