@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -171,16 +172,23 @@ def test_init_from_starts_from_another_runs_parameters(quickstart_tiny_cli, tmp_
 
 @pytest.mark.slow
 def test_quickstart_learns_on_a_short_budget(tmp_path):
-  config = experiment("quickstart")
-  config.train.num_steps = 150
-  config.train.log_every = 50
-  config.data.source_options.num_train = 10_000  # the 9,600 examples read (200,000: 5 s more)
-  config.data.source_options.num_test = 128
-  results = loop.train_and_evaluate(config, str(tmp_path))
+  """Through the CLI, with XLA's own codegen level as a user runs it: in a test process at
+  LLVM -O0 (conftest.py) this test aborted inside XLA, without a message, in 2 of about 6 full
+  runs; no other test did."""
+  env = one_device_env()
+  env["XLA_FLAGS"] = re.sub(r"--xla_backend_optimization_level=\d+", "", env["XLA_FLAGS"]).strip()
+  # num_train: the 9,600 examples read (200,000: 5 s more).
+  subprocess.run([sys.executable, "-m", "train", "--config=experiments/quickstart.py",
+                  f"--workdir={tmp_path}", "--config.train.num_steps=150",
+                  "--config.train.log_every=50", "--config.data.source_options.num_train=10000",
+                  "--config.data.source_options.num_test=128"],
+                 cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   first = train_lines(tmp_path)[0]["loss"]
+  final = [line for line in lines if line["split"] != "train"][-1]
   assert first > 1.5
-  assert results["loss"] < 0.5 * first
-  assert results["exact_match"] > 0.2
+  assert final["loss"] < 0.5 * first
+  assert final["exact_match"] > 0.2
 
 
 @pytest.mark.slow
