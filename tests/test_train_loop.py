@@ -172,9 +172,9 @@ def test_init_from_starts_from_another_runs_parameters(quickstart_tiny_cli, tmp_
 
 @pytest.mark.slow
 def test_quickstart_learns_on_a_short_budget(tmp_path):
-  """Through the CLI, with XLA's own codegen level as a user runs it: in a test process at
-  LLVM -O0 (conftest.py) this test aborted inside XLA, without a message, in 2 of about 6 full
-  runs; no other test did."""
+  """Through the CLI, at XLA's own codegen level as a user runs it: in a test process at LLVM
+  -O0 (conftest.py) this test aborted inside XLA, without a message, in one of seven full runs
+  of the suite (a whole-file run of this module had aborted once before, test unknown)."""
   env = one_device_env()
   env["XLA_FLAGS"] = re.sub(r"--xla_backend_optimization_level=\d+", "", env["XLA_FLAGS"]).strip()
   # num_train: the 9,600 examples read (200,000: 5 s more).
