@@ -288,11 +288,15 @@ def test_the_cli_answers_a_file_in_batches_as_json_lines(trained_lm, tmp_path):
   inputs.write_text("\n".join(texts) + "\n")
   (tmp_path / "blank.txt").write_text("The cat\n\nA dog\n")
   common = (f"--workdir={workdir}", "--method=greedy", f"--input_file={inputs}")
+  # The first run at the codegen level a user gets (the CLI's own -O1 on the CPU), not the
+  # tests' -O0: its answers must still be those of answer_batch in this process.
+  users_flags = re.sub(r"--xla_backend_optimization_level=\d+", "", os.environ["XLA_FLAGS"])
   answering, printing, refusing = cli_runs.run_all(
       [("train.generate", [*common, f"--output_file={outputs}", "--batch_size=2"]),
        ("train.generate", common),
        ("train.generate", [f"--workdir={workdir}", f"--input_file={tmp_path / 'blank.txt'}"])],
-      tmp_path / "runs", {**os.environ, "TAPETE_CACHE": str(tmp_path / "cache")})
+      tmp_path / "runs", {**os.environ, "TAPETE_CACHE": str(tmp_path / "cache")},
+      extra_env=[{"XLA_FLAGS": users_flags.strip()}, {}, {}])
   stderr = answering.stderr
   assert answering.returncode == 0, stderr
   greedy = dataclasses.replace(workdir_lib.decoding_search(run.config, run.target_tokenizer),

@@ -94,4 +94,3 @@ def test_generate_compiles_at_o1_only_on_the_cpu_and_only_unless_told(
   monkeypatch.setattr(xla_flags, "_accelerator_installed", lambda: accelerator)
   xla_flags.compile_quickly_on_cpu()
   assert os.environ["XLA_FLAGS"] == after
-
