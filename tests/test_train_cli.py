@@ -20,6 +20,8 @@ import pathlib
 import re
 import shlex
 import struct
+import subprocess
+import sys
 
 from absl import flags
 import jax
@@ -107,6 +109,17 @@ def check_workdir(workdir: pathlib.Path, config, eval_keys=()) -> list[dict]:
   expected = [s for s in range(1, t.num_steps + 1) if s % t.checkpoint_every == 0]
   assert steps == sorted({*expected, t.num_steps})[-t.keep_checkpoints:]
   return lines
+
+
+def test_the_tensorboard_writer_writes_events_without_importing_torch(tmp_path):
+  """tensorboardX imports torch, where it is installed (as here), unless train.metrics hides it:
+  a second of every run's start-up."""
+  script = (f"import sys; from train import metrics; w = metrics.MetricsWriter({str(tmp_path)!r},"
+            " num_steps=2, start_step=0); w.write(2, 'train', {'loss': 0.25}); w.close(); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            "import torch; assert torch.tensor(1.0).item() == 1.0")  # and importable after it
+  subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=cli_env(), check=True, timeout=120)
+  assert read_scalars(tmp_path / "tensorboard") == {("train/loss", 2): 0.25}
 
 
 # ---------------------------------------------------------------------------------------
