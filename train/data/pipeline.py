@@ -237,6 +237,13 @@ def mlm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
                num_workers=num_workers, random=True)
 
 
+# Threads that read and tokenize ahead, in order. grain's default (16 threads, 500 elements)
+# scans its whole buffer at every element: on 2 cores, 100 batches of the quickstart took 3.7 s
+# with it and 2.05 s with these, transformer_base's (HF tokenizer) 1.89 s and 1.29 s. More
+# parallelism comes from worker processes (config.data.num_workers).
+READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
+
+
 def _load(source, tokenize, after_tokenize, *, batch_size: int, seed: int,
           shuffle: bool, num_epochs: int | None, process_index: int | None,
           process_count: int | None, num_workers: int,
@@ -264,7 +271,7 @@ def _load(source, tokenize, after_tokenize, *, batch_size: int, seed: int,
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   ds = ds.random_map(tokenize, seed=seed) if random else ds.map(tokenize)
-  ds = after_tokenize(ds.to_iter_dataset())
+  ds = after_tokenize(ds.to_iter_dataset(READ_OPTIONS))
   ds = ds.batch(batch_size, batch_fn=functools.partial(
       grain.experimental.batch_and_pad, batch_size=batch_size))
   if num_workers:
