@@ -11,6 +11,8 @@ import pickle
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import tensorflow_datasets.text  # noqa: F401  (registers glue, as sources does on first use)
+import tensorflow_datasets.translate  # noqa: F401  (registers the *_translate datasets)
 
 from train.data import sources
 
