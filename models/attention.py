@@ -337,8 +337,9 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
                                                  scale=scale, fallback=xla)
 
   if implementation == "cudnn":
-    # cuDNN wants mask and bias over the full [T, S]; its causal mask is used only for T == S.
-    if is_causal and T != S:
+    # cuDNN wants mask and bias over the full [T, S]. Its causal mask is used only for T == S
+    # and without a mask: under it a fully masked row averages the causal keys alone.
+    if is_causal and (T != S or mask is not None):
       mask, is_causal = combine_masks(mask, causal_mask(T, S)), False
     if mask is None and bias is not None:
       # A bias alone keeps its batch dimension: cuDNN broadcasts a [1, N, T, S] bias over the

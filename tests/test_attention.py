@@ -232,6 +232,40 @@ def test_automatic_choice_and_cudnn_conditions(monkeypatch):
     choose("cudnn", q.astype(jnp.float32), has_mask_or_bias=False)
 
 
+def emulated_cudnn(query, key, value, *, bias=None, mask=None, scale=None, is_causal=False,
+                   implementation=None):
+  """jax.nn's cuDNN path as an H200 ran it: a boolean mask joins the bias as -2**41 in the
+  inputs' dtype (jax's combine_bias_and_mask), while cuDNN's causal mask removes future keys
+  outright, so a row the mask empties averages the causal keys only."""
+  assert implementation == "cudnn", implementation
+  T, S = query.shape[1], key.shape[1]
+  if mask is not None:
+    as_bias = jnp.where(mask, jnp.asarray(0, query.dtype), jnp.asarray(-2 << 40, query.dtype))
+    bias = as_bias if bias is None else bias + as_bias
+  logits_BNTS = jnp.einsum("btnh,bsnh->bnts", query.astype(jnp.float32),
+                           jnp.repeat(key, query.shape[2] // key.shape[2], 2).astype(jnp.float32))
+  logits_BNTS = logits_BNTS * scale + (0 if bias is None else bias.astype(jnp.float32))
+  if is_causal:
+    logits_BNTS = jnp.where(np.tril(np.ones((T, S), bool)), logits_BNTS, -jnp.inf)
+  weights_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
+  value = jnp.repeat(value, query.shape[2] // value.shape[2], 2).astype(jnp.float32)
+  return jnp.einsum("bnts,bsnh->btnh", weights_BNTS, value).astype(query.dtype)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_emulated_cudnn_matches_reference(monkeypatch, case):
+  """What dot_product_attention hands cuDNN gives the reference's results, fully masked rows
+  included (checked on this CPU against the emulation; on a GPU for real, below)."""
+  monkeypatch.setattr(attention.jax.nn, "dot_product_attention", emulated_cudnn)
+  monkeypatch.setattr(attention, "_cudnn_problem", lambda *args: None)
+  B, T, S, N, K, H = 2, 8, 8, 4, 2, 16
+  q, k, v = random_qkv(8, B, T, S, N, K, H, jnp.bfloat16)
+  kwargs, mask, bias = random_case(case, B, T, S, N)
+  ours = dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
+  expected, _ = numpy_attention(q, k, v, mask=mask, bias=bias, scale=kwargs.get("scale"))
+  np.testing.assert_allclose(np.asarray(ours, np.float32), expected, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("case", ["plain", "causal", "padding", "segments", "window", "bias",
