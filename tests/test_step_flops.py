@@ -1,8 +1,7 @@
 """The train step's FLOPs as XLA counts them (metrics.step_flops), against textbook hand counts.
 
-XLA counts the compiled program of one device: on the 8 CPU devices of the tests, each holding
-an eighth of the batch, that is an eighth of the step, so the hand counts (of the whole global
-step) are compared with the count times the device count.
+XLA counts the lowered program, the whole global step, whatever the 8 CPU devices of the tests
+each run of it.
 """
 
 import jax
@@ -53,19 +52,20 @@ def test_lm_step_flops_match_six_n_plus_attention(tmp_path):
   batch = {"inputs": tokens(length, 0), "targets": tokens(length, 1), "segment_ids": seg["ids"],
            "positions": seg["positions"], "weights": np.ones((ROWS, length), np.float32)}
   exp, state, step, batch = compiled_step(config, tmp_path, batch)
-  flops = metrics.step_flops(step.lower(state, batch).compile())
+  flops = metrics.step_flops(step.lower(state, batch))
 
   # Kaplan et al. / PaLM appendix B: 6 FLOPs per weight per token (forward + backward), the
   # tied output table a matmul once; attention scores and values 12·L·D·T per token.
   weights = LAYERS * (4 * D * D + 2 * D * FF) + VOCAB * D
   per_token = 6 * weights + 12 * LAYERS * D * length
-  assert flops * jax.device_count() == pytest.approx(per_token * ROWS * length, rel=0.10)
+  assert flops == pytest.approx(per_token * ROWS * length, rel=0.05)
 
   throughput = loop.Throughput(exp)
   throughput.count_flops_once(step, state, batch)
   throughput.lap({"tokens": 1.0}, 1)  # The first interval: compilation, no MFU.
   out = throughput.lap({"tokens": 1.0}, 3)
-  assert out["mfu"] == pytest.approx(flops / out["step_seconds"] / 1e12, rel=1e-6)
+  assert out["mfu"] == pytest.approx(
+      flops / out["step_seconds"] / (1e12 * jax.device_count()), rel=1e-6)
 
 
 @pytest.mark.slow
@@ -79,7 +79,7 @@ def test_seq2seq_step_flops_count_each_side_on_its_own_tokens(tmp_path):
            "decoder_positions": dec["positions"],
            "weights": np.ones((ROWS, target), np.float32)}
   exp, state, step, batch = compiled_step(config, tmp_path, batch)
-  flops = metrics.step_flops(step.lower(state, batch).compile()) * jax.device_count()
+  flops = metrics.step_flops(step.lower(state, batch))
 
   # The encoder's weights see source tokens; the decoder's see target tokens, except the
   # cross-attention's keys and values, which project the encoder's output (source tokens).

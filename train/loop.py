@@ -205,21 +205,21 @@ def flush(pending: list, step: int) -> dict:
 class Throughput:
   """tokens/s (real target tokens) and MFU between logs, compile and eval time excluded.
 
-  MFU is the compiled step's FLOPs on one device (XLA's count: forward, backward and
-  optimizer; see metrics.step_flops) per second, over that device's peak.
+  MFU is the step's FLOPs (XLA's count: forward, backward and optimizer; see
+  metrics.step_flops) per second, over the peak of the mesh's devices together.
   """
 
   def __init__(self, exp: Experiment):
-    self.peak = metrics_lib.peak_flops_per_device(exp.config.train.peak_flops)
+    peak = metrics_lib.peak_flops_per_device(exp.config.train.peak_flops)
+    self.mesh_peak = peak and peak * exp.mesh.size
     self.flops_per_step, self.counted = None, False
     self.stopwatch = metrics_lib.Stopwatch()
     self.first = True
 
   def count_flops_once(self, train_step, state, batch):
-    """Counts the step's FLOPs on the first call where a peak is known; the step compiled
-    here is the one jit's cache then runs."""
-    if self.peak and not self.counted:
-      self.flops_per_step = metrics_lib.step_flops(train_step.lower(state, batch).compile())
+    """Counts the step's FLOPs on the first call where a peak is known."""
+    if self.mesh_peak and not self.counted:
+      self.flops_per_step = metrics_lib.step_flops(train_step.lower(state, batch))
       self.counted = True
 
   def skip(self):
@@ -232,7 +232,7 @@ class Throughput:
       return {"step_seconds_with_compile": seconds / steps}
     out = {"tokens_per_second": logged["tokens"] / seconds, "step_seconds": seconds / steps}
     if self.flops_per_step:
-      out["mfu"] = self.flops_per_step * steps / seconds / self.peak
+      out["mfu"] = self.flops_per_step * steps / seconds / self.mesh_peak
     return out
 
 

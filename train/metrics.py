@@ -34,15 +34,15 @@ def peak_flops_per_device(override: float = 0.0) -> float | None:
   return None
 
 
-def step_flops(compiled) -> float | None:
-  """FLOPs of one call of a compiled program on one device, by XLA's cost analysis.
+def step_flops(lowered) -> float | None:
+  """FLOPs of one call of a lowered program (`jax.jit(f).lower(...)`), all devices together.
 
-  The count is per device: it is the program SPMD partitioning left each device (on 8 devices
-  sharing a batch, an eighth of the model's work, plus whatever every device repeats, such as
-  the optimizer update of replicated parameters). Kernels XLA cannot see into (cuDNN fused
-  attention, Pallas) count nothing. None where the backend gives no count.
+  XLA's cost analysis of the program before its optimizations: after them, a GPU's matrix
+  products are library calls it does not count (an H200's compiled GPT-2 step counted a ninth
+  of the lowered one's FLOPs). Kernels called as custom calls (cuDNN fused attention, Pallas)
+  count nothing. None where the backend gives no count.
   """
-  analysis = compiled.cost_analysis()
+  analysis = lowered.cost_analysis()
   if isinstance(analysis, dict):
     analysis = [analysis]
   flops = sum(float(part.get("flops", 0.0)) for part in analysis or [])
