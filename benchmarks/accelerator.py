@@ -25,9 +25,9 @@ Everything is measured: a step's time is the median of --steps steps, each waite
 first step, cold; peak memory is the device's `peak_bytes_in_use`. So each job runs in its
 own process (--tiny: all in this one; CPUs report no memory): an implementation at a batch
 size, whose unpacked and packed rows have the same shapes and so share one compiled program;
-a decoding batch size; the seq2seq step. MFU is FLOPs / step seconds / peak: the FLOPs XLA
-counts in the lowered step (metrics.step_flops), the largest count among the implementations
-of the same shape, as XLA sees nothing inside cuDNN or Pallas kernels. Jobs
+a decoding batch size; the seq2seq step. MFU is FLOPs / step seconds / peak: the FLOPs of
+the step's matrix products (metrics.step_flops), the largest count among the implementations
+of the same shape, as the count sees nothing inside cuDNN or Pallas kernels. Jobs
 run most important first; those not started within --budget_seconds are skipped (the default
 leaves an 8-minute device call time to install wheels and start).
 """
@@ -148,8 +148,7 @@ def measure_train(config, batches: list[dict], args, workdir: str) -> list[dict]
     batch = parallel.host_to_global(batch, exp.mesh)
     try:
       start = time.perf_counter()
-      lowered = step.lower(state, batch)
-      lowered.compile()
+      step.lower(state, batch).compile()
     except ValueError as e:
       results.append(refused(e))
       continue
@@ -164,7 +163,8 @@ def measure_train(config, batches: list[dict], args, workdir: str) -> list[dict]
     step_seconds = statistics.median(seconds[args.warmup:])
     results.append({"tokens_per_second": float(sums["weight"]) / step_seconds,
                     "step_seconds": step_seconds, "compile_seconds": compile_seconds,
-                    "step_flops": metrics.step_flops(lowered), "peak_bytes": peak_bytes()})
+                    "step_flops": metrics.step_flops(step.trace(state, batch)),
+                    "peak_bytes": peak_bytes()})
   return results
 
 

@@ -1,12 +1,11 @@
-"""The train step's FLOPs as XLA counts them (metrics.step_flops), against textbook hand counts.
-
-XLA counts the lowered program, the whole global step, whatever the 8 CPU devices of the tests
-each run of it.
-"""
+"""The train step's FLOPs (metrics.step_flops), against textbook hand counts: the whole global
+step, whatever the 8 CPU devices of the tests each run of it."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, PartitionSpec as P
 
 from experiments import gpt2_small, transformer_base
 from train import loop, metrics, parallel
@@ -52,7 +51,7 @@ def test_lm_step_flops_match_six_n_plus_attention(tmp_path):
   batch = {"inputs": tokens(length, 0), "targets": tokens(length, 1), "segment_ids": seg["ids"],
            "positions": seg["positions"], "weights": np.ones((ROWS, length), np.float32)}
   exp, state, step, batch = compiled_step(config, tmp_path, batch)
-  flops = metrics.step_flops(step.lower(state, batch))
+  flops = metrics.step_flops(step.trace(state, batch))
 
   # Kaplan et al. / PaLM appendix B: 6 FLOPs per weight per token (forward + backward), the
   # tied output table a matmul once; attention scores and values 12·L·D·T per token.
@@ -79,7 +78,7 @@ def test_seq2seq_step_flops_count_each_side_on_its_own_tokens(tmp_path):
            "decoder_positions": dec["positions"],
            "weights": np.ones((ROWS, target), np.float32)}
   exp, state, step, batch = compiled_step(config, tmp_path, batch)
-  flops = metrics.step_flops(step.lower(state, batch))
+  flops = metrics.step_flops(step.trace(state, batch))
 
   # The encoder's weights see source tokens; the decoder's see target tokens, except the
   # cross-attention's keys and values, which project the encoder's output (source tokens).
@@ -96,3 +95,24 @@ def test_seq2seq_step_flops_count_each_side_on_its_own_tokens(tmp_path):
   length = source + target
   before = ROWS * length * (6 * all_weights + 12 * 2 * LAYERS * D * length)
   assert 0.4 < flops / before < 0.6
+
+
+def test_flops_count_batched_products_loops_branches_and_shards():
+  """2 x multiply-adds, by hand: scans multiply their body, a cond counts one branch (the
+  larger), a shard_map's per-shard body counts once a shard."""
+  a, b = np.ones((4, 8), np.float32), np.ones((8, 16), np.float32)
+  product = 2 * 4 * 8 * 16
+  count = lambda f, *args: metrics.step_flops(jax.jit(f).trace(*args))
+  assert count(lambda a, b: a @ b, a, b) == product
+  batched = np.ones((3, 4, 8), np.float32), np.ones((3, 8, 16), np.float32)
+  assert count(lambda x, y: jnp.einsum("bij,bjk->bik", x, y), *batched) == 3 * product
+  scan = lambda a, b: jax.lax.scan(lambda c, _: (c + (a @ b).sum(), None), 0.0, length=5)[0]
+  assert count(scan, a, b) == 5 * product
+  cond = lambda p, a, b: jax.lax.cond(p, lambda: (a @ b @ b.T).sum(), lambda: (a @ b).sum())
+  assert count(cond, True, a, b) == product + 2 * 4 * 16 * 8
+  assert count(lambda a: a + 1, a) is None
+
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  sharded = jax.shard_map(lambda x, y: x @ y, mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"))
+  rows = 8 * jax.device_count()
+  assert count(sharded, np.ones((rows, 8), np.float32), b) == 2 * rows * 8 * 16

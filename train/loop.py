@@ -205,8 +205,8 @@ def flush(pending: list, step: int) -> dict:
 class Throughput:
   """tokens/s (real target tokens) and MFU between logs, compile and eval time excluded.
 
-  MFU is the step's FLOPs (XLA's count: forward, backward and optimizer; see
-  metrics.step_flops) per second, over the peak of the mesh's devices together.
+  MFU is the step's FLOPs (its matrix products, forward and backward; see metrics.step_flops)
+  per second, over the peak of the mesh's devices together.
   """
 
   def __init__(self, exp: Experiment):
@@ -219,7 +219,7 @@ class Throughput:
   def count_flops_once(self, train_step, state, batch):
     """Counts the step's FLOPs on the first call where a peak is known."""
     if self.mesh_peak and not self.counted:
-      self.flops_per_step = metrics_lib.step_flops(train_step.lower(state, batch))
+      self.flops_per_step = metrics_lib.step_flops(train_step.trace(state, batch))
       self.counted = True
 
   def skip(self):

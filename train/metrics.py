@@ -1,6 +1,6 @@
 """Where metrics go: WORKDIR/metrics.jsonl, TensorBoard events, and a progress bar on a TTY.
 
-Also the arithmetic of throughput: a compiled step's FLOPs and the peak FLOP/s of the device,
+Also the arithmetic of throughput: a traced step's FLOPs and the peak FLOP/s of the device,
 for MFU (model FLOPs utilisation).
 """
 
@@ -10,6 +10,8 @@ import sys
 import time
 
 import jax
+from jax.extend import core as jex_core
+import numpy as np
 import tqdm
 
 from train import records
@@ -34,19 +36,41 @@ def peak_flops_per_device(override: float = 0.0) -> float | None:
   return None
 
 
-def step_flops(lowered) -> float | None:
-  """FLOPs of one call of a lowered program (`jax.jit(f).lower(...)`), all devices together.
+def step_flops(traced) -> float | None:
+  """FLOPs of one call of a traced program (`jax.jit(f).trace(...)`), all devices together:
+  2 x the multiply-adds of its matrix products (dot_general), as MFU counts them.
 
-  XLA's cost analysis of the program before its optimizations: after them, a GPU's matrix
-  products are library calls it does not count (an H200's compiled GPT-2 step counted a ninth
-  of the lowered one's FLOPs). Kernels called as custom calls (cuDNN fused attention, Pallas)
-  count nothing. None where the backend gives no count.
+  Counted in the jaxpr, not by XLA: a GPU's compiled program calls libraries for its matrix
+  products, which XLA's cost analysis does not count (an H200's GPT-2 step counted a ninth of
+  its FLOPs), and there is no cost analysis of the lowered program on GPUs. Custom kernels
+  (cuDNN fused attention, Pallas) count nothing; a while loop's body counts once. None if the
+  program has no matrix product.
   """
-  analysis = lowered.cost_analysis()
-  if isinstance(analysis, dict):
-    analysis = [analysis]
-  flops = sum(float(part.get("flops", 0.0)) for part in analysis or [])
-  return flops if flops > 0 else None
+  return _jaxpr_flops(getattr(traced.jaxpr, "jaxpr", traced.jaxpr)) or None
+
+
+def _jaxpr_flops(jaxpr) -> float:
+  flops = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contracting, _), _ = eqn.params["dimension_numbers"]
+      lhs_shape = eqn.invars[0].aval.shape
+      flops += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(
+          [lhs_shape[d] for d in contracting])
+      continue
+    inner = [_jaxpr_flops(getattr(sub, "jaxpr", sub)) for value in eqn.params.values()
+             for sub in (value if isinstance(value, (list, tuple)) else [value])
+             if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr))]
+    if eqn.primitive.name == "cond":  # One branch runs.
+      flops += max(inner, default=0.0)
+    elif eqn.primitive.name == "scan":
+      flops += eqn.params["length"] * sum(inner)
+    elif eqn.primitive.name == "shard_map":  # Its body is one shard's program.
+      shape = eqn.params["mesh"].shape
+      flops += np.prod([shape[a] for a in eqn.params["newly_manual_axes"]]) * sum(inner)
+    else:
+      flops += sum(inner)
+  return float(flops)
 
 
 def tensorboard_writer(logdir: str):
