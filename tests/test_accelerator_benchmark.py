@@ -49,3 +49,17 @@ def test_a_job_in_its_own_process_reports_its_rows_and_device():
       "implementation='cudnn' cannot take this case: it needs a CUDA GPU, and the backend is "
       "'cpu'"] * 2
   assert out["device"].endswith("(cpu)") and out["peak_flops"] is None
+
+
+@pytest.mark.slow
+def test_profile_step_sums_the_traced_kernels(tmp_path, capsys):
+  from benchmarks import profile_step
+  profile_step.main(["--tiny", "--steps=2", "--warmup=1", "--top=5", f"--trace_dir={tmp_path}"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].startswith("gpt2 B8 on cpu (cpu), attention automatic: ") and (
+      "TFLOP/s of matrix products" in lines[0]), lines[0]
+  assert lines[1].split() == ["ms/step", "share", "kernel", "(XLA", "op)"]
+  shares = [float(line.split()[1].rstrip("%")) for line in lines[2:-1]]
+  assert len(shares) == 5 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100
+  assert lines[-1] == f"trace: {tmp_path}"
+  assert list(tmp_path.glob("plugins/profile/*/*.trace.json.gz"))

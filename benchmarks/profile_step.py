@@ -1,0 +1,135 @@
+"""Where the train step's device time goes: a jax.profiler trace of the loop's own step, summed
+by kernel.
+
+  python -m benchmarks.profile_step [--model=gpt2|seq2seq] [--batch=16] [--implementation=NAME]
+  python -m benchmarks.profile_step --tiny     # tiny shapes, on CPU, in seconds
+
+The step is benchmarks/accelerator.py's (the loop's jitted train step on synthetic batches of
+GPT-2 small, four examples a row, or of transformer_base). After --warmup steps it traces
+--steps more, then prints the step's seconds and FLOPs, the kernels' summed time a step,
+largest first, with their share and what XLA op each runs, and where the trace lies (for
+TensorBoard's profile plugin or ui.perfetto.dev). On an accelerator the kernels are those of
+its device rows; on a CPU, the XLA ops run on the host's threads.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import tempfile
+import time
+
+import jax
+
+from benchmarks import accelerator
+from train import loop, metrics, parallel
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", choices=("gpt2", "seq2seq"), default="gpt2")
+  parser.add_argument("--batch", type=int, default=0, help="rows (default 16; seq2seq 96)")
+  parser.add_argument("--implementation", default=None,
+                      help="attention implementation (default: None, the automatic choice)")
+  parser.add_argument("--steps", type=int, default=5, help="traced steps")
+  parser.add_argument("--warmup", type=int, default=3, help="untimed steps, the first compiles")
+  parser.add_argument("--top", type=int, default=30, help="kernels printed")
+  parser.add_argument("--trace_dir", default="", help="default: a new temporary folder")
+  parser.add_argument("--tiny", action="store_true", help="tiny shapes, on CPU, in seconds")
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.warmup < 1:
+    parser.error("--steps and --warmup must be at least 1.")
+  args.batch = args.batch or (8 if args.tiny else 96 if args.model == "seq2seq" else 16)
+  return args
+
+
+def experiment_and_batch(args):
+  """The experiment to build and one synthetic batch of its shapes."""
+  if args.model == "gpt2":
+    config = accelerator.gpt2_config(args.tiny, args.implementation)
+    length = accelerator.TINY_LENGTH if args.tiny else accelerator.LENGTH
+    vocab = 256 if args.tiny else accelerator.GPT2_VOCAB
+    return config, accelerator.lm_batch(args.batch, length, vocab, 4)
+  config = accelerator.experiment_config(
+      "transformer_base", args.tiny, "experiments/data/en_de_tiny.tsv",
+      vocab_size=0 if args.tiny else 32_000, attention_implementation=args.implementation)
+  d = config.data
+  return config, accelerator.seq2seq_batch(args.batch, d.inputs_len, d.targets_len,
+                                           256 if args.tiny else 32_000)
+
+
+def trace_steps(args, trace_dir: str) -> dict:
+  """Runs warm-up steps, then traces `args.steps` steps; their seconds a step and FLOPs."""
+  with tempfile.TemporaryDirectory() as workdir:  # The local dataset that building prepares.
+    config, batch = experiment_and_batch(args)
+    exp = accelerator.build(config, workdir)
+    state, shardings = loop.init_state(exp, jax.random.key(0))
+    step = loop.jit_train_step(exp, shardings)
+    batch = parallel.host_to_global(batch, exp.mesh)
+    for _ in range(args.warmup):
+      state, sums = step(state, batch)
+    jax.block_until_ready(sums)
+    with jax.profiler.trace(trace_dir):
+      start = time.perf_counter()
+      for _ in range(args.steps):
+        state, sums = step(state, batch)
+      jax.block_until_ready(sums)
+      seconds = (time.perf_counter() - start) / args.steps
+    return {"step_seconds": seconds, "step_flops": metrics.step_flops(step.trace(state, batch))}
+
+
+def kernel_times(trace_dir: str) -> tuple[dict, dict]:
+  """({kernel name: summed microseconds}, {kernel name: its XLA op}) from the newest trace:
+  the device rows' events where there are any, else the XLA ops on the host's threads."""
+  path = max(glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz")),
+             key=os.path.getmtime)
+  with gzip.open(path) as f:
+    events = json.load(f)["traceEvents"]
+  processes = {e["pid"]: e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
+  devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  times, ops = collections.Counter(), {}
+  for e in events:
+    if e.get("ph") != "X":
+      continue
+    on_device = e["pid"] in devices
+    host_op = (threads.get((e["pid"], e.get("tid")), "").startswith("tf_XLA")
+               and "::" not in e["name"])  # Not the runtime's own frames (ThunkExecutor::...).
+    if on_device or (not devices and host_op):
+      times[e["name"]] += e.get("dur", 0)
+      ops.setdefault(e["name"], (e.get("args") or {}).get("hlo_op", ""))
+  return times, ops
+
+
+def report(args, measured: dict, times: dict, ops: dict, trace_dir: str) -> list[str]:
+  device = jax.devices()[0]
+  flops = measured["step_flops"]
+  busy_us = sum(times.values())
+  lines = [f"{args.model} B{args.batch} on {device.device_kind} ({device.platform}), "
+           f"attention {args.implementation or 'automatic'}: "
+           f"{measured['step_seconds'] * 1e3:.2f} ms a step"
+           + (f", {flops / measured['step_seconds'] / 1e12:.3g} TFLOP/s of matrix products"
+              if flops else "")
+           + f"; kernels {busy_us / args.steps / 1e3:.2f} ms a step"]
+  lines.append(f"{'ms/step':>9} {'share':>6}  kernel (XLA op)")
+  for name, us in times.most_common(args.top):
+    op = f" ({ops[name]})" if ops.get(name) and ops[name] != name else ""
+    lines.append(f"{us / args.steps / 1e3:9.3f} {100 * us / busy_us:5.1f}%  {name[:100]}{op}")
+  lines.append(f"trace: {trace_dir}")
+  return lines
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="profile_step_")
+  measured = trace_steps(args, trace_dir)
+  times, ops = kernel_times(trace_dir)
+  print("\n".join(report(args, measured, times, ops, trace_dir)))
+
+
+if __name__ == "__main__":
+  main()
