@@ -17,8 +17,10 @@ _LEVEL = ("" if "--xla_backend_optimization_level" in os.environ.get("XLA_FLAGS"
 # to; its older emitters compile the tests' programs in about half the CPU time
 # (test_decoding_loops 25 -> 15 CPU-s) and change no result a test checks. From jaxlib 0.11 the
 # new emitters are the only ones and the flag is unknown, which XLA refuses.
-_EMITTERS = (" --xla_cpu_use_fusion_emitters=false"
-             if tuple(map(int, importlib.metadata.version("jaxlib").split(".")[:2])) < (0, 11)
+OLDER_EMITTERS = ("--xla_cpu_use_fusion_emitters=false"
+                  if tuple(map(int, importlib.metadata.version("jaxlib").split(".")[:2])) < (0, 11)
+                  else "")  # Also for the programs tests start with XLA_FLAGS of their own.
+_EMITTERS = (f" {OLDER_EMITTERS}" if OLDER_EMITTERS
              and "--xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "") else "")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + _LEVEL + _EMITTERS

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from ml_collections import config_flags
 
+from conftest import OLDER_EMITTERS
 from launch import experiment, report, runners, sweep, sweeps, workdirs
 from train import inputs as inputs_lib, loop, records
 from train.data import pipeline as pipeline_lib
@@ -671,7 +672,8 @@ def test_two_processes_train_like_one_and_resume(tmp_path, monkeypatch):
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
          # Cheaper compiles (the test is about the processes, not XLA's optimizations).
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                      + OLDER_EMITTERS,
          "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_DEFAULT_MATMUL_PRECISION": "highest",
          # The resumed run reuses the first one's compiled programs.
          "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),

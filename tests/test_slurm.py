@@ -19,6 +19,7 @@ import time
 import pytest
 
 import slurm_cluster
+from conftest import OLDER_EMITTERS
 from launch import workdirs
 from train import records
 
@@ -45,7 +46,8 @@ def get_sweep(variant=""):
 """
 JOB_TIMEOUT_S = 240  # a tiny run: ~10 s of CPU, plus a compile, on a busy 2-core machine
 # Cheaper compiles, shared by every job (the test is about SLURM, not XLA's optimizations).
-XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+             + OLDER_EMITTERS).strip()
 
 
 def start_cluster(num_nodes: int) -> slurm_cluster.Cluster:
