@@ -252,18 +252,24 @@ def emulated_cudnn(query, key, value, *, bias=None, mask=None, scale=None, is_ca
   return jnp.einsum("bnts,bsnh->btnh", weights_BNTS, value).astype(query.dtype)
 
 
+def check_cudnn_output(case):
+  """implementation="cudnn" against numpy on random_case(case); (q, k, v, kwargs, mask)."""
+  B, T, S, N, K, H = 2, 8, 8, 4, 2, 64
+  q, k, v = random_qkv(8, B, T, S, N, K, H, jnp.bfloat16)
+  kwargs, mask, bias = random_case(case, B, T, S, N)
+  ours = dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
+  expected, _ = numpy_attention(q, k, v, mask=mask, bias=bias, scale=kwargs.get("scale"))
+  np.testing.assert_allclose(np.asarray(ours, np.float32), expected, atol=3e-2, rtol=3e-2)
+  return q, k, v, kwargs, mask
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_emulated_cudnn_matches_reference(monkeypatch, case):
   """What dot_product_attention hands cuDNN gives the reference's results, fully masked rows
   included (checked on this CPU against the emulation; on a GPU for real, below)."""
   monkeypatch.setattr(attention.jax.nn, "dot_product_attention", emulated_cudnn)
   monkeypatch.setattr(attention, "_cudnn_problem", lambda *args: None)
-  B, T, S, N, K, H = 2, 8, 8, 4, 2, 16
-  q, k, v = random_qkv(8, B, T, S, N, K, H, jnp.bfloat16)
-  kwargs, mask, bias = random_case(case, B, T, S, N)
-  ours = dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
-  expected, _ = numpy_attention(q, k, v, mask=mask, bias=bias, scale=kwargs.get("scale"))
-  np.testing.assert_allclose(np.asarray(ours, np.float32), expected, atol=3e-2, rtol=3e-2)
+  check_cudnn_output(case)
 
 
 @pytest.mark.gpu
@@ -271,12 +277,7 @@ def test_emulated_cudnn_matches_reference(monkeypatch, case):
 @pytest.mark.parametrize("case", ["plain", "causal", "padding", "segments", "window", "bias",
                                   "everything"])
 def test_cudnn_matches_reference(case):
-  B, T, S, N, K, H = 2, 8, 8, 4, 2, 64
-  q, k, v = random_qkv(8, B, T, S, N, K, H, jnp.bfloat16)
-  kwargs, mask, bias = random_case(case, B, T, S, N)
-  ours = dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
-  expected, _ = numpy_attention(q, k, v, mask=mask, bias=bias, scale=kwargs.get("scale"))
-  np.testing.assert_allclose(np.asarray(ours, np.float32), expected, atol=3e-2, rtol=3e-2)
+  q, k, v, kwargs, mask = check_cudnn_output(case)
   row_has_keys_BT11 = mask.any(-1)[:, 0, :, None, None]  # fully masked rows carry no loss
   loss = lambda impl, q: jnp.sum(row_has_keys_BT11 * dot_product_attention(
       q, k, v, implementation=impl, **kwargs).astype(jnp.float32))
@@ -284,7 +285,7 @@ def test_cudnn_matches_reference(case):
                              np.asarray(jax.grad(functools.partial(loss, "xla"))(q), np.float32),
                              atol=5e-2, rtol=5e-2)
   if case == "plain":
-    assert attention._select_implementation(None, q, has_mask_or_bias=False, q_len=T, kv_len=S,
+    assert attention._select_implementation(None, q, has_mask_or_bias=False, q_len=8, kv_len=8,
                                             return_weights=False) == "cudnn"
 
 
