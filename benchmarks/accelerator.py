@@ -25,11 +25,12 @@ Everything is measured: a step's time is the median of --steps steps, each waite
 first step, cold; peak memory is the device's `peak_bytes_in_use`. So each job runs in its
 own process (--tiny: all in this one; CPUs report no memory): an implementation at a batch
 size, whose unpacked and packed rows have the same shapes and so share one compiled program;
-a decoding batch size; the seq2seq step. MFU is FLOPs / step seconds / peak: the FLOPs of
-the step's matrix products (metrics.step_flops), the largest count among the implementations
-of the same shape, as the count sees nothing inside cuDNN or Pallas kernels. Jobs
-run most important first; those not started within --budget_seconds are skipped (the default
-leaves an 8-minute device call time to install wheels and start).
+decoding, batch 1 then 16 (one model, so batch 16's peak memory is its own); the seq2seq
+step. MFU is FLOPs / step seconds / peak: the FLOPs of the step's matrix products
+(metrics.step_flops), the largest count among the implementations of the same shape, as the
+count sees nothing inside cuDNN or Pallas kernels. Jobs run most important first; those not
+started within --budget_seconds are skipped (the default leaves an 8-minute device call time
+to install wheels and start).
 """
 
 import argparse
@@ -173,34 +174,46 @@ def refused(error: ValueError) -> dict:
   return {"refused": str(error).split(". ")[0]}
 
 
-def measure_decode(rows: int, args, workdir: str) -> dict:
-  """Greedy decoding of the GPT-2 model with random weights in its compute dtype."""
+def measure_decode(batches: list[int], args, workdir: str) -> list[dict]:
+  """Greedy decoding of the GPT-2 model with random weights in its compute dtype, at each
+  batch size in turn (one model; the peak memory is the largest batch's so far)."""
   exp = build(gpt2_config(args.tiny, None), workdir)
   module = exp.task.model
   prompt_len, new_tokens = (TINY_PROMPT, TINY_NEW_TOKENS) if args.tiny else (PROMPT, NEW_TOKENS)
-  prompt_BT = np.random.default_rng(0).integers(
-      0, exp.model_cfg.vocab_size, (rows, prompt_len), dtype=np.int32)
-  params = jax.jit(module.init)(jax.random.key(0), prompt_BT)["params"]
+  prompts_BT = [np.random.default_rng(0).integers(
+      0, exp.model_cfg.vocab_size, (rows, prompt_len), dtype=np.int32) for rows in batches]
+  params = jax.jit(module.init)(jax.random.key(0), prompts_BT[0])["params"]
   params = jax.tree.map(lambda x: x.astype(exp.model_cfg.dtype), params)
 
   search = decoding.Search(method="greedy", max_new_tokens=new_tokens)
-  seconds = []
-  for _ in range(1 + max(args.steps // 4, 2)):  # The first call compiles.
-    start = time.perf_counter()
-    jax.block_until_ready(decoding.generate_decoder_only(module, params, prompt_BT, None, search))
-    seconds.append(time.perf_counter() - start)
-  generate_seconds = statistics.median(seconds[1:])
-  return {"tokens_per_second": rows * new_tokens / generate_seconds,
-          "step_seconds": generate_seconds, "compile_seconds": seconds[0] - generate_seconds,
-          "peak_bytes": peak_bytes()}
+  results = []
+  for prompt_BT in prompts_BT:
+    seconds = []
+    for _ in range(1 + max(args.steps // 4, 2)):  # The first call compiles.
+      start = time.perf_counter()
+      jax.block_until_ready(
+          decoding.generate_decoder_only(module, params, prompt_BT, None, search))
+      seconds.append(time.perf_counter() - start)
+    generate_seconds = statistics.median(seconds[1:])
+    results.append({"tokens_per_second": len(prompt_BT) * new_tokens / generate_seconds,
+                    "step_seconds": generate_seconds,
+                    "compile_seconds": seconds[0] - generate_seconds, "peak_bytes": peak_bytes()})
+  return results
+
+
+def job_rows(job: dict) -> list[dict]:
+  """A job's rows of the table, before their results: train, unpacked then packed; decode,
+  one a batch size; the others, one."""
+  if job["kind"] == "train":
+    return [{**job, "packed": packed} for packed in (False, True)]
+  if job["kind"] == "decode":
+    return [{"kind": "decode", "batch": batch} for batch in job["batches"]]
+  return [job]
 
 
 def run_job(job: dict, args, workdir: str) -> list[dict]:
-  """The results of a job's rows: train, unpacked then packed; decode and seq2seq, one.
-
-  `workdir` holds the local datasets that building an experiment prepares (once).
-  """
-  rows = 2 if job["kind"] == "train" else 1
+  """The results of a job's rows (`job_rows`). `workdir` holds the local datasets that
+  building an experiment prepares (once)."""
   try:
     if job["kind"] == "train":
       length = TINY_LENGTH if args.tiny else LENGTH
@@ -208,7 +221,7 @@ def run_job(job: dict, args, workdir: str) -> list[dict]:
       batches = [lm_batch(job["batch"], length, vocab, examples) for examples in (1, 4)]
       return measure_train(gpt2_config(args.tiny, job["implementation"]), batches, args, workdir)
     if job["kind"] == "decode":
-      return [measure_decode(job["batch"], args, workdir)]
+      return measure_decode(job["batches"], args, workdir)
     assert job["kind"] == "seq2seq", job
     config = experiment_config("transformer_base", args.tiny, "experiments/data/en_de_tiny.tsv",
                                vocab_size=0 if args.tiny else 32_000)
@@ -216,7 +229,7 @@ def run_job(job: dict, args, workdir: str) -> list[dict]:
     batch = seq2seq_batch(job["batch"], d.inputs_len, d.targets_len, vocab)
     return measure_train(config, [batch], args, workdir)
   except ValueError as e:
-    return [refused(e)] * rows
+    return [refused(e)] * len(job_rows(job))
 
 
 def run_child(job: dict, args, timeout: float) -> list[dict]:
@@ -225,7 +238,7 @@ def run_child(job: dict, args, timeout: float) -> list[dict]:
   command = [sys.executable, "-m", "benchmarks.accelerator", f"--job={json.dumps(job)}",
              f"--steps={args.steps}", f"--warmup={args.warmup}",
              f"--peak_flops={args.peak_flops}"] + (["--tiny"] if args.tiny else [])
-  rows = 2 if job["kind"] == "train" else 1
+  rows = len(job_rows(job))
   try:
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -267,8 +280,7 @@ def plan(args, implementations) -> list[dict]:
   torch = lambda batch, decode: ([{"kind": "torch", "batch": batch, "decode": decode}]
                                  if args.torch_baseline else [])
   rest = [] if args.tiny else train(large) + torch(large, False)
-  return (torch(small, True) + train(small) + [{"kind": "decode", "batch": 1},
-                                              {"kind": "decode", "batch": 16}]
+  return (torch(small, True) + train(small) + [{"kind": "decode", "batches": [1, 16]}]
           + [{"kind": "seq2seq", "batch": 8 if args.tiny else 96}] + rest)
 
 
@@ -279,7 +291,7 @@ def run_all(args, jobs: list[dict], workdir: str) -> tuple[list[dict], dict]:
   info = device_info(args) if args.tiny else {"device": "no device reported",
                                               "peak_flops": args.peak_flops or None}
   for job in jobs:
-    count = 2 if job["kind"] == "train" else 1
+    count = len(job_rows(job))
     left = args.budget_seconds - (time.perf_counter() - start)
     if left < 20:
       results = [{"skipped": "time budget spent"}] * count
@@ -295,9 +307,7 @@ def run_all(args, jobs: list[dict], workdir: str) -> tuple[list[dict], dict]:
       info = out if "device" in out else info
     if job["kind"] == "train" and all("refused" in r for r in results):
       refusals[job["implementation"]] = results
-    for packed, result in zip((False, True), results):
-      rows.append({**job, **({"packed": packed} if job["kind"] == "train" else {}),
-                   "result": result})
+    rows.extend({**row, "result": result} for row, result in zip(job_rows(job), results))
   return rows, {"device": info["device"], "peak_flops": info["peak_flops"]}
 
 
