@@ -18,12 +18,14 @@ import glob
 import gzip
 import json
 import os
+import sys
 import tempfile
 import time
 
 import jax
 
 from benchmarks import accelerator
+from models.attention import IMPLEMENTATIONS
 from train import loop, metrics, parallel
 
 
@@ -31,8 +33,8 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", choices=("gpt2", "seq2seq"), default="gpt2")
   parser.add_argument("--batch", type=int, default=0, help="rows (default 16; seq2seq 96)")
-  parser.add_argument("--implementation", default=None,
-                      help="attention implementation (default: None, the automatic choice)")
+  parser.add_argument("--implementation", default=None, choices=IMPLEMENTATIONS,
+                      help="attention implementation (default: the automatic choice)")
   parser.add_argument("--steps", type=int, default=5, help="traced steps")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps, the first compiles")
   parser.add_argument("--top", type=int, default=30, help="kernels printed")
@@ -60,8 +62,9 @@ def experiment_and_batch(args):
                                            256 if args.tiny else 32_000)
 
 
-def trace_steps(args, trace_dir: str) -> dict:
-  """Runs warm-up steps, then traces `args.steps` steps; their seconds a step and FLOPs."""
+def trace_steps(args) -> dict:
+  """Runs warm-up steps, then traces `args.steps` steps into args.trace_dir (default: a new
+  temporary folder); their seconds a step, FLOPs and trace folder."""
   with tempfile.TemporaryDirectory() as workdir:  # The local dataset that building prepares.
     config, batch = experiment_and_batch(args)
     exp = accelerator.build(config, workdir)
@@ -71,13 +74,15 @@ def trace_steps(args, trace_dir: str) -> dict:
     for _ in range(args.warmup):
       state, sums = step(state, batch)
     jax.block_until_ready(sums)
+    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="profile_step_")
     with jax.profiler.trace(trace_dir):
       start = time.perf_counter()
       for _ in range(args.steps):
         state, sums = step(state, batch)
       jax.block_until_ready(sums)
       seconds = (time.perf_counter() - start) / args.steps
-    return {"step_seconds": seconds, "step_flops": metrics.step_flops(step.trace(state, batch))}
+    return {"step_seconds": seconds, "step_flops": metrics.step_flops(step.trace(state, batch)),
+            "trace_dir": trace_dir}
 
 
 def kernel_times(trace_dir: str) -> tuple[dict, dict]:
@@ -105,7 +110,7 @@ def kernel_times(trace_dir: str) -> tuple[dict, dict]:
   return times, ops
 
 
-def report(args, measured: dict, times: dict, ops: dict, trace_dir: str) -> list[str]:
+def report(args, measured: dict, times: dict, ops: dict) -> list[str]:
   device = jax.devices()[0]
   flops = measured["step_flops"]
   busy_us = sum(times.values())
@@ -119,16 +124,18 @@ def report(args, measured: dict, times: dict, ops: dict, trace_dir: str) -> list
   for name, us in times.most_common(args.top):
     op = f" ({ops[name]})" if ops.get(name) and ops[name] != name else ""
     lines.append(f"{us / args.steps / 1e3:9.3f} {100 * us / busy_us:5.1f}%  {name[:100]}{op}")
-  lines.append(f"trace: {trace_dir}")
+  lines.append(f"trace: {measured['trace_dir']}")
   return lines
 
 
 def main(argv=None):
   args = parse_args(argv)
-  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="profile_step_")
-  measured = trace_steps(args, trace_dir)
-  times, ops = kernel_times(trace_dir)
-  print("\n".join(report(args, measured, times, ops, trace_dir)))
+  try:
+    measured = trace_steps(args)
+  except ValueError as e:  # An attention implementation this device cannot run, say.
+    sys.exit(f"error: {e}")
+  times, ops = kernel_times(measured["trace_dir"])
+  print("\n".join(report(args, measured, times, ops)))
 
 
 if __name__ == "__main__":

@@ -63,3 +63,12 @@ def test_profile_step_sums_the_traced_kernels(tmp_path, capsys):
   assert len(shares) == 5 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100
   assert lines[-1] == f"trace: {tmp_path}"
   assert list(tmp_path.glob("plugins/profile/*/*.trace.json.gz"))
+
+
+@pytest.mark.slow
+def test_profile_step_refuses_a_kernel_the_device_lacks_in_one_line(tmp_path):
+  from benchmarks import profile_step
+  with pytest.raises(SystemExit) as exit_info:
+    profile_step.main(["--tiny", "--implementation=cudnn", f"--trace_dir={tmp_path / 'trace'}"])
+  assert str(exit_info.value).startswith("error: implementation='cudnn' cannot take this case")
+  assert not (tmp_path / "trace").exists()
