@@ -87,7 +87,9 @@ def trace_steps(args) -> dict:
 
 def kernel_times(trace_dir: str) -> tuple[dict, dict]:
   """({kernel name: summed microseconds}, {kernel name: its XLA op}) from the newest trace:
-  the device rows' events where there are any, else the XLA ops on the host's threads."""
+  the device rows' events where there are any (their "Stream" rows' alone where there are
+  such, as other rows repeat the kernels by XLA op or module), else the XLA ops on the host's
+  threads."""
   path = max(glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz")),
              key=os.path.getmtime)
   with gzip.open(path) as f:
@@ -97,11 +99,13 @@ def kernel_times(trace_dir: str) -> tuple[dict, dict]:
   devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
   threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  streams = {key for key, name in threads.items() if key[0] in devices
+             and name.startswith("Stream")}
   times, ops = collections.Counter(), {}
   for e in events:
     if e.get("ph") != "X":
       continue
-    on_device = e["pid"] in devices
+    on_device = (e["pid"], e.get("tid")) in streams if streams else e["pid"] in devices
     host_op = (threads.get((e["pid"], e.get("tid")), "").startswith("tf_XLA")
                and "::" not in e["name"])  # Not the runtime's own frames (ThunkExecutor::...).
     if on_device or (not devices and host_op):
