@@ -138,12 +138,17 @@ def peak_bytes():
   return stats.get("peak_bytes_in_use")
 
 
+def train_step(config, workdir: str):
+  """(experiment, initial state, the loop's jitted train step), as `python -m train` has them."""
+  exp = build(config, workdir)
+  state, shardings = loop.init_state(exp, jax.random.key(0))
+  return exp, state, loop.jit_train_step(exp, shardings)
+
+
 def measure_train(config, batches: list[dict], args, workdir: str) -> list[dict]:
   """The loop's train step, compiled once, timed on each synthetic batch (of the same shapes:
   a later batch runs the program compiled for the first, so it shares its compile seconds)."""
-  exp = build(config, workdir)
-  state, shardings = loop.init_state(exp, jax.random.key(0))
-  step = loop.jit_train_step(exp, shardings)
+  exp, state, step = train_step(config, workdir)
   results = []
   for batch in batches:
     batch = parallel.host_to_global(batch, exp.mesh)

@@ -26,7 +26,7 @@ import jax
 
 from benchmarks import accelerator
 from models.attention import IMPLEMENTATIONS
-from train import loop, metrics, parallel
+from train import metrics, parallel
 
 
 def parse_args(argv=None):
@@ -67,9 +67,7 @@ def trace_steps(args) -> dict:
   temporary folder); their seconds a step, FLOPs and trace folder."""
   with tempfile.TemporaryDirectory() as workdir:  # The local dataset that building prepares.
     config, batch = experiment_and_batch(args)
-    exp = accelerator.build(config, workdir)
-    state, shardings = loop.init_state(exp, jax.random.key(0))
-    step = loop.jit_train_step(exp, shardings)
+    exp, state, step = accelerator.train_step(config, workdir)
     batch = parallel.host_to_global(batch, exp.mesh)
     for _ in range(args.warmup):
       state, sums = step(state, batch)
