@@ -185,9 +185,30 @@ def _automatic_pallas_problem(query) -> str | None:
   return None
 
 
+# None's fused kernels for packed causal self-attention on a GPU, in order of preference, by
+# the segments a row promised (attention_kernels.segments_at_most): a promise of at most M uses
+# the row of the smallest key >= M; a larger promise, or none, the row of the largest key.
+# benchmarks/accelerator.py times cuDNN's packed layout against Pallas at 4, 16 and 64 segments
+# a row, and its table (README) is what fills this one; until a GPU has measured them, every row
+# keeps cuDNN first, as None chose before it read the capacity.
+PACKED_GPU_KERNELS = {
+    4: ("cudnn_packed", "pallas"),
+    16: ("cudnn_packed", "pallas"),
+    64: ("cudnn_packed", "pallas"),
+}
+
+
+def packed_gpu_kernels(segments_per_row: int | None) -> tuple[str, ...]:
+  """PACKED_GPU_KERNELS' row for rows promised at most `segments_per_row` (None: no promise)."""
+  fitting = [key for key in PACKED_GPU_KERNELS
+             if segments_per_row is not None and key >= segments_per_row]
+  return PACKED_GPU_KERNELS[min(fitting) if fitting else max(PACKED_GPU_KERNELS)]
+
+
 def _automatic_packed(query) -> str:
   """None's kernel for packed causal self-attention: the first fused one that can take it."""
-  candidates = {"gpu": ("cudnn_packed", "pallas"), "tpu": ("splash",)}
+  candidates = {"gpu": packed_gpu_kernels(attention_kernels.promised_segments()),
+                "tpu": ("splash",)}
   for name in candidates.get(jax.default_backend(), ()):
     if _packed_problem(name, query, True) is None and (
         name == "cudnn_packed" or _automatic_pallas_problem(query) is None):
@@ -282,10 +303,12 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
       by `attention_kernels.segments_at_most`, unchecked); "pallas" (GPU) or "splash" (TPU),
       fused kernels for packed causal self-attention only (is_causal, T == S, segment ids
       shared by queries and keys, no mask, bias or window; see models/attention_kernels.py);
-      or None: for bf16/fp16 packed causal self-attention cuDNN's packed layout on a Hopper
-      GPU, else Pallas on a GPU or splash on a TPU (on one device, or per shard of the mesh
-      being traced under: see attention_kernels.per_shard), else "xla"; otherwise "cudnn" on
-      a GPU for bf16/fp16 inputs without a dense mask (a bias [1, N, T, S] is fine), "xla"
+      or None: for bf16/fp16 packed causal self-attention, on a GPU the first kernel of
+      `packed_gpu_kernels(promised segments a row)` that can run (cuDNN's packed layout on a
+      Hopper GPU, Pallas), on a TPU splash (Pallas kernels on one device, or per shard of the
+      mesh being traced under: see attention_kernels.per_shard), else "xla"; otherwise (causal
+      self-attention without segment ids included: cuDNN's own causal mask) "cudnn" on a GPU
+      for bf16/fp16 inputs without a dense mask (a bias [1, N, T, S] is fine), "xla"
       elsewhere; "reference" when return_weights=True.
     return_weights: also return the float32 weights [B, N, T, S] (reference path only).
 

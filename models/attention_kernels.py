@@ -36,6 +36,9 @@ from jax.sharding import PartitionSpec
 # Without segments_at_most, rows holding more segments than this run the packed cuDNN path's
 # fallback (see cudnn_packed_causal): cuDNN keeps softmax statistics of [B * this, N, T] floats.
 CUDNN_SEGMENTS_PER_ROW = 16
+# The segment capacities a batch of packed rows is compiled for (segment_capacity): few, so that
+# a run compiles few programs; past the last one, powers of two.
+SEGMENT_CAPACITIES = (4, 8, 16, 32, 64)
 # cuDNN added the packed (ragged offsets) layout to flash attention in 9.6.
 _CUDNN_PACKED_MIN_VERSION = 90600
 _SIXTEEN_BIT = (jnp.bfloat16, jnp.float16)
@@ -164,16 +167,35 @@ def cudnn_packed_causal(query, key, value, segment_ids, *, scale, fallback):
   return jax.lax.cond(fits, fused, fallback, query, key, value)
 
 
+def segment_capacity(segments_per_row: int) -> int:
+  """The capacity to promise (segments_at_most) for rows of at most `segments_per_row`
+  segments: 1 for rows of one example, else the first of SEGMENT_CAPACITIES that holds them,
+  else the next power of two."""
+  if segments_per_row <= 1:
+    return 1
+  return next((c for c in SEGMENT_CAPACITIES if c >= segments_per_row),
+              1 << (segments_per_row - 1).bit_length())
+
+
 # The most segments a row of segment ids holds, promised by segments_at_most; None outside it.
 _SEGMENT_CAPACITY = contextvars.ContextVar("segment_capacity", default=None)
+
+
+def promised_segments() -> int | None:
+  """The segments a row promised by the segments_at_most in context; None outside one."""
+  return _SEGMENT_CAPACITY.get()
 
 
 @contextlib.contextmanager
 def segments_at_most(max_segments_per_row: int):
   """Within it, the caller promises that every row of segment ids passed to the attention holds
   at most `max_segments_per_row` segments, each one run of its id (grain's packing writes ids
-  1, ..., k with k at most its max_sequences_per_bin), so cudnn_packed_causal needs no check.
-  A row that breaks the promise would get a wrong result, so promise only what the data does."""
+  1, ..., k with k at most its max_sequences_per_bin), so cudnn_packed_causal needs no check
+  and models.attention picks its packed kernel for that capacity (PACKED_KERNELS). A row that
+  breaks the promise would get a wrong result, so promise only what the data does.
+
+  It is read when the attention is traced, so a jitted function must be built (or keyed by a
+  static argument) per capacity: jit's cache does not see this context."""
   if isinstance(max_segments_per_row, bool) or not isinstance(max_segments_per_row, int) or (
       max_segments_per_row < 1):
     raise ValueError(f"max_segments_per_row must be a positive integer, got "

@@ -1,7 +1,10 @@
-"""From an experiment's `config.data` to tokenizers and grain pipelines.
+"""From an experiment's `config.data` to tokenizers and grain pipelines, and their batches to
+what the model takes.
 
 The batch formats are those of train/data/pipeline.py. The tokenizers and the decoder's start
 token are those of train/run_tokenizers.py (trained ones cached for resuming and inference).
+`BatchLayout` gives each batch the segment capacity its attention is compiled for, and the
+fields the model then takes (rows of one example: no segment ids).
 """
 
 import dataclasses
@@ -9,8 +12,10 @@ import os
 
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 
-from train import run_tokenizers
+from models import attention_kernels
+from train import parallel, run_tokenizers
 from train.data import examples, pipeline, tokenizers
 from train.data.sources import get_source, prepare
 
@@ -88,6 +93,77 @@ def max_segments_per_row(config) -> int | None:
   if not config.data.pack:
     return 1
   return segment_limit(config.data) or None
+
+
+# Per task, the fields that lay out packed rows: segment ids first, positions after.
+LAYOUT_FIELDS = {"lm": (("segment_ids",), ("positions",)),
+                 "seq2seq": (("encoder_segment_ids", "decoder_segment_ids"),
+                             ("encoder_positions", "decoder_positions"))}
+
+
+def local_capacity(segment_ids_BT: np.ndarray) -> int:
+  """attention_kernels.segment_capacity of these rows: 1 where each row holds one example at
+  its start (padding, id 0, only after it), else that of the most segments in a row (at least
+  2). A RuntimeError where an id comes back after another: no kernel may be promised that."""
+  ids_BT = np.asarray(segment_ids_BT)
+  valid_BT = ids_BT != 0
+  previous_BT = np.pad(ids_BT[:, :-1], ((0, 0), (1, 0)))
+  starts_BT = valid_BT & (ids_BT != previous_BT)
+  earlier_max_BT = np.pad(np.maximum.accumulate(ids_BT, axis=1)[:, :-1], ((0, 0), (1, 0)))
+  if np.any(starts_BT & (ids_BT <= earlier_max_BT)):
+    raise RuntimeError("A batch row has a segment id that is not above the ids before it; "
+                       "grain's packing should not write that, so check the grain version.")
+  runs = int(starts_BT.sum(axis=1).max(initial=0))
+  one_each = runs <= 1 and not np.any(valid_BT[:, 1:] & ~valid_BT[:, :-1])
+  return 1 if one_each else attention_kernels.segment_capacity(max(runs, 2))
+
+
+class BatchLayout:
+  """Each batch of a run with its segment capacity, as the model takes it (`__call__`).
+
+  The capacity is the same on every process for the same step: 1 for rows of one example each,
+  else a bucket of attention_kernels.segment_capacity over the most segments a row holds; None
+  for tasks without segment ids (classify, mlm). The step is compiled once per capacity
+  (loop.jit_train_step), so a run compiles a few programs.
+
+  At capacity 1 (every row one example, padding after it) the batch loses its segment ids and
+  positions, so the attention is plain causal self-attention (cuDNN's causal kernel, not its
+  packed layout). A padding token comes after the row's tokens, so it reaches none of them, and
+  it weighs 0 in the loss: the result is that of the segment ids. The bidirectional encoder of
+  seq2seq gets its padding as `encoder_padding_mask` (the encoder ids' non-zeros) instead.
+
+  One process reads the batch. Several read different rows, so they must agree: with a limit
+  from the config (pack=False, or data.max_segments_per_row) every batch takes its capacity,
+  with no exchange; without one, the processes take the largest of their capacities, one
+  all-gather of an int a batch (it waits for the step before it on the device)."""
+
+  def __init__(self, config):
+    self.task, self.limit = config.task, max_segments_per_row(config)
+
+  def __call__(self, batch: dict) -> tuple[int | None, dict]:
+    """(capacity, the batch as the model takes it)."""
+    if self.task not in LAYOUT_FIELDS:
+      return None, batch
+    ids, positions = LAYOUT_FIELDS[self.task]
+    capacity = self.agreed(max(local_capacity(batch[field]) for field in ids))
+    if capacity != 1:
+      return capacity, batch
+    model_batch = {key: value for key, value in batch.items() if key not in ids + positions}
+    if self.task == "seq2seq":
+      model_batch["encoder_padding_mask"] = batch["encoder_segment_ids"] != 0
+    return capacity, model_batch
+
+  def agreed(self, capacity: int) -> int:
+    """The capacity every process takes for this step, given this process's."""
+    if jax.process_count() == 1:
+      return capacity
+    if self.limit is None:
+      return parallel.max_over_processes(capacity)
+    limit_capacity = attention_kernels.segment_capacity(self.limit)
+    if capacity > limit_capacity:
+      raise RuntimeError(f"A batch holds rows of more segments than data.max_segments_per_row="
+                         f"{self.limit} allows (capacity {capacity}); the packing broke it.")
+    return limit_capacity
 
 
 def segment_limit(data) -> int:

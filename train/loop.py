@@ -6,6 +6,7 @@ the numbers an uninterrupted one would have produced.
 """
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -82,11 +83,15 @@ def make_train_step(exp: Experiment):
   return train_step
 
 
-def jit_train_step(exp: Experiment, shardings):
+def jit_train_step(exp: Experiment, shardings, max_segments_per_row: int | None = None):
   """The train step jitted over the mesh: state placed by `shardings` and donated. The
-  attention is promised what the train batches' packing guarantees (segments per row)."""
+  attention is promised `max_segments_per_row`: the capacity of the batches it will take
+  (inputs.BatchLayout; 1: rows of one example, without segment ids), one jitted step per
+  capacity; None: what the config's packing guarantees of every train batch."""
+  if max_segments_per_row is None:
+    max_segments_per_row = inputs_lib.max_segments_per_row(exp.config)
   step = parallel.on_mesh(make_train_step(exp), exp.mesh,
-                          max_segments_per_row=inputs_lib.max_segments_per_row(exp.config))
+                          max_segments_per_row=max_segments_per_row)
   return jax.jit(step,
                  in_shardings=(shardings, parallel.batch_sharding(exp.mesh)),
                  out_shardings=(shardings, None), donate_argnums=0)
@@ -144,7 +149,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> dict:
   """Steps to num_steps: metrics every log_every, evals, checkpoints; stops on SIGTERM."""
   t = exp.config.train
-  train_step = jit_train_step(exp, shardings)
+  train_steps = functools.cache(functools.partial(jit_train_step, exp, shardings))
+  layout = inputs_lib.BatchLayout(exp.config)
   evaluator = Evaluator(exp)
   throughput = Throughput(exp)
   data_report = DataReport("train")
@@ -156,7 +162,9 @@ def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> 
                  or evaluator(state.params, step, writer))
   with checkpoint.PreemptionGuard() as guard:
     while step < t.num_steps:
-      batch = parallel.host_to_global(next(train_iter), exp.mesh)
+      capacity, batch = layout(next(train_iter))
+      batch = parallel.host_to_global(batch, exp.mesh)
+      train_step = train_steps(capacity)
       throughput.count_flops_once(train_step, state, batch)
       state, sums = train_step(state, batch)
       step += 1
@@ -248,9 +256,12 @@ class Evaluator:
     t = exp.config.train
     self.batch_size = t.batch_size
     sharding = parallel.batch_sharding(exp.mesh)
-    loss = parallel.on_mesh(lambda p, b: exp.task.loss(p, b)[1], exp.mesh,
-                            max_segments_per_row=inputs_lib.max_segments_per_row(exp.config))
-    self.eval_step = jax.jit(loss, in_shardings=(None, sharding))
+    loss = lambda p, b: exp.task.loss(p, b)[1]
+    self.layout = inputs_lib.BatchLayout(exp.config)
+    # One jitted eval step per segment capacity of the batches (inputs.BatchLayout).
+    self.eval_steps = functools.cache(lambda capacity: jax.jit(
+        parallel.on_mesh(loss, exp.mesh, max_segments_per_row=capacity),
+        in_shardings=(None, sharding)))
     self.model_params = jax.jit(exp.trainable.model_params)
     self.search = workdir_lib.decoding_search(exp.config, exp.inputs.target_tokenizer)
     self.data_report = DataReport(split)
@@ -268,7 +279,8 @@ class Evaluator:
     for i, batch in enumerate(batches):
       if limit and i >= limit:
         break
-      out = self.eval_step(params, parallel.host_to_global(batch, exp.mesh))
+      capacity, batch = self.layout(batch)
+      out = self.eval_steps(capacity)(params, parallel.host_to_global(batch, exp.mesh))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     results = {**tasks.summarize(jax.device_get(sums)), **self.data_report(batches.counts)}
     if exp.config.task == "seq2seq":

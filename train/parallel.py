@@ -35,7 +35,7 @@ from typing import Any, Callable
 import flax.core.meta as meta
 import flax.linen as nn
 import jax
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
@@ -172,8 +172,10 @@ def on_mesh(fn: Callable[..., Any], mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
 
   `max_segments_per_row`: the caller's promise that every row of the segment ids `fn` passes
   to the attention holds at most that many segments, each one run of its id (true of the
-  packed batches, see train.inputs.max_segments_per_row), which lets cuDNN's packed attention
-  run without a check on the device (attention_kernels.segments_at_most); None: no promise."""
+  packed batches, see train.inputs.BatchLayout), which lets cuDNN's packed attention run
+  without a check on the device and picks the packed kernel for that capacity
+  (attention_kernels.segments_at_most); None: no promise. It is read at trace time: jit one
+  function per promise."""
   batch_axes, head_axes = nn.logical_to_mesh_axes(("batch", "heads"), rules)
 
   def traced_on_mesh(*args, **kwargs):
@@ -298,6 +300,14 @@ def host_to_global(batch: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # Multi-host.
+
+
+def max_over_processes(value: int) -> int:
+  """The largest of every process's `value`: one all-gather of an int (itself on one process).
+  Every process must call it, the same number of times."""
+  if jax.process_count() == 1:
+    return value
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
 def _cluster_asks() -> str | None:

@@ -38,20 +38,25 @@ class Task:
       raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
 
   def apply(self, params, batch, *, rng=None, train: bool = False):
-    """The model's logits for a batch: [B, T, V] (token tasks) or [B, C] (classify)."""
+    """The model's logits for a batch: [B, T, V] (token tasks) or [B, C] (classify).
+
+    Token tasks take packed rows' segment ids and positions where the batch has them; rows of
+    one example come without (train.inputs.BatchLayout), seq2seq's with an encoder padding
+    mask, and the attention is then plain causal (or padding-masked) attention."""
     rngs = {"dropout": rng} if train else {}
     kwargs = dict(deterministic=not train, rngs=rngs)
     variables = {"params": params}
     if self.name == "lm":
-      return self.model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"],
-                              positions=batch["positions"], **kwargs)
+      return self.model.apply(variables, batch["inputs"], segment_ids=batch.get("segment_ids"),
+                              positions=batch.get("positions"), **kwargs)
     if self.name == "seq2seq":
       return self.model.apply(
           variables, batch["encoder_tokens"], batch["decoder_inputs"],
-          encoder_segment_ids=batch["encoder_segment_ids"],
-          decoder_segment_ids=batch["decoder_segment_ids"],
-          encoder_positions=batch["encoder_positions"],
-          decoder_positions=batch["decoder_positions"], **kwargs)
+          encoder_padding_mask=batch.get("encoder_padding_mask"),
+          encoder_segment_ids=batch.get("encoder_segment_ids"),
+          decoder_segment_ids=batch.get("decoder_segment_ids"),
+          encoder_positions=batch.get("encoder_positions"),
+          decoder_positions=batch.get("decoder_positions"), **kwargs)
     return self.model.apply(variables, batch["tokens"], padding_mask=batch["padding_mask"],
                             token_types=batch["token_types"], **kwargs)
 

@@ -1,0 +1,134 @@
+"""train.inputs.BatchLayout: each batch's segment capacity, and the batch as the model takes it.
+
+Rows of one example reach the model without segment ids (plain causal attention), packed rows
+with a capacity rounded up from their most segments; the loss and its gradients are those of
+the model with the reference attention over the segment ids, on every path.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import gpt2_small, transformer_base
+from models import attention, attention_kernels
+from test_attention_kernels import emulated_cudnn
+from train import inputs as inputs_lib, loop, tasks
+
+
+def test_capacities_are_few_buckets():
+  capacity = attention_kernels.segment_capacity
+  assert [capacity(n) for n in (0, 1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 64)] == [
+      1, 1, 4, 4, 4, 8, 8, 16, 16, 32, 64, 64]
+  assert [capacity(n) for n in (65, 128, 129, 300)] == [128, 128, 256, 512]
+
+
+def ids_of(*rows, length=8):
+  return np.stack([np.pad(np.asarray(r), (0, length - len(r))) for r in rows]).astype(np.int32)
+
+
+def test_local_capacity_reads_the_rows():
+  local = inputs_lib.local_capacity
+  assert local(ids_of([1, 1, 1], [1], [])) == 1  # one example a row, padding after it
+  assert local(ids_of([1, 1, 2, 2, 3], [1])) == 4
+  assert local(ids_of(list(range(1, 6)), [1])) == 8
+  assert local(ids_of([0, 0, 1, 1])) == 4  # padding before the example: not plain causal
+  with pytest.raises(RuntimeError, match="not above the ids before it"):
+    local(ids_of([1, 1, 2, 1]))
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+  """The tiny GPT-2 experiment and its params."""
+  config = gpt2_small.get_config("tiny")
+  exp = loop.build(config, str(tmp_path_factory.mktemp("gpt2")))
+  return exp, exp.trainable.init(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def transformer(tmp_path_factory):
+  """The tiny encoder-decoder experiment and its params."""
+  config = transformer_base.get_config("tiny")
+  exp = loop.build(config, str(tmp_path_factory.mktemp("transformer")))
+  return exp, exp.trainable.init(jax.random.key(0))
+
+
+def first_batch(exp, pack: bool):
+  exp.config.data.pack = pack
+  try:
+    return next(iter(exp.inputs.train_pipeline(exp.config.train.batch_size)))
+  finally:
+    exp.config.data.pack = True
+
+
+def reference_loss(exp, params, batch):
+  """(objective, gradients) of the model with the reference attention over the batch's ids."""
+  model_cfg = dataclasses.replace(exp.model_cfg, attention_implementation="reference")
+  task = dataclasses.replace(exp.task, model=tasks.make_model(exp.task.name, model_cfg))
+  return jax.jit(jax.value_and_grad(lambda p, b: task.loss(p, b)[0]))(params, batch)
+
+
+def loss_at(exp, params, batch, capacity):
+  """(objective, gradients) of the run's model for the batch it takes at `capacity`."""
+  with attention_kernels.segments_at_most(capacity):  # read as jit traces
+    return jax.jit(jax.value_and_grad(lambda p, b: exp.task.loss(p, b)[0]))(params, batch)
+
+
+def assert_same_loss(actual, expected):
+  np.testing.assert_allclose(actual[0], expected[0], rtol=2e-6)
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=2e-4, atol=2e-6),
+               actual[1], expected[1])
+
+
+@pytest.mark.parametrize("experiment", ["gpt2", "transformer"])
+def test_rows_of_one_example_reach_the_model_without_segment_ids(experiment, request,
+                                                                 monkeypatch):
+  exp, params = request.getfixturevalue(experiment)
+  raw = first_batch(exp, pack=False)
+  assert np.any(raw["weights"] == 0), "the test needs padding"
+  capacity, batch = inputs_lib.BatchLayout(exp.config)(raw)
+  assert capacity == 1
+  assert not any(key.endswith(("segment_ids", "positions")) for key in batch)
+  if experiment == "transformer":
+    np.testing.assert_array_equal(batch["encoder_padding_mask"], raw["encoder_segment_ids"] != 0)
+  expected = reference_loss(exp, params, raw)
+  seen = []
+  choose = attention._select_implementation
+  def recording(implementation, query, **kwargs):
+    seen.append(kwargs["packed_causal"])
+    return choose(implementation, query, **kwargs)
+  monkeypatch.setattr(attention, "_select_implementation", recording)
+
+  assert_same_loss(loss_at(exp, params, batch, capacity), expected)
+  assert seen and not any(seen)  # no attention of the model took the packed path
+
+
+@pytest.mark.parametrize("experiment", ["gpt2", "transformer"])
+def test_packed_rows_run_cudnn_at_their_capacity(experiment, request, monkeypatch):
+  """cuDNN's packed layout (emulated on this CPU) built for the batch's bucket, not for 64."""
+  exp, params = request.getfixturevalue(experiment)
+  raw = first_batch(exp, pack=True)
+  ids = "segment_ids" if experiment == "gpt2" else "decoder_segment_ids"
+  most = max(len(set(row) - {0}) for row in raw[ids].tolist())
+  capacity, batch = inputs_lib.BatchLayout(exp.config)(raw)
+  assert most > 1 and capacity == attention_kernels.segment_capacity(most)
+  assert batch is raw
+  seen = []
+  def recording_cudnn(query, key, value, *, q_seqlen, **kwargs):
+    seen.append(q_seqlen.shape[1])
+    return emulated_cudnn(query, key, value, q_seqlen=q_seqlen, **kwargs)
+  monkeypatch.setattr(attention, "_automatic_packed", lambda query: "cudnn_packed")
+  monkeypatch.setattr(attention_kernels, "_cudnn_private_api",
+                      lambda: (recording_cudnn, "PADDING_CAUSAL", 90800))
+
+  assert_same_loss(loss_at(exp, params, batch, capacity), reference_loss(exp, params, raw))
+  assert set(seen) == {capacity}
+
+
+def test_the_table_picks_by_the_promised_capacity(monkeypatch):
+  monkeypatch.setattr(attention, "PACKED_GPU_KERNELS",
+                      {4: ("pallas",), 16: ("cudnn_packed",), 64: ("xla",)})
+  rows = {n: attention.packed_gpu_kernels(n) for n in (1, 4, 5, 16, 64, 128, None)}
+  assert rows == {1: ("pallas",), 4: ("pallas",), 5: ("cudnn_packed",), 16: ("cudnn_packed",),
+                  64: ("xla",), 128: ("xla",), None: ("xla",)}
