@@ -6,6 +6,12 @@ the model with the reference attention over the segment ids, on every path.
 """
 
 import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -132,3 +138,59 @@ def test_the_table_picks_by_the_promised_capacity(monkeypatch):
   rows = {n: attention.packed_gpu_kernels(n) for n in (1, 4, 5, 16, 64, 128, None)}
   assert rows == {1: ("pallas",), 4: ("pallas",), 5: ("cudnn_packed",), 16: ("cudnn_packed",),
                   64: ("xla",), 128: ("xla",), None: ("xla",)}
+
+
+# Two processes, one CPU device each, read rows of different segment counts: 2 and 6 a row,
+# then 3 and 2 (no data.max_segments_per_row, or 64), or one example a row of 3 or 4 tokens.
+TWO_PROCESS_WORKER = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import ml_collections
+    import numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from train import inputs as inputs_lib, parallel
+    port, pid = sys.argv[1], int(sys.argv[2])
+    parallel.maybe_initialize_distributed(
+        {"coordinator_address": f"localhost:{port}", "num_processes": 2, "process_id": pid})
+
+    def packed(segments):
+      ids = np.zeros((2, 16), np.int32)
+      ids[0, :2 * segments] = np.repeat(np.arange(1, segments + 1), 2)
+      ids[1, :3] = 1
+      return {"segment_ids": ids}
+
+    one_each = {"segment_ids": (np.arange(16) < 3 + pid).astype(np.int32)[None].repeat(2, 0)}
+    batches = [packed((2, 6)[pid]), packed((3, 2)[pid]), packed((2, 6)[pid])]
+    capacities = {}
+    for pack, limit in ((True, 0), (True, 64), (False, 0)):
+      config = ml_collections.ConfigDict(
+          {"task": "lm", "data": {"pack": pack, "max_segments_per_row": limit}})
+      layout = inputs_lib.BatchLayout(config, name=f"{pack}/{limit}")
+      capacities[f"{pack}/{limit}"] = [layout(batch if pack else one_each)[0]
+                                       for batch in batches]
+    parallel._coordination_client = lambda: None  # The all-gather where there is no service.
+    config = ml_collections.ConfigDict({"task": "lm", "data": {"pack": True}})
+    capacities["all-gather"] = [inputs_lib.BatchLayout(config)(batch)[0] for batch in batches]
+    print(json.dumps(capacities))
+""")
+
+
+@pytest.mark.slow
+def test_processes_agree_on_the_capacity():
+  """The processes take the largest of their capacities, batch by batch (with a limit too);
+  rows of one example, 1."""
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = str(sock.getsockname()[1])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": root}
+  workers = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_WORKER, port, str(pid)],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for pid in (0, 1)]
+  outputs = [worker.communicate(timeout=120) for worker in workers]
+  assert all(worker.returncode == 0 for worker in workers), outputs
+  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  assert results == [{"True/0": [8, 4, 8], "True/64": [8, 4, 8], "False/0": [1, 1, 1],
+                      "all-gather": [8, 4, 8]}] * 2

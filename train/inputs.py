@@ -132,13 +132,14 @@ class BatchLayout:
   it weighs 0 in the loss: the result is that of the segment ids. The bidirectional encoder of
   seq2seq gets its padding as `encoder_padding_mask` (the encoder ids' non-zeros) instead.
 
-  One process reads the batch. Several read different rows, so they must agree: with a limit
-  from the config (pack=False, or data.max_segments_per_row) every batch takes its capacity,
-  with no exchange; without one, the processes take the largest of their capacities, one
-  all-gather of an int a batch (it waits for the step before it on the device)."""
+  One process reads the batch. Several read different rows, so they take the largest of their
+  capacities (parallel.ProcessMax: one int a process a batch, exchanged host to host), except
+  where the config unpacks (capacity 1, known to all). `name` keeps the exchanges of two
+  layouts (train, eval) apart; each must be called on every process for the same batches."""
 
-  def __init__(self, config):
-    self.task, self.limit = config.task, max_segments_per_row(config)
+  def __init__(self, config, name: str = "train"):
+    self.task, self.packs = config.task, max_segments_per_row(config) != 1
+    self.exchange = parallel.ProcessMax(f"segment_capacity/{name}")
 
   def __call__(self, batch: dict) -> tuple[int | None, dict]:
     """(capacity, the batch as the model takes it)."""
@@ -154,16 +155,13 @@ class BatchLayout:
     return capacity, model_batch
 
   def agreed(self, capacity: int) -> int:
-    """The capacity every process takes for this step, given this process's."""
-    if jax.process_count() == 1:
-      return capacity
-    if self.limit is None:
-      return parallel.max_over_processes(capacity)
-    limit_capacity = attention_kernels.segment_capacity(self.limit)
-    if capacity > limit_capacity:
-      raise RuntimeError(f"A batch holds rows of more segments than data.max_segments_per_row="
-                         f"{self.limit} allows (capacity {capacity}); the packing broke it.")
-    return limit_capacity
+    """The capacity every process takes for this batch, given this process's."""
+    if self.packs:
+      return self.exchange(capacity)
+    if capacity != 1:
+      raise RuntimeError(f"An unpacked batch (data.pack=False) holds rows of several segments "
+                         f"(capacity {capacity}); the pipeline broke its layout.")
+    return capacity
 
 
 def segment_limit(data) -> int:

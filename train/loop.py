@@ -257,7 +257,7 @@ class Evaluator:
     self.batch_size = t.batch_size
     sharding = parallel.batch_sharding(exp.mesh)
     loss = lambda p, b: exp.task.loss(p, b)[1]
-    self.layout = inputs_lib.BatchLayout(exp.config)
+    self.layout = inputs_lib.BatchLayout(exp.config, name=split)
     # One jitted eval step per segment capacity of the batches (inputs.BatchLayout).
     self.eval_steps = functools.cache(lambda capacity: jax.jit(
         parallel.on_mesh(loss, exp.mesh, max_segments_per_row=capacity),

@@ -302,12 +302,44 @@ def host_to_global(batch: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
 # Multi-host.
 
 
-def max_over_processes(value: int) -> int:
-  """The largest of every process's `value`: one all-gather of an int (itself on one process).
-  Every process must call it, the same number of times."""
-  if jax.process_count() == 1:
-    return value
-  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+def _coordination_client():
+  """jax's coordination-service client (a key-value store shared by the processes), or None
+  where jax.distributed did not start one or this jax keeps it elsewhere."""
+  try:
+    from jax._src import distributed
+    client = distributed.global_state.client
+  except (ImportError, AttributeError):
+    return None
+  needed = ("key_value_set", "blocking_key_value_get", "key_value_delete")
+  return client if client is not None and all(hasattr(client, n) for n in needed) else None
+
+
+class ProcessMax:
+  """The largest of every process's int, once a call: every process must call it the same
+  number of times. The processes exchange the ints through jax's coordination service, host to
+  host, so nothing waits for the devices (an all-gather would wait for the step before it);
+  where there is no such service, by `multihost_utils.process_allgather`. `name` keeps the
+  keys of one ProcessMax apart from another's."""
+
+  TIMEOUT_MS = 30 * 60 * 1000  # As long as another process may take to reach the same call.
+
+  def __init__(self, name: str):
+    self.name, self.calls = name, 0
+
+  def __call__(self, value: int) -> int:
+    if jax.process_count() == 1:
+      return value
+    client = _coordination_client()
+    if client is None:
+      return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+    key = lambda call, process: f"tapete/{self.name}/{call}/{process}"
+    client.key_value_set(key(self.calls, jax.process_index()), str(int(value)))
+    values = [int(client.blocking_key_value_get(key(self.calls, process), self.TIMEOUT_MS))
+              for process in range(jax.process_count())]
+    if self.calls:  # Every process has set this call's key, so all have read the last call's.
+      client.key_value_delete(key(self.calls - 1, jax.process_index()))
+    self.calls += 1
+    return max(values)
 
 
 def _cluster_asks() -> str | None:
