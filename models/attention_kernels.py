@@ -14,8 +14,9 @@ dispatcher in models.attention then falls back to XLA or, if the kernel was aske
 raises a ValueError with the problem.
 
 cuDNN's packed layout has a fixed number of segments a row. Within `segments_at_most(M)` (set
-by `train.parallel.on_mesh` from the data's packing limit) the caller promises that every row
-holds at most M segments and `cudnn_packed_causal` trusts it; outside, it checks on the device.
+by `train.parallel.on_mesh` from the batch's capacity, `segment_capacity` of its most segments
+a row) the caller promises that every row holds at most M segments and `cudnn_packed_causal`
+trusts it; outside, it checks on the device.
 
 A `pallas_call` has no partitioning rule (under jit, XLA would gather its operands onto every
 device), so `per_shard` runs the Pallas and splash kernels in `shard_map` over the mesh being

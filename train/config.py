@@ -68,11 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mask_rate = 0.15             # mlm
   c.data.pack = True                  # pack several examples into a row (lm, seq2seq)
   c.data.max_segments_per_row = 0     # most examples packed in a row; 0 = as many as fit.
-                                      # A limit M lets cuDNN's packed attention take M
-                                      # segments a row unchecked (without one: 16, checked on
-                                      # the device at every call, XLA beyond); it keeps
-                                      # softmax statistics of ~[B*M, heads, length] float32
-                                      # a layer for the backward pass
+                                      # Each batch's attention is compiled for its own most
+                                      # segments a row, rounded up to 4, 8, 16, 32, 64, ...
+                                      # (cuDNN's packed layout keeps softmax statistics of
+                                      # [B*that, heads, length] float32 a layer); a limit M
+                                      # caps them at M's
   c.data.num_workers = 0              # grain worker processes
 
   c.optim = optim.default_optim_config()

@@ -18,7 +18,10 @@ gives a `BatchIterator` of host-local numpy batches (B = batch_size):
   EOS (targets), and the weights are 0 on the prompt's targets too: only the response and
   its EOS are learned (`examples.instruct_tokens`; the weights are packed with the tokens).
   Each example holds its own inputs and targets, so no target crosses a boundary;
-  models mask attention with `segment_ids` (equal ids attend) and causality.
+  models mask attention with `segment_ids` (equal ids attend) and causality. Rows of one
+  example (pack=False, or a batch that packing left so) keep their ids and positions here;
+  the training loop leaves them out for the model (train.inputs.BatchLayout), whose
+  attention is then plain causal attention.
   seq2seq (`seq2seq_pipeline`), packed the same way on both sides:
     encoder_tokens, encoder_segment_ids, encoder_positions        int32 [B, S]
     decoder_inputs (decoder start, BOS by default, + target tokens: targets shifted right),
