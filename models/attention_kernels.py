@@ -192,7 +192,7 @@ def segments_at_most(max_segments_per_row: int):
   """Within it, the caller promises that every row of segment ids passed to the attention holds
   at most `max_segments_per_row` segments, each one run of its id (grain's packing writes ids
   1, ..., k with k at most its max_sequences_per_bin), so cudnn_packed_causal needs no check
-  and models.attention picks its packed kernel for that capacity (PACKED_KERNELS). A row that
+  and models.attention picks its packed kernel for that capacity (PACKED_GPU_KERNELS). A row that
   breaks the promise would get a wrong result, so promise only what the data does.
 
   It is read when the attention is traced, so a jitted function must be built (or keyed by a

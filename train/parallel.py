@@ -27,6 +27,7 @@ Typical use, in this order:
 
 from collections.abc import Mapping
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -318,13 +319,15 @@ class ProcessMax:
   """The largest of every process's int, once a call: every process must call it the same
   number of times. The processes exchange the ints through jax's coordination service, host to
   host, so nothing waits for the devices (an all-gather would wait for the step before it);
-  where there is no such service, by `multihost_utils.process_allgather`. `name` keeps the
-  keys of one ProcessMax apart from another's."""
+  where there is no such service, by `multihost_utils.process_allgather`. Its keys are named
+  by `name` and the number of ProcessMax made before it in the process (the same on every
+  process, which runs the same code), so no two share one."""
 
   TIMEOUT_MS = 30 * 60 * 1000  # As long as another process may take to reach the same call.
+  _made = itertools.count()
 
   def __init__(self, name: str):
-    self.name, self.calls = name, 0
+    self.name, self.calls = f"{name}/{next(self._made)}", 0
 
   def __call__(self, value: int) -> int:
     if jax.process_count() == 1:
