@@ -17,19 +17,19 @@ import transformers
 
 from models import paths, presets, pretrained
 from models.pretrained_export import to_hf
-from models.transformer import DecoderOnly, EncoderMaskedLM
+from models.transformer import DecoderOnly, EncoderDecoder, EncoderMaskedLM
 from train import tasks
 
 VOCAB, MULTIPLE, PADDED = 50, 16, 64
 TINY = dict(vocab_size=VOCAB, d_model=24, num_heads=3, d_ff=40, num_layers=1, max_len=16)
 
 
-def padded_and_plain(module_cls, cfg, seed=0):
+def padded_and_plain(module_cls, cfg, seed=0, num_inputs=1):
   """(padded module, its params with huge padded rows, the unpadded module, the real rows)."""
   padded = module_cls(cfg.replace(vocab_pad_multiple=MULTIPLE))
   plain = module_cls(cfg)
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  params = nn.meta.unbox(padded.init(jax.random.key(seed), tokens)["params"])
+  tokens = (jnp.zeros((1, 4), jnp.int32),) * num_inputs
+  params = nn.meta.unbox(padded.init(jax.random.key(seed), *tokens)["params"])
   flat = {p: np.array(x) for p, x in paths.flatten(params).items()}
   real = {}
   for p, x in flat.items():
@@ -41,7 +41,7 @@ def padded_and_plain(module_cls, cfg, seed=0):
       real[p] = x[:, :VOCAB]
     else:
       real[p] = x
-  assert set(real) == set(paths.flatten(jax.eval_shape(plain.init, jax.random.key(0), tokens)
+  assert set(real) == set(paths.flatten(jax.eval_shape(plain.init, jax.random.key(0), *tokens)
                                         ["params"]))
   return padded, paths.unflatten(flat), plain, paths.unflatten(real)
 
@@ -121,6 +121,34 @@ def test_the_lm_loss_reads_the_padded_logits_with_the_sliced_results(tie_output)
       np.testing.assert_array_equal(grad[:, VOCAB:], 0.0, err_msg=path)
   jaxpr = str(jax.make_jaxpr(task.loss)(params, batch))
   assert "argmax" not in jaxpr and f"limit_indices=(2, 8, {VOCAB})" not in jaxpr
+
+
+def test_a_padded_seq2seq_loss_is_the_unpadded_one():
+  """EncoderDecoder's decoder gives Task.loss the padded logits too: the unpadded model's loss,
+  metrics and gradients (its rows), and none for the padded rows."""
+  cfg = presets.transformer_base(vocab_size=VOCAB, d_model=24, num_heads=3, d_ff=40,
+                                 num_layers=1, max_len=16, dropout_rate=0.0)
+  padded, padded_params, plain, plain_params = padded_and_plain(EncoderDecoder, cfg,
+                                                                num_inputs=2)
+  lm = lm_batch()
+  batch = {"encoder_tokens": lm["targets"], "decoder_inputs": lm["inputs"],
+           "decoder_targets": lm["targets"], "weights": lm["weights"],
+           "encoder_segment_ids": lm["segment_ids"], "decoder_segment_ids": lm["segment_ids"],
+           "encoder_positions": lm["positions"], "decoder_positions": lm["positions"]}
+  loss = lambda module: jax.value_and_grad(tasks.Task("seq2seq", module, 0.1).loss,
+                                           has_aux=True)
+  (objective, sums), grads = loss(padded)(padded_params, batch)
+  (want_objective, want_sums), want_grads = loss(plain)(plain_params, batch)
+  np.testing.assert_allclose(objective, want_objective, rtol=1e-5)
+  for name in ("loss", "correct", "weight"):
+    np.testing.assert_allclose(sums[name], want_sums[name], rtol=1e-5)
+  for path, grad in paths.flatten(grads).items():
+    want = paths.flatten(want_grads)[path]
+    if grad.shape != want.shape:  # a padded table: its real rows, and zeros
+      np.testing.assert_array_equal(grad[VOCAB:], 0.0, err_msg=path)
+      grad = grad[:VOCAB]
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6 * scale, err_msg=path)
 
 
 def test_a_padded_masked_lm_has_the_real_vocabulary():
