@@ -8,8 +8,11 @@ LLaMA-style decoders LLaMA, Mistral, Qwen2 and Gemma (see models/presets.py). Ho
                       encoder_segment_ids=None, decoder_segment_ids=None) -> logits_BTV
   EncoderOnly(cfg)(tokens_BT, *, padding_mask=None, token_types=None) -> hidden_BTD
 
-The decoder input is passed already shifted. Decoding (`decode=True`) keeps keys and values in
-the "cache" collection; every cache leaf is batch-leading, also with `scan_layers`.
+The logits have `vocab_size` columns; `padded_vocab=True` (both decoders) gives all
+`cfg.padded_vocab_size` of them instead, those past `vocab_size` meaningless, for a loss that
+masks them (the training task's); searches never see them. The decoder input is passed already
+shifted. Decoding (`decode=True`) keeps keys and values in the "cache" collection; every cache
+leaf is batch-leading, also with `scan_layers`.
 """
 
 import dataclasses
@@ -342,7 +345,8 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, encoded_BSD, encoder_padding_mask_BS, segment_ids_BT,
-               encoder_segment_ids_BS, positions_BT, deterministic: bool, decode: bool):
+               encoder_segment_ids_BS, positions_BT, deterministic: bool, decode: bool,
+               padded_vocab: bool = False):
     cfg = self.cfg
     if decode:
       positions_BT = self._decode_positions(tokens_BT, positions_BT)
@@ -370,7 +374,9 @@ class Decoder(nn.Module):
                             kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                                            "embed", "vocab"),
                             name="logits_dense")(x_BTD)
-    return _real_vocab(cfg, logits_BTV).astype(cfg.logits_dtype)
+    if not padded_vocab:
+      logits_BTV = _real_vocab(cfg, logits_BTV)
+    return logits_BTV.astype(cfg.logits_dtype)
 
   def _decode_positions(self, tokens_BT, positions_BT):
     """In decode mode, positions continue from the tokens already in the cache."""
@@ -393,7 +399,9 @@ class Decoder(nn.Module):
 
 def _real_vocab(cfg: TransformerConfig, logits_BTV):
   """The logits of the real vocabulary: the padded rows never reach a softmax or a search (the
-  slice fuses into the ops that read the logits)."""
+  slice fuses into the ops that read the logits). The training loss takes the padded width
+  instead (`padded_vocab=True`) and masks the padding itself: its reductions then run over a
+  multiple of 128 columns, not an odd 50,257."""
   if cfg.padded_vocab_size == cfg.vocab_size:
     return logits_BTV
   return logits_BTV[..., :cfg.vocab_size]
@@ -415,8 +423,9 @@ class DecoderOnly(nn.Module):
     self.decoder = Decoder(self.cfg, self.token_embed, self.cfg.num_layers)
 
   def __call__(self, tokens_BT, *, segment_ids=None, positions=None, decode: bool = False,
-               deterministic: bool = True):
-    return self.decoder(tokens_BT, None, None, segment_ids, None, positions, deterministic, decode)
+               deterministic: bool = True, padded_vocab: bool = False):
+    return self.decoder(tokens_BT, None, None, segment_ids, None, positions, deterministic, decode,
+                        padded_vocab)
 
 
 class EncoderDecoder(nn.Module):
@@ -443,23 +452,24 @@ class EncoderDecoder(nn.Module):
 
   def decode(self, encoded_BSD, decoder_tokens_BT, *, encoder_padding_mask=None,
              encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None,
-             decode: bool = False, deterministic: bool = True):
+             decode: bool = False, deterministic: bool = True, padded_vocab: bool = False):
     if encoder_padding_mask is None and encoder_segment_ids is not None:
       encoder_padding_mask = encoder_segment_ids != 0
     return self.decoder(decoder_tokens_BT, encoded_BSD, encoder_padding_mask,
                         decoder_segment_ids, encoder_segment_ids, decoder_positions,
-                        deterministic, decode)
+                        deterministic, decode, padded_vocab)
 
   def __call__(self, encoder_tokens_BS, decoder_tokens_BT, *, encoder_padding_mask=None,
                encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
-               decoder_positions=None, deterministic: bool = True):
+               decoder_positions=None, deterministic: bool = True, padded_vocab: bool = False):
     encoded_BSD = self.encode(encoder_tokens_BS, encoder_padding_mask=encoder_padding_mask,
                               encoder_segment_ids=encoder_segment_ids,
                               encoder_positions=encoder_positions, deterministic=deterministic)
     return self.decode(encoded_BSD, decoder_tokens_BT, encoder_padding_mask=encoder_padding_mask,
                        encoder_segment_ids=encoder_segment_ids,
                        decoder_segment_ids=decoder_segment_ids,
-                       decoder_positions=decoder_positions, deterministic=deterministic)
+                       decoder_positions=decoder_positions, deterministic=deterministic,
+                       padded_vocab=padded_vocab)
 
 
 class EncoderOnly(nn.Module):

@@ -85,3 +85,90 @@ def test_the_gradient_of_bf16_logits_keeps_no_second_float32_copy():
   float32_copy = 2 * 64 * 4096 * 4
   assert temp["lean"] < temp["plain"]
   assert temp["lean"] < 2 * float32_copy, temp
+
+
+# ----------------------------------------------------------------------------------------------
+# Hits, counted in the loss's own pass.
+
+
+def with_hits(seed):
+  """Float32 logits whose rows have one maximum each, and targets on it for about half."""
+  logits, targets, _ = example(jnp.float32, seed)
+  top = np.asarray(logits).argmax(-1)
+  on_top = np.random.default_rng(seed).uniform(size=top.shape) < 0.5
+  return logits, jnp.asarray(np.where(on_top, top, targets), jnp.int32)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_hits_are_argmax_hits_without_ties(smoothing):
+  logits, targets = with_hits(2)
+  row_max = np.asarray(logits).max(-1, keepdims=True)
+  assert np.all((np.asarray(logits) == row_max).sum(-1) == 1)  # no ties
+  got = losses.token_losses(logits, targets, smoothing)
+  want = np.asarray(jnp.argmax(logits, -1) == targets, np.float32)
+  assert 0 < want.sum() < want.size
+  np.testing.assert_array_equal(got.correct, want)
+  assert got.correct.dtype == jnp.float32
+  objective, nll = losses.cross_entropy(logits, targets, smoothing)
+  np.testing.assert_array_equal(got.objective, objective)
+  np.testing.assert_array_equal(got.nll, nll)
+
+
+def test_a_tie_for_the_maximum_counts_for_every_tied_id():
+  """argmax takes the first of tied ids; the loss's hits take any of them."""
+  logits = jnp.asarray([[0.0, 2.0, -1.0, 2.0], [0.0, 2.0, -1.0, 2.0], [0.0, 2.0, -1.0, 2.0]])
+  targets = jnp.asarray([1, 3, 0])
+  np.testing.assert_array_equal(jnp.argmax(logits, -1) == targets, [True, False, False])
+  np.testing.assert_array_equal(losses.token_losses(logits, targets).correct, [1.0, 1.0, 0.0])
+
+
+def test_hits_carry_no_gradient():
+  logits, targets = with_hits(3)
+  grad = jax.grad(lambda z: losses.token_losses(z, targets).correct.sum())(logits)
+  np.testing.assert_array_equal(grad, np.zeros(logits.shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# A padded vocabulary: the columns past vocab_size are left out.
+
+WIDTH = 48  # VOCAB rounded up to a multiple of 16
+
+
+def padded(logits, value):
+  """`logits` widened to WIDTH columns holding `value` (huge: any leak would show)."""
+  extra = jnp.full(logits.shape[:-1] + (WIDTH - VOCAB,), value, logits.dtype)
+  return jnp.concatenate([logits, extra], -1)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("value", [1e4, -1e4, 0.0])
+def test_padded_columns_change_no_value_and_get_no_gradient(smoothing, value):
+  logits, targets = with_hits(4)
+  weights = jnp.asarray(np.random.default_rng(4).uniform(0, 1, targets.shape), jnp.float32)
+
+  def summed_losses(z, vocab_size):
+    out = losses.token_losses(z, targets, smoothing, vocab_size)
+    return jnp.sum(out.objective * weights), (jnp.sum(out.nll * weights), out.correct)
+
+  grad_fn = jax.value_and_grad(summed_losses, has_aux=True)
+  (objective, (nll, correct)), grad = grad_fn(padded(logits, value), VOCAB)
+  want_objective, want_nll, want_grad = textbook(logits, targets, np.asarray(weights), smoothing)
+  np.testing.assert_allclose(objective, want_objective, rtol=1e-6)
+  np.testing.assert_allclose(nll, want_nll, rtol=1e-6)
+  np.testing.assert_array_equal(correct, np.asarray(jnp.argmax(logits, -1) == targets))
+  np.testing.assert_allclose(grad[..., :VOCAB], want_grad, atol=1e-6)
+  np.testing.assert_array_equal(grad[..., VOCAB:], 0.0)
+  (sliced_objective, (sliced_nll, _)), sliced_grad = grad_fn(logits, None)
+  np.testing.assert_allclose(objective, sliced_objective, rtol=1e-6)
+  np.testing.assert_allclose(nll, sliced_nll, rtol=1e-6)
+  np.testing.assert_allclose(grad[..., :VOCAB], sliced_grad, rtol=2e-6, atol=1e-7)  # sum order
+  if not smoothing:
+    plain = lambda z: jnp.sum(weights * optax.softmax_cross_entropy_with_integer_labels(
+        z[..., :VOCAB], targets))
+    np.testing.assert_allclose(grad, jax.grad(plain)(padded(logits, value)), atol=1e-6)
+
+
+def test_a_vocab_size_wider_than_the_logits_is_refused():
+  logits, targets = with_hits(5)
+  with pytest.raises(ValueError, match=r"vocab_size=38 must be in \[1, 37\]"):
+    losses.token_losses(logits, targets, 0.0, VOCAB + 1)

@@ -197,11 +197,12 @@ def test_adafactor_without_decay_is_optax_adafactor():
 # Clipping.
 
 
-def _sgd_updates(grads, params, **changes):
+def _sgd_updates(grads, params, grad_norm=None, **changes):
   cfg = _cfg(optimizer="sgd", momentum=0.0, schedule="constant", warmup_steps=0,
              learning_rate=1.0, **changes)
   tx, _ = optim.make_optimizer(cfg, 10)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  extra_args = {} if grad_norm is None else {"grad_norm": grad_norm}
+  updates, _ = tx.update(grads, tx.init(params), params, **extra_args)
   return updates
 
 
@@ -219,6 +220,32 @@ def test_clipping_matches_optax_and_numpy(scale):
   unclipped = _sgd_updates(grads, params, clip_norm=0)
   for u, g in zip(jax.tree.leaves(unclipped), jax.tree.leaves(grads)):
     np.testing.assert_array_equal(-u, g)
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_clipping_takes_the_norm_it_is_given_and_keeps_optax_state(scale, model_and_params):
+  """The train step passes the norm it logs (grad_norm) to the clipping: the same updates as
+  the norm computed inside, and optax's clip_by_global_norm's state, so old checkpoints
+  restore."""
+  _, params = model_and_params
+  grads = jax.tree.map(lambda x: scale * x, _random_like(params, 4))
+  norm = optim.global_norm(grads)
+  want_norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
+  np.testing.assert_allclose(norm, want_norm, rtol=1e-6)
+  tx, _ = optim.make_optimizer(_cfg(clip_norm=0.5, warmup_steps=0), 10)
+  unclipped_tx, _ = optim.make_optimizer(_cfg(clip_norm=0, warmup_steps=0), 10)
+  reference = optax.chain(optax.clip_by_global_norm(0.5), unclipped_tx)
+  state = tx.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(reference.init(params))
+  given, _ = tx.update(grads, state, params, grad_norm=norm)
+  computed, _ = tx.update(grads, state, params)
+  want, _ = reference.update(grads, reference.init(params), params)
+  jax.tree.map(np.testing.assert_array_equal, given, computed)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), given, want)
+  if scale > 1:  # clipped: by the norm given, not one computed again
+    doubled = _sgd_updates(grads, params, clip_norm=0.5, grad_norm=2 * norm)
+    for u, g in zip(jax.tree.leaves(doubled), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(-u, np.asarray(g) * 0.5 / (2 * want_norm), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from train import assets
 from models import paths, pretrained
 from models.transformer import DecoderOnly, TransformerConfig
 from train import config as config_lib, loop, optim, tasks
+from train.state import TrainState
 from train.trainable import Trainable
 
 
@@ -66,6 +67,33 @@ def test_clipping_sees_only_the_trainable_gradients():
   for name, u, g, m in zip(names, jax.tree.leaves(updates), jax.tree.leaves(grads), mask):
     expected = np.asarray(g) * min(1.0, 1.0 / norm) if m else np.zeros(g.shape)
     np.testing.assert_allclose(-np.asarray(u), expected, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("what", ["freeze", "lora"])
+def test_the_norm_of_every_gradient_clips_as_the_trainable_ones_alone(what):
+  """The train step passes the norm it logs, over every gradient, to the clipping inside
+  optax.partition: the frozen gradients are zeros (stop_gradient), so the updates are bitwise
+  those of the clipping's own norm over the trainable gradients."""
+  trainable = lm_trainable(freeze=("^token_embed/",)) if what == "freeze" else lm_trainable()
+  if what == "lora":
+    with trainable.config.unlocked():
+      trainable.config.lora.enabled = True
+    trainable = Trainable(trainable.config, trainable.model, trainable.init_inputs)
+  params = nn.unbox(trainable.init(jax.random.key(0)))
+  batch = jnp.arange(12).reshape(2, 6) % 13
+  loss = lambda p: jnp.sum(trainable.model.apply({"params": trainable.model_params(p)},
+                                                 batch) ** 2)
+  grads = jax.grad(loss)(params)
+  tx = sgd(trainable, clip_norm=1e-3)
+  state = TrainState.create(params=params, tx=tx, rng=jax.random.key(0))
+  norm = optim.global_norm(grads)
+  given = state.apply_gradients(grads, tx, grad_norm=norm)
+  own = state.apply_gradients(grads, tx)
+  jax.tree.map(np.testing.assert_array_equal, given.params, own.params)
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, given.params, params)))
+  own_updates, _ = tx.update(grads, state.opt_state, params)
+  halved, _ = tx.update(grads, state.opt_state, params, grad_norm=2 * norm)  # the norm is read
+  jax.tree.map(lambda h, o: np.testing.assert_allclose(2 * h, o, rtol=1e-6), halved, own_updates)
 
 
 @pytest.mark.slow

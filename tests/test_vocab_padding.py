@@ -10,25 +10,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
 
 from models import paths, presets, pretrained
 from models.pretrained_export import to_hf
-from models.transformer import DecoderOnly, EncoderMaskedLM
+from models.transformer import DecoderOnly, EncoderDecoder, EncoderMaskedLM
 from train import tasks
 
 VOCAB, MULTIPLE, PADDED = 50, 16, 64
 TINY = dict(vocab_size=VOCAB, d_model=24, num_heads=3, d_ff=40, num_layers=1, max_len=16)
 
 
-def padded_and_plain(module_cls, cfg, seed=0):
+def padded_and_plain(module_cls, cfg, seed=0, num_inputs=1):
   """(padded module, its params with huge padded rows, the unpadded module, the real rows)."""
   padded = module_cls(cfg.replace(vocab_pad_multiple=MULTIPLE))
   plain = module_cls(cfg)
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  params = nn.meta.unbox(padded.init(jax.random.key(seed), tokens)["params"])
+  tokens = (jnp.zeros((1, 4), jnp.int32),) * num_inputs
+  params = nn.meta.unbox(padded.init(jax.random.key(seed), *tokens)["params"])
   flat = {p: np.array(x) for p, x in paths.flatten(params).items()}
   real = {}
   for p, x in flat.items():
@@ -40,7 +41,7 @@ def padded_and_plain(module_cls, cfg, seed=0):
       real[p] = x[:, :VOCAB]
     else:
       real[p] = x
-  assert set(real) == set(paths.flatten(jax.eval_shape(plain.init, jax.random.key(0), tokens)
+  assert set(real) == set(paths.flatten(jax.eval_shape(plain.init, jax.random.key(0), *tokens)
                                         ["params"]))
   return padded, paths.unflatten(flat), plain, paths.unflatten(real)
 
@@ -76,6 +77,78 @@ def test_a_padded_lm_has_the_real_vocabulary_and_the_unpadded_loss(tie_output):
   np.testing.assert_allclose(padded_loss[0], plain_loss[0], rtol=1e-5)
   for name in ("loss", "correct", "weight"):
     np.testing.assert_allclose(padded_loss[1][name], plain_loss[1][name], rtol=1e-5)
+
+
+def sliced_loss(model, smoothing):
+  """The loss over the sliced logits (the model's default output), by optax: (objective sum,
+  nll sum, argmax hits) with the objective less the smoothed labels' entropy."""
+  def loss(params, batch):
+    logits = model.apply({"params": params}, batch["inputs"])
+    onehot = jax.nn.one_hot(batch["targets"], VOCAB)
+    q = optax.smooth_labels(onehot, smoothing)
+    entropy = -jnp.sum(q * jnp.log(q), -1)
+    w = batch["weights"]
+    objective = jnp.sum(w * (optax.softmax_cross_entropy(logits, q) - entropy))
+    nll = jnp.sum(w * optax.softmax_cross_entropy(logits, onehot))
+    return objective, (nll, jnp.sum(w * (jnp.argmax(logits, -1) == batch["targets"])))
+  return loss
+
+
+@pytest.mark.parametrize("tie_output", [True, False])
+def test_the_lm_loss_reads_the_padded_logits_with_the_sliced_results(tie_output):
+  """Task.loss takes the padded logits (padded rows huge here) unsliced: the loss, metrics and
+  gradients of the sliced logits by optax, and no gradient for the padded rows."""
+  padded, params, _, _ = padded_and_plain(DecoderOnly, presets.gpt2(**TINY, tie_output=tie_output))
+  batch = jax.tree.map(jnp.asarray, lm_batch())
+  wide = padded.apply({"params": params}, batch["inputs"], padded_vocab=True)
+  assert wide.shape == (2, 8, PADDED)
+  np.testing.assert_array_equal(wide[..., :VOCAB], padded.apply({"params": params},
+                                                                  batch["inputs"]))
+  task = tasks.Task("lm", padded, 0.1)
+  (objective, sums), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch)
+  (want_objective, (want_nll, want_hits)), want_grads = jax.value_and_grad(
+      sliced_loss(padded, 0.1), has_aux=True)(params, batch)
+  np.testing.assert_allclose(objective, want_objective, rtol=1e-5)
+  np.testing.assert_allclose(sums["loss"], want_nll, rtol=1e-6)
+  assert float(sums["correct"]) == float(want_hits)
+  for path, grad in paths.flatten(grads).items():
+    want = paths.flatten(want_grads)[path]
+    scale = max(1.0, float(np.abs(want).max()))  # float32 rounding of sums of that size
+    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6 * scale, err_msg=path)
+    if "embedding" in path and grad.shape[0] == PADDED:
+      np.testing.assert_array_equal(grad[VOCAB:], 0.0, err_msg=path)
+    elif path.endswith("logits_dense/kernel"):
+      np.testing.assert_array_equal(grad[:, VOCAB:], 0.0, err_msg=path)
+  jaxpr = str(jax.make_jaxpr(task.loss)(params, batch))
+  assert "argmax" not in jaxpr and f"limit_indices=(2, 8, {VOCAB})" not in jaxpr
+
+
+def test_a_padded_seq2seq_loss_is_the_unpadded_one():
+  """EncoderDecoder's decoder gives Task.loss the padded logits too: the unpadded model's loss,
+  metrics and gradients (its rows), and none for the padded rows."""
+  cfg = presets.transformer_base(vocab_size=VOCAB, d_model=24, num_heads=3, d_ff=40,
+                                 num_layers=1, max_len=16, dropout_rate=0.0)
+  padded, padded_params, plain, plain_params = padded_and_plain(EncoderDecoder, cfg,
+                                                                num_inputs=2)
+  lm = lm_batch()
+  batch = {"encoder_tokens": lm["targets"], "decoder_inputs": lm["inputs"],
+           "decoder_targets": lm["targets"], "weights": lm["weights"],
+           "encoder_segment_ids": lm["segment_ids"], "decoder_segment_ids": lm["segment_ids"],
+           "encoder_positions": lm["positions"], "decoder_positions": lm["positions"]}
+  loss = lambda module: jax.value_and_grad(tasks.Task("seq2seq", module, 0.1).loss,
+                                           has_aux=True)
+  (objective, sums), grads = loss(padded)(padded_params, batch)
+  (want_objective, want_sums), want_grads = loss(plain)(plain_params, batch)
+  np.testing.assert_allclose(objective, want_objective, rtol=1e-5)
+  for name in ("loss", "correct", "weight"):
+    np.testing.assert_allclose(sums[name], want_sums[name], rtol=1e-5)
+  for path, grad in paths.flatten(grads).items():
+    want = paths.flatten(want_grads)[path]
+    if grad.shape != want.shape:  # a padded table: its real rows, and zeros
+      np.testing.assert_array_equal(grad[VOCAB:], 0.0, err_msg=path)
+      grad = grad[:VOCAB]
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6 * scale, err_msg=path)
 
 
 def test_a_padded_masked_lm_has_the_real_vocabulary():

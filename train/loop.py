@@ -75,10 +75,9 @@ def make_train_step(exp: Experiment):
   def train_step(state: TrainState, batch):
     out = optim.accumulate_gradients(jax.value_and_grad(loss_fn, has_aux=True), state.params,
                                      batch, accum, state.step_key())
-    new_state = state.apply_gradients(grads=out.grads, tx=exp.tx)
-    sums = {**out.metrics, "grad_norm": global_norm(out.grads),
-            "learning_rate": exp.schedule(state.step)}
-    return new_state, sums
+    grad_norm = optim.global_norm(out.grads)  # once: clipping and the logged metric share it
+    new_state = state.apply_gradients(grads=out.grads, tx=exp.tx, grad_norm=grad_norm)
+    return new_state, {**out.metrics, "grad_norm": grad_norm}
 
   return train_step
 
@@ -154,6 +153,7 @@ def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> 
   evaluator = Evaluator(exp)
   throughput = Throughput(exp)
   data_report = DataReport("train")
+  learning_rate = host_schedule(exp.schedule)
   step, pending = int(state.step), []
   eval_due = lambda step: (t.eval_every and step % t.eval_every == 0) or step == t.num_steps
   last_eval = {}
@@ -174,7 +174,7 @@ def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> 
       last = step == t.num_steps
       save = checkpointer.should_save(step) or last or stop
       if step % t.log_every == 0 or save:
-        logged = flush(pending, step)
+        logged = flush(pending, step, learning_rate(step - 1))
         writer.write(step, "train", {**logged, **throughput.lap(logged, len(pending)),
                                      **data_report(train_iter.counts)})
         pending = []
@@ -190,13 +190,20 @@ def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> 
   return last_eval
 
 
-def global_norm(tree) -> jax.Array:
-  """sqrt(sum of squares) over every leaf (optax renames its own across versions)."""
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+def host_schedule(schedule: optax.Schedule):
+  """update count -> the learning rate `schedule` gives it, as the optimizer computes it
+  (jitted, an int32 count, float32) but on the host's CPU: logging it costs the step nothing."""
+  try:
+    host = jax.local_devices(backend="cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS without "cpu": the default device
+    host = None
+  on_host = jax.jit(schedule)
+  return lambda count: float(on_host(jax.device_put(np.int32(count), host)))
 
 
-def flush(pending: list, step: int) -> dict:
-  """Sums the steps' metric sums since the last log; a non-finite loss stops the run."""
+def flush(pending: list, step: int, learning_rate: float) -> dict:
+  """Sums the steps' metric sums since the last log (the last step's grad norm, and its
+  `learning_rate`); a non-finite loss stops the run."""
   sums = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *pending))
   summary = tasks.summarize(sums)
   if not np.isfinite(summary["loss"]):
@@ -205,7 +212,7 @@ def flush(pending: list, step: int) -> dict:
         "checkpoint is kept; lower optim.learning_rate, raise optim.warmup_steps or set "
         "optim.clip_norm, then rerun to resume from it.")
   summary["grad_norm"] = float(pending[-1]["grad_norm"])
-  summary["learning_rate"] = float(pending[-1]["learning_rate"])
+  summary["learning_rate"] = learning_rate
   summary["tokens"] = float(sums["weight"])
   return summary
 

@@ -222,8 +222,34 @@ def make_optimizer(optim_cfg,
                                  decay_norms_and_biases=cfg.decay_norms_and_biases)
   tx = _optimizer(cfg, schedule, decay_mask)
   if cfg.clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    tx = optax.chain(clip_by_global_norm(cfg.clip_norm), tx)
   return tx, schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# Clipping by the global norm, computed once a step.
+
+
+def global_norm(tree) -> jax.Array:
+  """sqrt(sum of squares) over every leaf, in float32 (optax renames its own across versions)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm (the same state, so checkpoints of either restore) that takes
+  the updates' norm from the extra argument `grad_norm` when the caller has it already: the
+  train step computes it once for clipping and its logged metric. Without it, computed here.
+
+  A caller passing `grad_norm` to a transformation that sees part of the gradient (frozen
+  params, optax.partition) passes the norm of what it sees: the train step's frozen params get
+  exact zeros (stop_gradient), which leave the norm unchanged."""
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = global_norm(updates) if grad_norm is None else grad_norm
+    unclipped = norm < max_norm
+    clip = lambda x: jax.lax.select(unclipped, x, (x / norm.astype(x.dtype)) * max_norm)
+    return jax.tree.map(clip, updates), state
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 
 
 # ----------------------------------------------------------------------------------------------

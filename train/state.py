@@ -41,9 +41,12 @@ class TrainState(flax.struct.PyTreeNode):
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                rng=key_data(rng))
 
-  def apply_gradients(self, grads: Any, tx: optax.GradientTransformation) -> "TrainState":
-    """One optimizer update with `tx` (the transformation that made `opt_state`)."""
-    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+  def apply_gradients(self, grads: Any, tx: optax.GradientTransformation,
+                      **extra_args) -> "TrainState":
+    """One optimizer update with `tx` (the transformation that made `opt_state`); `extra_args`
+    reach the transformations that take them (optim.clip_by_global_norm's `grad_norm`)."""
+    updates, opt_state = optax.with_extra_args_support(tx).update(
+        grads, self.opt_state, self.params, **extra_args)
     return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
                         opt_state=opt_state)
 

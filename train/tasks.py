@@ -8,8 +8,10 @@ batches add up exactly: the training objective is `objective / weight`.
   classify  EncoderClassifier  one label per row
   mlm       EncoderMaskedLM  cross-entropy on the masked positions
 
-Metric sums: "loss" (cross-entropy, unsmoothed), "correct" (argmax hits), "weight" (targets
-counted); `summarize` turns them into loss, accuracy and perplexity.
+Metric sums: "loss" (cross-entropy, unsmoothed), "correct" (hits: the target's logit is the
+row's maximum, which is argmax's hit but for ties, where each tied id counts; see
+losses.token_losses), "weight" (targets counted); `summarize` turns them into loss, accuracy
+and perplexity.
 """
 
 import dataclasses
@@ -22,6 +24,7 @@ from models import transformer
 from train import losses
 
 TASKS = ("lm", "seq2seq", "classify", "mlm")
+PADDED_VOCAB_TASKS = ("lm", "seq2seq")  # their decoders give the loss the padded logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +40,17 @@ class Task:
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
 
-  def apply(self, params, batch, *, rng=None, train: bool = False):
-    """The model's logits for a batch: [B, T, V] (token tasks) or [B, C] (classify).
+  def apply(self, params, batch, *, rng=None, train: bool = False, padded_vocab: bool = False):
+    """The model's logits for a batch: [B, T, V] (token tasks) or [B, C] (classify);
+    `padded_vocab`: the decoders' padded width (models/transformer.py), for the loss.
 
     Token tasks take packed rows' segment ids and positions where the batch has them; rows of
     one example come without (train.inputs.BatchLayout), seq2seq's with an encoder padding
     mask, and the attention is then plain causal (or padding-masked) attention."""
     rngs = {"dropout": rng} if train else {}
     kwargs = dict(deterministic=not train, rngs=rngs)
+    if padded_vocab and self.name in PADDED_VOCAB_TASKS:
+      kwargs["padded_vocab"] = True
     variables = {"params": params}
     if self.name == "lm":
       return self.model.apply(variables, batch["inputs"], segment_ids=batch.get("segment_ids"),
@@ -73,16 +79,18 @@ class Task:
   def loss(self, params, batch, rng=None, train: bool = False):
     """(objective_sum, metric_sums): the smoothed training loss summed over weights.
 
-    The logits stay in the model's logits_dtype (bf16 on accelerators); train/losses.py
-    computes the softmax in float32 without keeping a float32 copy of them."""
-    logits = self.apply(params, batch, rng=rng, train=train)
+    The logits stay in the model's logits_dtype (bf16 on accelerators) and, for the decoders,
+    at the padded vocabulary's width; train/losses.py computes the softmax in float32 without
+    keeping a float32 copy of them, masks the padded columns, and counts the hits in the same
+    pass (no argmax over the logits)."""
+    logits = self.apply(params, batch, rng=rng, train=train, padded_vocab=True)
     targets, weights = self.targets(batch)
     weights = weights.astype(jnp.float32)
-    objective, nll = losses.cross_entropy(logits, targets, self.label_smoothing)
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    metrics = {"loss": jnp.sum(nll * weights), "correct": jnp.sum(correct * weights),
+    vocab = self.model.cfg.vocab_size if self.name in PADDED_VOCAB_TASKS else None
+    out = losses.token_losses(logits, targets, self.label_smoothing, vocab)
+    metrics = {"loss": jnp.sum(out.nll * weights), "correct": jnp.sum(out.correct * weights),
                "weight": jnp.sum(weights)}
-    return jnp.sum(objective * weights), metrics
+    return jnp.sum(out.objective * weights), metrics
 
 
 def summarize(sums: dict) -> dict:
