@@ -5,24 +5,29 @@ in one process, against the PyTorch baseline and issue 21's goals.
   python -m benchmarks.accelerator --tiny --peak_flops=1e12   # tiny shapes on CPU, seconds
 
 benchmarks/accelerator.sh runs it on a GPU host. It prints one table, the goals met or short,
-the best train row's top kernels (benchmarks/profile_step.py), then one JSON line. Rows, most
-important first; those not started within --budget_seconds are skipped:
+the best train row's top kernels (benchmarks/profile_step.py), then one JSON line. The rows:
 
   torch    the PyTorch baseline (torch.compile; --torch_baseline) at batch 16 and 32, and its
-           compiled greedy decoding (--decode-compile, CUDA graphs) at batch 1 and 16; run
-           first, before JAX holds the device's memory (--tiny: eager, on CPU).
+           compiled greedy decoding (--decode-compile, CUDA graphs) at batch 1 and 16 (--tiny:
+           eager, on CPU).
   train    experiments/gpt2_small.py's model (GPT-2's 50,257-token vocabulary) through the
            loop's own jitted train step on synthetic rows of 1,024 tokens, for each attention
-           implementation (those that refuse the case say why): batch 16 unpacked (no segment
-           ids, as the pipeline's unpacked batches), its cold compile and its compile again
-           from the persistent cache in a fresh jit; packed rows of 4 and 30 examples; the
-           A/B rows (the best batch-16 row's program compiled with each of
-           accelerator_rows.COMPILER_OPTIONS, in this process); batch 32 unpacked.
+           implementation (those that refuse the case say why): batch 16 and 32 unpacked (no
+           segment ids, as the pipeline's unpacked batches), batch 16 packed with 4 and 30
+           examples a row; the A/B rows: the best batch-16 row's program compiled with each of
+           accelerator_rows.COMPILER_OPTIONS, in this process.
+  compile  the first train row's cold compile, and its compile again in a fresh jit from the
+           persistent cache.
   decode   greedy decoding with models.decoding, 128 new tokens after a 64-token prompt, batch
            1 and 16, random weights in bf16, the prefill included (the baseline's is not).
   attention  causal self-attention alone, forward and backward, at GPT-2's batch-16 shape:
            unpacked and with 4, 16 and 64 segments a row, per fused kernel and XLA.
   seq2seq  one train step of experiments/transformer_base.py (96 rows x 256 + 256 tokens).
+
+They run in the order of the goals, and those not started within --budget_seconds are
+skipped: the torch rows (before JAX holds the device's memory), batch 16 unpacked for each
+implementation, decoding, the fastest implementation's packed and batch-32 rows, the A/B rows,
+the attention table, the profile, the other implementations' packed and batch-32 rows, seq2seq.
 
 A step's time is --steps steps dispatched back to back after --warmup, waited for once. MFU is
 model FLOPs (metrics.step_flops: rematerialised work not counted, fused attention counted as
@@ -94,6 +99,18 @@ class Budget:
 SKIPPED = {"skipped": "time budget spent"}
 
 
+def attempt(measure, *args):
+  """measure(*args), or the row's refusal (ValueError: a case the code turns down) or failure
+  (anything else: an out-of-memory, a kernel that does not build): one row lost, not the run.
+  """
+  try:
+    return measure(*args)
+  except ValueError as e:
+    return rows_lib.refused(e)
+  except Exception as e:  # Whatever else goes wrong on a device, it is this row's.
+    return rows_lib.failed(e)
+
+
 class Experiment:
   """An experiment's step and state, shared by its rows (the state is donated at each step)."""
 
@@ -130,23 +147,26 @@ class Run:
            "layout": "unpacked" if examples is None else f"packed {examples}", "options": options}
     if not self.budget.open():
       return self.add(row, SKIPPED)
-    try:
-      holder = self.experiment(implementation)
-      length = rows_lib.TINY_LENGTH if self.args.tiny else rows_lib.LENGTH
-      vocab = 256 if self.args.tiny else rows_lib.GPT2_VOCAB
-      train_row = rows_lib.TrainRow(holder, rows_lib.lm_batch(batch, length, vocab, examples))
-      result, compiled = train_row.measure(self.args, rows_lib.COMPILER_OPTIONS[options])
-    except ValueError as e:
-      return self.add(row, rows_lib.refused(e))
-    except Exception as e:  # noqa: BLE001  An out-of-memory or a kernel's failure: one row.
-      return self.add(row, rows_lib.failed(e))
+    length = rows_lib.TINY_LENGTH if self.args.tiny else rows_lib.LENGTH
+    vocab = 256 if self.args.tiny else rows_lib.GPT2_VOCAB
+
+    def measure():
+      train_row = rows_lib.TrainRow(self.experiment(implementation),
+                                    rows_lib.lm_batch(batch, length, vocab, examples))
+      return (train_row, *train_row.measure(self.args, rows_lib.COMPILER_OPTIONS[options]))
+    measured = attempt(measure)
+    if isinstance(measured, dict):
+      return self.add(row, measured)
+    train_row, result, compiled = measured
     self.add(row, result)
+    if compiled is None:
+      return
     if examples is None and options == "default":
       self.unpacked.setdefault(batch, {})[implementation] = train_row
       if "cold" not in self.extra:
         self.extra["cold"] = result["compile_seconds"]
         self.extra["warm"] = rows_lib.warm_compile_seconds(train_row)
-    if compiled is not None and (self.best is None or result["tokens_per_second"] > self.best[0]):
+    if self.best is None or result["tokens_per_second"] > self.best[0]:
       self.best = (result["tokens_per_second"], {**row, "train_row": train_row}, compiled)
 
   def ab_rows(self, batch: int):
@@ -162,10 +182,8 @@ class Run:
       if not self.budget.open():
         self.add(row, SKIPPED)
         continue
-      try:
-        result, compiled = train_row.measure(self.args, rows_lib.COMPILER_OPTIONS[name])
-      except Exception as e:  # noqa: BLE001
-        result, compiled = rows_lib.failed(e), None
+      measured = attempt(train_row.measure, self.args, rows_lib.COMPILER_OPTIONS[name])
+      result, compiled = (measured, None) if isinstance(measured, dict) else measured
       self.add(row, result)
       if compiled is not None and result["tokens_per_second"] > self.best[0]:
         self.best = (result["tokens_per_second"], {**row, "train_row": train_row}, compiled)
@@ -185,49 +203,44 @@ def measure_all(args, workdir: str) -> Run:
   jax.config.update("jax_enable_compilation_cache", True)
   compilation_cache.use()
 
-  implementations = args.implementations
-  for name in implementations:
+  for name in args.implementations:
     run.train(name, small, None)
-  decode_rows = [{"kind": "decode", "batch": b} for b in (1, 16)]
-  if run.budget.open():
-    try:
-      results = rows_lib.measure_decode([1, 16], args, workdir)
-    except Exception as e:  # noqa: BLE001
-      results = [rows_lib.failed(e)] * 2
-  else:
-    results = [SKIPPED] * 2
-  for row, result in zip(decode_rows, results):
-    run.add(row, result)
-  ran = [n for n in implementations if n in run.unpacked.get(small, {})]
-  for examples in (4, 30):
-    for name in ran:
+  results = attempt(rows_lib.measure_decode, [1, 16], args, workdir) if run.budget.open() else (
+      SKIPPED)
+  for i, batch in enumerate((1, 16)):
+    run.add({"kind": "decode", "batch": batch}, results if isinstance(results, dict)
+            else results[i])
+  # The goals' rows on the fastest implementation first; the others' after the A/B rows, the
+  # attention table and the profile.
+  rate = {r["implementation"]: r["result"]["tokens_per_second"] for r in run.rows
+          if r["kind"] == "train" and "tokens_per_second" in r["result"]}
+  ran = sorted(run.unpacked.get(small, {}), key=lambda name: -rate[name])
+  for name in ran[:1]:
+    for examples in (4, 30):
       run.train(name, small, examples)
+    if large:
+      run.train(name, large, None)
+  run.ab_rows(small)
   for name in ("cudnn", "pallas", "xla"):
     for segments in (None, 4, 16, 64):
-      row = {"kind": "attention", "implementation": name, "segments": segments}
-      result = SKIPPED
-      if run.budget.open():
-        try:
-          result = rows_lib.measure_attention(name, segments, args)
-        except Exception as e:  # noqa: BLE001
-          result = rows_lib.failed(e)
-      run.add(row, result)
-  run.ab_rows(small)
-  for name in ran if large else ():
-    run.train(name, large, None)
-  row = {"kind": "seq2seq", "batch": 8 if args.tiny else 96}
-  result = SKIPPED
-  if run.budget.open():
-    try:
-      holder = Experiment(rows_lib.seq2seq_config(args.tiny), workdir)
-      d, vocab = holder.exp.config.data, 256 if args.tiny else 32_000
-      result, _ = rows_lib.TrainRow(holder, rows_lib.seq2seq_batch(
-          row["batch"], d.inputs_len, d.targets_len, vocab)).measure(args)
-    except Exception as e:  # noqa: BLE001
-      result = rows_lib.failed(e)
-  run.add(row, result)
+      run.add({"kind": "attention", "implementation": name, "segments": segments},
+              attempt(rows_lib.measure_attention, name, segments, args)
+              if run.budget.open() else SKIPPED)
   if run.best is not None and run.budget.open():
     run.extra["profile"] = profile(args, run.best)
+  for name in ran[1:]:
+    for examples in (4, 30):
+      run.train(name, small, examples)
+    if large:
+      run.train(name, large, None)
+  rows = 8 if args.tiny else 96
+
+  def seq2seq():
+    holder = Experiment(rows_lib.seq2seq_config(args.tiny), workdir)
+    d, vocab = holder.exp.config.data, 256 if args.tiny else 32_000
+    batch = rows_lib.seq2seq_batch(rows, d.inputs_len, d.targets_len, vocab)
+    return rows_lib.TrainRow(holder, batch).measure(args)[0]
+  run.add({"kind": "seq2seq", "batch": rows}, attempt(seq2seq) if run.budget.open() else SKIPPED)
   return run
 
 
@@ -244,7 +257,7 @@ def profile(args, best) -> list[str]:
         compiled, train_row.holder, train_row.batch, pargs.warmup, pargs.steps,
         tempfile.mkdtemp(prefix="profile_step_"))
     times, ops = profile_step.kernel_times(measured["trace_dir"])
-  except Exception as e:  # noqa: BLE001
+  except Exception as e:  # A trace the profiler could not write or read: the table stands.
     return [f"profile failed: {rows_lib.failed(e)['failed']}"]
   measured["step_flops"] = train_row.flops
   label = f"{row['layout']}, options {row['options']}"
@@ -419,8 +432,6 @@ def main(argv=None):
   for g in met:
     print(f"{g['goal']:<52} {g['shown'] or '-':>16} {g['target']:>26}  {g['status']}")
   print("\n".join(run.extra.get("profile", [])))
-  for row in run.rows:
-    row.pop("train_row", None)
   print(json.dumps({"device": info["device"], "jax": jax.__version__, "peak_flops": peak,
                     "compile_seconds": {k: run.extra.get(k) for k in ("cold", "warm")},
                     "goals": met, "rows": run.rows}))
