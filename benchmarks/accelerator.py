@@ -46,6 +46,7 @@ import jax
 
 from benchmarks import accelerator_rows as rows_lib
 from benchmarks import profile_step
+from models.attention import IMPLEMENTATIONS
 from train import compilation_cache, metrics
 
 FUSED_FIRST = ("cudnn", "pallas", "splash", "xla")  # The implementations, in the rows' order.
@@ -78,6 +79,9 @@ def parse_args(argv=None):
   if unknown:
     parser.error(f"--options: unknown {unknown}; known: {names}.")
   args.implementations = args.implementations.split(",")
+  unknown = [n for n in args.implementations if n not in IMPLEMENTATIONS]
+  if unknown:
+    parser.error(f"--implementations: unknown {unknown}; known: {list(IMPLEMENTATIONS)}.")
   return args
 
 
@@ -178,7 +182,7 @@ class Run:
       return
     best = max(measured, key=lambda r: r["result"]["tokens_per_second"])
     train_row = self.unpacked[batch][best["implementation"]]
-    for name in self.args.options[1:] if self.args.options[0] == "default" else self.args.options:
+    for name in (n for n in self.args.options if n != "default"):
       row = {**{k: v for k, v in best.items() if k != "result"}, "options": name}
       if not self.budget.open():
         self.add(row, SKIPPED)

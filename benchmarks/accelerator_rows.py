@@ -28,11 +28,11 @@ TINY_LENGTH, TINY_PROMPT, TINY_NEW_TOKENS = 64, 8, 16
 # The A/B rows: XLA options compiled into one program each (jax's compiler_options), by name.
 COMPILER_OPTIONS = {
     "default": {},
-    "no triton gemm": {"xla_gpu_enable_triton_gemm": False},
+    "no_triton_gemm": {"xla_gpu_enable_triton_gemm": False},
     "cublaslt": {"xla_gpu_enable_cublaslt": True},
-    "cudnn layer norm": {"xla_gpu_enable_cudnn_layer_norm": True},
-    "latency hiding": {"xla_gpu_enable_latency_hiding_scheduler": True},
-    "no command buffers": {"xla_gpu_enable_command_buffer": ""},
+    "cudnn_layer_norm": {"xla_gpu_enable_cudnn_layer_norm": True},
+    "latency_hiding": {"xla_gpu_enable_latency_hiding_scheduler": True},
+    "no_command_buffers": {"xla_gpu_enable_command_buffer": ""},
 }
 
 

@@ -32,7 +32,7 @@ def test_tiny_benchmark_prints_every_row_with_measured_numbers():
            r.get("layout"), r.get("options")): r["result"] for r in summary["rows"]}
   trained = [("train", "xla", 8, layout, "default")
              for layout in ("unpacked", "packed 4", "packed 30")]
-  for key in trained + [("train", "xla", 8, "unpacked", "no triton gemm"),
+  for key in trained + [("train", "xla", 8, "unpacked", "no_triton_gemm"),
                         ("seq2seq", None, 8, None, None)]:
     result = rows[key]
     assert result["tokens_per_second"] > 0 and result["compile_seconds"] >= 0, (key, result)
@@ -46,7 +46,7 @@ def test_tiny_benchmark_prints_every_row_with_measured_numbers():
   cold, warm = summary["compile_seconds"]["cold"], summary["compile_seconds"]["warm"]
   assert 0 < warm < cold  # The fresh jit's program came from the persistent cache.
   for line in ["train xla B8 unpacked", "train xla B8 packed 4", "train xla B8 packed 30",
-               "train xla B8 unpacked [no triton gemm]", "decode B1", "decode B16",
+               "train xla B8 unpacked [no_triton_gemm]", "decode B1", "decode B16",
                "seq2seq B8", "Goals (issue 21)", "first-step compile, cold, s",
                "Top kernels of the best train row"]:
     assert line in table, line
