@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The command for one GPU host run of benchmarks/accelerator.py (about 7.5 minutes):
+# The command for one GPU host run of benchmarks/accelerator.py (at most 8 minutes, one process
+# for every JAX row, the PyTorch baseline's runs first):
 #   bash benchmarks/accelerator.sh [TORCH_BASELINE] [BENCHMARK_FLAG ...]
 # run from anywhere in a checkout on a host whose image holds jax (CUDA), flax, optax and
 # torch but nothing else we need, and no internet. The rest comes as wheels in the checkout's

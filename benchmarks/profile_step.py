@@ -5,7 +5,8 @@ by kernel.
   python -m benchmarks.profile_step --tiny     # tiny shapes, on CPU, in seconds
 
 The step is benchmarks/accelerator.py's (the loop's jitted train step on synthetic batches of
-GPT-2 small, four examples a row, or of transformer_base). After --warmup steps it traces
+GPT-2 small, four examples a row, or of transformer_base); that benchmark also profiles its
+best row's program through `trace_program`. After --warmup steps it traces
 --steps more, then prints the step's seconds and FLOPs, the kernels' summed time a step,
 largest first, with their share and what XLA op each runs, and where the trace lies (for
 TensorBoard's profile plugin or ui.perfetto.dev). On an accelerator the kernels are those of
@@ -21,10 +22,11 @@ import os
 import sys
 import tempfile
 import time
+import types
 
 import jax
 
-from benchmarks import accelerator
+from benchmarks import accelerator_rows
 from models.attention import IMPLEMENTATIONS
 from train import metrics, parallel
 
@@ -50,16 +52,16 @@ def parse_args(argv=None):
 def experiment_and_batch(args):
   """The experiment to build and one synthetic batch of its shapes."""
   if args.model == "gpt2":
-    config = accelerator.gpt2_config(args.tiny, args.implementation)
-    length = accelerator.TINY_LENGTH if args.tiny else accelerator.LENGTH
-    vocab = 256 if args.tiny else accelerator.GPT2_VOCAB
-    return config, accelerator.lm_batch(args.batch, length, vocab, 4)
-  config = accelerator.experiment_config(
+    config = accelerator_rows.gpt2_config(args.tiny, args.implementation)
+    length = accelerator_rows.TINY_LENGTH if args.tiny else accelerator_rows.LENGTH
+    vocab = 256 if args.tiny else accelerator_rows.GPT2_VOCAB
+    return config, accelerator_rows.lm_batch(args.batch, length, vocab, 4)
+  config = accelerator_rows.experiment_config(
       "transformer_base", args.tiny, "experiments/data/en_de_tiny.tsv",
       vocab_size=0 if args.tiny else 32_000, attention_implementation=args.implementation)
   d = config.data
-  return config, accelerator.seq2seq_batch(args.batch, d.inputs_len, d.targets_len,
-                                           256 if args.tiny else 32_000)
+  return config, accelerator_rows.seq2seq_batch(args.batch, d.inputs_len, d.targets_len,
+                                                256 if args.tiny else 32_000)
 
 
 def trace_steps(args) -> dict:
@@ -67,20 +69,28 @@ def trace_steps(args) -> dict:
   temporary folder); their seconds a step, FLOPs and trace folder."""
   with tempfile.TemporaryDirectory() as workdir:  # The local dataset that building prepares.
     config, batch = experiment_and_batch(args)
-    exp, state, step = accelerator.train_step(config, workdir)
-    batch = parallel.host_to_global(batch, exp.mesh)
-    for _ in range(args.warmup):
-      state, sums = step(state, batch)
+    holder = types.SimpleNamespace()
+    holder.exp, holder.state, step, _ = accelerator_rows.train_step(config, workdir)
+    batch = parallel.host_to_global(batch, holder.exp.mesh)
+    flops = metrics.step_flops(step.trace(holder.state, batch))
+    measured = trace_program(step, holder, batch, args.warmup, args.steps,
+                             args.trace_dir or tempfile.mkdtemp(prefix="profile_step_"))
+    return {**measured, "step_flops": flops}
+
+
+def trace_program(step, holder, batch, warmup: int, steps: int, trace_dir: str) -> dict:
+  """`warmup` steps of `step` (jitted or compiled) on `holder.state` (which each replaces),
+  then `steps` more traced into `trace_dir`: their seconds a step, and the folder."""
+  for _ in range(warmup):
+    sums = accelerator_rows.step_once(step, holder, batch)
+  jax.block_until_ready(sums)
+  with jax.profiler.trace(trace_dir):
+    start = time.perf_counter()
+    for _ in range(steps):
+      sums = accelerator_rows.step_once(step, holder, batch)
     jax.block_until_ready(sums)
-    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="profile_step_")
-    with jax.profiler.trace(trace_dir):
-      start = time.perf_counter()
-      for _ in range(args.steps):
-        state, sums = step(state, batch)
-      jax.block_until_ready(sums)
-      seconds = (time.perf_counter() - start) / args.steps
-    return {"step_seconds": seconds, "step_flops": metrics.step_flops(step.trace(state, batch)),
-            "trace_dir": trace_dir}
+    seconds = (time.perf_counter() - start) / steps
+  return {"step_seconds": seconds, "trace_dir": trace_dir}
 
 
 def kernel_times(trace_dir: str) -> tuple[dict, dict]:

@@ -8,7 +8,7 @@ import re
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train import cli, experiment_file, loop, xla_flags
+from train import cli, compilation_cache, experiment_file, loop, xla_flags
 
 USAGE = ("usage: python -m train --config=experiments/NAME.py[:VARIANT] --workdir=DIR "
          "[--config.KEY=VALUE ...]")
@@ -63,8 +63,10 @@ def unknown_key_problem(error: Exception, argv: list[str]) -> str:
 
 
 def train(config, workdir: str) -> None:
-  """config.train.xla_flags into XLA_FLAGS before anything uses a device, then the run."""
+  """config.train.xla_flags into XLA_FLAGS before anything uses a device, and the persistent
+  compilation cache before anything compiles; then the run."""
   xla_flags.apply(config.train.xla_flags)
+  compilation_cache.use(config.train.compilation_cache)
   loop.train_and_evaluate(config, workdir)
 
 

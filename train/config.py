@@ -95,6 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.peak_flops = 0.0            # per device, for MFU; 0 = from the device table
   c.train.print_examples = 5          # seq2seq: translations printed at each eval
+  c.train.compilation_cache = True    # JAX's persistent compilation cache (+ XLA's autotune
+                                      # results on GPUs), in $TAPETE_CACHE/jax (default
+                                      # ~/.cache/tapete/jax) or $JAX_COMPILATION_CACHE_DIR: a
+                                      # rerun's step loads in seconds. False (or the env's
+                                      # JAX_ENABLE_COMPILATION_CACHE=false) compiles afresh
   c.train.xla_flags = ""              # appended to XLA_FLAGS before JAX starts (the train CLI),
                                       # e.g. on GPUs, to A/B test:
                                       # --xla_gpu_enable_latency_hiding_scheduler=true
@@ -422,7 +427,8 @@ def _validate_lora(config) -> None:
 # Keys a resumed run may change: they leave the state's shapes and the data's tokens as trained.
 RESUMABLE = re.compile(
     r"^(train\.(num_steps|log_every|eval_every|eval_batches|checkpoint_every|keep_checkpoints"
-    r"|peak_flops|print_examples|xla_flags)|decode\..*|mesh\..*|distributed\..*|data\.data_dir"
+    r"|peak_flops|print_examples|xla_flags|compilation_cache)|decode\..*|mesh\..*|distributed\..*"
+    r"|data\.data_dir"
     r"|label_smoothing"
     r"|model\.(dropout_rate|attention_dropout_rate|ffn_dropout_rate|dtype|logits_dtype"
     r"|remat_policy|attention_implementation)"

@@ -15,7 +15,8 @@ from absl import app, flags, logging
 import jax
 import orbax.checkpoint as ocp
 
-from train import cli, loop, metrics as metrics_lib, parallel, workdir as workdir_lib, workdir_cli
+from train import (cli, compilation_cache, loop, metrics as metrics_lib, parallel,
+                   workdir as workdir_lib, workdir_cli)
 
 FLAGS = flags.FLAGS
 
@@ -72,7 +73,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
-  workdir_lib.use_compilation_cache()
+  compilation_cache.use()
   cli.guarded(evaluate)(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint_step)
 
 

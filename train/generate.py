@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import decoding
-from train import cli, workdir as workdir_lib, workdir_cli, xla_flags
+from train import cli, compilation_cache, workdir as workdir_lib, workdir_cli, xla_flags
 from train.data import examples
 
 FLAGS = flags.FLAGS
@@ -248,7 +248,7 @@ def main(argv):
   del argv
   texts, where = cli.guarded(read_inputs)()
   xla_flags.compile_quickly_on_cpu()
-  workdir_lib.use_compilation_cache()
+  compilation_cache.use()
   workdir_cli.main(lambda run, _: write_answers(run, texts, where))
 
 
