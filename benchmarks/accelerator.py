@@ -12,9 +12,9 @@ the best train row's top kernels (benchmarks/profile_step.py), then one JSON lin
            eager, on CPU).
   train    experiments/gpt2_small.py's model (GPT-2's 50,257-token vocabulary) through the
            loop's own jitted train step on synthetic rows of 1,024 tokens, for each attention
-           implementation (those that refuse the case say why): batch 16 and 32 unpacked (no
-           segment ids, as the pipeline's unpacked batches), batch 16 packed with 4 and 30
-           examples a row; the A/B rows: the best batch-16 row's program compiled with each of
+           implementation (those that refuse the case say why): batch 16 and 32 unpacked
+           (laid out as the loop lays out its batches: rows of one example lose their segment
+           ids), batch 16 packed with 4 and 30 examples a row; the A/B rows: the best batch-16 row's program compiled with each of
            accelerator_rows.COMPILER_OPTIONS, in this process.
   compile  the first train row's cold compile, and its compile again in a fresh jit from the
            persistent cache.

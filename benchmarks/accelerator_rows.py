@@ -8,6 +8,7 @@ step). Its memory is the compiled program's (arguments + outputs - donated + tem
 """
 
 import contextlib
+import functools
 import importlib
 import json
 import statistics
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import attention, attention_kernels, decoding
-from train import loop, metrics, parallel
+from train import inputs, loop, metrics, parallel
 from train.config import REPO_ROOT
 
 LENGTH, PROMPT, NEW_TOKENS, GPT2_VOCAB = 1024, 64, 128, 50_257
@@ -49,22 +50,14 @@ def segments(rng, rows: int, length: int, count: int):
 
 
 def lm_batch(rows: int, length: int, vocab: int, examples_per_row: int | None) -> dict:
-  """Random tokens; None examples a row: unpacked rows, which carry no segment ids or
-  positions (as the pipeline's unpacked batches), else that many packed examples a row."""
+  """Random tokens with segment ids, as the pipeline writes them: one example a row (None:
+  unpacked, every id 1) or that many packed examples a row."""
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, vocab, (rows, length + 1), dtype=np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
            "weights": np.ones((rows, length), np.float32)}
-  if examples_per_row is not None:
-    batch["segment_ids"], batch["positions"] = segments(rng, rows, length, examples_per_row)
+  batch["segment_ids"], batch["positions"] = segments(rng, rows, length, examples_per_row or 1)
   return batch
-
-
-def with_segment_ids(batch: dict) -> dict:
-  """An unpacked batch as loops that need segment ids take it: one example a row."""
-  rows, length = batch["inputs"].shape
-  return {**batch, "segment_ids": np.ones((rows, length), np.int32),
-          "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1))}
 
 
 def seq2seq_batch(rows: int, source: int, target: int, vocab: int) -> dict:
@@ -110,11 +103,12 @@ def build(config, workdir: str) -> loop.Experiment:
 
 
 def train_step(config, workdir: str):
-  """(experiment, initial state, the loop's jitted train step, the state's shardings), as
-  `python -m train` has them."""
+  """(experiment, initial state, the loop's jitted train step for a segment capacity, the
+  state's shardings), as `python -m train` has them."""
   exp = build(config, workdir)
   state, shardings = loop.init_state(exp, jax.random.key(0))
-  return exp, state, loop.jit_train_step(exp, shardings), shardings
+  steps = functools.cache(functools.partial(loop.jit_train_step, exp, shardings))
+  return exp, state, steps, shardings
 
 
 # ---------------------------------------------------------------- measuring
@@ -158,17 +152,13 @@ class TrainRow:
   shardings and state; the state, donated at each step, is the holder's latest."""
 
   def __init__(self, holder, batch: dict):
-    self.holder, self.note = holder, ""
-    exp, step = holder.exp, holder.step
+    self.holder = holder
+    exp = holder.exp
     start = time.perf_counter()
-    global_batch = parallel.host_to_global(batch, exp.mesh)
-    try:
-      self.traced = step.trace(holder.state, global_batch)
-    except KeyError as e:  # A loop whose batches must carry segment ids: ids of ones.
-      self.note = f"segment ids of ones: the loop needs {e}"
-      global_batch = parallel.host_to_global(with_segment_ids(batch), exp.mesh)
-      self.traced = step.trace(holder.state, global_batch)
-    self.batch = global_batch
+    # As the loop lays out its batches: rows of one example lose their segment ids.
+    self.capacity, batch = inputs.BatchLayout(exp.config)(batch)
+    self.batch = parallel.host_to_global(batch, exp.mesh)
+    self.traced = holder.step(self.capacity).trace(holder.state, self.batch)
     self.lowered = self.traced.lower()
     self.lower_seconds = time.perf_counter() - start
     self.flops = metrics.step_flops(self.traced)
@@ -191,7 +181,7 @@ class TrainRow:
     result = {"tokens_per_second": tokens / seconds, "step_seconds": seconds,
               "compile_seconds": compile_seconds, "step_flops": self.flops,
               "hardware_flops": self.hardware_flops, "memory_bytes": program_bytes(compiled)}
-    return ({**result, "note": self.note} if self.note else result), compiled
+    return result, compiled
 
 
 def step_once(compiled, holder, batch):
@@ -204,7 +194,7 @@ def warm_compile_seconds(row: TrainRow) -> float:
   """Seconds to trace, lower and compile `row`'s step again in a fresh jit, with JAX's
   in-memory caches cleared: what a rerun pays with the persistent compilation cache."""
   jax.clear_caches()
-  fresh = loop.jit_train_step(row.holder.exp, row.holder.shardings)
+  fresh = loop.jit_train_step(row.holder.exp, row.holder.shardings, row.capacity)
   start = time.perf_counter()
   fresh.trace(row.holder.state, row.batch).lower().compile()
   return time.perf_counter() - start

@@ -28,7 +28,7 @@ import jax
 
 from benchmarks import accelerator_rows
 from models.attention import IMPLEMENTATIONS
-from train import metrics, parallel
+from train import inputs, metrics, parallel
 
 
 def parse_args(argv=None):
@@ -70,8 +70,9 @@ def trace_steps(args) -> dict:
   with tempfile.TemporaryDirectory() as workdir:  # The local dataset that building prepares.
     config, batch = experiment_and_batch(args)
     holder = types.SimpleNamespace()
-    holder.exp, holder.state, step, _ = accelerator_rows.train_step(config, workdir)
-    batch = parallel.host_to_global(batch, holder.exp.mesh)
+    holder.exp, holder.state, steps, _ = accelerator_rows.train_step(config, workdir)
+    capacity, batch = inputs.BatchLayout(config)(batch)
+    step, batch = steps(capacity), parallel.host_to_global(batch, holder.exp.mesh)
     flops = metrics.step_flops(step.trace(holder.state, batch))
     measured = trace_program(step, holder, batch, args.warmup, args.steps,
                              args.trace_dir or tempfile.mkdtemp(prefix="profile_step_"))

@@ -64,9 +64,11 @@ def counting_row():
   mesh = parallel.make_mesh()
   step = jax.jit(lambda state, batch: (state + 1, {"weight": batch["weights"].sum()}),
                  donate_argnums=0)
-  holder = types.SimpleNamespace(exp=types.SimpleNamespace(mesh=mesh), step=step,
+  exp = types.SimpleNamespace(mesh=mesh, config=accelerator_rows.gpt2_config(True, None))
+  holder = types.SimpleNamespace(exp=exp, step=lambda capacity: step,
                                  state=jnp.zeros((), jnp.int32), shardings=None)
-  batch = {"inputs": np.zeros((8, 4), np.int32), "weights": np.ones((8, 4), np.float32)}
+  batch = {"inputs": np.zeros((8, 4), np.int32), "weights": np.ones((8, 4), np.float32),
+           "segment_ids": np.ones((8, 4), np.int32)}
   return accelerator_rows.TrainRow(holder, batch)
 
 
@@ -86,11 +88,15 @@ def test_an_option_this_xla_lacks_refuses_its_row_only(counting_row):
   assert result["tokens_per_second"] > 0
 
 
-def test_unpacked_rows_carry_no_segment_ids():
+def test_rows_are_laid_out_as_the_loop_lays_out_its_batches():
   from benchmarks import accelerator_rows
-  unpacked = accelerator_rows.lm_batch(2, 16, 50, None)
+  from train import inputs
+  layout = inputs.BatchLayout(accelerator_rows.gpt2_config(True, None))
+  capacity, unpacked = layout(accelerator_rows.lm_batch(2, 16, 50, None))
+  assert capacity == 1 and set(unpacked) == {"inputs", "targets", "weights"}
   packed = accelerator_rows.lm_batch(2, 16, 50, 4)
-  assert set(unpacked) == {"inputs", "targets", "weights"}
+  capacity, laid_out = layout(packed)
+  assert capacity == 4 and laid_out is packed
   assert [len(np.unique(row)) for row in packed["segment_ids"]] == [4, 4]
 
 

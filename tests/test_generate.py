@@ -263,21 +263,6 @@ def test_loading_a_run_traces_no_model_init(trained_lm, monkeypatch):
   assert jax.tree.map(np.shape, run.params) == jax.tree.map(np.shape, expected)
 
 
-def test_the_clis_compilation_cache_yields_to_one_named_by_jax_compilation_cache_dir(
-    tmp_path, monkeypatch):
-  monkeypatch.setenv("TAPETE_CACHE", str(tmp_path))
-  before = jax.config.jax_compilation_cache_dir  # conftest's, from JAX_COMPILATION_CACHE_DIR
-  try:
-    jax.config.update("jax_compilation_cache_dir", None)
-    workdir_lib.use_compilation_cache()
-    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "named"))
-    workdir_lib.use_compilation_cache()
-    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "named")
-  finally:
-    jax.config.update("jax_compilation_cache_dir", before)
-
-
 @pytest.mark.slow
 def test_the_cli_answers_a_file_in_batches_as_json_lines(trained_lm, tmp_path):
   workdir, _ = trained_lm

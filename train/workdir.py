@@ -12,7 +12,6 @@ import os
 from typing import Any
 
 import flax.linen as nn
-import jax
 import ml_collections
 import numpy as np
 
@@ -120,16 +119,6 @@ def unknown_pieces(tokenizer: Tokenizer, text: str) -> list[str]:
   spaces = [c for c in dict.fromkeys(text) if c.isspace()
             and tokenizer.unk_id is not None and tokenizer.unk_id in tokenizer.encode(c)]
   return pieces + spaces
-
-
-def use_compilation_cache():
-  """Keeps compiled programs in JAX's persistent cache, $TAPETE_CACHE/jax (default
-  ~/.cache/tapete/jax), or the one $JAX_COMPILATION_CACHE_DIR names: a CLI over a run compiles
-  its programs once, not at every start."""
-  from train.assets import cache
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", str(cache.cache_dir() / "jax"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def decoding_search(config, tokenizer: Tokenizer) -> decoding.Search:
