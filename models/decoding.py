@@ -18,14 +18,16 @@ Decoder-only prompts come in either convention: right-padded with their lengths
 continues from its own last token at its own positions, so the padding side and width do not
 change the answer.
 
-Their first halves, `prepare_decoder_only` and `prepare_encoder_decoder`, return
-(tokens_to_logits, cache, first_tokens_B) for any search. `prepare_decoder_only` takes
+The entry points compile with `decode_compiler_options()`: on a GPU, CUDA graphs that hold
+the whole token loop. Their first halves, `prepare_decoder_only` and `prepare_encoder_decoder`,
+return (tokens_to_logits, cache, first_tokens_B) for any search. `prepare_decoder_only` takes
 right-padded prompts: the padded prompt is prefilled into the cache in one call, then decoding
 restarts from each example's last real token, so every example continues from its own length.
 """
 
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -257,13 +259,14 @@ COMMAND_BUFFER_COMMANDS = ("FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "CUDNN
 def decode_compiler_options(backend: str | None = None) -> dict[str, str]:
   """XLA options for compiling a decoding loop on `backend` (default: jax's default backend).
 
-  On a CUDA GPU, command buffers (CUDA graphs) that also take in while loops and conditionals:
-  the token loop replays as recorded graphs instead of launching a token's few hundred small
+  On a GPU, command buffers (CUDA graphs) that also take in while loops and conditionals: the
+  token loop replays as recorded graphs instead of launching a token's few hundred small
   kernels one by one. XLA's default list lacks WHILE and CONDITIONAL; the names are XLA's
-  DebugOptions.CommandBufferCmdType values. Elsewhere none: CPU and TPU get no GPU option.
+  DebugOptions.CommandBufferCmdType values. None elsewhere (CPU and TPU get no GPU option),
+  nor where XLA_FLAGS already sets --xla_gpu_enable_command_buffer (the user's choice stands).
   """
   backend = jax.default_backend() if backend is None else backend
-  if backend != "gpu":
+  if backend != "gpu" or "xla_gpu_enable_command_buffer" in os.environ.get("XLA_FLAGS", ""):
     return {}
   return {"xla_gpu_enable_command_buffer": ",".join(COMMAND_BUFFER_COMMANDS)}
 

@@ -174,7 +174,8 @@ def test_the_default_interval_is_16_on_a_gpu_only(monkeypatch):
 
 def test_command_buffers_that_take_in_the_loop_are_a_gpu_option_only(monkeypatch):
   """On a GPU the loops compile with WHILE among the command buffer types, spelled as this XLA
-  reads them (a name it lacks fails the compile, on any backend); elsewhere no option at all."""
+  reads them (a name it lacks fails the compile, on any backend), unless XLA_FLAGS sets them;
+  elsewhere no option at all."""
   assert decoding.decode_compiler_options() == {} == decoding.decode_compiler_options("tpu")
   monkeypatch.setattr(decoding.jax, "default_backend", lambda: "gpu")
   options = decoding.decode_compiler_options()
@@ -182,6 +183,8 @@ def test_command_buffers_that_take_in_the_loop_are_a_gpu_option_only(monkeypatch
   loop = jax.jit(lambda x: jax.lax.while_loop(lambda x: x < 5, lambda x: x + 1, x),
                  compiler_options=options)
   assert int(loop(jnp.int32(0))) == 5
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")  # The user's choice.
+  assert decoding.decode_compiler_options() == {}
 
 
 def full_width_greedy(model):
