@@ -418,32 +418,34 @@ class MultiHeadAttention(nn.Module):
         kernel_init=nn.with_logical_partitioning(self.kernel_init, names),
         bias_init=nn.with_logical_partitioning(self.bias_init, names[-num_out_axes:]))
 
-  def _projection(self, in_features, heads, heads_name, name):
-    """(kernel [in, heads, H], bias [heads, H] or None) of the projection `name`."""
+  def _grouped_projection(self, name, in_features, heads, heads_name):
+    """(kernel [in, K, heads / K, H], bias [K, heads / K, H] or None) of the projection `name`:
+    the query's N heads as K groups of G = N / K, each group next to the key head it shares."""
+    K, H = self.num_kv_heads or self.num_heads, self.head_dim
     use_bias = self.use_bias if self.qkv_bias is None else self.qkv_bias
-    return _Projection((heads, self.head_dim), ("embed", heads_name, "head_dim"), use_bias,
-                       self.param_dtype, self.kernel_init, self.bias_init, name=name)(in_features)
+    kernel_bias = _Projection((heads, H), ("embed", heads_name, "head_dim"), use_bias,
+                              self.param_dtype, self.kernel_init, self.bias_init,
+                              name=name)(in_features)
+    return tuple(None if x is None else x.reshape(*x.shape[:-2], K, heads // K, H)
+                 for x in kernel_bias)
 
   def _queries_keys_values(self, inputs_q_BTD, inputs_kv_BSD, project_kv):
     """q [B, T, N, H] and, if project_kv, k and v [B, S, K, H] (else None, None)."""
     N, H = self.num_heads, self.head_dim
     K = self.num_kv_heads or N
-    G = N // K
-    query = self._projection(inputs_q_BTD.shape[-1], N, "heads", "query")
-    grouped = lambda kernel_bias, g: tuple(  # [D, K*g, H] -> [D, K, g, H], bias likewise.
-        None if x is None else x.reshape(*x.shape[:-2], K, g, H) for x in kernel_bias)
+    query = self._grouped_projection("query", inputs_q_BTD.shape[-1], N, "heads")
+    as_BTNH = lambda q_BTKGH: q_BTKGH.reshape(*q_BTKGH.shape[:-3], N, H)
     if not project_kv:
-      return _project(inputs_q_BTD, [grouped(query, G)], self.dtype)[0].reshape(
-          *inputs_q_BTD.shape[:-1], N, H), None, None
-    key = self._projection(inputs_kv_BSD.shape[-1], K, "kv_heads", "key")
-    value = self._projection(inputs_kv_BSD.shape[-1], K, "kv_heads", "value")
-    kv = [grouped(key, 1), grouped(value, 1)]
+      q_BTKGH, = _project(inputs_q_BTD, [query], self.dtype)
+      return as_BTNH(q_BTKGH), None, None
+    key, value = (self._grouped_projection(name, inputs_kv_BSD.shape[-1], K, "kv_heads")
+                  for name in ("key", "value"))
     if inputs_kv_BSD is inputs_q_BTD and _one_matmul_keeps_heads_local(K):
-      q_BTKGH, k_BSK1H, v_BSK1H = _project(inputs_q_BTD, [grouped(query, G)] + kv, self.dtype)
+      q_BTKGH, k_BSK1H, v_BSK1H = _project(inputs_q_BTD, [query, key, value], self.dtype)
     else:
-      q_BTKGH, = _project(inputs_q_BTD, [grouped(query, G)], self.dtype)
-      k_BSK1H, v_BSK1H = _project(inputs_kv_BSD, kv, self.dtype)
-    return q_BTKGH.reshape(*q_BTKGH.shape[:-3], N, H), k_BSK1H[..., 0, :], v_BSK1H[..., 0, :]
+      q_BTKGH, = _project(inputs_q_BTD, [query], self.dtype)
+      k_BSK1H, v_BSK1H = _project(inputs_kv_BSD, [key, value], self.dtype)
+    return as_BTNH(q_BTKGH), k_BSK1H[..., 0, :], v_BSK1H[..., 0, :]
 
   @nn.compact
   def __call__(self, inputs_q_BTD, inputs_kv_BSD=None, *, mask=None, bias=None, is_causal=False,
