@@ -115,13 +115,13 @@ def prepare_decoder_only(module, params: PyTree, prompt_BT: jax.Array,
   set back to length - 1, so that the first decoding step feeds the last real prompt token
   again (rewriting the same cache slot) and each example continues from its own length.
   Prompt lengths must be >= 1 (start empty prompts with a BOS token). With prompt_lengths_B
-  None (every row fills the width) the rows write the cache at one slot, one
+  None (every row fills the width), or one row, the rows write the cache at one slot: one
   `dynamic_update_slice` a step (`attention.rows_share_cache_slot`).
   """
   batch, prompt_len = prompt_BT.shape
   cache_len = prompt_len + max_new_tokens - 1
   _check_positions_fit(module, cache_len)
-  rows_share_slot = prompt_lengths_B is None
+  rows_share_slot = prompt_lengths_B is None or batch == 1
   if prompt_lengths_B is None:
     prompt_lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
 

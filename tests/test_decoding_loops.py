@@ -196,13 +196,17 @@ def full_width_greedy(model):
   return tokens_BT[:, -N:]
 
 
-def test_prompts_of_one_length_decode_greedily_as_full_forward_passes():
-  """Rows that share their cache slot (written by one dynamic_update_slice) decode the tokens
-  of repeated full forward passes."""
+def test_rows_that_share_their_cache_slot_decode_greedily_as_full_forward_passes():
+  """Prompts of one length, or one prompt, write the cache with one dynamic_update_slice and
+  decode the tokens of repeated full forward passes."""
   model = build(LM, "gpt2")
   out = decoding.generate_decoder_only(model.module, model.params, jnp.asarray(model.prompt),
                                        None, decoding.Search(max_new_tokens=N))
   np.testing.assert_array_equal(out.tokens_BN, full_width_greedy(model))
+  one_row = decoding.generate_decoder_only(  # A padded prompt: its row alone shares its slot.
+      model.module, model.params, jnp.asarray(model.prompt[:1]), jnp.asarray(model.lengths[:1]),
+      decoding.Search(max_new_tokens=N))
+  np.testing.assert_array_equal(one_row.tokens_BN[0], reference_greedy(model, None)[0])
 
 
 @pytest.mark.parametrize("rows_share_slot", [True, False])
