@@ -197,7 +197,8 @@ def _decode_loop(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B
                  - jax.nn.logsumexp(logits_BV, axis=-1))
     done_B = state.done_B if eos_id is None else state.done_B | _is_eos(next_B, eos_id)
     return _LoopState(step=state.step + 1,
-                      tokens_BN=state.tokens_BN.at[:, state.step].set(next_B),
+                      tokens_BN=lax.dynamic_update_slice_in_dim(
+                          state.tokens_BN, next_B[:, None], state.step, axis=1),
                       last_B=next_B, done_B=done_B,
                       logprobs_B=state.logprobs_B + jnp.where(state.done_B, 0.0, logprob_B),
                       cache=cache)
