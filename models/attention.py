@@ -15,6 +15,8 @@ Fused kernels for packed causal self-attention (cuDNN's packed layout, Pallas on
 on TPU) live in models/attention_kernels.py; `dot_product_attention` chooses among them.
 """
 
+import contextlib
+import contextvars
 import functools
 from typing import Any
 
@@ -383,7 +385,10 @@ class MultiHeadAttention(nn.Module):
   """Multi-head attention with grouped-query heads, RoPE, a KV cache and weight inspection.
 
   Parameters are laid out as flax's `MultiHeadDotProductAttention` (`query`, `key`, `value`,
-  `out`), so weights copy across when num_kv_heads == num_heads.
+  `out`), so weights copy across when num_kv_heads == num_heads. The query, key and value
+  projections of self-attention run as one matmul (and the keys and values of
+  cross-attention as one): their kernels are joined at apply time (see `_project`), so
+  parameters, checkpoints and adapters keep the three names.
 
   Attention weights: when the collection "attention_weights" is mutable (and the module is
   not initializing), the reference path runs and sows the float32 weights [B, N, T, S] as
@@ -395,16 +400,18 @@ class MultiHeadAttention(nn.Module):
   (Mistral); positions are indices in the sequence (cache slots when decoding).
 
   Decoding (decode=True, self-attention): the "cache" collection holds `cached_key` and
-  `cached_value` [B, L, K, H] and a per-example `cache_index` [B]. The first call (init) creates
+  `cached_value` [B, K, L, H] (the layout the attention products read in place, so a decoded
+  token copies no cache) and a per-example `cache_index` [B]. The first call (init) creates
   them with L = the input length and computes normally. Later calls write the chunk's keys and
-  values at cache_index[b] + arange(T), let query t attend cache slots s <= cache_index[b] + t
-  (and s > cache_index[b] + t - W with a sliding window; this replaces `is_causal`; a caller
-  mask or bias must have S = L), take RoPE positions cache_index[b] + arange(T) by default, and
-  advance cache_index by T. Writes past L are
+  values at cache_index[b] + arange(T) (in place: one `dynamic_update_slice` under
+  `rows_share_cache_slot`, else a per-row scatter), let query t attend cache slots
+  s <= cache_index[b] + t (and s > cache_index[b] + t - W with a sliding window; this replaces
+  `is_causal`; a caller mask or bias must have S = L), take RoPE positions
+  cache_index[b] + arange(T) by default, and advance cache_index by T. Writes past L are
   dropped, so queries past L see a stale cache: size L for the longest prompt + generation.
   Cross-attention (inputs_kv given) with decode=True projects inputs_kv to keys and values
-  [B, S, K, H] on the first call only and keeps them in the cache (`cached_key`,
-  `cached_value`); later calls use those and read only inputs_kv's length, so they must pass
+  on the first call only and keeps them in the cache (`cached_key`, `cached_value`
+  [B, K, S, H]); later calls use those and read only inputs_kv's length, so they must pass
   the same encoded input (re-initialise the cache for another).
   """
   num_heads: int
@@ -434,12 +441,41 @@ class MultiHeadAttention(nn.Module):
         kernel_init=nn.with_logical_partitioning(self.kernel_init, names),
         bias_init=nn.with_logical_partitioning(self.bias_init, names[-num_out_axes:]))
 
+  def _grouped_projection(self, name, in_features, heads, heads_name):
+    """(kernel [in, K, heads / K, H], bias [K, heads / K, H] or None) of the projection `name`:
+    the query's N heads as K groups of G = N / K, each group next to the key head it shares."""
+    K, H = self.num_kv_heads or self.num_heads, self.head_dim
+    use_bias = self.use_bias if self.qkv_bias is None else self.qkv_bias
+    kernel_bias = _Projection((heads, H), ("embed", heads_name, "head_dim"), use_bias,
+                              self.param_dtype, self.kernel_init, self.bias_init,
+                              name=name)(in_features)
+    return tuple(None if x is None else x.reshape(*x.shape[:-2], K, heads // K, H)
+                 for x in kernel_bias)
+
+  def _queries_keys_values(self, inputs_q_BTD, inputs_kv_BSD, project_kv):
+    """q [B, T, N, H] and, if project_kv, k and v [B, S, K, H] (else None, None)."""
+    N, H = self.num_heads, self.head_dim
+    K = self.num_kv_heads or N
+    query = self._grouped_projection("query", inputs_q_BTD.shape[-1], N, "heads")
+    as_BTNH = lambda q_BTKGH: q_BTKGH.reshape(*q_BTKGH.shape[:-3], N, H)
+    if not project_kv:
+      q_BTKGH, = _project(inputs_q_BTD, [query], self.dtype)
+      return as_BTNH(q_BTKGH), None, None
+    key, value = (self._grouped_projection(name, inputs_kv_BSD.shape[-1], K, "kv_heads")
+                  for name in ("key", "value"))
+    if inputs_kv_BSD is inputs_q_BTD and _one_matmul_keeps_heads_local(K):
+      q_BTKGH, k_BSK1H, v_BSK1H = _project(inputs_q_BTD, [query, key, value], self.dtype)
+    else:
+      q_BTKGH, = _project(inputs_q_BTD, [query], self.dtype)
+      k_BSK1H, v_BSK1H = _project(inputs_kv_BSD, [key, value], self.dtype)
+    return as_BTNH(q_BTKGH), k_BSK1H[..., 0, :], v_BSK1H[..., 0, :]
+
   @nn.compact
   def __call__(self, inputs_q_BTD, inputs_kv_BSD=None, *, mask=None, bias=None, is_causal=False,
                query_segment_ids=None, kv_segment_ids=None, positions=None, kv_positions=None,
                decode=False, deterministic=True):
     """Attends inputs_q to inputs_kv (None: to itself); returns [B, T, out_features]."""
-    N, H = self.num_heads, self.head_dim
+    N = self.num_heads
     K = self.num_kv_heads or N
     if N % K:
       raise ValueError(f"num_heads={N} must be a multiple of num_kv_heads={K}.")
@@ -448,17 +484,10 @@ class MultiHeadAttention(nn.Module):
       raise ValueError("sliding_window applies to self-attention only; leave it None for "
                        "cross-attention.")
     inputs_kv_BSD = inputs_q_BTD if self_attention else inputs_kv_BSD
-    q_BTNH = self._dense((N, H), -1, ("embed", "heads", "head_dim"), "query",
-                         self.qkv_bias)(inputs_q_BTD)
     cached_cross = decode and not self_attention
-    cross_kv = self._cached_cross_kv(q_BTNH, inputs_kv_BSD) if cached_cross else None
-    if cross_kv is None:
-      k_BSKH = self._dense((K, H), -1, ("embed", "kv_heads", "head_dim"), "key",
-                           self.qkv_bias)(inputs_kv_BSD)
-      v_BSKH = self._dense((K, H), -1, ("embed", "kv_heads", "head_dim"), "value",
-                           self.qkv_bias)(inputs_kv_BSD)
-    else:
-      k_BSKH, v_BSKH = cross_kv
+    cross_kv_BKSH = self._cached_cross_kv(inputs_q_BTD, inputs_kv_BSD) if cached_cross else None
+    q_BTNH, k_BSKH, v_BSKH = self._queries_keys_values(inputs_q_BTD, inputs_kv_BSD,
+                                                       project_kv=cross_kv_BKSH is None)
 
     use_cache = decode and self_attention
     if use_cache and (query_segment_ids is not None or kv_segment_ids is not None):
@@ -470,36 +499,46 @@ class MultiHeadAttention(nn.Module):
       if positions is None:
         positions = jnp.arange(T)[None] if index_B is None else index_B[:, None] + jnp.arange(T)
       if kv_positions is None:
-        kv_positions = positions if self_attention else jnp.arange(k_BSKH.shape[1])[None]
+        kv_positions = positions if self_attention else jnp.arange(inputs_kv_BSD.shape[1])[None]
       rope = functools.partial(apply_rope, max_wavelength=self.rope_max_wavelength,
                                llama3_scaling=self.rope_llama3_scaling)
       q_BTNH = rope(q_BTNH, positions)
-      if cross_kv is None:
+      if k_BSKH is not None:
         k_BSKH = rope(k_BSKH, kv_positions)
-    if cached_cross and cross_kv is None:
-      self.variable("cache", "cached_key", lambda: k_BSKH)
-      self.variable("cache", "cached_value", lambda: v_BSKH)
+    if cached_cross and cross_kv_BKSH is None:
+      self.variable("cache", "cached_key", lambda: _heads_first(k_BSKH))
+      self.variable("cache", "cached_value", lambda: _heads_first(v_BSKH))
     window = None if self.sliding_window is None else self.sliding_window - 1
+    kv_BKSH = cross_kv_BKSH  # Keys and values [B, K, S, H] as a cache holds them, or None.
     if use_cache:
-      k_BSKH, v_BSKH, cache_mask_B1TL = self._update_cache(k_BSKH, v_BSKH, index_B)
-      if cache_mask_B1TL is not None:
+      written = self._update_cache(k_BSKH, v_BSKH, index_B)
+      if written is not None:
+        *kv_BKSH, cache_mask_B1TL = written
         mask, is_causal, window = combine_masks(mask, cache_mask_B1TL), False, None
 
-    attend = functools.partial(
-        dot_product_attention, q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias,
-        is_causal=is_causal, query_segment_ids=query_segment_ids,
-        kv_segment_ids=kv_segment_ids, scale=self.scale, local_window_size=window)
     use_dropout = self.dropout_rate > 0.0 and not deterministic
     sow_weights = self.is_mutable_collection("attention_weights") and not self.is_initializing()
-    if use_dropout or sow_weights:
-      x_BTNH, weights_BNTS = attend(implementation="reference", return_weights=True)
-      if sow_weights:
-        self.sow("attention_weights", "weights", weights_BNTS)
-      if use_dropout:
-        dropped_BNTS = nn.Dropout(self.dropout_rate)(weights_BNTS, deterministic=False)
-        x_BTNH = _weighted_values(dropped_BNTS, v_BSKH).astype(q_BTNH.dtype)
+    if (kv_BKSH is not None and not (use_dropout or sow_weights)
+        and self.implementation in (None, "xla")
+        and query_segment_ids is None and kv_segment_ids is None):
+      x_BTNH = _attend_cache(q_BTNH, *kv_BKSH, mask=mask, bias=bias,
+                             scale=self.scale, is_causal=is_causal)
     else:
-      x_BTNH = attend(implementation=self.implementation)
+      if kv_BKSH is not None:
+        k_BSKH, v_BSKH = (jnp.swapaxes(x, 1, 2) for x in kv_BKSH)
+      attend = functools.partial(
+          dot_product_attention, q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias,
+          is_causal=is_causal, query_segment_ids=query_segment_ids,
+          kv_segment_ids=kv_segment_ids, scale=self.scale, local_window_size=window)
+      if use_dropout or sow_weights:
+        x_BTNH, weights_BNTS = attend(implementation="reference", return_weights=True)
+        if sow_weights:
+          self.sow("attention_weights", "weights", weights_BNTS)
+        if use_dropout:
+          dropped_BNTS = nn.Dropout(self.dropout_rate)(weights_BNTS, deterministic=False)
+          x_BTNH = _weighted_values(dropped_BNTS, v_BSKH).astype(q_BTNH.dtype)
+      else:
+        x_BTNH = attend(implementation=self.implementation)
     out_features = self.out_features or inputs_q_BTD.shape[-1]
     return self._dense(out_features, (-2, -1), ("heads", "head_dim", "embed"), "out")(x_BTNH)
 
@@ -508,39 +547,167 @@ class MultiHeadAttention(nn.Module):
     if not self.has_variable("cache", "cached_key"):
       return None
     B, T = q_BTNH.shape[:2]
-    cache_B, cache_len = self.get_variable("cache", "cached_key").shape[:2]
+    cached_key = self.get_variable("cache", "cached_key")
+    cache_B, cache_len = cached_key.shape[0], cached_key.shape[2]
     if B != cache_B or T > cache_len:
       raise ValueError(f"Input batch {B} and chunk length {T} do not fit the cache "
                        f"[B={cache_B}, L={cache_len}]; re-initialise the cache.")
     return self.get_variable("cache", "cache_index")
 
-  def _cached_cross_kv(self, q_BTNH, inputs_kv_BSD):
-    """The cross-attention keys and values kept by the first decode call; None before it."""
+  def _cached_cross_kv(self, inputs_q_BTD, inputs_kv_BSD):
+    """The cross-attention keys and values [B, K, S, H] kept by the first decode call; None
+    before it."""
     if not self.has_variable("cache", "cached_key"):
       return None
     cached_key = self.get_variable("cache", "cached_key")
-    (B, S), (cache_B, cache_S) = (q_BTNH.shape[0], inputs_kv_BSD.shape[1]), cached_key.shape[:2]
+    (B, S), (cache_B, cache_S) = (inputs_q_BTD.shape[0], inputs_kv_BSD.shape[1]), (
+        cached_key.shape[0], cached_key.shape[2])
     if B != cache_B or S != cache_S:
       raise ValueError(f"Input batch {B} and encoded length {S} do not fit the cross-attention "
                        f"cache [B={cache_B}, S={cache_S}]; re-initialise the cache.")
     return cached_key, self.get_variable("cache", "cached_value")
 
   def _update_cache(self, k_BTKH, v_BTKH, index_B):
-    """Writes the chunk into the cache: (keys, values, mask [B, 1, T, L]); at init, no mask."""
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, k_BTKH.shape, k_BTKH.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, v_BTKH.shape, v_BTKH.dtype)
+    """Writes the chunk into the cache: (keys, values [B, K, L, H], mask [B, 1, T, L]); at init
+    (index_B None), creates the cache and returns None."""
+    shape_BKTH = _heads_first(k_BTKH).shape
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, shape_BKTH, k_BTKH.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, shape_BKTH, v_BTKH.dtype)
     cache_index = self.variable("cache", "cache_index", jnp.zeros, k_BTKH.shape[:1], jnp.int32)
     if index_B is None:
-      return k_BTKH, v_BTKH, None
-    B, T = k_BTKH.shape[:2]
-    L = cached_key.value.shape[1]
-    slots_BT = index_B[:, None] + jnp.arange(T)
-    batch_B1 = jnp.arange(B)[:, None]
-    cached_key.value = cached_key.value.at[batch_B1, slots_BT].set(k_BTKH, mode="drop")
-    cached_value.value = cached_value.value.at[batch_B1, slots_BT].set(v_BTKH, mode="drop")
+      return None
+    T, L = k_BTKH.shape[1], cached_key.value.shape[2]
+    cached_key.value = _write_chunk(cached_key.value, _heads_first(k_BTKH), index_B)
+    cached_value.value = _write_chunk(cached_value.value, _heads_first(v_BTKH), index_B)
     cache_index.value = index_B + T
-    slots_L, slots_B1T1 = jnp.arange(L)[None, None, None, :], slots_BT[:, None, :, None]
+    slots_L, slots_B1T1 = jnp.arange(L)[None, None, None, :], (index_B[:, None] + jnp.arange(T))[
+        :, None, :, None]
     mask_B1TL = slots_L <= slots_B1T1
     if self.sliding_window is not None:
       mask_B1TL &= slots_L > slots_B1T1 - self.sliding_window
     return cached_key.value, cached_value.value, mask_B1TL
+
+
+class _Projection(nn.Module):
+  """The kernel [D, *features] and bias [*features] that `nn.DenseGeneral(features)` makes
+  (same names, shapes, init and logical axes `names`), returned unapplied so that several
+  projections can run as one matmul (`_project`)."""
+  features: tuple[int, ...]
+  names: tuple[str, ...]
+  use_bias: bool
+  param_dtype: Any
+  kernel_init: nn.initializers.Initializer
+  bias_init: nn.initializers.Initializer
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    out_size = int(np.prod(self.features))
+
+    def flat(init, flat_shape):  # As DenseGeneral: initialised as a matrix, then reshaped.
+      return lambda rng, shape, dtype: jnp.reshape(init(rng, flat_shape, dtype), shape)
+
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(flat(self.kernel_init, (in_features, out_size)), self.names),
+        (in_features, *self.features), self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param(
+          "bias", nn.with_logical_partitioning(flat(self.bias_init, (out_size,)), self.names[1:]),
+          self.features, self.param_dtype)
+    return kernel, bias
+
+
+def _project(x_BSD, projections, dtype):
+  """x through each (kernel [D, K, g, H], bias [K, g, H] or None) as one matmul: the kernels
+  are joined on their g axis, so a mesh that splits K splits every one of them alike.
+  Returns [B, S, K, g, H] per projection, computed as `nn.DenseGeneral` does in `dtype`."""
+  kernel_DKGH = jnp.concatenate([jnp.asarray(k, dtype) for k, _ in projections], axis=2)
+  x_BSD = jnp.asarray(x_BSD, dtype)
+  out_BSKGH = jax.lax.dot_general(x_BSD, kernel_DKGH, (((x_BSD.ndim - 1,), (0,)), ((), ())))
+  if projections[0][1] is not None:
+    out_BSKGH += jnp.concatenate([jnp.asarray(b, dtype) for _, b in projections], axis=1)
+  splits = np.cumsum([k.shape[2] for k, _ in projections])[:-1]
+  return jnp.split(out_BSKGH, splits, axis=-2)
+
+
+def _one_matmul_keeps_heads_local(num_kv_heads: int) -> bool:
+  """Whether joining the query, key and value kernels keeps each device's heads on it.
+
+  False only under a mesh that `train.parallel.on_mesh` traces with heads split over more
+  devices than divide the K key/value heads: the key and value kernels then stay whole while
+  the query kernel is split, and joining them would gather it; the query projection runs
+  apart then.
+  """
+  mesh, split_axes = jax.sharding.get_abstract_mesh(), attention_kernels._SPLIT_AXES.get()
+  if mesh.empty or split_axes is None:
+    return True
+  head_devices = int(np.prod([mesh.shape[axis] for axis in split_axes[1]]))
+  return num_kv_heads % head_devices == 0
+
+
+def _heads_first(x_BSKH):
+  """[B, S, K, H] -> [B, K, S, H], the cache layout."""
+  return jnp.swapaxes(x_BSKH, 1, 2)
+
+
+_ROWS_SHARE_CACHE_SLOT = contextvars.ContextVar("rows_share_cache_slot", default=False)
+
+
+@contextlib.contextmanager
+def rows_share_cache_slot(shared: bool = True):
+  """Within it (while tracing), decode=True calls promise that every row of the batch writes
+  its chunk at the same cache slot, cache_index[0], and inside the cache: the write is then one
+  `dynamic_update_slice`, not a per-row scatter. models/decoding.py uses it where that holds."""
+  token = _ROWS_SHARE_CACHE_SLOT.set(shared)
+  try:
+    yield
+  finally:
+    _ROWS_SHARE_CACHE_SLOT.reset(token)
+
+
+def _write_chunk(cache_BKLH, chunk_BKTH, index_B):
+  """The cache with row b's chunk at slots index_B[b] + arange(T), written in place: one
+  `dynamic_update_slice` under `rows_share_cache_slot`, else a per-row scatter, which drops
+  the writes past the cache's length L."""
+  B, K, T, _ = chunk_BKTH.shape
+  chunk_BKTH = chunk_BKTH.astype(cache_BKLH.dtype)
+  if _ROWS_SHARE_CACHE_SLOT.get():
+    return jax.lax.dynamic_update_slice(cache_BKLH, chunk_BKTH, (0, 0, index_B[0], 0))
+  slots_B1T = (index_B[:, None] + jnp.arange(T))[:, None, :]
+  rows_B11, heads_1K1 = jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None]
+  return cache_BKLH.at[rows_B11, heads_1K1, slots_B1T].set(chunk_BKTH, mode="drop")
+
+
+def _attend_cache(q_BTNH, k_BKSH, v_BKSH, *, mask, bias, scale, is_causal):
+  """Attention over keys and values in the cache layout [B, K, S, H], read in place.
+
+  Computes as dot_product_attention's "xla" path does (float32 logits and softmax, masked
+  logits set to the same finite number), with einsums whose operands need no transpose of
+  the cache: a decoded token copies none of it.
+  """
+  (B, T, N, H), (K, S) = q_BTNH.shape, k_BKSH.shape[1:3]
+  G = N // K
+  k_BKSH, v_BKSH = k_BKSH.astype(q_BTNH.dtype), v_BKSH.astype(q_BTNH.dtype)
+  q_BKGTH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+  logits_dtype = jnp.promote_types(q_BTNH.dtype, jnp.float32)
+  logits_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH,
+                            preferred_element_type=logits_dtype)
+  logits_BKGTS *= jnp.asarray(1.0 / np.sqrt(H) if scale is None else scale, logits_dtype)
+  if bias is not None:
+    bias_BKGTS = _split_heads(_as_4d("bias", bias, (B, N, T, S)), K)
+    logits_BKGTS = (logits_BKGTS + bias_BKGTS).astype(logits_dtype)
+  mask = combine_masks(mask, causal_mask(T, S) if is_causal else None)
+  if mask is not None:
+    mask_BKGTS = _split_heads(_as_4d("mask", mask, (B, N, T, S)), K)
+    logits_BKGTS = jnp.where(mask_BKGTS, logits_BKGTS, jnp.asarray(_MASKED_LOGIT, logits_dtype))
+  weights_BKGTS = jax.nn.softmax(logits_BKGTS.astype(jnp.float32), axis=-1).astype(v_BKSH.dtype)
+  out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", weights_BKGTS, v_BKSH)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+def _split_heads(x_bnTS, num_kv_heads):
+  """A mask or bias [b, n, T, S] (n = N heads, or 1) as [b, K, N / K, T, S] (or [b, 1, 1, ...])."""
+  b, n = x_bnTS.shape[:2]
+  K, G = (num_kv_heads, n // num_kv_heads) if n > 1 else (1, 1)
+  return x_bnTS.reshape(b, K, G, *x_bnTS.shape[2:])

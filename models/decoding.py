@@ -18,14 +18,16 @@ Decoder-only prompts come in either convention: right-padded with their lengths
 continues from its own last token at its own positions, so the padding side and width do not
 change the answer.
 
-Their first halves, `prepare_decoder_only` and `prepare_encoder_decoder`, return
-(tokens_to_logits, cache, first_tokens_B) for any search. `prepare_decoder_only` takes
+The entry points compile with `decode_compiler_options()`: on a GPU, CUDA graphs that hold
+the whole token loop. Their first halves, `prepare_decoder_only` and `prepare_encoder_decoder`,
+return (tokens_to_logits, cache, first_tokens_B) for any search. `prepare_decoder_only` takes
 right-padded prompts: the padded prompt is prefilled into the cache in one call, then decoding
 restarts from each example's last real token, so every example continues from its own length.
 """
 
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -33,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import attention
 from models.searches import (  # noqa: F401  (greedy, sample, beam_search: re-exported)
     BeamSearchOutput, Decoded, EosIds, PyTree, TokensToLogits, beam_search,
     check_eos_check_every, check_max_new_tokens, expand_to_beams, greedy, sample)
@@ -111,24 +114,29 @@ def prepare_decoder_only(module, params: PyTree, prompt_BT: jax.Array,
   The whole padded prompt goes through the model in one call; then every `cache_index` is
   set back to length - 1, so that the first decoding step feeds the last real prompt token
   again (rewriting the same cache slot) and each example continues from its own length.
-  Prompt lengths must be >= 1 (start empty prompts with a BOS token).
+  Prompt lengths must be >= 1 (start empty prompts with a BOS token). With prompt_lengths_B
+  None (every row fills the width), or one row, the rows write the cache at one slot: one
+  `dynamic_update_slice` a step (`attention.rows_share_cache_slot`).
   """
   batch, prompt_len = prompt_BT.shape
   cache_len = prompt_len + max_new_tokens - 1
   _check_positions_fit(module, cache_len)
+  rows_share_slot = prompt_lengths_B is None or batch == 1
   if prompt_lengths_B is None:
     prompt_lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
 
-  def tokens_to_logits(tokens_BT, cache):
-    logits_BTV, variables = module.apply({"params": params, "cache": cache}, tokens_BT,
-                                         decode=True, mutable=["cache"])
+  def logits_and_cache(tokens_BT, cache, rows_share_slot):
+    with attention.rows_share_cache_slot(rows_share_slot):
+      logits_BTV, variables = module.apply({"params": params, "cache": cache}, tokens_BT,
+                                           decode=True, mutable=["cache"])
     return logits_BTV[:, -1], variables["cache"]
 
   _, variables = module.apply({"params": params}, jnp.zeros((batch, cache_len), jnp.int32),
                               decode=True, mutable=["cache"])
-  _, cache = tokens_to_logits(prompt_BT, variables["cache"])
+  _, cache = logits_and_cache(prompt_BT, variables["cache"], True)  # All rows from slot 0.
   last_B = jnp.asarray(prompt_lengths_B, jnp.int32) - 1
   first_tokens_B = jnp.take_along_axis(prompt_BT, last_B[:, None], axis=1)[:, 0]
+  tokens_to_logits = functools.partial(logits_and_cache, rows_share_slot=rows_share_slot)
   return tokens_to_logits, set_cache_index(cache, last_B), first_tokens_B
 
 
@@ -151,9 +159,10 @@ def prepare_encoder_decoder(module, params: PyTree, encoder_tokens_BS: jax.Array
   encoded_FSD, mask_FS = expand_to_beams((encoded_BSD, encoder_padding_mask_BS), copies)
 
   def tokens_to_logits(tokens_B1, cache):
-    logits_B1V, variables = module.apply(
-        {"params": params, "cache": cache}, encoded_FSD, tokens_B1, encoder_padding_mask=mask_FS,
-        decode=True, method="decode", mutable=["cache"])
+    with attention.rows_share_cache_slot():  # Every row decodes from slot 0, one a step.
+      logits_B1V, variables = module.apply(
+          {"params": params, "cache": cache}, encoded_FSD, tokens_B1,
+          encoder_padding_mask=mask_FS, decode=True, method="decode", mutable=["cache"])
     return logits_B1V[:, -1], variables["cache"]
 
   first_tokens_B = jnp.full((batch,), decoder_start_id, jnp.int32)
@@ -187,8 +196,9 @@ def pad_batch(token_lists: Sequence[Sequence[int]], *, pad_id: int = 0, width: i
   return PaddedBatch(tokens_BT, mask_BT, lengths_B)
 
 
-def _prompt_lengths(prompt_BT, prompt_lengths_B, padding_mask_BT) -> jax.Array:
-  """The prompts' lengths from either convention, checked where they are concrete values."""
+def _prompt_lengths(prompt_BT, prompt_lengths_B, padding_mask_BT) -> jax.Array | None:
+  """The prompts' lengths from either convention, checked where they are concrete values;
+  None when every row fills the width."""
   if jnp.ndim(prompt_BT) != 2:
     raise ValueError(f"prompt_BT must be 2-D [batch, width], got shape {jnp.shape(prompt_BT)}.")
   batch, width = jnp.shape(prompt_BT)
@@ -201,7 +211,7 @@ def _prompt_lengths(prompt_BT, prompt_lengths_B, padding_mask_BT) -> jax.Array:
                        f"prompts' shape {(batch, width)}.")
     lengths_B = jnp.sum(jnp.asarray(padding_mask_BT, bool), axis=1, dtype=jnp.int32)
   elif prompt_lengths_B is None:
-    return jnp.full((batch,), width, jnp.int32)
+    return None
   elif jnp.shape(prompt_lengths_B) != (batch,):
     raise ValueError(f"prompt_lengths_B has shape {jnp.shape(prompt_lengths_B)}; it must be "
                      f"[batch] = {(batch,)}.")
@@ -216,7 +226,7 @@ def _prompt_lengths(prompt_BT, prompt_lengths_B, padding_mask_BT) -> jax.Array:
     raise ValueError(f"Prompt lengths must be in [1, {width}] (the prompt width), but row(s) "
                      f"{bad.tolist()[:5]} have {concrete_B[bad].tolist()[:5]}; start an empty "
                      "prompt with a BOS token.")
-  return lengths_B
+  return None if np.all(concrete_B == width) else lengths_B
 
 
 def generate_decoder_only(module, params: PyTree, prompt_BT: jax.Array,
@@ -242,14 +252,41 @@ def _prompt_first(prompt_BT: jax.Array, padding_mask_BT: jax.Array) -> jax.Array
   return jnp.take_along_axis(jnp.asarray(prompt_BT), order_BT, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "search"))
+COMMAND_BUFFER_COMMANDS = ("FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "CUDNN",
+                           "CONDITIONAL", "WHILE")
+
+
+def decode_compiler_options(backend: str | None = None) -> dict[str, str]:
+  """XLA options for compiling a decoding loop on `backend` (default: jax's default backend).
+
+  On a GPU, command buffers (CUDA graphs) that also take in while loops and conditionals: the
+  token loop replays as recorded graphs instead of launching a token's few hundred small
+  kernels one by one. XLA's default list lacks WHILE and CONDITIONAL; the names are XLA's
+  DebugOptions.CommandBufferCmdType values. None elsewhere (CPU and TPU get no GPU option),
+  nor where XLA_FLAGS already sets --xla_gpu_enable_command_buffer (the user's choice stands).
+  """
+  backend = jax.default_backend() if backend is None else backend
+  if backend != "gpu" or "xla_gpu_enable_command_buffer" in os.environ.get("XLA_FLAGS", ""):
+    return {}
+  return {"xla_gpu_enable_command_buffer": ",".join(COMMAND_BUFFER_COMMANDS)}
+
+
+def _jit_for_decoding(fun, static_argnames: tuple[str, ...]):
+  """`fun` under jax.jit with `decode_compiler_options()`, chosen at the first call."""
+  jitted = functools.cache(lambda: jax.jit(fun, static_argnames=static_argnames,
+                                           compiler_options=decode_compiler_options()))
+  return functools.wraps(fun)(lambda *args, **kwargs: jitted()(*args, **kwargs))
+
+
 def _generate_decoder_only(module, params, prompt_BT, prompt_lengths_B, search, rng):
   tokens_to_logits, cache, first_tokens_B = prepare_decoder_only(
       module, params, prompt_BT, prompt_lengths_B, search.max_new_tokens)
   return search(tokens_to_logits, cache, first_tokens_B, rng)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "search", "decoder_start_id"))
+_generate_decoder_only = _jit_for_decoding(_generate_decoder_only, ("module", "search"))
+
+
 def generate_encoder_decoder(module, params: PyTree, encoder_tokens_BS: jax.Array,
                              search: Search, *, encoder_padding_mask_BS: jax.Array | None = None,
                              decoder_start_id: int, rng: jax.Array | None = None
@@ -260,3 +297,7 @@ def generate_encoder_decoder(module, params: PyTree, encoder_tokens_BS: jax.Arra
       decoder_start_id=decoder_start_id, max_new_tokens=search.max_new_tokens,
       copies=search.copies)
   return search(tokens_to_logits, cache, first_tokens_B, rng)
+
+
+generate_encoder_decoder = _jit_for_decoding(generate_encoder_decoder,
+                                             ("module", "search", "decoder_start_id"))

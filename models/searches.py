@@ -7,7 +7,7 @@ feeds one token per sequence and returns the next-token logits:
   tokens_to_logits(tokens_B1, cache) -> (logits_BV, new_cache)
 
 `cache` is any pytree whose leaves all lead with the batch dimension B (the model KV cache:
-`cached_key`, `cached_value` [B, L, K, H] and `cache_index` [B]). Beam search repeats
+`cached_key`, `cached_value` [B, K, L, H] and `cache_index` [B]). Beam search repeats
 every leaf per beam ([B * beam_size, ...], beams of one example next to each other) and
 reorders the leaves as it reorders the beams.
 
@@ -192,11 +192,13 @@ def _decode_loop(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B
     logits_BV = logits_BV.astype(jnp.float32)
     next_B = choose(logits_BV, state.step).astype(jnp.int32)
     next_B = jnp.where(state.done_B, pad_id, next_B)
-    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), next_B[:, None],
-                                    axis=-1)[:, 0]
+    # log softmax at the chosen token only: two reductions over the vocabulary, no [B, V] out.
+    logprob_B = (jnp.take_along_axis(logits_BV, next_B[:, None], axis=-1)[:, 0]
+                 - jax.nn.logsumexp(logits_BV, axis=-1))
     done_B = state.done_B if eos_id is None else state.done_B | _is_eos(next_B, eos_id)
     return _LoopState(step=state.step + 1,
-                      tokens_BN=state.tokens_BN.at[:, state.step].set(next_B),
+                      tokens_BN=lax.dynamic_update_slice_in_dim(
+                          state.tokens_BN, next_B[:, None], state.step, axis=1),
                       last_B=next_B, done_B=done_B,
                       logprobs_B=state.logprobs_B + jnp.where(state.done_B, 0.0, logprob_B),
                       cache=cache)

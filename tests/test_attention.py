@@ -446,7 +446,7 @@ def _step(m, params, **kwargs):
                                                         (10_000.0, 1, None), (10_000.0, 2, 3)])
 def test_prefill_then_steps_equal_full_forward(rope, num_kv_heads, window):
   m, params, cache, x = _decoder(rope, num_kv_heads, window)
-  assert cache["cached_key"].shape == cache["cached_value"].shape == (B, L, num_kv_heads, H)
+  assert cache["cached_key"].shape == cache["cached_value"].shape == (B, num_kv_heads, L, H)
   assert cache["cache_index"].shape == (B,) and cache["cache_index"].dtype == jnp.int32
   full = apply(m, {"params": params}, x, is_causal=True)
   if window:  # The last `window` keys: as a numpy band mask on the module without a window.
@@ -498,7 +498,7 @@ def test_cache_writes_past_its_length_are_dropped():
   cache = dict(cache, cache_index=jnp.array([L, 3], jnp.int32))
   _, cache = _step(m, params)(cache, x[:, :2])
   np.testing.assert_array_equal(cache["cached_key"][0], 0)
-  assert np.all(cache["cached_key"][1, 3:5] != 0)
+  assert np.all(cache["cached_key"][1, :, 3:5] != 0)
   np.testing.assert_array_equal(cache["cache_index"], [L + 2, 5])
 
 

@@ -52,15 +52,15 @@ def test_cross_keys_and_values_are_projected_once_and_kept_in_the_cache(name):
   decoder_params = nn.unbox(model.params)["decoder"]
   if name == "base_scanned":  # Layers stacked on axis 0 of the params, axis 1 of the cache.
     kernel_DKH = decoder_params["layers"]["cross_attention"]["key"]["kernel"][1]
-    kept_BSKH = cache["decoder"]["layers"]["cross_attention"]["cached_key"][:, 1]
+    kept_BKSH = cache["decoder"]["layers"]["cross_attention"]["cached_key"][:, 1]
   else:
     kernel_DKH = decoder_params["layers_1"]["cross_attention"]["key"]["kernel"]
-    kept_BSKH = cache["decoder"]["layers_1"]["cross_attention"]["cached_key"]
+    kept_BKSH = cache["decoder"]["layers_1"]["cross_attention"]["cached_key"]
   want_BSKH = np.einsum("bsd,dkh->bskh", np.asarray(encoded_BSD, np.float64),
                         np.asarray(kernel_DKH, np.float64))
   if name == "base_scanned":
     want_BSKH += np.asarray(decoder_params["layers"]["cross_attention"]["key"]["bias"][1])
-  np.testing.assert_allclose(kept_BSKH, want_BSKH, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.swapaxes(kept_BKSH, 1, 2), want_BSKH, rtol=1e-5, atol=1e-5)
 
 
 def test_a_cross_cache_of_another_shape_is_one_clear_error():

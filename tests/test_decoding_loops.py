@@ -172,24 +172,72 @@ def test_the_default_interval_is_16_on_a_gpu_only(monkeypatch):
   assert searches.eos_check_interval(None) == 16
 
 
-def test_greedy_decoding_writes_the_kv_cache_in_place():
-  """Every row writes its own cache slot (a scatter); XLA must do it in place: no copy of a
-  cache-sized buffer runs inside the loops, only the zero cache's copies before them."""
+def test_command_buffers_that_take_in_the_loop_are_a_gpu_option_only(monkeypatch):
+  """On a GPU the loops compile with WHILE among the command buffer types, spelled as this XLA
+  reads them (a name it lacks fails the compile, on any backend), unless XLA_FLAGS sets them;
+  elsewhere no option at all."""
+  assert decoding.decode_compiler_options() == {} == decoding.decode_compiler_options("tpu")
+  monkeypatch.setattr(decoding.jax, "default_backend", lambda: "gpu")
+  options = decoding.decode_compiler_options()
+  assert "WHILE" in options["xla_gpu_enable_command_buffer"].split(",")
+  loop = jax.jit(lambda x: jax.lax.while_loop(lambda x: x < 5, lambda x: x + 1, x),
+                 compiler_options=options)
+  assert int(loop(jnp.int32(0))) == 5
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")  # The user's choice.
+  assert decoding.decode_compiler_options() == {}
+
+
+def full_width_greedy(model):
+  """Argmax over full forward passes (no cache) of prompts that fill their width."""
+  tokens_BT = np.asarray(model.prompt, np.int32)
+  for _ in range(N):
+    logits_BV = np.asarray(model.forward(tokens_BT))[:, -1]
+    tokens_BT = np.concatenate([tokens_BT, logits_BV.argmax(-1)[:, None]], axis=1)
+  return tokens_BT[:, -N:]
+
+
+def test_rows_that_share_their_cache_slot_decode_greedily_as_full_forward_passes():
+  """Prompts of one length, or one prompt, write the cache with one dynamic_update_slice and
+  decode the tokens of repeated full forward passes."""
+  model = build(LM, "gpt2")
+  out = decoding.generate_decoder_only(model.module, model.params, jnp.asarray(model.prompt),
+                                       None, decoding.Search(max_new_tokens=N))
+  np.testing.assert_array_equal(out.tokens_BN, full_width_greedy(model))
+  one_row = decoding.generate_decoder_only(  # A padded prompt: its row alone shares its slot.
+      model.module, model.params, jnp.asarray(model.prompt[:1]), jnp.asarray(model.lengths[:1]),
+      decoding.Search(max_new_tokens=N))
+  np.testing.assert_array_equal(one_row.tokens_BN[0], reference_greedy(model, None)[0])
+
+
+@pytest.mark.parametrize("rows_share_slot", [True, False])
+def test_greedy_decoding_copies_no_cache_inside_its_loops(rows_share_slot):
+  """The cache is written in place (one dynamic_update_slice where every row writes the same
+  slot, a per-row scatter otherwise) and the attention reads it in its stored layout: nothing
+  inside the loops copies or transposes a cache-sized array, in any order of its dimensions."""
   model = build(LM, "gpt2")
   search = decoding.Search(max_new_tokens=N, eos_check_every=2)
-  args = model.params, jnp.asarray(model.prompt), jnp.asarray(model.lengths)
-  generate = jax.jit(lambda *args: decoding.generate_decoder_only(model.module, *args, search))
+  lengths = None if rows_share_slot else jnp.asarray(model.lengths)
+  args = model.params, jnp.asarray(model.prompt)
+  generate = jax.jit(lambda params, prompt: decoding.generate_decoder_only(
+      model.module, params, prompt, lengths, search))
   cache = jax.eval_shape(lambda *args: decoding.prepare_decoder_only(
-      model.module, *args, N)[1], *args)
+      model.module, *args, lengths, N)[1], *args)
   shape = cache["decoder"]["layers_0"]["self_attention"]["cached_key"].shape
-  cache_copy = re.compile(rf"= f32\[{','.join(map(str, shape))}\]\S* copy\(")
-  computation, copies_in = None, []
+  cache_sized = lambda dims: sorted(d for d in dims if d > 1) == sorted(d for d in shape if d > 1)
+  output = re.compile(r"= f32\[([\d,]*)\]\S* (copy|transpose|scatter|dynamic-update-slice)\(")
+  computation, moved, writes = None, [], set()
   for line in generate.lower(*args).compile().as_text().splitlines():
     if line and not line.startswith(" "):
       computation = line.split()[0]
-    if cache_copy.search(line):
-      copies_in.append(computation)
-  assert copies_in and set(copies_in) == {"ENTRY"}
+    found = output.search(line)
+    if not found or not cache_sized([int(d) for d in found[1].split(",") if d]):
+      continue
+    if found[2] in ("copy", "transpose") and computation != "ENTRY":
+      moved.append(line.strip()[:120])
+    writes.add(found[2])
+  assert not moved
+  if rows_share_slot:  # (XLA may expand a small per-row scatter into dynamic_update_slices.)
+    assert "dynamic-update-slice" in writes and "scatter" not in writes
 
 
 def test_a_bad_check_interval_is_one_clear_error():

@@ -1,8 +1,9 @@
 """models/lora.py: fresh adapters leave the model unchanged, merged equals unmerged, counts, errors.
 
 The unmerged reference adds (x·a)·b to the output of every adapted Dense/DenseGeneral through a
-flax method interceptor, the form of the LoRA paper; `lora.merge` instead folds a·b into the
-kernel. Scanned stacks are checked against the same model unrolled, layer by layer.
+flax method interceptor, the form of the LoRA paper (attention's query, key and value kernels,
+applied as one matmul, get a·b added where the interceptor sees them); `lora.merge` instead
+folds a·b into the kernels of the parameter tree. Scanned stacks are checked against the same model unrolled, layer by layer.
 """
 
 import math
@@ -73,6 +74,9 @@ def unmerged_forward(model, params, adapters, cfg):
     pair = pairs.get(tuple(context.module.path))
     if context.method_name != "__call__" or pair is None:
       return out
+    if isinstance(args[0], int):  # Attention's Q/K/V hand out (kernel, bias) for one matmul.
+      kernel, bias = out
+      return kernel + cfg.scale * jnp.tensordot(pair["a"], pair["b"], 1), bias
     num_in = pair["a"].ndim - 1
     low_rank = jnp.tensordot(jnp.tensordot(args[0], pair["a"], num_in), pair["b"], 1)
     return out + cfg.scale * low_rank
