@@ -639,7 +639,7 @@ def _one_matmul_keeps_heads_local(num_kv_heads: int) -> bool:
   the query kernel is split, and joining them would gather it; the query projection runs
   apart then.
   """
-  mesh, split_axes = jax.sharding.get_abstract_mesh(), attention_kernels._SPLIT_AXES.get()
+  mesh, split_axes = jax.sharding.get_abstract_mesh(), attention_kernels.split_axes()
   if mesh.empty or split_axes is None:
     return True
   head_devices = int(np.prod([mesh.shape[axis] for axis in split_axes[1]]))

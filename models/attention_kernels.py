@@ -332,6 +332,11 @@ def split_over(batch_axes, head_axes):
     _SPLIT_AXES.reset(token)
 
 
+def split_axes():
+  """(batch axes, head axes) set by the innermost split_over, as tuples; None outside it."""
+  return _SPLIT_AXES.get()
+
+
 def _splitting_mesh():
   """The abstract mesh being traced under if it has several devices and none yet manual."""
   mesh = jax.sharding.get_abstract_mesh()
