@@ -13,6 +13,11 @@ a jax without them (or with another interface) gets a problem, never a wrong cal
 dispatcher in models.attention then falls back to XLA or, if the kernel was asked for by name,
 raises a ValueError with the problem.
 
+jax 0.12 removed the Pallas GPU attention with segment ids (pallas.ops.gpu.attention). Its
+Mosaic GPU successor (attention_mgpu: Hopper, causal, no segment ids) cannot take packed rows,
+and openxla's tokamax (Python 3.12+, jax 0.11.1+) has no segment ids in its public API: on
+current jax the packed path is cuDNN's packed layout (Hopper or newer), else XLA.
+
 cuDNN's packed layout has a fixed number of segments a row. Within `segments_at_most(M)` (set
 by `train.parallel.on_mesh` from the batch's capacity, `segment_capacity` of its most segments
 a row) the caller promises that every row holds at most M segments and `cudnn_packed_causal`
@@ -212,6 +217,11 @@ def segments_at_most(max_segments_per_row: int):
 # Pallas on GPU (Triton): jax.experimental.pallas.ops.gpu.attention.mha with segment ids.
 
 
+_NO_PALLAS_MHA = (f"jax {jax.__version__} has no Pallas GPU attention with segment ids "
+                  "(jax.experimental.pallas.ops.gpu.attention, removed in jax 0.12); on a Hopper "
+                  "GPU implementation='cudnn' runs packed rows fused")
+
+
 def _pallas_mha():
   """(mha, BlockSizes) of jax's Pallas GPU attention if its interface is the one used here."""
   try:
@@ -233,19 +243,23 @@ def pallas_problem(query, platform: str, capability) -> str | None:
     return f"it needs a CUDA GPU, and the backend is {platform!r}"
   if capability < (8, 0):
     return f"it needs an Ampere or newer GPU, got compute capability {capability}"
+  if _pallas_mha() is None:
+    return _NO_PALLAS_MHA
   T, H = query.shape[1], query.shape[-1]
   if not (T % 128 == 0 or T in (16, 32, 64)):
     return f"it needs a length that is a multiple of 128, or 16, 32 or 64, got T={T}"
   if not 16 <= H <= 128:
     return f"it needs head_dim from 16 to 128, got {H}"
-  if _pallas_mha() is None:
-    return "this jax has no Pallas GPU attention with segment ids"
   return None
 
 
 def pallas_packed_causal(query, key, value, segment_ids, *, scale, interpret=False):
   """Packed causal self-attention in jax's Pallas (Triton) flash attention."""
-  mha, block_sizes = _pallas_mha()
+  api = _pallas_mha()
+  if api is None:
+    raise ValueError(f"implementation='pallas' cannot run: {_NO_PALLAS_MHA}. Use "
+                     "implementation='cudnn', 'xla' or None.")
+  mha, block_sizes = api
   T, N = query.shape[1:3]
   forward, backward = min(128, T), min(32, T)
   blocks = block_sizes(block_q=forward, block_k=forward, block_q_dkv=backward,

@@ -116,6 +116,7 @@ def test_shakespeare_is_rebuilt_when_a_play_changes_and_reused_otherwise(texts, 
   assert shakespeare.genres() == first and len(calls) == 2
 
 
+@pytest.mark.pretrained
 def test_tiny_checkpoint_is_rebuilt_when_a_package_it_reads_changes_version(monkeypatch):
   write = counting_builder()
   monkeypatch.setattr(tiny_hf, "_write", write)

@@ -19,6 +19,9 @@ from models.attention import dot_product_attention
 from test_attention import numpy_attention, random_qkv
 
 ON_GPU = jax.default_backend() == "gpu"
+# For the tests that run the Pallas GPU kernel: jax 0.12 removed it.
+NEEDS_PALLAS_MHA = pytest.mark.skipif(attention_kernels._pallas_mha() is None,
+                                      reason=attention_kernels._NO_PALLAS_MHA)
 # Compiled once per shape (run eagerly, each of its ops would compile on its own).
 packed_segments = jax.jit(attention_kernels.packed_segments, static_argnums=1)
 
@@ -233,6 +236,7 @@ def test_segments_at_most_takes_a_positive_integer():
 
 
 @pytest.mark.slow
+@NEEDS_PALLAS_MHA
 def test_pallas_interpret_matches_reference():
   B, T, N, K, H = 2, 16, 2, 1, 16
   ids = packed_ids(np.random.default_rng(4), B, T)
@@ -256,13 +260,16 @@ def test_splash_interpret_matches_reference():
 
 @pytest.fixture
 def machine(monkeypatch):
-  """Sets the probes the selection reads: machine(platform, capability, devices, cudnn)."""
-  def set_machine(platform, capability=None, devices=1, cudnn=90800):
+  """Sets the probes the selection reads: machine(platform, capability, devices, cudnn, pallas),
+  pallas: whether jax has the Pallas GPU kernel (only probed here: jax 0.12 has none)."""
+  def set_machine(platform, capability=None, devices=1, cudnn=90800, pallas=True):
     monkeypatch.setattr(attention.jax, "default_backend", lambda: platform)
     monkeypatch.setattr(attention.jax, "device_count", lambda: devices)
     monkeypatch.setattr(attention, "_cuda_capability", lambda: capability)
     api = None if cudnn is None else (emulated_cudnn, "PADDING_CAUSAL", cudnn)
     monkeypatch.setattr(attention_kernels, "_cudnn_private_api", lambda: api)
+    monkeypatch.setattr(attention_kernels, "_pallas_mha",
+                        lambda: ("mha", "BlockSizes") if pallas else None)
   return set_machine
 
 
@@ -286,6 +293,9 @@ def test_none_picks_a_fused_kernel_for_packed_causal_attention(machine):
   assert choose(None, q) == "xla"
   machine("gpu", (8, 0))  # an A100: no packed cuDNN
   assert choose(None, q) == "pallas"
+  machine("gpu", (8, 0), pallas=False)  # and jax 0.12: no Pallas kernel either
+  assert choose(None, q) == "xla"
+  machine("gpu", (8, 0))
   assert choose(None, q.astype(jnp.float32)) == "xla"
   assert choose(None, q[:, :100]) == "xla"  # Pallas blocks need 128 | T
   machine("tpu")
@@ -314,6 +324,9 @@ def test_named_kernels_refuse_what_they_cannot_take(machine):
   assert choose("cudnn", q) == "cudnn"  # the dense-bias path, as before
   with pytest.raises(ValueError, match="head_dim from 16 to 128"):
     choose("pallas", q[..., :8])
+  machine("gpu", (9, 0), pallas=False)
+  with pytest.raises(ValueError, match=r"'pallas' cannot take this case: jax \S+ has no Pallas"):
+    choose("pallas", q)
 
 
 def test_none_sends_a_batch_shared_bias_to_cudnn(machine):
@@ -347,6 +360,7 @@ def test_dispatch_sees_the_packed_case(monkeypatch):
   assert [kw["batch_shared_bias"] for kw in seen] == [False] * 5 + [True, False]
 
 
+@NEEDS_PALLAS_MHA
 def test_packed_pallas_through_the_dispatcher(monkeypatch):
   """dot_product_attention(implementation="pallas") end to end, the kernel interpreted."""
   monkeypatch.setattr(attention, "_packed_problem", lambda *args: None)
@@ -362,6 +376,7 @@ def test_packed_pallas_through_the_dispatcher(monkeypatch):
   np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@NEEDS_PALLAS_MHA
 def test_unpacked_causal_rows_reach_pallas_as_one_segment(monkeypatch):
   """Plain causal self-attention asked of "pallas" runs it (as model init does): one segment."""
   monkeypatch.setattr(attention, "_packed_problem", lambda *args: None)
@@ -399,7 +414,8 @@ def test_cudnn_gets_a_batch_shared_bias_unbroadcast(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("implementation", ["cudnn", "pallas", None])
+@pytest.mark.parametrize("implementation", [
+    "cudnn", pytest.param("pallas", marks=NEEDS_PALLAS_MHA), None])
 def test_gpu_packed_kernels_match_reference(implementation):
   B, T, N, K, H = 2, 256, 4, 2, 64
   ids = packed_ids(np.random.default_rng(13), B, T, max_segments=6)

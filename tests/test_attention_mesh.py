@@ -16,8 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from experiments import gpt2_small
 from models import attention, attention_kernels
 from test_attention import random_qkv
-from test_attention_kernels import (check_kernel, choose, loss_weights, machine,  # noqa: F401
-                                    packed_ids)
+from test_attention_kernels import (NEEDS_PALLAS_MHA, check_kernel, choose,  # noqa: F401
+                                    loss_weights, machine, packed_ids)
 from train import loop, parallel
 
 MESH = parallel.make_mesh({"data": 4, "tensor": 2})
@@ -52,7 +52,7 @@ KERNELS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", [pytest.param("pallas", marks=NEEDS_PALLAS_MHA), "splash"])
 def test_kernels_on_a_mesh_match_reference_per_shard(name):
   kernel, s = KERNELS[name]
   ids = packed_ids(np.random.default_rng(20), s["B"], s["T"], max_segments=3)
@@ -62,6 +62,7 @@ def test_kernels_on_a_mesh_match_reference_per_shard(name):
 
 
 @pytest.mark.slow
+@NEEDS_PALLAS_MHA
 def test_train_step_on_a_mesh_runs_pallas_per_shard_as_xla(tmp_path, monkeypatch):
   """A tiny GPT-2 step on data=4 x tensor=2: Pallas (interpreted, per shard) equals XLA.
 
@@ -99,6 +100,17 @@ def test_train_step_on_a_mesh_runs_pallas_per_shard_as_xla(tmp_path, monkeypatch
   jax.tree.map(functools.partial(np.testing.assert_allclose, atol=2e-5, rtol=2e-5),
                results["pallas"], results["xla"])
 
+
+def test_pallas_without_its_kernel_is_a_clear_error_per_shard(monkeypatch):
+  """On a jax without the Pallas GPU kernel (0.12), "pallas" run per shard of a mesh (its
+  selection bypassed, as on a GPU where it passed) names what is missing."""
+  monkeypatch.setattr(attention, "_packed_problem", lambda *args: None)
+  monkeypatch.setattr(attention_kernels, "_pallas_mha", lambda: None)
+  q = jnp.zeros((8, 16, 4, 16), jnp.bfloat16)
+  run = parallel.on_mesh(lambda q: attention.dot_product_attention(
+      q, q, q, is_causal=True, implementation="pallas"), MESH)
+  with pytest.raises(ValueError, match=r"'pallas' cannot run: jax \S+ has no Pallas GPU"):
+    jax.eval_shape(run, q)
 
 
 @pytest.mark.parametrize("B, N, K, local", [(8, 4, 2, ((2, 5, 2, 3), (2, 5, 1, 3), (2, 5))),

@@ -173,6 +173,9 @@ raise SystemExit("the loop failed while the save was in flight")  # no close()
 """
 
 
+@pytest.mark.xfail(sys.version_info >= (3, 12), strict=False, reason=(
+    "issue 22: Python 3.12 starts no thread once the interpreter is exiting, and orbax's "
+    "finalize (asyncio.to_thread) needs one, so the exit hook's save stays a tmp folder"))
 def test_exit_without_close_finishes_the_pending_save(tmp_path):
   env = {**os.environ, "PYTHONPATH": REPO}
   child = subprocess.run([sys.executable, "-c", _CRASHING_CHILD, str(tmp_path)], cwd=REPO,

@@ -6,6 +6,7 @@ import pytest
 from train import inputs as inputs_lib, run_tokenizers
 
 
+@pytest.mark.pretrained
 def test_t5_decoder_inputs_are_the_labels_shifted_as_transformers_does(t5_config, tmp_path):
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")

@@ -103,6 +103,7 @@ SHAPE_FIELDS = [f.name for f in dataclasses.fields(TransformerConfig)
                 if f.name not in pretrained.OVERRIDABLE]
 
 
+@pytest.mark.pretrained
 @pytest.mark.parametrize("variant, checkpoint", [("scratch", "all_minilm_l6_v2"),
                                                  ("scratch,tiny", "tiny_bert")])
 def test_scratch_builds_the_checkpoints_architecture(variant, checkpoint, tmp_path, monkeypatch):

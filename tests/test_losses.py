@@ -82,8 +82,12 @@ def test_the_gradient_of_bf16_logits_keeps_no_second_float32_copy():
   lean = lambda z, t: losses.cross_entropy(z, t)[0].sum()
   temp = {name: jax.jit(jax.grad(f)).lower(logits, targets).compile().memory_analysis()
           .temp_size_in_bytes for name, f in (("plain", plain), ("lean", lean))}
+  # On the CPU, XLA converts the bf16 logits to float32 once for the forward's reductions: one
+  # float32 [B, T, V] array (2 MiB here, beside the [B, T] logsumexp) is the floor, and a second
+  # would be the copy for the backward that the custom VJP avoids. optax's float32 loss kept two
+  # on jaxlib 0.10's XLA (4 MiB); newer XLA fuses it down to one, so lean must match, not beat it.
   float32_copy = 2 * 64 * 4096 * 4
-  assert temp["lean"] < temp["plain"]
+  assert temp["lean"] <= temp["plain"]
   assert temp["lean"] < 2 * float32_copy, temp
 
 

@@ -16,13 +16,16 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import tokenizers
-import torch
-import transformers
 from safetensors.numpy import load_file, save_file
 
 from models import pretrained
 from models.transformer import DecoderOnly
 from train.data.tokenizers import HFTokenizer, tokenizer_for
+
+# The parity references; the file skips without them (CI's Python 3.12 run installs neither:
+# torch 2.13.0 for 3.12 is a CUDA build of GBs).
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 NO_SPECIALS = {"bos_token_id": 0, "eos_token_id": 0}  # GPT-2's 50256 is outside tiny vocabularies.

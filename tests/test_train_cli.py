@@ -111,6 +111,7 @@ def check_workdir(workdir: pathlib.Path, config, eval_keys=()) -> list[dict]:
   return lines
 
 
+@pytest.mark.pretrained
 def test_the_tensorboard_writer_writes_events_without_importing_torch(tmp_path):
   """tensorboardX imports torch, where it is installed (as here), unless train.metrics hides it:
   a second of every run's start-up."""

@@ -129,6 +129,7 @@ def test_bad_freeze_patterns(freeze, match):
     lm_trainable(freeze=freeze)
 
 
+@pytest.mark.pretrained
 @pytest.mark.parametrize("head, pooling, absent", [
     ("classifier", "cls", {"classifier/kernel", "classifier/bias"}),
     ("classifier", "mean", {"classifier/kernel", "classifier/bias"}),
