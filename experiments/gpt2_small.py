@@ -32,8 +32,8 @@ def get_config(variant: str = ""):
   c.data.seq_len = 1024
   c.data.num_workers = 4
   # lm1b averages ~27 words a sentence (0.83B words in 30.3M sentences), ~30-40 tokens with
-  # BOS/EOS, so ~30 to a 1,024-token row: 64 rarely closes a row early, and lets cuDNN's
-  # packed attention run unchecked (see base_config).
+  # BOS/EOS, so ~30 to a 1,024-token row: 64 rarely closes a row early. Each batch's attention
+  # is compiled for its own most segments a row, rounded up (train.inputs.BatchLayout).
   c.data.max_segments_per_row = 64
 
   c.model.preset = "gpt2"
