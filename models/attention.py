@@ -15,8 +15,6 @@ Fused kernels for packed causal self-attention (cuDNN's packed layout, Pallas on
 on TPU) live in models/attention_kernels.py; `dot_product_attention` chooses among them.
 """
 
-import contextlib
-import contextvars
 import functools
 from typing import Any
 
@@ -651,19 +649,16 @@ def _heads_first(x_BSKH):
   return jnp.swapaxes(x_BSKH, 1, 2)
 
 
-_ROWS_SHARE_CACHE_SLOT = contextvars.ContextVar("rows_share_cache_slot", default=False)
+# Part of jit's cache key, as attention_kernels' options are (see its module docstring).
+_ROWS_SHARE_CACHE_SLOT = jax.make_user_context(False)
 
 
-@contextlib.contextmanager
 def rows_share_cache_slot(shared: bool = True):
-  """Within it (while tracing), decode=True calls promise that every row of the batch writes
-  its chunk at the same cache slot, cache_index[0], and inside the cache: the write is then one
-  `dynamic_update_slice`, not a per-row scatter. models/decoding.py uses it where that holds."""
-  token = _ROWS_SHARE_CACHE_SLOT.set(shared)
-  try:
-    yield
-  finally:
-    _ROWS_SHARE_CACHE_SLOT.reset(token)
+  """Within it, decode=True calls promise that every row of the batch writes its chunk at the
+  same cache slot, cache_index[0], and inside the cache: the write is then one
+  `dynamic_update_slice`, not a per-row scatter. models/decoding.py uses it where that holds.
+  It is read while tracing, and is part of jit's cache key."""
+  return _ROWS_SHARE_CACHE_SLOT(bool(shared))
 
 
 def _write_chunk(cache_BKLH, chunk_BKTH, index_B):
@@ -672,7 +667,7 @@ def _write_chunk(cache_BKLH, chunk_BKTH, index_B):
   the writes past the cache's length L."""
   B, K, T, _ = chunk_BKTH.shape
   chunk_BKTH = chunk_BKTH.astype(cache_BKLH.dtype)
-  if _ROWS_SHARE_CACHE_SLOT.get():
+  if _ROWS_SHARE_CACHE_SLOT.value:
     return jax.lax.dynamic_update_slice(cache_BKLH, chunk_BKTH, (0, 0, index_B[0], 0))
   slots_B1T = (index_B[:, None] + jnp.arange(T))[:, None, :]
   rows_B11, heads_1K1 = jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None]

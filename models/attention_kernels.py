@@ -27,10 +27,16 @@ A `pallas_call` has no partitioning rule (under jit, XLA would gather its operan
 device), so `per_shard` runs the Pallas and splash kernels in `shard_map` over the mesh being
 traced under (jax's abstract mesh), the batch and heads split over the mesh axes `split_over`
 names; `train.parallel.on_mesh` sets both.
+
+These contexts (and models.attention.rows_share_cache_slot) change the traced program, so
+they are jax user contexts (`jax.make_user_context`), whose values are part of jit's cache key
+as the abstract mesh is: a function jitted within `segments_at_most(2)` and called outside it
+(or the reverse) is traced again for the call's own options, never run with another call's
+promise. Binding the options to a function instead (as `on_mesh` does for its callers) would
+leave the trap open one level down: a jitted function called inside two traced functions with
+different options would keep the options of the first, as its cache entry would not see them.
 """
 
-import contextlib
-import contextvars
 import functools
 import inspect
 import math
@@ -153,7 +159,7 @@ def cudnn_packed_causal(query, key, value, segment_ids, *, scale, fallback):
   """
   attention, mask_type, _ = _cudnn_private_api()
   T, N = query.shape[1:3]
-  capacity = _SEGMENT_CAPACITY.get()
+  capacity = _SEGMENT_CAPACITY.value
   ids_BT = jnp.asarray(segment_ids, jnp.int32)
   # At least 2: jax's API reads M = 1 as the unpacked layout and ignores the offsets.
   seqlens_BM, offsets_BM1, fits = packed_segments(
@@ -184,15 +190,15 @@ def segment_capacity(segments_per_row: int) -> int:
 
 
 # The most segments a row of segment ids holds, promised by segments_at_most; None outside it.
-_SEGMENT_CAPACITY = contextvars.ContextVar("segment_capacity", default=None)
+# Part of jit's cache key (see the module docstring).
+_SEGMENT_CAPACITY = jax.make_user_context(None)
 
 
 def promised_segments() -> int | None:
   """The segments a row promised by the segments_at_most in context; None outside one."""
-  return _SEGMENT_CAPACITY.get()
+  return _SEGMENT_CAPACITY.value
 
 
-@contextlib.contextmanager
 def segments_at_most(max_segments_per_row: int):
   """Within it, the caller promises that every row of segment ids passed to the attention holds
   at most `max_segments_per_row` segments, each one run of its id (grain's packing writes ids
@@ -200,17 +206,13 @@ def segments_at_most(max_segments_per_row: int):
   and models.attention picks its packed kernel for that capacity (PACKED_GPU_KERNELS). A row that
   breaks the promise would get a wrong result, so promise only what the data does.
 
-  It is read when the attention is traced, so a jitted function must be built (or keyed by a
-  static argument) per capacity: jit's cache does not see this context."""
+  It is read when the attention is traced, and is part of jit's cache key: a jitted function
+  called within it and outside it is traced (and compiled) once for each."""
   if isinstance(max_segments_per_row, bool) or not isinstance(max_segments_per_row, int) or (
       max_segments_per_row < 1):
     raise ValueError(f"max_segments_per_row must be a positive integer, got "
                      f"{max_segments_per_row!r}.")
-  token = _SEGMENT_CAPACITY.set(max_segments_per_row)
-  try:
-    yield
-  finally:
-    _SEGMENT_CAPACITY.reset(token)
+  return _SEGMENT_CAPACITY(max_segments_per_row)
 
 
 # ----------------------------------------------------------------------------------------
@@ -329,26 +331,22 @@ def splash_packed_causal(query, key, value, segment_ids, *, scale, interpret=Fal
 # Running a kernel on each device's shard of the mesh in context.
 
 
-# (batch axes, head axes) of the mesh for per_shard: set by split_over, None outside it.
-_SPLIT_AXES = contextvars.ContextVar("split_axes", default=None)
+# (batch axes, head axes) of the mesh for per_shard: set by split_over, None outside it. Part of
+# jit's cache key, as the abstract mesh is (see the module docstring).
+_SPLIT_AXES = jax.make_user_context(None)
 
 
-@contextlib.contextmanager
 def split_over(batch_axes, head_axes):
   """Within it, per_shard splits the batch over mesh axes `batch_axes` and the heads over
-  `head_axes` (each a mesh axis name, a tuple of them, or None)."""
+  `head_axes` (each a mesh axis name, a tuple of them, or None). Part of jit's cache key."""
   as_tuple = lambda axes: () if axes is None else (axes,) if isinstance(axes, str) else tuple(
       axes)
-  token = _SPLIT_AXES.set((as_tuple(batch_axes), as_tuple(head_axes)))
-  try:
-    yield
-  finally:
-    _SPLIT_AXES.reset(token)
+  return _SPLIT_AXES((as_tuple(batch_axes), as_tuple(head_axes)))
 
 
 def split_axes():
   """(batch axes, head axes) set by the innermost split_over, as tuples; None outside it."""
-  return _SPLIT_AXES.get()
+  return _SPLIT_AXES.value
 
 
 def _splitting_mesh():
@@ -368,7 +366,7 @@ def mesh_problem() -> str | None:
     return (f"there are {jax.device_count()} devices and no mesh in context (trace under "
             "jax.sharding.use_abstract_mesh, as train.parallel.on_mesh does), so XLA would "
             "gather its operands onto each device")
-  if _SPLIT_AXES.get() is None:
+  if _SPLIT_AXES.value is None:
     return ("the mesh in context comes without the axes to split the batch and heads over "
             "(attention_kernels.split_over), so its operands would not be split")
   return None
@@ -389,7 +387,7 @@ def per_shard(kernel, query, key, value, segment_ids, **kwargs):
   None), with the axes of `split_over`, as many as divide B and the key/value heads K.
   Without such a mesh it calls kernel.
   """
-  mesh, axes = _splitting_mesh(), _SPLIT_AXES.get()
+  mesh, axes = _splitting_mesh(), _SPLIT_AXES.value
   if mesh is None or axes is None:
     return kernel(query, key, value, segment_ids, **kwargs)
   batch = _dividing(axes[0], query.shape[0], mesh)

@@ -175,8 +175,8 @@ def on_mesh(fn: Callable[..., Any], mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
   to the attention holds at most that many segments, each one run of its id (true of the
   packed batches, see train.inputs.BatchLayout), which lets cuDNN's packed attention run
   without a check on the device and picks the packed kernel for that capacity
-  (attention_kernels.segments_at_most); None: no promise. It is read at trace time: jit one
-  function per promise."""
+  (attention_kernels.segments_at_most); None: no promise of its own. These options are part
+  of jit's cache key, so the function may be jitted once and called with any others around."""
   batch_axes, head_axes = nn.logical_to_mesh_axes(("batch", "heads"), rules)
 
   def traced_on_mesh(*args, **kwargs):
