@@ -72,9 +72,14 @@ def read_config(path: str) -> dict:
   return hf
 
 
-def hf_config(path: str, **overrides) -> TransformerConfig:
-  """The TransformerConfig of a checkpoint folder (its tensors decide whether logits are tied)."""
-  return _load(path, overrides)[3]
+def hf_config(path: str, *, tie_output: bool | None = None, **overrides) -> TransformerConfig:
+  """The TransformerConfig of a checkpoint folder. Whether its output layer is the token table:
+  `tie_output` where it is known (a run keeps it beside its copy of the folder's config.json:
+  train/hf_copy.py), else its tensors decide (all of them are read)."""
+  if tie_output is None:
+    return _load(path, overrides)[3]
+  hf = read_config(path)
+  return _with_overrides(_family_config(hf, {}, path).replace(tie_output=tie_output), overrides)
 
 
 def _load(path: str, overrides: dict) -> tuple[dict, Family, dict, TransformerConfig]:
@@ -85,13 +90,16 @@ def _load(path: str, overrides: dict) -> tuple[dict, Family, dict, TransformerCo
   for copy, original in family.tied_copies.items():  # A tie stored under the copy's name only.
     if copy in tensors and original not in tensors:
       tensors[original] = tensors.pop(copy)
+  return hf, family, tensors, _with_overrides(_family_config(hf, tensors, path), overrides)
+
+
+def _family_config(hf: dict, tensors: dict, path: str) -> TransformerConfig:
   try:
-    cfg = family.config(hf, tensors)
+    return FAMILIES[hf["model_type"]].config(hf, tensors)
   except PretrainedError:
     raise
   except ValueError as e:  # TransformerConfig's validation.
     raise PretrainedError(f"{path}/config.json describes a model we cannot build: {e}") from e
-  return hf, family, tensors, _with_overrides(cfg, overrides)
 
 
 def _with_overrides(cfg: TransformerConfig, overrides: dict) -> TransformerConfig:
