@@ -72,9 +72,14 @@ def read_config(path: str) -> dict:
   return hf
 
 
-def hf_config(path: str, **overrides) -> TransformerConfig:
-  """The TransformerConfig of a checkpoint folder (its tensors decide whether logits are tied)."""
-  return _load(path, overrides)[3]
+def hf_config(path: str, *, tie_output: bool | None = None, **overrides) -> TransformerConfig:
+  """The TransformerConfig of a checkpoint folder. Whether its output layer is the token table:
+  `tie_output` where it is known (a run keeps it beside its copy of the folder's config.json:
+  train/hf_copy.py), else its tensors decide (all of them are read)."""
+  if tie_output is None:
+    return _load(path, overrides)[3]
+  hf = read_config(path)
+  return _with_overrides(_family_config(hf, {}, path).replace(tie_output=tie_output), overrides)
 
 
 def _load(path: str, overrides: dict) -> tuple[dict, Family, dict, TransformerConfig]:
@@ -85,13 +90,16 @@ def _load(path: str, overrides: dict) -> tuple[dict, Family, dict, TransformerCo
   for copy, original in family.tied_copies.items():  # A tie stored under the copy's name only.
     if copy in tensors and original not in tensors:
       tensors[original] = tensors.pop(copy)
+  return hf, family, tensors, _with_overrides(_family_config(hf, tensors, path), overrides)
+
+
+def _family_config(hf: dict, tensors: dict, path: str) -> TransformerConfig:
   try:
-    cfg = family.config(hf, tensors)
+    return FAMILIES[hf["model_type"]].config(hf, tensors)
   except PretrainedError:
     raise
   except ValueError as e:  # TransformerConfig's validation.
     raise PretrainedError(f"{path}/config.json describes a model we cannot build: {e}") from e
-  return hf, family, tensors, _with_overrides(cfg, overrides)
 
 
 def _with_overrides(cfg: TransformerConfig, overrides: dict) -> TransformerConfig:
@@ -295,7 +303,9 @@ def from_hf(path: str, *, head: str | None = None, num_classes: int | None = Non
   Args:
     path: a folder with config.json and model.safetensors (model_type gpt2, bert, t5, llama,
       mistral, qwen2 or gemma).
-    head: bert only. None: EncoderOnly (hidden states); "classifier": EncoderClassifier with
+    head: bert only. None: EncoderOnly (hidden states), its params carrying the file's pooler
+      (BertModel's) where an EncoderClassifier keeps it, "pooler/", unused by the module and
+      written back by to_hf; "classifier": EncoderClassifier with
       BERT's pooler restored (pooling "cls"; freshly initialised if the file has none) and the
       classifier restored from a BertForSequenceClassification file with `num_classes`
       labels, else freshly initialised from `rng`; "mlm": EncoderMaskedLM with the file's
@@ -308,7 +318,8 @@ def from_hf(path: str, *, head: str | None = None, num_classes: int | None = Non
 
   Returns:
     The module and its params: a nested dict of numpy arrays in param_dtype, laid out as
-    `module.init` lays it out (also under scan_layers); `module.cfg` is the config.
+    `module.init` lays it out (also under scan_layers; an EncoderOnly's with BERT's pooler
+    besides); `module.cfg` is the config.
   """
   imported = import_hf(path, head=head, num_classes=num_classes, pooling=pooling, rng=rng,
                        **overrides)
@@ -333,7 +344,9 @@ def import_hf(path: str, *, head: str | None = None, num_classes: int | None = N
     params = {p: _vocab_padded(x, expected[p].shape, cfg) if p in expected else x
               for p, x in params.items()}
   new = sorted(set(expected) - set(params))
-  wrong = {p for p in params if p not in expected or params[p].shape != expected[p].shape}
+  carried = {row.ours for row in rows if row.optional} - set(expected)  # BertModel's pooler
+  wrong = {p for p in set(params) - carried
+           if p not in expected or params[p].shape != expected[p].shape}
   wrong |= {p for p in new if not p.startswith(("pooler/", "classifier/"))}
   if wrong:
     raise AssertionError(f"from_hf's {hf['model_type']} table disagrees with the module: "

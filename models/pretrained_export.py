@@ -14,6 +14,18 @@ Hugging Face class cannot compute (a switch the class lacks) is a PretrainedErro
 fields. The tensors come from the import's own tables (models/pretrained_tables.py): each row's
 conversion is a rearrangement, applied to an array of indices to learn where each of our
 elements came from, and each element is put back there.
+
+Every tensor the import reads is written back, so transformers initialises nothing anew:
+  gpt2      all weights (lm_head.weight only when untied: else transformers ties it to wte)
+  bert      embeddings, layers and the pooler: BertModel's is carried in an EncoderOnly's params
+            at "pooler/" (from_hf puts it there; an EncoderOnly without one is a BertModel with a
+            fresh pooler), BertForSequenceClassification's is the classifier's own; the mlm
+            head's cls.predictions (its decoder tied to the word embeddings)
+  t5        all weights (encoder/decoder.embed_tokens are ties of shared)
+  llama, mistral, qwen2, gemma   all weights (lm_head.weight only when untied)
+What the import does not read is no weight of the exported class: buffers (gpt2's attn.bias,
+bert's position_ids, rotary inv_freq), heads of other tasks (bert's cls.seq_relationship, or a
+classifier under head=None), and T5's unused cross-attention relative_attention_bias.
 """
 
 import dataclasses
@@ -21,6 +33,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -43,6 +56,7 @@ _MODULES = {"gpt2": (DecoderOnly,), "llama": (DecoderOnly,), "mistral": (Decoder
             "qwen2": (DecoderOnly,), "gemma": (DecoderOnly,), "t5": (EncoderDecoder,),
             "bert": (EncoderOnly, EncoderClassifier, EncoderMaskedLM)}
 _HEADS = {EncoderClassifier: "classifier", EncoderMaskedLM: "mlm"}
+_MODEL_CLASSES = (DecoderOnly, EncoderDecoder, EncoderOnly, EncoderClassifier, EncoderMaskedLM)
 _HEAD_TENSORS = re.compile(r"(lm_head|cls|classifier)\..*")  # Outside the base model's prefix.
 # Fields that change no output of a trained model (written where a family has them, not compared).
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "logits_dtype", "scan_layers", "remat_policy",
@@ -67,6 +81,13 @@ def to_hf(model: nn.Module | TransformerConfig, params, folder: str, *, head: st
     extra_config: more config.json fields, such as the tokenizer's pad_token_id, bos_token_id
       and eos_token_id (t5: decoder_start_token_id).
   """
+  if not isinstance(model, (*_MODEL_CLASSES, TransformerConfig)):
+    names = ", ".join(c.__name__ for c in _MODEL_CLASSES)
+    raise TypeError(f"to_hf takes the module the params are for ({names}) or its "
+                    f"TransformerConfig, not {type(model).__name__}.")
+  if not isinstance(params, Mapping):
+    raise TypeError(f"to_hf takes the params as a nested dict (as module.init returns them), not "
+                    f"{type(params).__name__}.")
   module = _module(model, params, head)
   model_type = model_type or default_model_type(module)
   head = _HEADS.get(type(module))
@@ -79,7 +100,9 @@ def to_hf(model: nn.Module | TransformerConfig, params, folder: str, *, head: st
         f"A classifier with pooling={module.pooling!r} has no Hugging Face class: "
         "BertForSequenceClassification classifies the first token through BERT's pooler; train "
         "with model.pooling='cls' to export a classifier.")
-  module, flat = _without_vocab_padding(module, _checked_params(module, params))
+  carried = {row.ours: _origins(row).shape for row in _rows(module, {"model_type": model_type})
+             if row.optional}
+  module, flat = _without_vocab_padding(module, _checked_params(module, params, carried))
   hf = {"model_type": model_type, "architectures": [ARCHITECTURES[model_type, head]],
         **_CONFIGS[model_type](module.cfg, module)}
   _check_expressible(module, hf)
@@ -87,7 +110,8 @@ def to_hf(model: nn.Module | TransformerConfig, params, folder: str, *, head: st
   if clash:
     raise PretrainedError(f"extra_config sets {clash}, which the export derives from the model.")
   hf.update(extra_config or {})
-  tensors = hf_tensors(_rows(module, hf), flat)
+  tensors = hf_tensors([row for row in _rows(module, hf) if row.ours in flat or not row.optional],
+                       flat)
   prefix = "" if head is None and model_type == "bert" else FAMILIES[model_type].prefix
   tensors = {(name if _HEAD_TENSORS.fullmatch(name) else prefix + name): x
              for name, x in tensors.items()}
@@ -184,15 +208,22 @@ def _module(model, params, head: str | None) -> nn.Module:
   return modules[stacks](model)
 
 
-def _checked_params(module: nn.Module, params) -> dict[str, np.ndarray]:
-  """{our path: host array}, layers unrolled, after checking that they fit the module."""
-  expected = _flat(jax.eval_shape(module.init, jax.random.key(0), *_init_args(module))["params"])
+def _checked_params(module: nn.Module, params, carried: dict[str, tuple]
+                    ) -> dict[str, np.ndarray]:
+  """{our path: host array}, layers unrolled, after checking that they fit the module; params
+  the module does not take but the file has a place for (`carried`: BertModel's pooler) are
+  kept, all of them or none."""
+  expected = {p: x.shape for p, x in _flat(jax.eval_shape(
+      module.init, jax.random.key(0), *_init_args(module))["params"]).items()}
   flat = _flat(params)
+  carried = {p: shape for p, shape in carried.items() if p not in expected}
+  if carried.keys() & flat.keys():
+    expected.update(carried)
   missing, unexpected = set(expected) - set(flat), set(flat) - set(expected)
   problems = ([f"missing {paths.listing(missing)}"] if missing else []) + (
       [f"unexpected {paths.listing(unexpected)}"] if unexpected else []) + [
-          f"{p} {tuple(x.shape)} (expected {expected[p].shape})" for p, x in flat.items()
-          if p in expected and tuple(x.shape) != expected[p].shape]
+          f"{p} {tuple(x.shape)} (expected {expected[p]})" for p, x in flat.items()
+          if p in expected and tuple(x.shape) != tuple(expected[p])]
   if problems:
     raise PretrainedError(f"The params do not fit the {type(module).__name__} of this config: "
                           f"{'; '.join(problems)}.")

@@ -33,7 +33,9 @@ class Row:
   hf: str
   hf_shape: tuple[int, ...]
   convert: Callable[[np.ndarray], np.ndarray] = lambda x: x
-  optional: bool = False  # Missing from the file: freshly initialised (logged), not an error.
+  # Missing from the file: freshly initialised (logged), not an error. A param the module does
+  # not take (BertModel's pooler, for an EncoderOnly) is carried in its params for the export.
+  optional: bool = False
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,7 +309,7 @@ def _bert_table(cfg: TransformerConfig, hf_config: dict, tensors: dict, *, head:
         Row(f"{ours}/mlp/wo/bias", f"{hf}.output.dense.bias", (D,)),
         Row(f"{ours}/mlp_norm/scale", f"{hf}.output.LayerNorm.weight", (D,)),
         Row(f"{ours}/mlp_norm/bias", f"{hf}.output.LayerNorm.bias", (D,))]
-  if head == "classifier" and pooling == "cls":
+  if head is None or (head == "classifier" and pooling == "cls"):  # EncoderOnly: carried.
     rows += [Row("pooler/kernel", "pooler.dense.weight", (D, D), transpose, optional=True),
              Row("pooler/bias", "pooler.dense.bias", (D,), optional=True)]
   classifier = tensors.get("classifier.weight")

@@ -100,6 +100,10 @@ def exported(request, tmp_path_factory):
   """(name, module, params, folder, transformers model) of one tiny model, exported."""
   module = MODELS[request.param]()
   params = random_params(module, seed=len(request.param))
+  if request.param == "bert":  # BertModel's pooler, carried as from_hf carries it.
+    rng = np.random.RandomState(1)
+    params["pooler"] = {"kernel": rng.standard_normal((32, 32)).astype(np.float32) / 6,
+                        "bias": 0.2 * rng.standard_normal(32).astype(np.float32)}
   folder = str(tmp_path_factory.mktemp(request.param))
   hf = to_hf(module, params, folder)
   auto = {"bert": transformers.AutoModel,
@@ -109,9 +113,8 @@ def exported(request, tmp_path_factory):
               else transformers.AutoModelForCausalLM)
   model, info = auto.from_pretrained(folder, output_loading_info=True)
   assert type(model).__name__ == hf["architectures"][0]
-  # BertModel has a pooler that EncoderOnly lacks: transformers initialises it.
-  pooler = {"pooler.dense.weight", "pooler.dense.bias"} if request.param == "bert" else set()
-  assert set(info["missing_keys"]) == pooler and not info["unexpected_keys"], info
+  # Every weight of the class is in the file: transformers initialises nothing anew.
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
   return request.param, module, params, folder, model.eval()
 
 
@@ -175,6 +178,49 @@ def test_a_config_and_head_export_as_the_module_does(exported, tmp_path):
   to_hf(module.cfg, params, str(tmp_path), head=HEADS.get(type(module)))
   for name in ("config.json", "model.safetensors"):
     assert (tmp_path / name).read_bytes() == pathlib.Path(folder, name).read_bytes(), name
+
+
+def test_a_bertmodel_keeps_its_pooler_through_import_and_export(tmp_path):
+  """transformers' BertModel (random weights, a pooler) -> from_hf -> to_hf -> transformers: the
+  pooler comes back, and so does its output (tanh of a dense layer on the first token)."""
+  torch.manual_seed(0)
+  original = transformers.BertModel(transformers.BertConfig(
+      vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=48, max_position_embeddings=16)).eval()
+  original.save_pretrained(tmp_path / "in")
+  module, params = pretrained.from_hf(str(tmp_path / "in"))
+  assert isinstance(module, EncoderOnly) and set(params["pooler"]) == {"kernel", "bias"}
+  to_hf(module, params, str(tmp_path / "out"))
+  model, info = transformers.AutoModel.from_pretrained(str(tmp_path / "out"),
+                                                       output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  tokens, mask = _padded(3, [9, 5])
+  with torch.no_grad():
+    expected, got = (m(torch.tensor(tokens), attention_mask=torch.tensor(mask)).pooler_output
+                     for m in (original, model.eval()))
+  assert np.abs(expected.numpy()).max() > 0.01
+  np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=0, atol=1e-6)
+
+
+def test_an_encoder_without_a_pooler_exports_and_a_partial_one_is_refused(tmp_path):
+  """An EncoderOnly's params without a pooler (not imported from a BertModel) still export; a
+  pooler cut in half is named, not written."""
+  module = MODELS["bert"]()
+  params = random_params(module, 0)
+  to_hf(module, params, str(tmp_path))
+  written = pretrained._read_tensors(str(tmp_path))
+  assert not any(name.startswith("pooler.") for name in written) and written
+  params["pooler"] = {"kernel": np.zeros((32, 32), np.float32)}
+  assert "missing pooler/bias" in _error(module, params)
+
+
+@pytest.mark.parametrize("model", [None, "gpt2", {"d_model": 32}])
+def test_a_first_argument_that_is_no_model_is_a_type_error(model, tmp_path):
+  with pytest.raises(TypeError, match="to_hf takes the module the params are for"):
+    to_hf(model, random_params(MODELS["bert"](), 0), str(tmp_path / "out"))
+  with pytest.raises(TypeError, match="to_hf takes the params as a nested dict"):
+    to_hf(MODELS["bert"](), None, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ml_collections import config_dict
 from models import decoding, lora, presets, pretrained
 from models.pretrained_tables import FAMILIES, PretrainedError
 from models.transformer import TransformerConfig
-from train import assets, optim, xla_flags
+from train import assets, hf_copy, optim, xla_flags
 from train.tasks import TASKS
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -249,8 +249,9 @@ def model_config(config, vocab_size: int,
   return TransformerConfig(**fields)
 
 
-def validate(config) -> None:
-  """One clear error for a value or combination that cannot run."""
+def validate(config, workdir: str | None = None) -> None:
+  """One clear error for a value or combination that cannot run (an hf:FOLDER's config.json is
+  read from the copy `workdir` keeps of it, once it holds one: train/hf_copy.py)."""
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r}: choose from {TASKS}.")
   _validate_numbers(config)
@@ -262,7 +263,7 @@ def validate(config) -> None:
   if config.init_from and not config.init_from.startswith(("ckpt:", "hf:")):
     raise ValueError(f"config.init_from={config.init_from!r}: use 'ckpt:WORKDIR' or "
                      "'hf:FOLDER'.")
-  hf_model = _validate_hf(config) if config.init_from.startswith("hf:") else None
+  hf_model = _validate_hf(config, workdir) if config.init_from.startswith("hf:") else None
   _validate_lora(config)
   if config.decode.method not in decoding.METHODS:
     raise ValueError(f"config.decode.method={config.decode.method!r}: use one of "
@@ -348,10 +349,10 @@ HF_FAMILIES = {"lm": pretrained.DECODERS, "seq2seq": ("t5",), "classify": ("bert
                "mlm": ("bert",)}
 
 
-def _validate_hf(config) -> TransformerConfig:
+def _validate_hf(config, workdir: str | None) -> TransformerConfig:
   """The folder's model type fits the task; config.model sets only fields that keep shapes.
   Returns the folder's model (see _hf_model)."""
-  folder = config.init_from[len("hf:"):]
+  folder = hf_copy.folder(config, workdir)
   hf = pretrained.read_config(folder)
   model_type = hf["model_type"]
   if model_type not in HF_FAMILIES[config.task]:

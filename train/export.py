@@ -19,7 +19,7 @@ import tempfile
 from absl import flags, logging
 
 from models import pretrained, pretrained_export
-from train import cli, export_tokenizer, workdir as workdir_lib, workdir_cli
+from train import cli, export_tokenizer, hf_copy, workdir as workdir_lib, workdir_cli
 
 FLAGS = flags.FLAGS
 MANIFEST = "export.json"
@@ -41,7 +41,7 @@ def export(workdir: str, out: str) -> str:
   if config.task == "seq2seq" and config.data.target_tokenizer:
     warnings.append(f"the run's target tokenizer ({config.data.target_tokenizer}) is not "
                     "written: a Hugging Face folder holds one tokenizer, the inputs'.")
-  source = config.init_from[len("hf:"):] if config.init_from.startswith("hf:") else None
+  source = hf_copy.folder(config, workdir) if config.init_from.startswith("hf:") else None
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(dir=parent, prefix=".export-")

@@ -24,7 +24,7 @@ import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-from train import run_tokenizers
+from train import hf_copy, run_tokenizers
 from train.data.tokenizers import ByteTokenizer, Tokenizer
 
 # Files a Hugging Face tokenizer keeps beside its tokenizer.json or vocab.txt.
@@ -59,7 +59,7 @@ def source_file(config, workdir: str) -> str:
   if data.tokenizer_path:
     return data.tokenizer_path
   if data.tokenizer == "pretrained":
-    return config.init_from[len("hf:"):]
+    return hf_copy.folder(config, workdir)
   return os.path.join(data.tokenizer_dir or os.path.join(workdir, "tokenizers"),
                       f"inputs.{run_tokenizers.EXTENSIONS[data.tokenizer]}")
 

@@ -205,7 +205,8 @@ def make_inputs(config, workdir: str) -> Inputs:
   inputs.input_tokenizer, inputs.target_tokenizer = run_tokenizers.make_tokenizers(
       config, workdir, texts)
   if config.task == "seq2seq":
-    inputs.decoder_start_id = run_tokenizers.decoder_start_id(config, inputs.target_tokenizer)
+    inputs.decoder_start_id = run_tokenizers.decoder_start_id(config, inputs.target_tokenizer,
+                                                              workdir)
   return inputs
 
 

@@ -18,10 +18,10 @@ from jax.experimental import multihost_utils
 
 from models import decoding
 from train import checkpoint, config as config_lib, inputs as inputs_lib, metrics as metrics_lib
-from train import optim, parallel, records, tasks, workdir as workdir_lib
+from train import hf_copy, optim, parallel, records, tasks, workdir as workdir_lib
 from train.console import say
 from train.state import TrainState
-from train.trainable import Trainable, read_source
+from train.trainable import Trainable, pretrained_model, read_source
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,10 +44,11 @@ class Experiment:
 
 def build(config, workdir: str) -> Experiment:
   """Validates the config and builds data, model and optimizer (nothing compiled yet)."""
-  config_lib.validate(config)
+  config_lib.validate(config, workdir)
   inputs = inputs_lib.make_inputs(config, workdir)
-  source = read_source(config)
-  model_cfg = config_lib.model_config(config, inputs.vocab_size, source and source.model_cfg)
+  source = read_source(config, workdir)
+  model_cfg = config_lib.model_config(config, inputs.vocab_size,
+                                      pretrained_model(config, workdir, source))
   model = tasks.make_model(config.task, model_cfg, num_classes=config.model.num_classes,
                            pooling=config.model.pooling)
   task = tasks.Task(config.task, model, config.label_smoothing)
@@ -112,11 +113,12 @@ def write_config(exp: Experiment):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains to `config.train.num_steps`, resuming from `workdir`; returns the last eval."""
   config = config_lib.resolve_assets(config)  # asset:NAME -> its folder, before anything reads it
-  config_lib.validate(config)
+  config_lib.validate(config, workdir)
   parallel.maybe_initialize_distributed(config.distributed)
   config_lib.check_workdir(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   exp = build(config, workdir)
+  hf_copy.keep(config, workdir, exp.model_cfg.tie_output)  # all checked, nothing compiled yet
   t = config.train
   state, shardings = init_state(exp, jax.random.key(config.seed))
   train_iter = iter(exp.inputs.train_pipeline(t.batch_size))

@@ -4,13 +4,15 @@ Tokenizers trained on the training split (sentencepiece, word, char) are cached 
 `data.tokenizer_path` / `data.target_tokenizer_path`, by default
 `data.tokenizer_dir/{inputs,targets}.EXT` (tokenizer_dir: WORKDIR/tokenizers), so that a
 resumed run and inference over it (train/workdir.py) read the same vocabulary. A
-"pretrained" tokenizer without a path is the one of the init_from=hf:FOLDER checkpoint.
+"pretrained" tokenizer without a path is the one of the init_from=hf:FOLDER checkpoint (read from
+the workdir's copy of its files once the run has made one: train/hf_copy.py).
 """
 
 import os
 from collections.abc import Callable, Iterable
 
 from models import pretrained
+from train import hf_copy
 from train.data import tokenizers
 from train.data.examples import bos_eos, instruct
 
@@ -38,7 +40,7 @@ def make_tokenizers(config, workdir: str, texts: TrainingTexts | None = None
     if kind in EXTENSIONS and not path:
       path = os.path.join(tokenizer_dir, f"{name}.{EXTENSIONS[kind]}")
     if kind == "pretrained" and not path and config.init_from.startswith("hf:"):
-      path = config.init_from[len("hf:"):]  # The checkpoint folder's own tokenizer.
+      path = hf_copy.folder(config, workdir)  # The checkpoint folder's own tokenizer.
     return tokenizers.make_tokenizer(
         kind, path=path or None, texts=texts(fields) if texts else _missing(kind, path),
         vocab_size=data.vocab_size or None)
@@ -59,12 +61,13 @@ def _missing(kind: str, path: str) -> Callable[[], Iterable[str]]:
   return fail
 
 
-def decoder_start_id(config, target_tokenizer: tokenizers.Tokenizer) -> int:
+def decoder_start_id(config, target_tokenizer: tokenizers.Tokenizer,
+                     workdir: str | None = None) -> int:
   """The decoder's first input in training and decoding: the init_from=hf:FOLDER checkpoint's
   `decoder_start_token_id` (T5: its pad id, 0), else the target tokenizer's BOS (EOS where it
   has none)."""
   if config.init_from.startswith("hf:"):
-    start = pretrained.read_config(config.init_from[len("hf:"):]).get("decoder_start_token_id")
+    start = pretrained.read_config(hf_copy.folder(config, workdir)).get("decoder_start_token_id")
     if start is not None:
       return int(start)
   return bos_eos(target_tokenizer)[0]

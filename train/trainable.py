@@ -13,7 +13,10 @@ Restoring copies every model parameter the source holds at the same "/" path; th
 new task head) keep their seeded initialisation and are logged by name, and so are source
 parameters the model has no place for (a pretraining head the task does not use), which are
 skipped. A shape mismatch, or a source that shares no parameter with the model, is an error.
-The source is read once per run (`read_source`), before the model is built.
+The source is read once per run (`read_source`), before the model is built, and only where its
+params are needed: a run resuming from its own checkpoint reads none (an adapter-only one reads
+the base); an hf:FOLDER's model then comes from the copy of its config the workdir keeps
+(train/hf_copy.py). Once restored onto the devices, the host copy of the source is dropped.
 
 Frozen params get no gradient (stop_gradient: no weight gradients are computed for them) and
 no optimizer state, and stay bitwise unchanged. A frozen parameter that was freshly initialised
@@ -31,10 +34,11 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from models import lora, paths, pretrained
 from models.transformer import TransformerConfig
-from train import checkpoint, config as config_lib, parallel
+from train import checkpoint, config as config_lib, hf_copy, parallel
 from train.console import say
 
 HEADS = {"classify": "classifier", "mlm": "mlm"}  # import_hf's head for our task models
@@ -53,9 +57,11 @@ class Source:
   model_cfg: TransformerConfig | None = None  # hf: the folder's model
 
 
-def read_source(config) -> Source | None:
-  """The params `config.init_from` names (None without one), read from disk once."""
-  if not config.init_from:
+def read_source(config, workdir: str | None = None) -> Source | None:
+  """The params `config.init_from` names, read from disk once; None without one, or when
+  `workdir` holds checkpoints with the params (all of them: not adapter-only)."""
+  if not config.init_from or (workdir and not config.lora.adapter_only_checkpoint
+                              and _has_checkpoint(workdir)):
     return None
   kind, path = config.init_from.split(":", 1)
   if kind == "ckpt":
@@ -65,6 +71,25 @@ def read_source(config) -> Source | None:
       pooling=config.model.pooling, rng=config.seed, **config_lib.hf_overrides(config))
   return Source(config.init_from, paths.flatten(imported.params), imported.initialised,
                 imported.module.cfg)
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  folder = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(folder) and bool(ocp.utils.checkpoint_steps(folder))
+
+
+def pretrained_model(config, workdir: str | None, source: Source | None
+                     ) -> TransformerConfig | None:
+  """init_from=hf:FOLDER's model: the import's, else read from the workdir's copy of its config
+  (FOLDER's, with its weights read only to learn whether its output is tied, before a copy is
+  made); None for other runs."""
+  if not config.init_from.startswith("hf:"):
+    return None
+  if source is not None:
+    return source.model_cfg
+  return pretrained.hf_config(hf_copy.folder(config, workdir),
+                              tie_output=hf_copy.tie_output(config, workdir),
+                              **config_lib.hf_overrides(config))
 
 
 def run_params(path: str) -> dict:
@@ -118,6 +143,11 @@ class Trainable:
     self.adapter_only = bool(config.lora.adapter_only_checkpoint)
     self.abstract_params = parallel.unbox(jax.eval_shape(self.init, jax.random.key(0)))
     self.mask = self._mask(paths.param_paths(self.abstract_params))
+    if source is not None:  # Refused before anything compiles.
+      model, mask = ((self.abstract_params, self.mask) if self.lora is None else
+                     (self.abstract_params["base"], self.mask["base"]))
+      check_source(source, {p: x.shape for p, x in paths.flatten(model).items()},
+                   paths.flatten(mask))
 
   def init(self, rng) -> Any:
     """The (boxed) params a run starts from: the model's, plus fresh adapters with LoRA."""
@@ -170,8 +200,11 @@ class Trainable:
     """(state, data iterator state) to train from: the latest checkpoint's (an adapter-only
     one laid over the base that `init_from` rebuilds), else `state` with `init_from` restored
     into it and no data state."""
-    if self.source is not None and (checkpointer.latest_step() is None or self.adapter_only):
+    if self.config.init_from and (checkpointer.latest_step() is None or self.adapter_only):
+      # A source not read at build time (its checkpoints proved unusable) is read now.
+      self.source = self.source or read_source(self.config)
       state = state.replace(params=self._initialise(state.params))
+      self.source = None  # On the devices now: the host copy (an 8B model's 32 GB) is freed.
     if checkpointer.latest_step() is None:
       return state, None
     restored, data_state = checkpointer.restore(jax.tree.map(
@@ -233,18 +266,9 @@ def _overlay(tree, part) -> dict:
 
 def restore(params, source: Source, mask) -> Any:
   """`params` (sharded arrays) with every leaf of `source` at the same path copied in."""
-  origin, target, train = source.origin, paths.flatten(params), paths.flatten(mask)
-  src = source.params
+  origin, target, src = source.origin, paths.flatten(params), source.params
+  check_source(source, {p: x.shape for p, x in target.items()}, paths.flatten(mask))
   shared = target.keys() & src.keys()
-  misshapen = [f"{p} {tuple(np.shape(src[p]))} (the model's: {tuple(target[p].shape)})"
-               for p in sorted(shared) if tuple(np.shape(src[p])) != tuple(target[p].shape)]
-  if misshapen:
-    raise ValueError(f"init_from={origin}: parameters of another shape: "
-                     f"{paths.listing(misshapen)}. Set the model config to the source's.")
-  if not shared:
-    raise ValueError(f"init_from={origin} shares no parameter with the model (paths like "
-                     f"{sorted(src)[:2]}; the model's like {sorted(target)[:2]}): is it a model "
-                     "of this task's family?")
   initialised = source.initialised & shared
   fresh = (target.keys() - src.keys()) | initialised
   unused = src.keys() - target.keys()
@@ -253,11 +277,28 @@ def restore(params, source: Source, mask) -> Any:
     say(f"Initialised, not in {origin}: {paths.listing(fresh)}.")
   if unused:
     say(f"Skipped, in {origin} but not in the model: {paths.listing(unused)}.")
+  restored = {p: x if p not in src or p in initialised else jax.device_put(
+      np.asarray(src[p]).astype(x.dtype), x.sharding) for p, x in target.items()}
+  return paths.unflatten(restored)
+
+
+def check_source(source: Source, shapes: dict[str, tuple], train: dict[str, bool]) -> None:
+  """Refuses a source whose params differ in shape from the model's (`shapes`, by "/" path),
+  one that shares none with it, and one that leaves a frozen param (`train` False) fresh."""
+  origin, src = source.origin, source.params
+  shared = shapes.keys() & src.keys()
+  misshapen = [f"{p} {tuple(np.shape(src[p]))} (the model's: {tuple(shapes[p])})"
+               for p in sorted(shared) if tuple(np.shape(src[p])) != tuple(shapes[p])]
+  if misshapen:
+    raise ValueError(f"init_from={origin}: parameters of another shape: "
+                     f"{paths.listing(misshapen)}. Set the model config to the source's.")
+  if not shared:
+    raise ValueError(f"init_from={origin} shares no parameter with the model (paths like "
+                     f"{sorted(src)[:2]}; the model's like {sorted(shapes)[:2]}): is it a model "
+                     "of this task's family?")
+  fresh = (shapes.keys() - src.keys()) | (source.initialised & shared)
   frozen_fresh = [p for p in fresh if not train[p]]
   if frozen_fresh:
     raise ValueError(f"{paths.listing(frozen_fresh)} would stay at their random initialisation: "
                      f"they are not in {origin} and are frozen. Train them (lora.train) or "
                      "unfreeze them (optim.freeze).")
-  restored = {p: x if p not in src or p in initialised else jax.device_put(
-      np.asarray(src[p]).astype(x.dtype), x.sharding) for p, x in target.items()}
-  return paths.unflatten(restored)

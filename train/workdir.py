@@ -1,7 +1,9 @@
 """A trained run loaded for inference: its model, parameters and tokenizers, nothing more.
 
 `load(workdir)` reads config.json, the latest checkpoint's params (with LoRA: merged) and the
-tokenizers (trained ones from their cached files); it reads no data and builds no optimizer.
+tokenizers (trained ones from their cached files; a pretrained one, and the model of an
+init_from=hf:FOLDER, from the copy of FOLDER's files the workdir keeps: train/hf_copy.py); it
+reads no data and builds no optimizer.
 `model_inputs(run, text)` lays an input text out as training did (train/data/examples.py);
 `unknown_pieces` names what of a text the vocabulary lacks.
 """
@@ -15,7 +17,7 @@ import flax.linen as nn
 import ml_collections
 import numpy as np
 
-from models import decoding, pretrained
+from models import decoding
 from train import run_tokenizers
 from train.data import examples
 from train.data.tokenizers import Tokenizer
@@ -57,10 +59,7 @@ def load(workdir: str) -> Run:
   input_tokenizer, target_tokenizer = run_tokenizers.make_tokenizers(config, workdir)
   vocab_size = max(input_tokenizer.vocab_size, target_tokenizer.vocab_size)
   source = trainable_lib.read_source(config) if config.lora.adapter_only_checkpoint else None
-  folder_cfg = None
-  if config.init_from.startswith("hf:"):
-    folder_cfg = source.model_cfg if source else pretrained.hf_config(
-        config.init_from[len("hf:"):], **config_lib.hf_overrides(config))
+  folder_cfg = trainable_lib.pretrained_model(config, workdir, source)
   model = tasks.make_model(config.task, config_lib.model_config(config, vocab_size, folder_cfg),
                            num_classes=config.model.num_classes, pooling=config.model.pooling)
   if source is not None:  # Adapters only: the base is rebuilt in the model's layout.
@@ -68,7 +67,7 @@ def load(workdir: str) -> Run:
                                      source).trained_params(workdir)
   else:  # The params as saved, LoRA merged: no model init to trace.
     params = trainable_lib.run_params(workdir)
-  start = (run_tokenizers.decoder_start_id(config, target_tokenizer)
+  start = (run_tokenizers.decoder_start_id(config, target_tokenizer, workdir)
            if config.task == "seq2seq" else None)
   return Run(config, model, params, input_tokenizer, target_tokenizer, start)
 
