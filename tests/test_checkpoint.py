@@ -166,26 +166,27 @@ def test_hard_kill_during_async_save_resumes_from_last_complete(tmp_path):
 
 
 _CRASHING_CHILD = """
-import sys
+import os, sys
+os.cpu_count = lambda: 16  # as on a big host, where orbax would delete old steps with threads
 import jax.numpy as jnp
 from train.checkpoint import Checkpointer
-ckpt = Checkpointer(sys.argv[1])
+ckpt = Checkpointer(sys.argv[1], keep=1)
 ckpt.save(1, {"w": jnp.full((1024, 1024), 1.0)}, {"step": 1})
+ckpt.wait()
+ckpt.save(2, {"w": jnp.full((1024, 1024), 2.0)}, {"step": 2})  # and step 1 to delete after it
 raise SystemExit("the loop failed while the save was in flight")  # no close()
 """
 
 
-@pytest.mark.xfail(sys.version_info >= (3, 12), strict=False, reason=(
-    "issue 22: Python 3.12 starts no thread once the interpreter is exiting, and orbax's "
-    "finalize (asyncio.to_thread) needs one, so the exit hook's save stays a tmp folder"))
 def test_exit_without_close_finishes_the_pending_save(tmp_path):
   env = {**os.environ, "PYTHONPATH": REPO}
   child = subprocess.run([sys.executable, "-c", _CRASHING_CHILD, str(tmp_path)], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=120)
-  assert child.returncode == 1 and "in flight" in child.stderr
-  assert os.listdir(tmp_path) == ["1"]
+  assert child.returncode == 1 and child.stderr.strip().endswith("in flight"), child.stderr
+  assert os.listdir(tmp_path) == ["2"]
   with Checkpointer(tmp_path) as ckpt:
-    assert ckpt.restore(_replicated({"w": jnp.zeros((1024, 1024))}))[1] == {"step": 1}
+    state, data = ckpt.restore(_replicated({"w": jnp.zeros((1024, 1024))}))
+  assert data == {"step": 2} and np.all(np.asarray(state["w"]) == 2)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, on damage

@@ -26,6 +26,7 @@ CheckpointReadError and moves nothing: the rerun after the fix resumes from it.
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from models import paths
+from train import threadless_exit
 from train.settled_loops import settled_loops
 from train.step_folders import STEP_NAME
 
@@ -50,6 +52,12 @@ _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _DAMAGED = re.compile(r"^(0|[1-9]\d*)\.damaged(-\d+)?$")  # a step folder set aside, unreadable
 _ORBAX_ROOT_FILES = ("metadata", "_ROOT_METADATA")
 _DICT_KEY = 2  # orbax's key_type of a dict key in a tree's metadata file (1: a sequence index)
+# Old steps deleted in the save's own thread: orbax's default on many cores starts threads to
+# delete each, which fail when a save is finished at exit on Python 3.12 (train/threadless_exit.py).
+_ONE_DELETION_THREAD = ({"num_deletion_threads": 1} if "num_deletion_threads" in {
+    f.name for f in dataclasses.fields(ocp.CheckpointManagerOptions)} else {})
+
+
 class CheckpointError(ValueError):
   """A checkpoint folder or checkpoint that cannot be used as asked."""
 
@@ -84,13 +92,15 @@ class Checkpointer:
         should_save_fn=lambda step, _: step % save_every == 0,  # and at preemption sync points
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
-        create=True)
+        create=True,
+        **_ONE_DELETION_THREAD)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._closed = False
     # A process that ends without `close` (an exception in the loop) must still finish its
     # last save: Python runs these hooks before it stops the thread pools orbax writes with
     # (a plain `atexit` hook runs after, and the save then stalls for minutes and is lost).
     threading._register_atexit(self.close)  # pylint: disable=protected-access
+    threadless_exit.install()  # and can finish it where the exit starts no thread (Python 3.12)
 
   def latest_step(self) -> int | None:
     """The newest checkpoint's step (or one this process is writing), None if none."""
