@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import one_device_env
@@ -110,6 +111,29 @@ def test_a_run_killed_during_its_final_eval_runs_it_on_rerun(uninterrupted, tmp_
   expected = records.recorded(uninterrupted["workdir"], NUM_STEPS, "eval")
   assert records.recorded(tmp_path / "run", NUM_STEPS, "eval") == expected
   assert metrics.read_text() == "".join(kept) + final_eval  # the eval alone: no step trained again
+
+
+@pytest.mark.slow
+def test_an_out_of_memory_on_resume_stops_the_run_and_the_rerun_resumes_from_the_newest_step(
+    uninterrupted, tmp_path, monkeypatch):
+  shutil.copytree(uninterrupted["workdir"], tmp_path / "run")
+  folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+  config = experiment("quickstart", "tiny")  # RESUME_FLAGS' run, one step longer
+  config.train.update(num_steps=NUM_STEPS + 1, log_every=1, checkpoint_every=10, eval_every=0,
+                      keep_checkpoints=20, eval_batches=1, print_examples=0)
+
+  async def out_of_memory(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8388608 bytes.")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.type_handlers.ArrayHandler, "deserialize", out_of_memory)
+    with pytest.raises(checkpoint.CheckpointReadError,
+                       match=rf"checkpoints/{NUM_STEPS} could not be loaded: .*RESOURCE_EXHAUSTED"):
+      loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == folders
+  loop.train_and_evaluate(config, str(tmp_path / "run"))  # the cause gone
+  assert [line["step"] for line in train_lines(tmp_path / "run")] == list(range(1, NUM_STEPS + 2))
 
 
 @pytest.mark.slow

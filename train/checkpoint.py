@@ -20,9 +20,13 @@ folder, which `latest_step` ignores and the next `Checkpointer` on DIR deletes.
 
 Anything found that cannot be used (a folder that is not a checkpoint folder, a damaged
 checkpoint, a state whose tree or shapes differ from the model's) raises CheckpointError
-naming it: a run never starts afresh over, or silently past, existing checkpoints.
+naming it: a run never starts afresh over, or silently past, existing checkpoints. A step
+that fails to load for any other cause (out of memory, a storage outage, a bug) raises
+CheckpointReadError and moves nothing: the rerun after the fix resumes from it.
 """
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +42,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from models import paths
+from train import threadless_exit
 from train.settled_loops import settled_loops
 from train.step_folders import STEP_NAME
 
@@ -47,6 +52,10 @@ _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _DAMAGED = re.compile(r"^(0|[1-9]\d*)\.damaged(-\d+)?$")  # a step folder set aside, unreadable
 _ORBAX_ROOT_FILES = ("metadata", "_ROOT_METADATA")
 _DICT_KEY = 2  # orbax's key_type of a dict key in a tree's metadata file (1: a sequence index)
+# Old steps deleted in the save's own thread: orbax's default on many cores starts threads to
+# delete each, which fail when a save is finished at exit on Python 3.12 (train/threadless_exit.py).
+_ONE_DELETION_THREAD = ({"num_deletion_threads": 1} if "num_deletion_threads" in {
+    f.name for f in dataclasses.fields(ocp.CheckpointManagerOptions)} else {})
 
 
 class CheckpointError(ValueError):
@@ -60,6 +69,10 @@ class DamagedCheckpointError(CheckpointError):
     super().__init__(message)
     self.step_dir = step_dir
     self.reason = reason or message  # what is wrong, without what to do about it
+
+
+class CheckpointReadError(RuntimeError):
+  """A checkpoint that failed to load for a cause other than damage; nothing was moved."""
 
 
 class Checkpointer:
@@ -79,13 +92,15 @@ class Checkpointer:
         should_save_fn=lambda step, _: step % save_every == 0,  # and at preemption sync points
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
-        create=True)
+        create=True,
+        **_ONE_DELETION_THREAD)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._closed = False
     # A process that ends without `close` (an exception in the loop) must still finish its
     # last save: Python runs these hooks before it stops the thread pools orbax writes with
     # (a plain `atexit` hook runs after, and the save then stalls for minutes and is lost).
     threading._register_atexit(self.close)  # pylint: disable=protected-access
+    threadless_exit.install()  # and can finish it where the exit starts no thread (Python 3.12)
 
   def latest_step(self) -> int | None:
     """The newest checkpoint's step (or one this process is writing), None if none."""
@@ -120,9 +135,10 @@ class Checkpointer:
     `abstract_state` is the state's tree of `jax.ShapeDtypeStruct`s (or arrays) with a
     `.sharding` each, e.g. `jax.eval_shape` of the init plus the run's shardings: the arrays
     come back with those shardings, whatever mesh wrote them. Without `step`, a latest
-    checkpoint that cannot be read is set aside (renamed STEP.damaged, never deleted) with a
-    warning naming it, and the one before it restored; if none can be read, the latest's
-    DamagedCheckpointError is raised and nothing is moved.
+    checkpoint that is damaged (`_is_damage`) is set aside (renamed STEP.damaged, never
+    deleted) with a warning naming it, and the one before it restored; if none can be read,
+    DamagedCheckpointError is raised and nothing is moved. Any other failure (out of memory, a
+    transient storage error) raises CheckpointReadError naming the step, and moves nothing.
     """
     self._manager.wait_until_finished()
     steps = self.all_steps()
@@ -138,9 +154,14 @@ class Checkpointer:
     for step in reversed(steps):
       try:
         restored, error = self._restore(step, abstract_state), None
-      except DamagedCheckpointError as e:
+      except (DamagedCheckpointError, CheckpointReadError) as e:
         restored, error = None, e
-      if _on_every_host(error is None):
+      outcome = _worst_on_hosts(_outcome(error))  # every host restores the same step, or stops
+      if outcome == _FAILED:
+        raise error if isinstance(error, CheckpointReadError) else CheckpointReadError(
+            f"Step {step} in {self.directory} could not be restored on another process (see its "
+            "error); nothing was moved. Rerun once the cause is fixed to resume from it.")
+      if outcome == _RESTORED:
         break
       step_dir = self.directory / str(step)
       damaged.append(error or DamagedCheckpointError(
@@ -150,7 +171,7 @@ class Checkpointer:
           f"No checkpoint in {self.directory} can be read: " + "; ".join(
               e.reason for e in damaged) + ". Use a new workdir.")
     for error in damaged:
-      aside = _free_name(f"{error.step_dir}.damaged")
+      aside = _free_name(error.step_dir.parent / f"{error.step_dir.name}.damaged")
       logging.warning("%s. Set aside as %s; resuming from step %d instead.",
                       error.reason, aside, step)
       if jax.process_index() == 0:
@@ -162,14 +183,16 @@ class Checkpointer:
 
   def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     step_dir = self.directory / str(step)
+    with _reading(step_dir):
+      missing = [item for item in (STATE, DATA) if not (step_dir / item).is_dir()]
+    if missing:
+      raise _damaged(step_dir, f"no {' or '.join(missing)} item in it")
     _check_tree_matches(abstract_state, _saved_tree(step_dir), step_dir,
                         fix="resume with the configuration that wrote it, or use a new workdir")
     args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
                                  DATA: ocp.args.JsonRestore()})
-    try:
+    with _reading(step_dir):
       restored = self._manager.restore(step, args=args)
-    except Exception as e:
-      raise _damaged(step_dir, e) from e
     return restored[STATE], restored[DATA]
 
   def wait(self) -> None:
@@ -248,9 +271,8 @@ def _restore_params(step_dir: epath.Path, item: dict, restore_args: Any) -> Any:
   args = ocp.args.PyTreeRestore(item=item, partial_restore=True, restore_args=restore_args)
   checkpointer = ocp.PyTreeCheckpointer()
   try:
-    return checkpointer.restore(step_dir / STATE, args=args)["params"]
-  except Exception as e:
-    raise _damaged(step_dir, e) from e
+    with _reading(step_dir):
+      return checkpointer.restore(step_dir / STATE, args=args)["params"]
   finally:
     checkpointer.close()
 
@@ -360,9 +382,8 @@ def _saved_tree(step_dir: epath.Path) -> Any:
                           "train.checkpoint, or is damaged.")
   handler = ocp.StandardCheckpointHandler()
   try:
-    metadata = handler.metadata(step_dir / STATE)
-  except Exception as e:
-    raise _damaged(step_dir, e) from e
+    with _reading(step_dir):
+      metadata = handler.metadata(step_dir / STATE)
   finally:
     handler.close()
   return getattr(metadata, "tree", metadata)
@@ -418,28 +439,87 @@ def _shapes(tree: Any, *, stored: bool) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
+@contextlib.contextmanager
+def _reading(step_dir: epath.Path):
+  """Raises a failure to read STEP_DIR as DamagedCheckpointError if it is damage (`_is_damage`),
+  else as CheckpointReadError; CheckpointErrors pass unchanged."""
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:
+    raise (_damaged(step_dir, e) if _is_damage(e) else _unreadable(step_dir, e)) from e
+
+
+# What says that a checkpoint's files are missing, garbled, or fail their checks: nothing else
+# sets a step aside, for a step set aside is progress lost (see _is_damage).
+_DAMAGE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                  json.JSONDecodeError, UnicodeDecodeError)
+_DAMAGE_STATUS = re.compile(r"^(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE): ")
+
+
+def _is_damage(error: BaseException) -> bool:
+  """Whether `error`, or an error it was raised from, says the checkpoint itself is damaged.
+
+  Damage is a file missing (FileNotFoundError, tensorstore's NOT_FOUND), in place of a folder
+  or the reverse (IsADirectoryError, NotADirectoryError), cut short (tensorstore's OUT_OF_RANGE:
+  a read past its end), or garbled (tensorstore's DATA_LOSS: bytes that fail to decode or their
+  checksum; json.JSONDecodeError, UnicodeDecodeError: a metadata or data-state file that is not
+  JSON). Not damage: out of memory (RESOURCE_EXHAUSTED), every other OSError (EIO, EACCES,
+  ENOSPC, timeouts: the storage's state, not the files'; a rerun or a fix finds them intact),
+  tensorstore's UNAVAILABLE, DEADLINE_EXCEEDED, PERMISSION_DENIED and the like, and bugs.
+  """
+  while error is not None:
+    if isinstance(error, _DAMAGE_ERRORS) or _DAMAGE_STATUS.match(str(error)):
+      return True
+    error = error.__cause__
+  return False
+
+
+def _cause(error: Any) -> str:
+  """The first line of an error's message, without tensorstore's long spec."""
+  return str(error).split(" [tensorstore_spec=")[0].splitlines()[0][:300]
+
+
 def _damaged(step_dir: epath.Path, error: Any) -> DamagedCheckpointError:
-  """The error for an unreadable step: names it, the cause, and the step to fall back on."""
-  cause = str(error).split(" [tensorstore_spec=")[0].splitlines()[0][:300]
+  """The error for a damaged step: names it, the cause, and the step to fall back on."""
   older = []
   if STEP_NAME.match(step_dir.name):
     older = sorted(s for s in ocp.utils.checkpoint_steps(step_dir.parent) if s < int(step_dir.name))
   fix = (f"Move {step_dir} away to resume from step {older[-1]}, or use a new workdir."
          if older else "Use another checkpoint or a new workdir.")
-  reason = f"The checkpoint {step_dir} cannot be read ({cause})"
+  reason = f"The checkpoint {step_dir} cannot be read ({_cause(error)})"
   return DamagedCheckpointError(f"{reason}. {fix}", step_dir, reason)
 
 
-def _free_name(path: str) -> str:
+def _unreadable(step_dir: epath.Path, error: Exception) -> CheckpointReadError:
+  """The error for a step that failed to load for another cause than damage."""
+  return CheckpointReadError(
+      f"The checkpoint {step_dir} could not be loaded: {type(error).__name__}: {_cause(error)}. "
+      "Nothing was moved: rerun once the cause is fixed to resume from it (should the cause be "
+      "damage after all, move the step away to resume from the one before).")
+
+
+def _free_name(path: epath.Path) -> epath.Path:
   """`path`, or `path-N` for the first N that does not exist yet."""
-  n, name = 1, path
-  while os.path.exists(name):
-    n, name = n + 1, f"{path}-{n}"
+  n, name = 0, path
+  while name.exists():
+    n += 1
+    name = path.parent / f"{path.name}-{n}"
   return name
 
 
-def _on_every_host(flag: bool) -> bool:
-  """Whether `flag` holds on every process (they must agree on the step they restore)."""
+_RESTORED, _DAMAGED_STEP, _FAILED = 0, 1, 2  # a restore's outcomes, worst last
+
+
+def _outcome(error: Exception | None) -> int:
+  if error is None:
+    return _RESTORED
+  return _DAMAGED_STEP if isinstance(error, DamagedCheckpointError) else _FAILED
+
+
+def _worst_on_hosts(outcome: int) -> int:
+  """The worst of every process's outcome (they must agree on the step they restore)."""
   if jax.process_count() == 1:
-    return flag
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+    return outcome
+  return int(np.max(multihost_utils.process_allgather(np.asarray(outcome, np.int32))))
