@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from models import paths
+from models.errors import InputError, MissingInputError
 from train.settled_loops import settled_loops
 from train.step_folders import STEP_NAME
 
@@ -49,7 +50,7 @@ _ORBAX_ROOT_FILES = ("metadata", "_ROOT_METADATA")
 _DICT_KEY = 2  # orbax's key_type of a dict key in a tree's metadata file (1: a sequence index)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
   """A checkpoint folder or checkpoint that cannot be used as asked."""
 
 
@@ -133,7 +134,7 @@ class Checkpointer:
                               f"steps {steps}.")
       return self._restore(step, abstract_state)
     if not steps:
-      raise FileNotFoundError(f"No checkpoint to restore in {self.directory}.")
+      raise MissingInputError(f"No checkpoint to restore in {self.directory}.")
     damaged = []
     for step in reversed(steps):
       try:
@@ -341,7 +342,7 @@ def _check_json(data_state: Any) -> None:
 def _find_step_dir(path: epath.Path) -> epath.Path:
   """The step folder meant by PATH: itself, or the latest one in PATH[/checkpoints]."""
   if not path.exists():
-    raise FileNotFoundError(f"No checkpoint at {path}: the path does not exist.")
+    raise MissingInputError(f"No checkpoint at {path}: the path does not exist.")
   if (path / STATE).is_dir():
     return path
   folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
