@@ -27,6 +27,7 @@ from models.errors import InputError
 from models.pretrained_tables import FAMILIES, PretrainedError
 from models.transformer import TransformerConfig
 from train import assets, optim, xla_flags
+from train.data import sources
 from train.tasks import TASKS
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -257,6 +258,7 @@ def validate(config) -> None:
   _validate_numbers(config)
   if config.task == "classify" and config.model.num_classes < 2:
     raise InputError("config.task='classify' needs config.model.num_classes >= 2.")
+  _validate_source_options(config.data)
   if config.data.source_options.get("task") == "instruct" and config.task != "lm":
     raise InputError("config.data.source_options.task='instruct' (prompt -> response pairs) "
                      f"trains an lm run, not config.task={config.task!r}: set task='lm'.")
@@ -309,6 +311,15 @@ def _get(config, key: str):
   for part in key.split("."):
     config = config[part]
   return config
+
+
+def _validate_source_options(data) -> None:
+  known = sources.option_names(data.source)
+  unknown = sorted(set(data.source_options) - set(known))
+  if unknown:
+    raise InputError(f"config.data.source_options has {', '.join(unknown)}, which "
+                     f"data.source={data.source!r} does not take; it takes "
+                     f"{', '.join(known) or 'no options'}.")
 
 
 def _validate_numbers(config) -> None:

@@ -24,6 +24,7 @@ Bytes that are not valid UTF-8 are replaced by U+FFFD, logged and counted in
 """
 
 import argparse
+import inspect
 from typing import Any, Sequence
 
 from absl import logging
@@ -163,6 +164,22 @@ def _not_prepared(name: str, builder, data_dir) -> Exception:
   return MissingInputError(
       f"{name} is not prepared in {data_dir or root}. Prepare it once (this downloads it) "
       f"with: {command}")
+
+
+def option_names(name: str) -> tuple[str, ...]:
+  """The keyword options the source `name` takes: local datasets' those of preparing them."""
+  if name == "numbers":
+    return _keywords(numbers.numbers_source)
+  if name.startswith("local:"):
+    from train.data import local
+    return _keywords(local.prepare, "data_dir")
+  family = name.split("/")[0].split(":")[0]
+  return ("source_language",) if family.endswith("_translate") else ()
+
+
+def _keywords(function, *given: str) -> tuple[str, ...]:
+  return tuple(p.name for p in inspect.signature(function).parameters.values()
+               if p.kind == p.KEYWORD_ONLY and p.name not in given)
 
 
 def _pop_task(name: str, options: dict) -> str:
