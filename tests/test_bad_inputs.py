@@ -114,6 +114,11 @@ CASES = [
      lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}", "--config.data.seq_len=4096"],
      "t", r"config\.data\.seq_len=4096 exceeds the model's learned position table "
      r"\(model\.max_len=128\)"),
+    ("init_from a run of another shape",
+     lambda w, t: ["train", *TINY, f"--workdir={t / 'run'}", f"--config.init_from=ckpt:{w}",
+                   "--config.model.d_model=64"], "w",
+     r"init_from=ckpt:\S+: parameters of another shape: .+ Set the model config to the "
+     r"source's\.$"),
     ("an unknown key in data.source_options",
      lambda w, t: ["train", f"--config={bad_experiment(t, COLUMNS)}", f"--workdir={t / 'run'}"],
      "t", r"config\.data\.source_options has columns, which data\.source='local:texts\.txt' "

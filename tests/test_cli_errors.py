@@ -97,3 +97,31 @@ def test_named_path_leaves_other_errors_alone():
     with named_path("--out=x"):
       raise error
   assert kept.value is error
+
+
+# A run refused right after its Checkpointer opened (init_from a run of another shape), with
+# the clean-up of tmp folders that orbax's CheckpointManager starts in the background made slow.
+EARLY_EXIT = """
+import asyncio, sys
+from orbax.checkpoint._src.path import async_path
+exists = async_path.exists
+
+async def slow_exists(path):
+  await asyncio.sleep(1)
+  return await exists(path)
+
+async_path.exists = slow_exists
+from train import checkpoint
+with checkpoint.Checkpointer(sys.argv[1]):
+  print("error: refused", file=sys.stderr)
+sys.exit(2)
+"""
+
+
+def test_a_run_refused_after_its_checkpointer_opened_ends_on_its_error_line(tmp_path):
+  pytest.importorskip("orbax.checkpoint._src.path.async_path")
+  process = subprocess.run([sys.executable, "-c", EARLY_EXIT, str(tmp_path / "checkpoints")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert process.returncode == 2
+  assert process.stderr == "error: refused\n", process.stderr[-3000:]

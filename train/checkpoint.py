@@ -182,6 +182,9 @@ class Checkpointer:
     if not self._closed:
       self._closed = True
       self._manager.wait_until_finished()
+      # orbax's close leaves the clean-up of earlier runs' tmp folders, started with the manager,
+      # running: a process that ends soon after (an error) then prints its failure at exit.
+      getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
       self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
