@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from launch import workdirs
+from models.errors import InputError
 from train import config as config_lib
 from train import experiment_file
 from train.experiment_file import get_config, load_module, split_config_arg
@@ -46,7 +47,7 @@ def get_sweep(module, path: str, variant: str) -> list[dict]:
                                *([variant] if takes_variant else []))
   if not isinstance(sweep, (list, tuple)) or not sweep or not all(
       isinstance(run, dict) and all(isinstance(key, str) for key in run) for run in sweep):
-    raise ValueError(f"{path}: get_sweep() must return a non-empty list of dicts "
+    raise InputError(f"{path}: get_sweep() must return a non-empty list of dicts "
                      f"{{'config.key': value}}, got {sweep!r:.200}.")
   return [{key: _plain(value) for key, value in run.items()} for run in sweep]
 
@@ -66,11 +67,11 @@ def _leaf_keys(config, prefix: str = "") -> list[str]:
   return keys
 
 
-def _unknown_key(config, key: str, path: str) -> ValueError:
+def _unknown_key(config, key: str, path: str) -> InputError:
   close = difflib.get_close_matches(key, _leaf_keys(config), n=1)
   hint = f"did you mean {close[0]!r}?" if close else (
       "the keys are those of train/config.py:base_config and the experiment file")
-  return ValueError(f"the sweep sets {key!r}, which is not a key of {path}'s config: {hint}.")
+  return InputError(f"the sweep sets {key!r}, which is not a key of {path}'s config: {hint}.")
 
 
 def apply_overrides(config, overrides: dict, path: str) -> ml_collections.ConfigDict:
@@ -88,7 +89,7 @@ def apply_overrides(config, overrides: dict, path: str) -> ml_collections.Config
     try:
       node[leaf] = value
     except TypeError as e:
-      raise ValueError(f"the sweep sets {key}={value!r}, but {path}'s {key} is a "
+      raise InputError(f"the sweep sets {key}={value!r}, but {path}'s {key} is a "
                        f"{type(node[leaf]).__name__}: {str(e).splitlines()[0]}") from None
   return config
 
@@ -103,13 +104,13 @@ def expand(config_arg: str, workdir_root: str) -> list[Run]:
   for index, overrides in enumerate(get_sweep(module, path, variant)):
     name = workdirs.run_name(overrides)
     if name in seen:
-      raise ValueError(f"{path}: get_sweep() lists the overrides {overrides} twice (runs "
+      raise InputError(f"{path}: get_sweep() lists the overrides {overrides} twice (runs "
                        f"{seen[name]} and {index}); every run needs its own.")
     seen[name] = index
     config = apply_overrides(base, overrides, path)
     try:
       config_lib.validate(config_lib.resolve_assets(config))
     except (ValueError, FileNotFoundError) as e:
-      raise ValueError(f"run {name}: {e}") from None
+      raise InputError(f"run {name}: {e}") from None
     runs.append(Run(name, overrides, f"{root.rstrip('/')}/{name}", config))
   return runs

@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from launch import workdirs  # noqa: E402
+from models.errors import InputError, named_path  # noqa: E402
 from train import cli  # noqa: E402
 from train.records import read_metrics  # noqa: E402
 
@@ -36,9 +37,9 @@ def load_runs(root: str) -> list[dict]:
     listed = [(name, None) for name in sorted(os.listdir(root))
               if os.path.exists(os.path.join(root, name, "metrics.jsonl"))]
   else:
-    raise ValueError(f"{root} does not exist: pass the --workdir_root of a sweep.")
+    raise InputError(f"{root} does not exist: pass the --workdir_root of a sweep.")
   if not listed:
-    raise ValueError(f"{root} holds no sweep.json and no run folder with a metrics.jsonl: pass "
+    raise InputError(f"{root} holds no sweep.json and no run folder with a metrics.jsonl: pass "
                      "the --workdir_root of a sweep, once its runs have started.")
   return [{"name": name, "overrides": overrides if overrides is not None else parse_name(name),
            "records": read_metrics(os.path.join(root, name)),
@@ -55,7 +56,7 @@ def read_manifest(path: str) -> list[tuple[str, dict]]:
     problem = f"it is not JSON: {e}"
   except (KeyError, TypeError):
     problem = 'it holds no "runs" list of {"name", "overrides"}'
-  raise ValueError(f"{path} is not a sweep's manifest ({problem}). Move it away: the report then "
+  raise InputError(f"{path} is not a sweep's manifest ({problem}). Move it away: the report then "
                    "lists every run folder beside it, and the next launch.sweep writes it anew.")
 
 
@@ -160,7 +161,8 @@ def report(args: argparse.Namespace) -> None:
   rows = summarize(runs, split, args.metric, mode == "max")
   print(table(rows, split, args.metric))
   out = args.out or os.path.join(args.root, "report.png")
-  plot(rows, split, args.metric, out)
+  with named_path(f"--out={out}"):
+    plot(rows, split, args.metric, out)
   print(f"Curves: {out}")
 
 

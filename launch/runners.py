@@ -20,7 +20,7 @@ _RANK; the TPU VM's metadata. Every process reads its own shard of the data
 (`process_index::process_count`), checkpoints go to the workdir, which must be a folder all
 processes share (NFS, or gs:// on TPU pods), and only process 0 writes metrics.
 
-Runners, each with `check(runs)` (bad settings raise ValueError before anything starts),
+Runners, each with `check(runs)` (bad settings raise InputError before anything starts),
 `plan(runs)` (the exact shell lines that would run: what --dry_run prints) and
 `launch(runs)` (returns the names of the runs that failed; FAILED and ADVICE say what that
 means and what to do); Slurm also has `queued(runs)`, the runs already in the queue, which a
@@ -48,6 +48,7 @@ import time
 
 from launch import workdirs
 from launch.experiment import Run
+from models.errors import InputError
 from train import parallel
 
 
@@ -71,10 +72,10 @@ def check_devices(run: Run, num_devices: int | None, num_processes: int, where: 
     try:
       parallel.mesh_shape(run.config.mesh, num_devices)
     except ValueError as e:
-      raise ValueError(f"run {run.name} on {where}: {e}") from None
+      raise InputError(f"run {run.name} on {where}: {e}") from None
   batch_size = run.config.train.batch_size
   if batch_size % num_processes:
-    raise ValueError(f"run {run.name} on {where}: train.batch_size={batch_size} does not "
+    raise InputError(f"run {run.name} on {where}: train.batch_size={batch_size} does not "
                      f"split over {num_processes} processes; choose a multiple of "
                      f"{num_processes}.")
 
@@ -99,7 +100,7 @@ def sbatch_quote(option: str) -> str:
 
 def _need_program(name: str, runner: str) -> None:
   if shutil.which(name) is None:
-    raise ValueError(f"--runner={runner} needs `{name}`, which is not on PATH here; run on a "
+    raise InputError(f"--runner={runner} needs `{name}`, which is not on PATH here; run on a "
                      f"machine that has it, or add --dry_run to see the commands.")
 
 
@@ -122,14 +123,14 @@ class Local:
 
   def check(self, runs: list[Run], dry_run: bool = False) -> None:
     if self.gpus < 0 or self.gpus_per_run < 1 or self.processes_per_run < 1:
-      raise ValueError(f"--gpus={self.gpus}, --gpus_per_run={self.gpus_per_run} and "
+      raise InputError(f"--gpus={self.gpus}, --gpus_per_run={self.gpus_per_run} and "
                        f"--processes_per_run={self.processes_per_run}: use gpus >= 0 and the "
                        "others >= 1.")
     if self.gpus % self.gpus_per_run:
-      raise ValueError(f"--gpus={self.gpus} do not divide into runs of --gpus_per_run="
+      raise InputError(f"--gpus={self.gpus} do not divide into runs of --gpus_per_run="
                        f"{self.gpus_per_run}; use a gpus_per_run that divides {self.gpus}.")
     if self.gpus and self.gpus_per_run % self.processes_per_run:
-      raise ValueError(f"--gpus_per_run={self.gpus_per_run} GPUs do not divide among "
+      raise InputError(f"--gpus_per_run={self.gpus_per_run} GPUs do not divide among "
                        f"--processes_per_run={self.processes_per_run}; use a number of "
                        f"processes that divides {self.gpus_per_run}.")
     for run in runs:
@@ -256,23 +257,23 @@ class Slurm:
 
   def check(self, runs: list[Run], dry_run: bool = False) -> None:
     if self.processes not in ("", "per_gpu", "per_node"):
-      raise ValueError(f"--processes={self.processes!r}: use per_gpu or per_node.")
+      raise InputError(f"--processes={self.processes!r}: use per_gpu or per_node.")
     if self.nodes < 1 or self.gpus_per_node < 0 or self.processes_per_node < 0:
-      raise ValueError(f"--nodes={self.nodes}, --gpus_per_node={self.gpus_per_node} and "
+      raise InputError(f"--nodes={self.nodes}, --gpus_per_node={self.gpus_per_node} and "
                        f"--processes_per_node={self.processes_per_node}: use nodes >= 1 and "
                        "the others >= 0.")
     if self.gpus_per_node and self.processes_per_node:
-      raise ValueError(f"--processes_per_node is for nodes without GPUs; with --gpus_per_node="
+      raise InputError(f"--processes_per_node is for nodes without GPUs; with --gpus_per_node="
                        f"{self.gpus_per_node} use --processes=per_gpu ({self.gpus_per_node} "
                        "per node) or --processes=per_node (1 per node).")
     if not self.gpus_per_node and self.processes == "per_gpu":
-      raise ValueError("--processes=per_gpu needs --gpus_per_node >= 1; without GPUs use "
+      raise InputError("--processes=per_gpu needs --gpus_per_node >= 1; without GPUs use "
                        "--processes_per_node=N.")
     where = (f"{self.nodes} node(s) x {self.gpus_per_node} GPU(s)" if self.gpus_per_node else
              f"{self.nodes} node(s) x {self.tasks_per_node} process(es)")
     for run in runs:
       if any(c in run.workdir for c in "\n\r"):
-        raise ValueError(f"the workdir {run.workdir!r} holds a line break, which an sbatch "
+        raise InputError(f"the workdir {run.workdir!r} holds a line break, which an sbatch "
                          "script cannot carry; choose another --workdir_root.")
       check_devices(run, self.nodes * self.gpus_per_node or None,
                     self.nodes * self.tasks_per_node, where)
@@ -298,7 +299,7 @@ class Slurm:
     except subprocess.TimeoutExpired:
       result = subprocess.CompletedProcess(argv, 1, "", f"no answer in {SQUEUE_TIMEOUT_S} s")
     if result.returncode:
-      raise ValueError(f"`{shlex.join(argv)}` failed ({' '.join(result.stderr.split())}); "
+      raise InputError(f"`{shlex.join(argv)}` failed ({' '.join(result.stderr.split())}); "
                        "the sweep asks it which runs are already queued, so that none is "
                        "submitted twice: rerun once squeue answers.")
     jobs = {}
@@ -387,7 +388,7 @@ class Tpu:
     missing = [flag for flag, value in (("--tpu_name", self.tpu_name), ("--zone", self.zone))
                if not value]
     if missing:
-      raise ValueError(f"--runner=tpu needs {' and '.join(missing)} (the TPU VM and its zone, "
+      raise InputError(f"--runner=tpu needs {' and '.join(missing)} (the TPU VM and its zone, "
                        "as in `gcloud compute tpus tpu-vm list --zone=ZONE`).")
     if not dry_run:
       _need_program("gcloud", "tpu")

@@ -28,6 +28,7 @@ import sys
 from etils import epath
 
 from launch import experiment, runners, workdirs
+from models.errors import InputError
 from train import cli
 
 USAGE = ("usage: python -m launch.sweep --config=experiments/NAME.py[:VARIANT] "
@@ -42,10 +43,10 @@ MANIFEST = "sweep.json"
 
 
 class _Parser(argparse.ArgumentParser):
-  """argparse whose errors are ValueErrors, so that main prints one line."""
+  """argparse whose errors are InputErrors, so that main prints one line."""
 
   def error(self, message):
-    raise ValueError(message)
+    raise InputError(message)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -69,7 +70,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                for name in names
                if name not in RUNNER_FLAGS[args.runner] and getattr(args, name) is not None]
   if misplaced:
-    raise ValueError(f"{', '.join(sorted(set(misplaced)))} do(es) not apply to "
+    raise InputError(f"{', '.join(sorted(set(misplaced)))} do(es) not apply to "
                      f"--runner={args.runner}.")
   return args
 
@@ -98,10 +99,10 @@ def check_manifest(root: str, config_arg: str) -> dict:
   except ValueError as e:  # not JSON, or not even text
     problem = f"it is not JSON: {e}"
   if problem:
-    raise ValueError(f"{path} is not a sweep's manifest ({problem}). Move it away, and the sweep "
+    raise InputError(f"{path} is not a sweep's manifest ({problem}). Move it away, and the sweep "
                      "writes it anew.")
   if manifest.get("config") != config_arg:
-    raise ValueError(f"{root} holds the sweep of --config={manifest.get('config')}; use "
+    raise InputError(f"{root} holds the sweep of --config={manifest.get('config')}; use "
                      f"another --workdir_root for --config={config_arg}.")
   return manifest
 
@@ -112,7 +113,7 @@ def read_workdirs(root: str, config_arg: str, runs: list) -> tuple[dict, list]:
     return check_manifest(root, config_arg), [workdirs.status(run.workdir, run.num_steps)
                                               for run in runs]
   except (ImportError, OSError) as e:
-    raise ValueError(f"cannot read --workdir_root={root} ({e}); launch reads the workdirs "
+    raise InputError(f"cannot read --workdir_root={root} ({e}); launch reads the workdirs "
                      "to skip finished runs (for gs:// install gcsfs).") from None
 
 

@@ -27,13 +27,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from models.errors import InputError
+
 Sweep = list[dict]
 
 
 def axis(key: str, values: Sequence) -> Sweep:
   """One run per value of the config key `key`."""
   if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-    raise ValueError(f"axis({key!r}, ...) needs a non-empty list of values, got {values!r}.")
+    raise InputError(f"axis({key!r}, ...) needs a non-empty list of values, got {values!r}.")
   return [{key: value} for value in values]
 
 
@@ -42,7 +44,7 @@ def _merge(parts: Sequence[dict]) -> dict:
   for part in parts:
     shared = sorted(set(merged) & set(part))
     if shared:
-      raise ValueError(f"Two sweeps set the same key(s) {shared}; each key may come from one "
+      raise InputError(f"Two sweeps set the same key(s) {shared}; each key may come from one "
                        "sweep only (zip them into one first).")
     merged.update(part)
   return merged
@@ -57,7 +59,7 @@ def zip(*sweeps: Sweep) -> Sweep:  # pylint: disable=redefined-builtin
   """Runs merged element by element: run i takes run i of every sweep."""
   lengths = [len(sweep) for sweep in sweeps]
   if len(set(lengths)) > 1:
-    raise ValueError(f"zip needs sweeps of equal length, got lengths {lengths}.")
+    raise InputError(f"zip needs sweeps of equal length, got lengths {lengths}.")
   return [_merge(parts) for parts in builtins.zip(*sweeps)]
 
 
@@ -76,14 +78,14 @@ class Uniform:
 
 def uniform(low: float, high: float) -> Uniform:
   if not low < high:
-    raise ValueError(f"uniform({low}, {high}) needs low < high.")
+    raise InputError(f"uniform({low}, {high}) needs low < high.")
   return Uniform(low, high)
 
 
 def log_uniform(low: float, high: float) -> Uniform:
   """Uniform in log space: as likely in [1e-4, 1e-3) as in [1e-3, 1e-2)."""
   if not 0 < low < high:
-    raise ValueError(f"log_uniform({low}, {high}) needs 0 < low < high.")
+    raise InputError(f"log_uniform({low}, {high}) needs 0 < low < high.")
   return Uniform(low, high, log=True)
 
 
@@ -94,11 +96,11 @@ def random_search(space: dict, num_runs: int, seed: int, digits: int = 3) -> Swe
   digits, so that run names stay readable.
   """
   if num_runs < 1:
-    raise ValueError(f"random_search needs num_runs >= 1, got {num_runs}.")
+    raise InputError(f"random_search needs num_runs >= 1, got {num_runs}.")
   for key, dist in space.items():
     if not isinstance(dist, Uniform) and (isinstance(dist, str) or not isinstance(
         dist, Sequence) or not dist):
-      raise ValueError(f"random_search: {key!r} must be a non-empty list of choices, "
+      raise InputError(f"random_search: {key!r} must be a non-empty list of choices, "
                        f"uniform(...) or log_uniform(...), got {dist!r}.")
   rng = np.random.default_rng(seed)
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import attention_kernels
+from models.errors import InputError
 from models.layers import apply_rope
 
 IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas", "splash")
@@ -58,7 +59,7 @@ def _window(local_window_size) -> tuple[int, int]:
     window = (window, window)
   if not (isinstance(window, (tuple, list)) and len(window) == 2
           and all(isinstance(w, int) and w >= 0 for w in window)):
-    raise ValueError(f"local_window_size must be an int >= 0 or a pair (left, right) of them, "
+    raise InputError(f"local_window_size must be an int >= 0 or a pair (left, right) of them, "
                      f"got {local_window_size!r}.")
   return tuple(window)
 
@@ -225,7 +226,7 @@ def _select_implementation(implementation, query, *, has_mask_or_bias, q_len, kv
   Besides IMPLEMENTATIONS, it returns "cudnn_packed": cuDNN's packed layout.
   """
   if implementation not in (None, *IMPLEMENTATIONS):
-    raise ValueError(f"Unknown attention implementation {implementation!r}; use one of "
+    raise InputError(f"Unknown attention implementation {implementation!r}; use one of "
                      f"{IMPLEMENTATIONS} or None (automatic).")
   if return_weights:
     if implementation not in (None, "reference"):
@@ -235,7 +236,7 @@ def _select_implementation(implementation, query, *, has_mask_or_bias, q_len, kv
   if implementation in ("pallas", "splash"):
     problem = _packed_problem(implementation, query, packed_causal)
     if problem:
-      raise ValueError(f"implementation={implementation!r} cannot take this case: {problem}. "
+      raise InputError(f"implementation={implementation!r} cannot take this case: {problem}. "
                        "Use implementation='xla' or None.")
     return implementation
   if implementation is None and packed_causal:
@@ -244,7 +245,7 @@ def _select_implementation(implementation, query, *, has_mask_or_bias, q_len, kv
     return "cudnn_packed"
   problem = _cudnn_problem(query, has_mask_or_bias, q_len, kv_len)
   if implementation == "cudnn" and problem:
-    raise ValueError(f"implementation='cudnn' cannot take this case: {problem}. "
+    raise InputError(f"implementation='cudnn' cannot take this case: {problem}. "
                      "Use implementation='xla' or None.")
   if implementation is None:
     # A dense mask or bias reaches cuDNN as a [B, N, T, S] bias with a gradient of that size,
@@ -476,10 +477,10 @@ class MultiHeadAttention(nn.Module):
     N = self.num_heads
     K = self.num_kv_heads or N
     if N % K:
-      raise ValueError(f"num_heads={N} must be a multiple of num_kv_heads={K}.")
+      raise InputError(f"num_heads={N} must be a multiple of num_kv_heads={K}.")
     self_attention = inputs_kv_BSD is None
     if self.sliding_window is not None and not self_attention:
-      raise ValueError("sliding_window applies to self-attention only; leave it None for "
+      raise InputError("sliding_window applies to self-attention only; leave it None for "
                        "cross-attention.")
     inputs_kv_BSD = inputs_q_BTD if self_attention else inputs_kv_BSD
     cached_cross = decode and not self_attention

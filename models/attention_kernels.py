@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from models.errors import InputError
+
 # Without segments_at_most, rows holding more segments than this run the packed cuDNN path's
 # fallback (see cudnn_packed_causal): cuDNN keeps softmax statistics of [B * this, N, T] floats.
 CUDNN_SEGMENTS_PER_ROW = 16
@@ -259,7 +261,7 @@ def pallas_packed_causal(query, key, value, segment_ids, *, scale, interpret=Fal
   """Packed causal self-attention in jax's Pallas (Triton) flash attention."""
   api = _pallas_mha()
   if api is None:
-    raise ValueError(f"implementation='pallas' cannot run: {_NO_PALLAS_MHA}. Use "
+    raise InputError(f"implementation='pallas' cannot run: {_NO_PALLAS_MHA}. Use "
                      "implementation='cudnn', 'xla' or None.")
   mha, block_sizes = api
   T, N = query.shape[1:3]

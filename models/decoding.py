@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import attention
+from models.errors import InputError
 from models.searches import (  # noqa: F401  (greedy, sample, beam_search: re-exported)
     BeamSearchOutput, Decoded, EosIds, PyTree, TokensToLogits, beam_search,
     check_eos_check_every, check_max_new_tokens, expand_to_beams, greedy, sample)
@@ -74,7 +75,7 @@ class Search:
 
   def __post_init__(self):
     if self.method not in METHODS:
-      raise ValueError(f"Unknown decoding method {self.method!r}; choose from {METHODS}.")
+      raise InputError(f"Unknown decoding method {self.method!r}; choose from {METHODS}.")
     check_max_new_tokens(self.max_new_tokens)
     check_eos_check_every(self.eos_check_every)
     if isinstance(self.eos_id, list):  # A list (e.g. from JSON) as a tuple: hashable.
@@ -103,7 +104,7 @@ class Search:
 def _check_positions_fit(module, length: int):
   cfg = module.cfg
   if cfg.position == "learned" and length > cfg.max_len:
-    raise ValueError(f"Decoding needs positions up to {length - 1}, but the learned position "
+    raise InputError(f"Decoding needs positions up to {length - 1}, but the learned position "
                      f"table has max_len={cfg.max_len}; shorten the prompt or max_new_tokens.")
 
 

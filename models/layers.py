@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.errors import InputError
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -87,7 +89,7 @@ def apply_rope(x_BTNH, positions_BT, max_wavelength: float = 10_000.0, llama3_sc
   """Rotary position embedding (RoFormer), rotating halves [x1, x2] of the head dimension."""
   head_dim = x_BTNH.shape[-1]
   if head_dim % 2:
-    raise ValueError(f"RoPE needs an even head_dim, got {head_dim}.")
+    raise InputError(f"RoPE needs an even head_dim, got {head_dim}.")
   angles_BTK = positions_BT[..., None].astype(jnp.float32) * rope_frequencies(
       head_dim, max_wavelength, llama3_scaling)
   sin_BT1K = jnp.sin(angles_BTK)[:, :, None, :]
@@ -154,7 +156,7 @@ class Norm(nn.Module):
   @nn.compact
   def __call__(self, x):
     if self.kind not in ("layernorm", "rmsnorm"):
-      raise ValueError(f"Unknown norm {self.kind!r}: use 'layernorm' or 'rmsnorm'.")
+      raise InputError(f"Unknown norm {self.kind!r}: use 'layernorm' or 'rmsnorm'.")
     features = x.shape[-1]
     x32 = x.astype(jnp.float32)
     if self.kind == "layernorm":
@@ -192,7 +194,7 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, deterministic: bool = True):
     if self.activation not in ACTIVATIONS:
-      raise ValueError(f"Unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}.")
+      raise InputError(f"Unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}.")
     dense = lambda features, names, name: nn.Dense(
         features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=partitioned(self.kernel_init, *names),

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from models import paths
+from models.errors import InputError
 
 BATCH_AXES = ("layers",)
 ADAPTABLE = ("kernel", "embedding")  # the last name of a parameter LoRA may adapt
@@ -62,7 +63,7 @@ class LoraConfig:
     if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
       problems.append(f"alpha must be a positive number, got {self.alpha!r}")
     if problems:
-      raise ValueError("Invalid LoRA config: " + "; ".join(problems) + ".")
+      raise InputError("Invalid LoRA config: " + "; ".join(problems) + ".")
 
   @property
   def patterns(self) -> tuple[str, ...]:
@@ -79,13 +80,13 @@ def targets(params, cfg: LoraConfig) -> list[str]:
   names = list(flat)
   for pattern in cfg.patterns:
     if not any(re.search(pattern, path) for path in names):
-      raise ValueError(f"lora target {pattern!r} matches no parameter path (a typo?); paths look "
+      raise InputError(f"lora target {pattern!r} matches no parameter path (a typo?); paths look "
                        f"like {[p for p in names if p.endswith('kernel')][:3] or names[:3]}.")
   chosen = [path for path in names if any(re.search(p, path) for p in cfg.patterns)]
   others = [path for path in chosen
             if path.rsplit("/", 1)[-1] not in ADAPTABLE or len(_shape(flat[path])) < 2]
   if others:
-    raise ValueError(f"lora targets {list(cfg.patterns)} select parameters that are not kernels: "
+    raise InputError(f"lora targets {list(cfg.patterns)} select parameters that are not kernels: "
                      f"{others[:5]}; LoRA adapts kernels (and embedding tables), so end the "
                      "pattern with /kernel.")
   return chosen
@@ -122,7 +123,7 @@ def split_axes(path: str, shape: tuple[int, ...], names: tuple | None) -> tuple[
     return batch, 1
   if len(rest) > 2 and rest[-1] == "embed":
     return batch, len(rest) - 1
-  raise ValueError(f"lora cannot split {path} with axes {names} into inputs and outputs: "
+  raise InputError(f"lora cannot split {path} with axes {names} into inputs and outputs: "
                    "target 2-D kernels, or kernels with 'embed' first or last.")
 
 
@@ -166,7 +167,7 @@ def merge(params, adapters, cfg: LoraConfig) -> dict:
   flat = paths.flatten(nn.meta.unbox(params))
   for path, pair in _pairs(adapters).items():
     if path not in flat:
-      raise ValueError(f"lora adapter {path} has no kernel in the params: adapters and params "
+      raise InputError(f"lora adapter {path} has no kernel in the params: adapters and params "
                        "come from different models.")
     kernel = flat[path]
     flat[path] = (kernel.astype(jnp.float32) + cfg.scale * delta(

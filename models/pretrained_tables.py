@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from models import presets
+from models.errors import InputError
 from models.transformer import TransformerConfig
 
 # Hugging Face activation names (transformers.activations.ACT2FN) -> ours.
@@ -22,7 +23,7 @@ ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                "swish": "silu"}
 
 
-class PretrainedError(ValueError):
+class PretrainedError(InputError):
   """A checkpoint folder cannot be imported: missing, unsupported or inconsistent."""
 
 

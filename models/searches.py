@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from models.errors import InputError
+
 PyTree = Any
 TokensToLogits = Callable[[jax.Array, PyTree], tuple[jax.Array, PyTree]]
 EosIds = int | tuple[int, ...] | None  # the token(s) that end a sequence
@@ -114,7 +116,7 @@ def _lengths(tokens_BN: jax.Array, eos_id: EosIds) -> jax.Array:
 
 def check_max_new_tokens(max_new_tokens: int):
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+    raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
 
 
 def eos_check_interval(eos_check_every: int | None) -> int:
@@ -129,7 +131,7 @@ def check_eos_check_every(eos_check_every: int | None):
   if eos_check_every is None:
     return
   if not isinstance(eos_check_every, int) or eos_check_every < 1:
-    raise ValueError(f"eos_check_every must be a positive int (1: test for the end before "
+    raise InputError(f"eos_check_every must be a positive int (1: test for the end before "
                      f"every token), got {eos_check_every!r}.")
 
 
@@ -249,11 +251,11 @@ def sample(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B: jax.
   draws with `jax.random.fold_in(rng, t)`, so the same rng gives the same tokens.
   """
   if temperature < 0:
-    raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
+    raise InputError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
   if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-    raise ValueError(f"top_k must be a positive int or None, got {top_k!r}.")
+    raise InputError(f"top_k must be a positive int or None, got {top_k!r}.")
   if top_p is not None and not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}.")
+    raise InputError(f"top_p must be in (0, 1] or None, got {top_p}.")
   if temperature == 0:
     return greedy(tokens_to_logits, cache, first_tokens_B, max_new_tokens=max_new_tokens,
                   eos_id=eos_id, pad_id=pad_id, eos_check_every=eos_check_every)
@@ -304,7 +306,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens_B:
   """
   eos_check_every = _check_common(first_tokens_B, max_new_tokens, eos_check_every)
   if not isinstance(beam_size, int) or beam_size < 1:
-    raise ValueError(f"beam_size must be a positive int, got {beam_size!r}.")
+    raise InputError(f"beam_size must be a positive int, got {beam_size!r}.")
   batch_size, beams, n = first_tokens_B.shape[0], beam_size, max_new_tokens
   _check_cache(cache, batch_size)
 

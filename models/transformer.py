@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from models import layers
 from models.attention import IMPLEMENTATIONS, MultiHeadAttention
+from models.errors import InputError
 
 POSITIONS = ("learned", "sinusoidal", "rope", "relative", "none")
 NORMS = ("layernorm", "rmsnorm")
@@ -146,7 +147,7 @@ class TransformerConfig:
     if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
       problems.append(f"num_decoder_layers must be positive, got {self.num_decoder_layers}")
     if problems:
-      raise ValueError("Invalid TransformerConfig: " + "; ".join(problems) + ".")
+      raise InputError("Invalid TransformerConfig: " + "; ".join(problems) + ".")
     object.__setattr__(self, "head_dim", head_dim)
     object.__setattr__(self, "_head_dim_derived", derived)
 
@@ -504,7 +505,7 @@ class EncoderClassifier(nn.Module):
   def __call__(self, tokens_BT, *, padding_mask=None, token_types=None, deterministic=True):
     cfg = self.cfg
     if self.pooling not in ("cls", "mean"):
-      raise ValueError(f"Unknown pooling {self.pooling!r}: use 'cls' or 'mean'.")
+      raise InputError(f"Unknown pooling {self.pooling!r}: use 'cls' or 'mean'.")
     hidden_BTD = EncoderOnly(cfg, name="encoder")(
         tokens_BT, padding_mask=padding_mask, token_types=token_types,
         deterministic=deterministic)

@@ -93,6 +93,9 @@ def cut_config(trained) -> pathlib.Path:
 
 
 BOOM = "def get_config():\n  raise RuntimeError('boom')\n"
+COLUMNS = ("from experiments import gpt2_small\n\ndef get_config():\n"
+           "  c = gpt2_small.get_config('tiny')\n  c.data.source = 'local:texts.txt'\n"
+           "  c.data.source_options = {'columns': ['text']}\n  return c\n")
 
 # (name, args given a workdir W and a fresh tmp folder T, watched path, error match); watched
 # "t" is T, the others are W and say which it is: the fixture WORKDIRS names.
@@ -111,6 +114,15 @@ CASES = [
      lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}", "--config.data.seq_len=4096"],
      "t", r"config\.data\.seq_len=4096 exceeds the model's learned position table "
      r"\(model\.max_len=128\)"),
+    ("init_from a run of another shape",
+     lambda w, t: ["train", *TINY, f"--workdir={t / 'run'}", f"--config.init_from=ckpt:{w}",
+                   "--config.model.d_model=64"], "w",
+     r"init_from=ckpt:\S+: parameters of another shape: .+ Set the model config to the "
+     r"source's\.$"),
+    ("an unknown key in data.source_options",
+     lambda w, t: ["train", f"--config={bad_experiment(t, COLUMNS)}", f"--workdir={t / 'run'}"],
+     "t", r"config\.data\.source_options has columns, which data\.source='local:texts\.txt' "
+     r"does not take; it takes task, validation_fraction, test_fraction, seed, "),
     ("a NaN learning rate",
      lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}",
                    "--config.optim.learning_rate=nan"],

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.attention_maps import attention_maps
+from models.errors import InputError, named_path
 from train import cli, figures, generate, workdir as workdir_lib, workdir_cli
 
 FLAGS = flags.FLAGS
@@ -38,7 +39,7 @@ def head_maps(run: workdir_lib.Run, text: str, kind: str | None = None,
   task = run.config.task
   if task != "seq2seq":
     if kind not in (None, "self"):
-      raise ValueError(f"--kind={kind} needs a seq2seq run; this one is {task}.")
+      raise InputError(f"--kind={kind} needs a seq2seq run; this one is {task}.")
     if task == "lm":
       tokens, kwargs = batch["inputs"], {}
     else:
@@ -67,7 +68,7 @@ def head_maps(run: workdir_lib.Run, text: str, kind: str | None = None,
     keys = target_labels if kind == "self" else source_labels
   num_layers = weights.shape[0]
   if not -num_layers <= layer < num_layers:
-    raise ValueError(f"--layer={layer}: the model has {num_layers} layers (0..{num_layers - 1}).")
+    raise InputError(f"--layer={layer}: the model has {num_layers} layers (0..{num_layers - 1}).")
   title = f"{family} {kind_key}-attention, layer {layer % num_layers}: {text!r}"
   return HeadMaps(np.asarray(weights[layer]), queries, keys, title)
 
@@ -86,20 +87,21 @@ def define_flags():
 def check_out(path: str):
   """--out must be a file that can be written: not a folder, nor inside a file."""
   if os.path.isdir(path):
-    raise ValueError(f"--out={path} is a folder; give the PNG file to write, such as "
+    raise InputError(f"--out={path} is a folder; give the PNG file to write, such as "
                      f"--out={os.path.join(path, 'attention.png')}.")
   parent = os.path.dirname(path)
   if parent and os.path.exists(parent) and not os.path.isdir(parent):
-    raise ValueError(f"--out={path}: {parent} is a file, not a folder; give a PNG file in a "
+    raise InputError(f"--out={path}: {parent} is a file, not a folder; give a PNG file in a "
                      "folder.")
 
 
 def draw(run: workdir_lib.Run, texts: list[str]):
   if len(texts) != 1:
-    raise ValueError("train.attention_maps draws one input: give --input once.")
+    raise InputError("train.attention_maps draws one input: give --input once.")
   maps = head_maps(run, texts[0], FLAGS.kind, FLAGS.layer)
-  path = figures.save_attention_figure(FLAGS.out, maps.weights_NTS, maps.query_labels,
-                                       maps.key_labels, title=maps.title)
+  with named_path(f"--out={FLAGS.out}"):
+    path = figures.save_attention_figure(FLAGS.out, maps.weights_NTS, maps.query_labels,
+                                         maps.key_labels, title=maps.title)
   print(f"Wrote {path}")
 
 

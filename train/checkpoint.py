@@ -42,6 +42,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from models import paths
+from models.errors import InputError, MissingInputError
 from train import threadless_exit
 from train.settled_loops import settled_loops
 from train.step_folders import STEP_NAME
@@ -58,7 +59,7 @@ _ONE_DELETION_THREAD = ({"num_deletion_threads": 1} if "num_deletion_threads" in
     f.name for f in dataclasses.fields(ocp.CheckpointManagerOptions)} else {})
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
   """A checkpoint folder or checkpoint that cannot be used as asked."""
 
 
@@ -149,7 +150,7 @@ class Checkpointer:
                               f"steps {steps}.")
       return self._restore(step, abstract_state)
     if not steps:
-      raise FileNotFoundError(f"No checkpoint to restore in {self.directory}.")
+      raise MissingInputError(f"No checkpoint to restore in {self.directory}.")
     damaged = []
     for step in reversed(steps):
       try:
@@ -204,6 +205,9 @@ class Checkpointer:
     if not self._closed:
       self._closed = True
       self._manager.wait_until_finished()
+      # orbax's close leaves the clean-up of earlier runs' tmp folders, started with the manager,
+      # running: a process that ends soon after (an error) then prints its failure at exit.
+      getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
       self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
@@ -363,7 +367,7 @@ def _check_json(data_state: Any) -> None:
 def _find_step_dir(path: epath.Path) -> epath.Path:
   """The step folder meant by PATH: itself, or the latest one in PATH[/checkpoints]."""
   if not path.exists():
-    raise FileNotFoundError(f"No checkpoint at {path}: the path does not exist.")
+    raise MissingInputError(f"No checkpoint at {path}: the path does not exist.")
   if (path / STATE).is_dir():
     return path
   folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path

@@ -1,9 +1,10 @@
 """The CLIs' one error path: an expected error is one `error:` line on stderr and exit status 2.
 
 Expected errors are those of bad input (a config, flag, data file, tokenizer, checkpoint,
-workdir or folder): ValueError and its kind (CheckpointError, PretrainedError, ...), and
-OSError for files that are missing or of the wrong kind. Anything else is a bug and keeps
-its traceback.
+workdir or folder): models.errors.InputError and its kind (CheckpointError, PretrainedError,
+MissingInputError, ...), raised where the input is checked or a path it names is opened.
+Anything else, a ValueError or OSError from inside a library included, is a bug and keeps its
+traceback.
 """
 
 import atexit
@@ -13,7 +14,9 @@ from collections.abc import Callable
 
 from absl import app
 
-EXPECTED = (ValueError, OSError)
+from models.errors import InputError
+
+EXPECTED = (InputError,)
 EXIT_BAD_INPUT = 2
 
 

@@ -23,9 +23,11 @@ import ml_collections
 from ml_collections import config_dict
 
 from models import decoding, lora, presets, pretrained
+from models.errors import InputError
 from models.pretrained_tables import FAMILIES, PretrainedError
 from models.transformer import TransformerConfig
 from train import assets, hf_copy, optim, xla_flags
+from train.data import sources
 from train.tasks import TASKS
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -140,13 +142,13 @@ def parse_variant(variant: str, *known: str, conflicts: dict | None = None
   names = [name.strip() for name in variant.split(",") if name.strip()]
   for name in names:
     if name not in known:
-      raise ValueError(f"Unknown variant {name!r} in {variant!r}: choose from "
+      raise InputError(f"Unknown variant {name!r} in {variant!r}: choose from "
                        f"{', '.join(known)} (one or more, joined by commas).")
     if names.count(name) > 1:
-      raise ValueError(f"The variant {variant!r} names {name!r} twice: name it once.")
+      raise InputError(f"The variant {variant!r} names {name!r} twice: name it once.")
   for (a, b), reason in (conflicts or {}).items():
     if a in names and b in names:
-      raise ValueError(f"The variants {a!r} and {b!r} cannot go together: {reason}.")
+      raise InputError(f"The variants {a!r} and {b!r} cannot go together: {reason}.")
   return ml_collections.ConfigDict({name: name in names for name in known})
 
 
@@ -212,7 +214,7 @@ def model_fields(config) -> dict:
             if k not in ("preset", "num_classes", "pooling") and v is not None}
   unknown = sorted(set(fields) - MODEL_FIELDS)
   if unknown:
-    raise ValueError(f"config.model has unknown field(s) {unknown}; TransformerConfig knows "
+    raise InputError(f"config.model has unknown field(s) {unknown}; TransformerConfig knows "
                      f"{sorted(MODEL_FIELDS)}.")
   return fields
 
@@ -229,21 +231,21 @@ def model_config(config, vocab_size: int,
   fields = model_fields(config)
   if config.init_from.startswith("hf:"):
     if fields.get("vocab_size", pretrained_cfg.vocab_size) != pretrained_cfg.vocab_size:
-      raise ValueError(f"config.model.vocab_size={fields['vocab_size']} differs from the "
+      raise InputError(f"config.model.vocab_size={fields['vocab_size']} differs from the "
                        f"{pretrained_cfg.vocab_size} of {config.init_from}: leave it unset.")
     if pretrained_cfg.vocab_size < vocab_size:
-      raise ValueError(f"The tokenizer has {vocab_size} ids, more than the vocab_size "
+      raise InputError(f"The tokenizer has {vocab_size} ids, more than the vocab_size "
                        f"{pretrained_cfg.vocab_size} of {config.init_from}: use its tokenizer "
                        "(data.tokenizer='pretrained').")
     return pretrained_cfg
   if not fields.get("vocab_size"):
     fields["vocab_size"] = vocab_size
   elif fields["vocab_size"] < vocab_size:
-    raise ValueError(f"config.model.vocab_size={fields['vocab_size']} is smaller than the "
+    raise InputError(f"config.model.vocab_size={fields['vocab_size']} is smaller than the "
                      f"tokenizer's {vocab_size} ids: raise it or set 0 to use the tokenizer's.")
   if config.model.preset:
     if config.model.preset not in presets.PRESETS:
-      raise ValueError(f"Unknown config.model.preset {config.model.preset!r}; choose from "
+      raise InputError(f"Unknown config.model.preset {config.model.preset!r}; choose from "
                        f"{sorted(presets.PRESETS)} or ''.")
     return presets.PRESETS[config.model.preset](**fields)
   return TransformerConfig(**fields)
@@ -253,23 +255,24 @@ def validate(config, workdir: str | None = None) -> None:
   """One clear error for a value or combination that cannot run (an hf:FOLDER's config.json is
   read from the copy `workdir` keeps of it, once it holds one: train/hf_copy.py)."""
   if config.task not in TASKS:
-    raise ValueError(f"config.task={config.task!r}: choose from {TASKS}.")
+    raise InputError(f"config.task={config.task!r}: choose from {TASKS}.")
   _validate_numbers(config)
   if config.task == "classify" and config.model.num_classes < 2:
-    raise ValueError("config.task='classify' needs config.model.num_classes >= 2.")
+    raise InputError("config.task='classify' needs config.model.num_classes >= 2.")
+  _validate_source_options(config.data)
   if config.data.source_options.get("task") == "instruct" and config.task != "lm":
-    raise ValueError("config.data.source_options.task='instruct' (prompt -> response pairs) "
+    raise InputError("config.data.source_options.task='instruct' (prompt -> response pairs) "
                      f"trains an lm run, not config.task={config.task!r}: set task='lm'.")
   if config.init_from and not config.init_from.startswith(("ckpt:", "hf:")):
-    raise ValueError(f"config.init_from={config.init_from!r}: use 'ckpt:WORKDIR' or "
+    raise InputError(f"config.init_from={config.init_from!r}: use 'ckpt:WORKDIR' or "
                      "'hf:FOLDER'.")
   hf_model = _validate_hf(config, workdir) if config.init_from.startswith("hf:") else None
   _validate_lora(config)
   if config.decode.method not in decoding.METHODS:
-    raise ValueError(f"config.decode.method={config.decode.method!r}: use one of "
+    raise InputError(f"config.decode.method={config.decode.method!r}: use one of "
                      f"{', '.join(decoding.METHODS)}.")
   if config.decode.method == "sample" and config.decode.temperature == 0:
-    raise ValueError("config.decode.temperature=0 with decode.method='sample': give a "
+    raise InputError("config.decode.temperature=0 with decode.method='sample': give a "
                      "temperature > 0, or use decode.method='greedy'.")
   optim.validate_optim_config(config.optim, config.train.batch_size)
   xla_flags.validate(config.train.xla_flags)
@@ -311,27 +314,36 @@ def _get(config, key: str):
   return config
 
 
+def _validate_source_options(data) -> None:
+  known = sources.option_names(data.source)
+  unknown = sorted(set(data.source_options) - set(known))
+  if unknown:
+    raise InputError(f"config.data.source_options has {', '.join(unknown)}, which "
+                     f"data.source={data.source!r} does not take; it takes "
+                     f"{', '.join(known) or 'no options'}.")
+
+
 def _validate_numbers(config) -> None:
   """The counts, rates and mesh sizes a user gives are numbers in their ranges (NaN is not)."""
   for key, smallest in INTEGERS:
     value = _get(config, key)
     if isinstance(value, bool) or not isinstance(value, int):
-      raise ValueError(f"config.{key} must be an integer, got {value!r}.")
+      raise InputError(f"config.{key} must be an integer, got {value!r}.")
     if value < smallest:
       allowed = "positive" if smallest == 1 else f">= {smallest}"
-      raise ValueError(f"config.{key} must be {allowed}, got {value}.")
+      raise InputError(f"config.{key} must be {allowed}, got {value}.")
   for key, in_range, allowed in REALS:
     value = _get(config, key)
     if not _is_number(value) or not math.isfinite(value) or not in_range(value):
-      raise ValueError(f"config.{key} must be {f'a finite number {allowed}'.strip()}, got "
+      raise InputError(f"config.{key} must be {f'a finite number {allowed}'.strip()}, got "
                        f"{value!r}.")
   sizes = [config.mesh[axis] for axis in MESH_AXES]
   for axis, size in zip(MESH_AXES, sizes):
     if isinstance(size, bool) or not isinstance(size, int) or (size != -1 and size < 1):
-      raise ValueError(f"config.mesh.{axis} must be a positive integer or -1 (= the devices "
+      raise InputError(f"config.mesh.{axis} must be a positive integer or -1 (= the devices "
                        f"the other axes leave), got {size!r}.")
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh sets {sizes.count(-1)} axes to -1: at most one axis may "
+    raise InputError(f"config.mesh sets {sizes.count(-1)} axes to -1: at most one axis may "
                      "take the devices the others leave; give the others explicit sizes.")
 
 
@@ -341,7 +353,7 @@ def _validate_finite(config, prefix: str = "config") -> None:
     if isinstance(value, (dict, ml_collections.ConfigDict)):
       _validate_finite(value, f"{prefix}.{key}")
     elif isinstance(value, float) and not math.isfinite(value):
-      raise ValueError(f"{prefix}.{key}={value} is not a finite number: give a finite value.")
+      raise InputError(f"{prefix}.{key}={value} is not a finite number: give a finite value.")
 
 
 # The Hugging Face model_types each task fine-tunes.
@@ -356,16 +368,16 @@ def _validate_hf(config, workdir: str | None) -> TransformerConfig:
   hf = pretrained.read_config(folder)
   model_type = hf["model_type"]
   if model_type not in HF_FAMILIES[config.task]:
-    raise ValueError(f"config.init_from={config.init_from!r} is a {model_type} checkpoint; task "
+    raise InputError(f"config.init_from={config.init_from!r} is a {model_type} checkpoint; task "
                      f"{config.task!r} fine-tunes {', '.join(HF_FAMILIES[config.task])} "
                      "checkpoints.")
   if config.model.preset:
-    raise ValueError(f"config.model.preset={config.model.preset!r} does not apply with "
+    raise InputError(f"config.model.preset={config.model.preset!r} does not apply with "
                      f"init_from={config.init_from!r}, whose config.json sets the model: set "
                      "preset to ''.")
   fixed = sorted(set(hf_overrides(config)) - set(pretrained.OVERRIDABLE))
   if fixed:
-    raise ValueError(f"config.model sets {fixed}, which {config.init_from!r}'s config.json "
+    raise InputError(f"config.model sets {fixed}, which {config.init_from!r}'s config.json "
                      f"decides; only {list(pretrained.OVERRIDABLE)} may be set.")
   return _hf_model(config, folder, hf)
 
@@ -398,7 +410,7 @@ def _validate_lengths(config, model_cfg: TransformerConfig) -> None:
     table, fix = f"model.max_len={max_len}", "or raise model.max_len"
   for name, value in lengths.items():
     if value > max_len:
-      raise ValueError(f"config.{name}={value} exceeds the model's learned position table "
+      raise InputError(f"config.{name}={value} exceeds the model's learned position table "
                        f"({table}): lower {name} to at most {max_len} {fix}.")
 
 
@@ -406,22 +418,22 @@ def _validate_lora(config) -> None:
   c = config.lora
   if not c.enabled:
     if c.adapter_only_checkpoint:
-      raise ValueError("config.lora.adapter_only_checkpoint needs config.lora.enabled.")
+      raise InputError("config.lora.adapter_only_checkpoint needs config.lora.enabled.")
     return
   if _is_number(c.alpha) and not math.isfinite(c.alpha):  # LoraConfig checks the rest.
-    raise ValueError(f"config.lora.alpha must be a finite number > 0, got {c.alpha}.")
+    raise InputError(f"config.lora.alpha must be a finite number > 0, got {c.alpha}.")
   lora.LoraConfig(targets=c.targets, rank=c.rank, alpha=c.alpha)
   for pattern in c.train:
     try:
       re.compile(pattern)
     except (re.error, TypeError) as e:
-      raise ValueError(f"config.lora.train pattern {pattern!r} is not a valid regular "
+      raise InputError(f"config.lora.train pattern {pattern!r} is not a valid regular "
                        f"expression ({e}).") from None
   if config.optim.freeze:
-    raise ValueError("With config.lora.enabled the model is frozen except the adapters and "
+    raise InputError("With config.lora.enabled the model is frozen except the adapters and "
                      "config.lora.train: leave config.optim.freeze empty.")
   if c.adapter_only_checkpoint and not config.init_from:
-    raise ValueError("config.lora.adapter_only_checkpoint needs config.init_from: the frozen "
+    raise InputError("config.lora.adapter_only_checkpoint needs config.init_from: the frozen "
                      "base is rebuilt from it.")
 
 
@@ -441,7 +453,7 @@ def check_workdir(config, workdir: str) -> None:
   """Refuses, before anything is written, a workdir that is a file, or whose checkpoints were
   trained with settings that `config` changes beyond the RESUMABLE keys."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"--workdir={workdir} is a file: give a folder (new or a run's).")
+    raise InputError(f"--workdir={workdir} is a file: give a folder (new or a run's).")
   path = os.path.join(workdir, "config.json")
   if not (os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))
           and any(name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))):
@@ -450,7 +462,7 @@ def check_workdir(config, workdir: str) -> None:
     with open(path) as f:
       saved = _flat_dict(json.load(f))
   except (OSError, ValueError) as e:
-    raise ValueError(f"{path} is not readable JSON ({e}): it records the run in {workdir}; "
+    raise InputError(f"{path} is not readable JSON ({e}): it records the run in {workdir}; "
                      "restore it, or train in a new --workdir.") from None
   given = _flat_dict(config.to_dict())
   changed = [f"{key}={saved.get(key)!r} -> {given.get(key)!r}"
@@ -458,7 +470,7 @@ def check_workdir(config, workdir: str) -> None:
              if not RESUMABLE.match(key) and _plain(saved.get(key)) != _plain(given.get(key))
              and not (key == "model.vocab_size" and given.get(key) is None)]
   if changed:
-    raise ValueError(f"{workdir} holds a run trained with other settings: {'; '.join(changed)}. "
+    raise InputError(f"{workdir} holds a run trained with other settings: {'; '.join(changed)}. "
                      "Resume it with its own settings (see its config.json), or train in a new "
                      "--workdir.")
 

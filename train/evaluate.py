@@ -15,6 +15,7 @@ from absl import app, flags, logging
 import jax
 import orbax.checkpoint as ocp
 
+from models.errors import InputError
 from train import (cli, compilation_cache, loop, metrics as metrics_lib, parallel,
                    workdir as workdir_lib, workdir_cli)
 
@@ -26,12 +27,12 @@ def checkpoint_step(workdir: str, step: int | None) -> int:
   folder = os.path.join(workdir, "checkpoints")
   steps = sorted(ocp.utils.checkpoint_steps(folder)) if os.path.isdir(folder) else []
   if not steps:
-    raise ValueError(f"{workdir} holds no complete checkpoint in checkpoints/: train it first "
+    raise InputError(f"{workdir} holds no complete checkpoint in checkpoints/: train it first "
                      "(python -m train --config=... --workdir=...).")
   if step is None:
     return steps[-1]
   if step not in steps:
-    raise ValueError(f"--checkpoint_step={step}: {workdir} holds checkpoints of steps "
+    raise InputError(f"--checkpoint_step={step}: {workdir} holds checkpoints of steps "
                      f"{', '.join(map(str, steps))}; pick one of them.")
   return step
 

@@ -13,8 +13,10 @@ from collections.abc import Callable
 
 import ml_collections
 
+from models.errors import InputError
 
-class ExperimentFileError(ValueError):
+
+class ExperimentFileError(InputError):
   """An experiment file that cannot give its config (or its sweep)."""
 
 

@@ -19,6 +19,7 @@ import tempfile
 from absl import flags, logging
 
 from models import pretrained, pretrained_export
+from models.errors import InputError, named_path
 from train import cli, export_tokenizer, hf_copy, workdir as workdir_lib, workdir_cli
 
 FLAGS = flags.FLAGS
@@ -43,8 +44,9 @@ def export(workdir: str, out: str) -> str:
                     "written: a Hugging Face folder holds one tokenizer, the inputs'.")
   source = hf_copy.folder(config, workdir) if config.init_from.startswith("hf:") else None
   parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix=".export-")
+  with named_path(f"--out={out}"):
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".export-")
   try:
     hf = pretrained_export.to_hf(
         run.model, run.params, staging, extra_config=_token_ids(run),
@@ -73,7 +75,7 @@ def export(workdir: str, out: str) -> str:
 def _earlier_files(out: str) -> list[str]:
   """The files an earlier export wrote into `out` (none for a new or empty folder)."""
   if os.path.exists(out) and not os.path.isdir(out):
-    raise ValueError(f"--out={out} is a file: give a folder to write the export into.")
+    raise InputError(f"--out={out} is a file: give a folder to write the export into.")
   if not os.path.isdir(out) or not os.listdir(out):
     return []
   manifest = os.path.join(out, MANIFEST)
@@ -81,7 +83,7 @@ def _earlier_files(out: str) -> list[str]:
     with open(manifest, encoding="utf-8") as f:
       files = json.load(f)["files"]
   except (OSError, ValueError, KeyError, TypeError):
-    raise ValueError(f"--out={out} is a folder that holds files and no readable {MANIFEST} of "
+    raise InputError(f"--out={out} is a folder that holds files and no readable {MANIFEST} of "
                      "an earlier export: give a new or empty folder.") from None
   return [name for name in {*files, MANIFEST}
           if os.path.basename(name) == name and os.path.isfile(os.path.join(out, name))]

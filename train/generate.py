@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import decoding
+from models.errors import InputError, named_path
 from train import cli, compilation_cache, workdir as workdir_lib, workdir_cli, xla_flags
 from train.data import examples
 
@@ -135,7 +136,7 @@ def _filled(run: workdir_lib.Run, text: str, tokens_T: np.ndarray,
   """An mlm answer: `text` with each mask id replaced by the most likely token."""
   masked_T = tokens_T == run.input_tokenizer.mask_id
   if not masked_T.any():
-    raise ValueError(f"An mlm run fills in masks: write {workdir_lib.MASK} where a token is "
+    raise InputError(f"An mlm run fills in masks: write {workdir_lib.MASK} where a token is "
                      f"missing in the input {text!r}.")
   best_T = logprobs_TV.argmax(-1)
   filled_T = np.where(masked_T, best_T, tokens_T)
@@ -178,22 +179,23 @@ def search_from_flags(run: workdir_lib.Run) -> decoding.Search:
 def read_inputs() -> tuple[list[str], list[str]]:
   """(texts, where each came from) of --input or --input_file; an empty one is an error."""
   if bool(FLAGS.input) == bool(FLAGS.input_file):
-    raise ValueError("Give the inputs either as --input=TEXT (repeat for several) or as "
+    raise InputError("Give the inputs either as --input=TEXT (repeat for several) or as "
                      "--input_file=FILE (one a line).")
   if FLAGS.batch_size < 1:
-    raise ValueError(f"--batch_size={FLAGS.batch_size}: decode at least 1 input at a time.")
+    raise InputError(f"--batch_size={FLAGS.batch_size}: decode at least 1 input at a time.")
   if FLAGS.input:
     texts = list(FLAGS.input)
     where = [f"--input number {i}" for i in range(1, len(texts) + 1)]
   else:
-    with open(FLAGS.input_file, encoding="utf-8") as f:
-      texts = f.read().splitlines()
+    with named_path(f"--input_file={FLAGS.input_file}"):
+      with open(FLAGS.input_file, encoding="utf-8") as f:
+        texts = f.read().splitlines()
     if not texts:
-      raise ValueError(f"--input_file={FLAGS.input_file} is empty: write one input a line.")
+      raise InputError(f"--input_file={FLAGS.input_file} is empty: write one input a line.")
     where = [f"line {i} of {FLAGS.input_file}" for i in range(1, len(texts) + 1)]
   for text, place in zip(texts, where):
     if not text.strip():
-      raise ValueError(f"The input on {place} is empty: give the model some text to answer.")
+      raise InputError(f"The input on {place} is empty: give the model some text to answer.")
   return texts, where
 
 
@@ -219,7 +221,7 @@ def write_answers(run: workdir_lib.Run, texts: list[str], where: list[str]):
   if run.config.task == "mlm":
     for text, place in zip(texts, where):
       if workdir_lib.MASK not in text:
-        raise ValueError(f"An mlm run fills in masks: the input on {place} has none; write "
+        raise InputError(f"An mlm run fills in masks: the input on {place} has none; write "
                          f"{workdir_lib.MASK} where a token is missing.")
   warn_about_unknowns(run, texts, where)
   rows = min(FLAGS.batch_size, len(texts))

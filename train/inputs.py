@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from models import attention_kernels
+from models.errors import InputError
 from train import parallel, run_tokenizers
 from train.data import examples, pipeline, tokenizers
 from train.data.sources import get_source, prepare
@@ -57,7 +58,7 @@ class Inputs:
 
   def _pipeline(self, split, batch_size, *, pack, shuffle, num_epochs):
     if batch_size % jax.process_count():
-      raise ValueError(f"batch_size={batch_size} must divide among "
+      raise InputError(f"batch_size={batch_size} must divide among "
                        f"{jax.process_count()} processes.")
     common = dict(batch_size=batch_size // jax.process_count(), seed=self.seed,
                   shuffle=shuffle, num_epochs=num_epochs, num_workers=self.data.num_workers)

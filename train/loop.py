@@ -17,6 +17,7 @@ import sacrebleu
 from jax.experimental import multihost_utils
 
 from models import decoding
+from models.errors import named_path
 from train import checkpoint, config as config_lib, inputs as inputs_lib, metrics as metrics_lib
 from train import hf_copy, optim, parallel, records, tasks, workdir as workdir_lib
 from train.console import say
@@ -116,7 +117,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config_lib.validate(config, workdir)
   parallel.maybe_initialize_distributed(config.distributed)
   config_lib.check_workdir(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  with named_path(f"--workdir={workdir}"):
+    os.makedirs(workdir, exist_ok=True)
   exp = build(config, workdir)
   hf_copy.keep(config, workdir, exp.model_cfg.tie_output)  # all checked, nothing compiled yet
   t = config.train

@@ -38,6 +38,7 @@ import optax
 from ml_collections import config_dict
 
 from models import paths
+from models.errors import InputError
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("constant", "cosine", "linear", "rsqrt")
@@ -77,7 +78,7 @@ def _resolved(optim_cfg) -> ml_collections.ConfigDict:
   given = dict(optim_cfg.items())
   unknown = sorted(set(given) - set(cfg))
   if unknown:
-    raise ValueError(f"Invalid optim config: unknown field(s) {unknown}; known fields are "
+    raise InputError(f"Invalid optim config: unknown field(s) {unknown}; known fields are "
                      f"{sorted(cfg)}.")
   with cfg.ignore_type():
     cfg.update(given)
@@ -136,10 +137,10 @@ def _problems(cfg, batch_size: int | None, num_steps: int | None) -> list[str]:
 
 def validate_optim_config(optim_cfg, batch_size: int | None = None,
                           num_steps: int | None = None) -> None:
-  """Raises one ValueError naming every problem of `optim_cfg` (and the fix)."""
+  """Raises one InputError naming every problem of `optim_cfg` (and the fix)."""
   problems = _problems(_resolved(optim_cfg), batch_size, num_steps)
   if problems:
-    raise ValueError("Invalid optim config: " + "; ".join(problems) + ".")
+    raise InputError("Invalid optim config: " + "; ".join(problems) + ".")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def _microbatches(x, num_microbatches: int):
   microbatches spread over the same devices (no data movement).
   """
   if x.ndim == 0 or x.shape[0] % num_microbatches:
-    raise ValueError(f"A batch leaf of shape {x.shape} cannot be split into {num_microbatches} "
+    raise InputError(f"A batch leaf of shape {x.shape} cannot be split into {num_microbatches} "
                      "microbatches: its leading (batch) axis must be divisible by "
                      "optim.grad_accum_steps.")
   return x.reshape((x.shape[0] // num_microbatches, num_microbatches) + x.shape[1:]).swapaxes(0, 1)
@@ -297,7 +298,7 @@ def accumulate_gradients(loss_and_grad_fn: Callable, params, batch, num_microbat
   Sums are kept in at least float32; a total weight of 0 gives zero grads and loss.
   """
   if not isinstance(num_microbatches, int) or num_microbatches < 1:
-    raise ValueError(f"num_microbatches must be an integer >= 1, got {num_microbatches!r}.")
+    raise InputError(f"num_microbatches must be an integer >= 1, got {num_microbatches!r}.")
   if num_microbatches == 1:
     (loss_sum, (weight_sum, metric_sums)), grad_sums = loss_and_grad_fn(params, batch, rng)
   else:

@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from models import attention_kernels
+from models.errors import InputError
 
 _LOG = logging.getLogger(__name__)
 AXES = ("data", "fsdp", "tensor")
@@ -83,20 +84,20 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
   for axis, size in zip(AXES, sizes):
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
         size != -1 and size < 1):
-      raise ValueError(f"Mesh size {axis}={size!r} must be a positive integer or -1 "
+      raise InputError(f"Mesh size {axis}={size!r} must be a positive integer or -1 "
                        "(= the rest of the devices).")
   if sizes.count(-1) > 1:
-    raise ValueError(f"Mesh {described}: at most one axis may be -1 (= the rest of the "
+    raise InputError(f"Mesh {described}: at most one axis may be -1 (= the rest of the "
                      "devices); give the others explicit sizes.")
   known = math.prod(size for size in sizes if size != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"Mesh {described}: the explicit sizes multiply to {known}, which does "
+      raise InputError(f"Mesh {described}: the explicit sizes multiply to {known}, which does "
                        f"not divide the {num_devices} devices; choose sizes whose product "
                        f"divides {num_devices}.")
     sizes[sizes.index(-1)] = num_devices // known
   elif known != num_devices:
-    raise ValueError(f"Mesh {described} has {known} devices but there are {num_devices}; "
+    raise InputError(f"Mesh {described} has {known} devices but there are {num_devices}; "
                      f"choose sizes whose product is {num_devices}, or set one axis to -1.")
   return tuple(int(size) for size in sizes)
 
@@ -115,7 +116,7 @@ def make_mesh(mesh_cfg: Any = None, devices: Any = None) -> Mesh:
   if num_slices == 1:
     return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
   if shape[0] % num_slices:
-    raise ValueError(f"The devices span {num_slices} slices, which must divide the data axis "
+    raise InputError(f"The devices span {num_slices} slices, which must divide the data axis "
                      f"(data={shape[0]}); make data a multiple of {num_slices}.")
   ici_shape = (shape[0] // num_slices,) + shape[1:]
   device_array = mesh_utils.create_hybrid_device_mesh(ici_shape, (num_slices, 1, 1), devices)
@@ -137,12 +138,12 @@ def logical_rules(overrides: Any = None) -> Rules:
   rules = dict(DEFAULT_RULES)
   for pair in pairs:
     if isinstance(pair, str) or len(pair) != 2:
-      raise ValueError(f"A partitioning rule must be (logical name, mesh axes), got {pair!r}.")
+      raise InputError(f"A partitioning rule must be (logical name, mesh axes), got {pair!r}.")
     name, axes = pair
     names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     unknown = [axis for axis in names if axis not in AXES]
     if unknown:
-      raise ValueError(f"Partitioning rule {name!r} -> {axes!r} names mesh axes {unknown}; "
+      raise InputError(f"Partitioning rule {name!r} -> {axes!r} names mesh axes {unknown}; "
                        f"the mesh axes are {AXES}.")
     rules[name] = None if not names else names[0] if len(names) == 1 else names
   return tuple(rules.items())
@@ -290,7 +291,7 @@ def host_to_global(batch: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
       return jax.make_array_from_process_local_data(replicated(mesh), local)
     rows = local.shape[0] * jax.process_count()
     if rows % ways:
-      raise ValueError(
+      raise InputError(
           f"Batch field {jax.tree_util.keystr(path)} has {rows} rows in all, not a multiple of "
           f"the data-parallel size {ways} (mesh {dict(mesh.shape)}); choose a batch size "
           f"that is a multiple of {ways}.")
@@ -391,7 +392,7 @@ def maybe_initialize_distributed(cfg: Any = None) -> bool:
   dist = _get(cfg, "distributed", cfg)
   enabled = _get(dist, "enabled")
   if enabled not in (None, True, False):
-    raise ValueError(f"distributed.enabled must be True or False, got {enabled!r}.")
+    raise InputError(f"distributed.enabled must be True or False, got {enabled!r}.")
   kwargs = _connection_fields(dist)
   if not (enabled or kwargs or _cluster_asks()):
     return False

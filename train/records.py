@@ -8,6 +8,8 @@ import os
 
 from etils import epath
 
+from models.errors import InputError
+
 FILE = "metrics.jsonl"
 
 
@@ -26,7 +28,7 @@ def read_metrics(workdir) -> list[dict]:
     except json.JSONDecodeError:
       if number == len(lines):
         continue  # A last line cut short by a killed run.
-      raise ValueError(f"{path}, line {number}, is not JSON: {line[:80]!r}.") from None
+      raise InputError(f"{path}, line {number}, is not JSON: {line[:80]!r}.") from None
     records[(record.get("split"), record.get("step"))] = record
   return sorted(records.values(), key=lambda r: (r.get("step", 0), r.get("split", "")))
 

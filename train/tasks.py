@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models import transformer
+from models.errors import InputError
 from train import losses
 
 TASKS = ("lm", "seq2seq", "classify", "mlm")
@@ -36,9 +37,9 @@ class Task:
 
   def __post_init__(self):
     if self.name not in TASKS:
-      raise ValueError(f"Unknown task {self.name!r}; choose from {TASKS}.")
+      raise InputError(f"Unknown task {self.name!r}; choose from {TASKS}.")
     if not 0.0 <= self.label_smoothing < 1.0:
-      raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+      raise InputError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
 
   def apply(self, params, batch, *, rng=None, train: bool = False, padded_vocab: bool = False):
     """The model's logits for a batch: [B, T, V] (token tasks) or [B, C] (classify);
@@ -109,11 +110,11 @@ def make_model(task: str, model_cfg: transformer.TransformerConfig, *, num_class
     return transformer.EncoderDecoder(model_cfg)
   if task == "classify":
     if num_classes < 2:
-      raise ValueError(f"classify needs num_classes >= 2, got {num_classes}.")
+      raise InputError(f"classify needs num_classes >= 2, got {num_classes}.")
     return transformer.EncoderClassifier(model_cfg, num_classes, pooling)
   if task == "mlm":
     return transformer.EncoderMaskedLM(model_cfg)
-  raise ValueError(f"Unknown task {task!r}; choose from {TASKS}.")
+  raise InputError(f"Unknown task {task!r}; choose from {TASKS}.")
 
 
 def init_inputs(task: str, data) -> tuple:

@@ -37,6 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from models import lora, paths, pretrained
+from models.errors import InputError
 from models.transformer import TransformerConfig
 from train import checkpoint, config as config_lib, hf_copy, parallel
 from train.console import say
@@ -99,7 +100,7 @@ def run_params(path: str) -> dict:
     return saved
   run_config = _run_config(path)
   if run_config["lora"]["adapter_only_checkpoint"]:
-    raise ValueError(f"ckpt:{path} holds only LoRA adapters (adapter_only_checkpoint): start "
+    raise InputError(f"ckpt:{path} holds only LoRA adapters (adapter_only_checkpoint): start "
                      f"from its base ({run_config['init_from']}) with the same lora settings.")
   cfg = _lora_config(run_config["lora"])
   return jax.tree.map(np.asarray, lora.merge(saved["base"], saved["lora"], cfg))
@@ -112,7 +113,7 @@ def _run_config(path: str) -> dict:
     if os.path.isfile(file):
       with open(file) as f:
         return json.load(f)
-  raise ValueError(f"ckpt:{path} is a LoRA run but its config.json (for lora.alpha) is not "
+  raise InputError(f"ckpt:{path} is a LoRA run but its config.json (for lora.alpha) is not "
                    "found: pass the run's workdir.")
 
 
@@ -163,7 +164,7 @@ class Trainable:
       mask = jax.tree.map(lambda name: not any(re.search(p, name) for p in patterns), names)
       _check_patterns("optim.freeze", patterns, jax.tree.leaves(names))
       if patterns and not any(jax.tree.leaves(mask)):
-        raise ValueError(f"optim.freeze patterns {list(patterns)} freeze every parameter: "
+        raise InputError(f"optim.freeze patterns {list(patterns)} freeze every parameter: "
                          "nothing would train; narrow the patterns.")
       return mask
     patterns = _patterns(self.config.lora.train)
@@ -239,7 +240,7 @@ class Trainable:
     base = {name[len("base/"):]: s for name, s in frozen.items()}
     missing = sorted(base.keys() - self.source.params.keys())
     if missing:
-      raise ValueError(f"{workdir} holds only adapters and {self.source.origin} lacks the frozen "
+      raise InputError(f"{workdir} holds only adapters and {self.source.origin} lacks the frozen "
                        f"{paths.listing(missing)}: has init_from changed since training?")
     base = {n: np.asarray(self.source.params[n]).astype(s.dtype) for n, s in base.items()}
     return self.model_params(_overlay({"base": paths.unflatten(base)}, saved))
@@ -249,7 +250,7 @@ def _check_patterns(field: str, patterns, names: list[str]) -> None:
   """A pattern that matches no parameter is likely a typo: an error."""
   for pattern in patterns:
     if not any(re.search(pattern, name) for name in names):
-      raise ValueError(f"{field} pattern {pattern!r} matches no parameter path (a typo?); "
+      raise InputError(f"{field} pattern {pattern!r} matches no parameter path (a typo?); "
                        f"paths look like {names[:3]}.")
 
 
@@ -290,15 +291,15 @@ def check_source(source: Source, shapes: dict[str, tuple], train: dict[str, bool
   misshapen = [f"{p} {tuple(np.shape(src[p]))} (the model's: {tuple(shapes[p])})"
                for p in sorted(shared) if tuple(np.shape(src[p])) != tuple(shapes[p])]
   if misshapen:
-    raise ValueError(f"init_from={origin}: parameters of another shape: "
+    raise InputError(f"init_from={origin}: parameters of another shape: "
                      f"{paths.listing(misshapen)}. Set the model config to the source's.")
   if not shared:
-    raise ValueError(f"init_from={origin} shares no parameter with the model (paths like "
+    raise InputError(f"init_from={origin} shares no parameter with the model (paths like "
                      f"{sorted(src)[:2]}; the model's like {sorted(shapes)[:2]}): is it a model "
                      "of this task's family?")
   fresh = (shapes.keys() - src.keys()) | (source.initialised & shared)
   frozen_fresh = [p for p in fresh if not train[p]]
   if frozen_fresh:
-    raise ValueError(f"{paths.listing(frozen_fresh)} would stay at their random initialisation: "
+    raise InputError(f"{paths.listing(frozen_fresh)} would stay at their random initialisation: "
                      f"they are not in {origin} and are frozen. Train them (lora.train) or "
                      "unfreeze them (optim.freeze).")

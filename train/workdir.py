@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from models import decoding
+from models.errors import InputError
 from train import run_tokenizers
 from train.data import examples
 from train.data.tokenizers import Tokenizer
@@ -40,13 +41,13 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the run in `workdir` was trained with (its config.json)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise ValueError(f"{workdir} holds no config.json: is it the --workdir of a training run "
+    raise InputError(f"{workdir} holds no config.json: is it the --workdir of a training run "
                      "(python -m train --config=... --workdir=...)?")
   try:
     with open(path, encoding="utf-8") as f:
       return ml_collections.ConfigDict(json.load(f))
-  except ValueError as e:  # not JSON (cut short, garbled), or not even text
-    raise ValueError(f"{path} is not readable JSON ({e}): it records how the run in {workdir} "
+  except (OSError, ValueError) as e:  # unreadable, not JSON (cut short, garbled), not text
+    raise InputError(f"{path} is not readable JSON ({e}): it records how the run in {workdir} "
                      "was trained, and the run cannot be loaded without it; restore it.") from None
 
 

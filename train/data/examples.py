@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 
+from models.errors import InputError
 from train.data.counts import COUNTS, new_counts
 from train.data.tokenizers import Tokenizer
 
@@ -248,7 +249,7 @@ def _ids(ids: list[int]) -> np.ndarray:
 def bos_eos(tokenizer: Tokenizer) -> tuple[int, int]:
   """BOS (EOS where the vocabulary has none, as GPT-2) and EOS."""
   if tokenizer.eos_id is None:
-    raise ValueError(f"{type(tokenizer).__name__} has no end-of-sequence token; "
+    raise InputError(f"{type(tokenizer).__name__} has no end-of-sequence token; "
                      "use a tokenizer with </s>, [SEP] or <|endoftext|>.")
   bos = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
   return bos, tokenizer.eos_id
@@ -260,7 +261,7 @@ def _encode(tokenizer: Tokenizer, example, key: str, counts: np.ndarray) -> list
     text = example[key]
   except (KeyError, IndexError, TypeError):
     fields = sorted(example) if hasattr(example, "keys") else repr(example)
-    raise ValueError(
+    raise InputError(
         f"an example has fields {fields} but the pipeline reads {key!r}: give the "
         "source canonical field names (see train/data/sources.py) or pass the "
         "pipeline's *_key argument.") from None
@@ -271,7 +272,7 @@ def _encode(tokenizer: Tokenizer, example, key: str, counts: np.ndarray) -> list
       counts[COUNTS.index("invalid_utf8")] = 1
       text = text.decode("utf-8", errors="replace")
   if not isinstance(text, str):
-    raise ValueError(f"field {key!r} holds {type(text).__name__}, not text.")
+    raise InputError(f"field {key!r} holds {type(text).__name__}, not text.")
   ids = tokenizer.encode(text) if text.strip() else []
   if not ids:
     counts[COUNTS.index("empty")] = 1
@@ -281,10 +282,10 @@ def _encode(tokenizer: Tokenizer, example, key: str, counts: np.ndarray) -> list
 def _label(example, key: str, dtype: type) -> np.number:
   value = example.get(key) if hasattr(example, "get") else None
   if value is None or not np.isscalar(value):
-    raise ValueError(f"an example has no {key!r} field (got {value!r}); "
+    raise InputError(f"an example has no {key!r} field (got {value!r}); "
                      "classification needs one, an integer (or a float for "
                      "regression with label_dtype='float32').")
   if dtype is np.int32 and value != int(value):
-    raise ValueError(f"label {value!r} is not an integer: for regression (e.g. "
+    raise InputError(f"label {value!r} is not an integer: for regression (e.g. "
                      "glue/stsb) pass label_dtype='float32'.")
   return dtype(value)

@@ -40,6 +40,8 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from models.errors import InputError, MissingInputError
+
 TASKS = ("lm", "seq2seq", "classification", "instruct")
 SPLITS = ("train", "validation", "test")
 VERSION = "1.0.0"
@@ -79,7 +81,7 @@ def prepare(
       logging.info("Reusing local dataset %s prepared in %s.", path, version_dir)
       return metadata["stats"]
     if not overwrite:
-      raise ValueError(
+      raise InputError(
           f"Local dataset {path} ({task}) in {version_dir} was prepared from other files or "
           f"options ({metadata['fingerprint']}, now {fingerprint}). Prepare it again with "
           "overwrite=True (--overwrite).")
@@ -100,16 +102,16 @@ def data_source(path: str, split: str, *, task: str, data_dir: str | None = None
   version_dir = _version_dir(path, task, data_dir)
   command = prepare_command(path, task, data_dir)
   if not (version_dir / "dataset_info.json").exists():
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"Local dataset {path} ({task}) is not prepared in {version_dir}. Prepare it once "
         f"with: {command}")
   builder = tfds.builder_from_directory(version_dir)
   if builder.info.metadata["fingerprint"]["files"] != _file_fingerprint(files):
-    raise ValueError(
+    raise InputError(
         f"Local dataset {path} changed since it was prepared in {version_dir}. Prepare it "
         f"again with: {command} --overwrite")
   if split.split("[")[0] not in builder.info.splits:
-    raise ValueError(
+    raise InputError(
         f"Local dataset {path} has no split {split!r}; it has {list(builder.info.splits)}.")
   return builder.as_data_source(split)
 
@@ -169,10 +171,10 @@ def _plan(files, task, options):
         labels.add(example["label"])
         pair_lines.setdefault("text_pair" in example, f"{file}:{line_number}")
     if sizes[key] == 0:
-      raise ValueError(
+      raise InputError(
           f"{file} has no examples ({dict(counts)}). Add data or fix the file.")
   if len(pair_lines) == 2:
-    raise ValueError(
+    raise InputError(
         f"Some lines have a text_pair ({pair_lines[True]}) and some do not "
         f"({pair_lines[False]}); give every line of a dataset the same fields.")
   features = {key: tfds.features.Text() for key in _text_fields(task, True in pair_lines)}
@@ -201,12 +203,12 @@ def _split_by_fractions(file, size, options):
   }
   for split, count in counts.items():
     if options[f"{split}_fraction"] > 0 and count == 0:
-      raise ValueError(
+      raise InputError(
           f"{split}_fraction={options[f'{split}_fraction']} of the {size} examples in {file} "
           f"leaves {split} empty. Add data, raise the fraction, or set it to 0 for no {split} "
           "split.")
   if size - counts["validation"] - counts["test"] <= 0:
-    raise ValueError(f"The {size} examples in {file} leave train empty; lower the fractions.")
+    raise InputError(f"The {size} examples in {file} leave train empty; lower the fractions.")
   order = np.random.default_rng(options["seed"]).permutation(size)
   split_ids = np.zeros(size, np.int8)
   split_ids[order[:counts["validation"]]] = 1
@@ -230,7 +232,7 @@ def _examples(file, task, options, counts) -> Iterator[tuple[int, dict[str, Any]
         example = parse(line, task)
       except _Malformed as e:
         if options["on_malformed"] == "error":
-          raise ValueError(
+          raise InputError(
               f"{where}: {e}. Fix the line, or prepare with on_malformed='skip' "
               "(--on_malformed=skip) to skip and count such lines.") from None
         counts["malformed"] += 1
@@ -246,7 +248,7 @@ def _decode(raw: bytes, where: str, on_invalid_utf8: str, counts) -> str:
     return raw.decode("utf-8")
   except UnicodeDecodeError as e:
     if on_invalid_utf8 == "error":
-      raise ValueError(
+      raise InputError(
           f"{where}: invalid UTF-8 ({e}). Fix the file, or prepare with "
           "on_invalid_utf8='replace' to replace bad bytes by U+FFFD and count them.") from None
     counts["invalid_utf8"] += 1
@@ -271,7 +273,7 @@ def _check_utf8(file: pathlib.Path) -> None:
         replaced += text.count("\ufffd") - own
       offset += len(raw)
   if replaced > _MAX_INVALID_UTF8 * chars:
-    raise ValueError(
+    raise InputError(
         f"{file} is not UTF-8 text: {100 * replaced / chars:.0f}% of it does not decode "
         f"(first at byte {first_invalid}). Convert it to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8) "
         "or give a text file.")
@@ -351,24 +353,24 @@ def _label_feature(labels: set[str]) -> tfds.features.ClassLabel:
 def _input_files(path: str, task: str) -> dict[str, pathlib.Path]:
   """{"all": file} for one file, or {split: file} for a folder of split files."""
   if task not in TASKS:
-    raise ValueError(f"Local datasets have tasks {TASKS}, not {task!r}.")
+    raise InputError(f"Local datasets have tasks {TASKS}, not {task!r}.")
   root = pathlib.Path(path).expanduser()
   extensions = _EXTENSIONS[task]
   if root.is_file():
     if root.suffix not in extensions:
-      raise ValueError(f"{path}: a {task} dataset is a {' or '.join(extensions)} file.")
+      raise InputError(f"{path}: a {task} dataset is a {' or '.join(extensions)} file.")
     return {"all": root}
   if not root.is_dir():
-    raise FileNotFoundError(f"Local dataset {path} does not exist: give a file or a folder.")
+    raise MissingInputError(f"Local dataset {path} does not exist: give a file or a folder.")
   files = {}
   for split in SPLITS:
     found = [root / f"{split}{ext}" for ext in extensions if (root / f"{split}{ext}").is_file()]
     if len(found) > 1:
-      raise ValueError(f"{path} holds {found}: keep one file per split.")
+      raise InputError(f"{path} holds {found}: keep one file per split.")
     if found:
       files[split] = found[0]
   if "train" not in files:
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"{path} holds no train{' or train'.join(extensions)}: a {task} dataset folder holds "
         "train.EXT and, optionally, validation.EXT and test.EXT.")
   return files
@@ -395,12 +397,12 @@ def _version_dir(path: str, task: str, data_dir: str | None) -> pathlib.Path:
 def _check_options(*, validation_fraction, test_fraction, seed, on_invalid_utf8, on_malformed):
   if not (0 <= validation_fraction < 1 and 0 <= test_fraction < 1
           and validation_fraction + test_fraction < 1):
-    raise ValueError(
+    raise InputError(
         f"validation_fraction={validation_fraction} and test_fraction={test_fraction} must "
         "be in [0, 1) and sum to less than 1.")
   if not isinstance(seed, int) or seed < 0:
-    raise ValueError(f"seed={seed!r} must be a non-negative integer.")
+    raise InputError(f"seed={seed!r} must be a non-negative integer.")
   if on_invalid_utf8 not in ("replace", "error"):
-    raise ValueError(f"on_invalid_utf8={on_invalid_utf8!r} must be 'replace' or 'error'.")
+    raise InputError(f"on_invalid_utf8={on_invalid_utf8!r} must be 'replace' or 'error'.")
   if on_malformed not in ("error", "skip"):
-    raise ValueError(f"on_malformed={on_malformed!r} must be 'error' or 'skip'.")
+    raise InputError(f"on_malformed={on_malformed!r} must be 'error' or 'skip'.")

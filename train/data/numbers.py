@@ -21,6 +21,8 @@ a smaller split is a prefix of a bigger one with the same seed.
 import num2words as num2words_lib
 import numpy as np
 
+from models.errors import InputError
+
 SPLITS = ("train", "validation", "test")
 MAX_NUMBER_LIMIT = 10**9
 _CHUNK = 4096
@@ -62,21 +64,21 @@ def numbers_source(
 ) -> NumbersSource:
   """The `split` of the numbers task: numbers in [0, max_number) and their words."""
   if split not in SPLITS:
-    raise ValueError(f"Numbers task has splits {SPLITS}, not {split!r}.")
+    raise InputError(f"Numbers task has splits {SPLITS}, not {split!r}.")
   _check_language(language)
   if not 10 <= max_number <= MAX_NUMBER_LIMIT:
-    raise ValueError(
+    raise InputError(
         f"max_number={max_number} must be between 10 and {MAX_NUMBER_LIMIT:_}.")
   if not 0 < held_out_fraction <= 0.5:
-    raise ValueError(
+    raise InputError(
         f"held_out_fraction={held_out_fraction} must be in (0, 0.5].")
   if not 0 <= seed < 2**32:
-    raise ValueError(f"seed={seed} must be in [0, 2**32).")
+    raise InputError(f"seed={seed} must be in [0, 2**32).")
   size = {"train": num_train, "validation": num_validation, "test": num_test}[split]
   if size < 0:
-    raise ValueError(f"num_{split}={size} must not be negative.")
+    raise InputError(f"num_{split}={size} must not be negative.")
   if split != "train" and size > held_out_fraction / 4 * max_number:
-    raise ValueError(
+    raise InputError(
         f"num_{split}={size} distinct held-out numbers are too many: about "
         f"{held_out_fraction / 2 * max_number:.0f} numbers below {max_number} are held out "
         f"for {split}, and at most half of them can be asked for. Lower num_{split}, or "
@@ -126,6 +128,6 @@ def _unit_hash(numbers: np.ndarray, seed: int) -> np.ndarray:
 
 def _check_language(language: str) -> None:
   if language not in num2words_lib.CONVERTER_CLASSES:
-    raise ValueError(
+    raise InputError(
         f"num2words has no language {language!r}; choose one of "
         f"{sorted(num2words_lib.CONVERTER_CLASSES)}.")

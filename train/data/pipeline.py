@@ -66,6 +66,7 @@ import grain
 import jax
 import numpy as np
 
+from models.errors import InputError
 from train.data import examples, packing
 from train.data.counts import COUNTS
 from train.data.tokenizers import Tokenizer
@@ -228,10 +229,10 @@ def mlm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
   _check_positive(batch_size=batch_size, seq_len=seq_len)
   examples.bos_eos(tokenizer)
   if tokenizer.mask_id is None:
-    raise ValueError("masked LM needs a tokenizer with a mask token ([MASK] or "
+    raise InputError("masked LM needs a tokenizer with a mask token ([MASK] or "
                      "<mask>); this one has none.")
   if not 0 < mask_rate < 1:
-    raise ValueError(f"mask_rate={mask_rate} must be between 0 and 1.")
+    raise InputError(f"mask_rate={mask_rate} must be between 0 and 1.")
   tokenize = examples.MLM(examples.Classification(tokenizer, seq_len, text_key,
                                                   None, None, np.int32), mask_rate)
   return _load(source, tokenize, packing.DropFlagged, batch_size=batch_size,
@@ -258,16 +259,16 @@ def _load(source, tokenize, after_tokenize, *, batch_size: int, seed: int,
     raise ValueError(f"process_index={process_index} must be in "
                      f"[0, process_count={process_count}).")
   if num_workers < 0:
-    raise ValueError(f"num_workers={num_workers}: use 0 (no worker processes) or more.")
+    raise InputError(f"num_workers={num_workers}: use 0 (no worker processes) or more.")
   if num_epochs is not None and num_epochs <= 0:
-    raise ValueError(f"num_epochs={num_epochs}: use a positive number, or None "
+    raise InputError(f"num_epochs={num_epochs}: use a positive number, or None "
                      "to repeat forever.")
   if len(source) == 0:
-    raise ValueError("the source has no examples: is the split empty, or the "
+    raise InputError("the source has no examples: is the split empty, or the "
                      "data not prepared?")
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if len(ds) == 0:
-    raise ValueError(f"process {process_index} of {process_count} gets no "
+    raise InputError(f"process {process_index} of {process_count} gets no "
                      f"examples from a source of {len(source)}: use a larger "
                      "split or fewer processes.")
   if shuffle:
@@ -286,16 +287,16 @@ def _load(source, tokenize, after_tokenize, *, batch_size: int, seed: int,
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
   if value not in allowed:
-    raise ValueError(f"{name}={value!r}: choose one of {allowed}.")
+    raise InputError(f"{name}={value!r}: choose one of {allowed}.")
 
 
 def _check_positive(**values: int) -> None:
   for name, value in values.items():
     if value <= 0:
-      raise ValueError(f"{name}={value} must be positive.")
+      raise InputError(f"{name}={value} must be positive.")
 
 
 def _check_not_negative(**values: int) -> None:
   for name, value in values.items():
     if value < 0:
-      raise ValueError(f"{name}={value} must be 0 (no limit) or more.")
+      raise InputError(f"{name}={value} must be 0 (no limit) or more.")

@@ -24,11 +24,13 @@ Bytes that are not valid UTF-8 are replaced by U+FFFD, logged and counted in
 """
 
 import argparse
+import inspect
 from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
 
+from models.errors import InputError, MissingInputError
 from train.data import numbers
 
 _MAX_LOGGED = 10
@@ -128,7 +130,7 @@ def _tfds_fields(name: str, builder, options) -> dict[str, str]:
     source_language = options.pop("source_language", source)
     _no_options(name, options)
     if source_language not in (source, target):
-      raise ValueError(
+      raise InputError(
           f"{name} translates between {source} and {target}; source_language="
           f"{source_language!r} is neither.")
     if source_language == target:
@@ -146,7 +148,7 @@ def _tfds_fields(name: str, builder, options) -> dict[str, str]:
 def _check_known(name: str) -> None:
   family = name.split("/")[0].split(":")[0]
   if family not in ("lm1b", "imdb_reviews", "glue") and not family.endswith("_translate"):
-    raise ValueError(
+    raise InputError(
         f"Dataset {name!r} has no canonical fields here. Known: '*_translate/xx-yy', 'lm1b', "
         "'glue/CONFIG', 'imdb_reviews', 'local:PATH', 'numbers'.")
 
@@ -155,25 +157,41 @@ def _not_prepared(name: str, builder, data_dir) -> Exception:
   root = builder.data_dir_root
   command = f"python -m train.data.sources {name} --data_dir={root}"
   if builder.is_prepared():
-    return ValueError(
+    return InputError(
         f"{name} in {builder.data_dir} is stored as {builder.info.file_format}, not as "
         "array_record, which is what is read here. Prepare it again into another "
         f"data_dir: {command}")
-  return FileNotFoundError(
+  return MissingInputError(
       f"{name} is not prepared in {data_dir or root}. Prepare it once (this downloads it) "
       f"with: {command}")
+
+
+def option_names(name: str) -> tuple[str, ...]:
+  """The keyword options the source `name` takes: local datasets' those of preparing them."""
+  if name == "numbers":
+    return _keywords(numbers.numbers_source)
+  if name.startswith("local:"):
+    from train.data import local
+    return _keywords(local.prepare, "data_dir")
+  family = name.split("/")[0].split(":")[0]
+  return ("source_language",) if family.endswith("_translate") else ()
+
+
+def _keywords(function, *given: str) -> tuple[str, ...]:
+  return tuple(p.name for p in inspect.signature(function).parameters.values()
+               if p.kind == p.KEYWORD_ONLY and p.name not in given)
 
 
 def _pop_task(name: str, options: dict) -> str:
   if "task" not in options:
     from train.data import local
-    raise ValueError(f"{name} needs task=, one of {local.TASKS}.")
+    raise InputError(f"{name} needs task=, one of {local.TASKS}.")
   return options.pop("task")
 
 
 def _no_options(name: str, options: dict) -> None:
   if options:
-    raise ValueError(f"Unknown options for {name}: {sorted(options)}.")
+    raise InputError(f"Unknown options for {name}: {sorted(options)}.")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -32,10 +32,12 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from models.errors import InputError
+
 Texts = Callable[[], Iterable[str]]  # Called only when a vocabulary must be trained.
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
   """A tokenizer file is missing, unreadable or does not match the request."""
 
 
@@ -234,7 +236,7 @@ class HFTokenizer(Tokenizer):
             tokenizers.Regex(r"[\s\S]"), "isolated")
         tokenizer.decoder = decoders.Fuse()
       else:
-        raise ValueError(f"level={level!r}: use 'word' or 'char'.")
+        raise InputError(f"level={level!r}: use 'word' or 'char'.")
       trainer = trainers.WordLevelTrainer(
           vocab_size=vocab_size or 2**31 - 1, min_frequency=min_frequency,
           special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<mask>"])
@@ -274,7 +276,7 @@ def make_tokenizer(kind: str, *, path: str | None = None,
   if kind == "pretrained":
     return HFTokenizer.from_file(_need(path, "path", kind))
   if kind not in ("sentencepiece", "word", "char"):
-    raise ValueError(f"tokenizer {kind!r}: use one of bytes, sentencepiece, "
+    raise InputError(f"tokenizer {kind!r}: use one of bytes, sentencepiece, "
                      "pretrained, word, char.")
   path, texts = _need(path, "path", kind), _need(texts, "texts", kind)
   if kind == "sentencepiece":
@@ -358,7 +360,7 @@ def _lowercase(vocab_path: str) -> bool:
 
 def _need(value, name: str, kind: str):
   if value is None:
-    raise ValueError(f"tokenizer {kind!r} needs `{name}`.")
+    raise InputError(f"tokenizer {kind!r} needs `{name}`.")
   return value
 
 
