@@ -170,6 +170,19 @@ TWO_PROCESS_WORKER = textwrap.dedent("""
       layout = inputs_lib.BatchLayout(config, name=f"{pack}/{limit}")
       capacities[f"{pack}/{limit}"] = [layout(batch if pack else one_each)[0]
                                        for batch in batches]
+    # A finite pipeline's batches in lockstep: process 1 reads a batch fewer (or none at all).
+    mine = batches[:3 - pid]
+    for name, pack, limit, rows in (("lockstep", True, 0, mine), ("lockstep/2", True, 2, mine),
+                                    ("lockstep/unpacked", False, 0, [one_each] * (2 - pid))):
+      config = ml_collections.ConfigDict({"task": "lm", "data": {"pack": pack}})
+      steps = inputs_lib.BatchLayout(config, name=name).lockstep(iter(rows), limit)
+      capacities[name] = [[capacity, sorted(model_batch), int(batch["segment_ids"].max())]
+                          for capacity, model_batch, batch in steps]
+    try:
+      layout = inputs_lib.BatchLayout(config, name="none")
+      capacities["none"] = list(layout.lockstep(iter([one_each] if pid == 0 else [])))
+    except ValueError as e:
+      capacities["none"] = str(e)
     parallel._coordination_client = lambda: None  # The all-gather where there is no service.
     config = ml_collections.ConfigDict({"task": "lm", "data": {"pack": True}})
     capacities["all-gather"] = [inputs_lib.BatchLayout(config)(batch)[0] for batch in batches]
@@ -180,7 +193,8 @@ TWO_PROCESS_WORKER = textwrap.dedent("""
 @pytest.mark.slow
 def test_processes_agree_on_the_capacity():
   """The processes take the largest of their capacities, batch by batch (with a limit too);
-  rows of one example, 1."""
+  rows of one example, 1. In lockstep, a process out of batches takes all-zero ones until
+  every process is out (the first `limit` only with one); one without any stops them all."""
   with socket.socket() as sock:
     sock.bind(("localhost", 0))
     port = str(sock.getsockname()[1])
@@ -192,5 +206,14 @@ def test_processes_agree_on_the_capacity():
   outputs = [worker.communicate(timeout=120) for worker in workers]
   assert all(worker.returncode == 0 for worker in workers), outputs
   results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-  assert results == [{"True/0": [8, 4, 8], "True/64": [8, 4, 8], "False/0": [1, 1, 1],
-                      "all-gather": [8, 4, 8]}] * 2
+  lockstep = [[[8, ["segment_ids"], last] for last in (2, 6)],
+              [[4, ["segment_ids"], last] for last in (3, 2)],
+              [[4, ["segment_ids"], last] for last in (2, 0)]]  # process 1: an empty batch
+  none = ("A process read no batch of the none split (its share of the examples was empty or "
+          "all dropped): use a larger split or fewer than 2 processes.")
+  for pid, result in enumerate(results):
+    assert result == {"True/0": [8, 4, 8], "True/64": [8, 4, 8], "False/0": [1, 1, 1],
+                      "lockstep": [step[pid] for step in lockstep],
+                      "lockstep/2": [step[pid] for step in lockstep[:2]],
+                      "lockstep/unpacked": [[1, [], 1], [1, [], 1 - pid]],
+                      "none": none, "all-gather": [8, 4, 8]}

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.slow  # a cluster started, jobs queued, tiny runs train
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 40  # long enough for a scancel to land mid-run; a tiny step takes ~50 ms
 SHORT_STEPS = 6
-# Variants: "" the 2-run sweep; "one" its first run alone; "short" that run, SHORT_STEPS long.
+# Variants: "" the 2-run sweep; "one" its first run alone; "short" that run, SHORT_STEPS long,
+# evaluated on all of a test split of 33 pairs (two processes read 17 and 16: 3 and 2 batches).
 EXPERIMENT = f"""\
 from experiments import quickstart
 
@@ -37,8 +38,11 @@ def get_config(variant=""):
   c.train.num_steps = {SHORT_STEPS} if variant == "short" else {STEPS}
   c.train.log_every = 1
   c.train.checkpoint_every = 0        # the last step and SIGTERM only
-  c.train.eval_batches = 1
   c.train.print_examples = 0
+  if variant == "short":              # two processes: all of a split they share unevenly
+    c.data.source_options.num_test = 33
+  else:
+    c.train.eval_batches = 1
   return c
 
 def get_sweep(variant=""):

@@ -8,7 +8,9 @@ fields the model then takes (rows of one example: no segment ids).
 """
 
 import dataclasses
+import itertools
 import os
+from typing import Iterator
 
 import jax
 from jax.experimental import multihost_utils
@@ -135,34 +137,80 @@ class BatchLayout:
 
   One process reads the batch. Several read different rows, so they take the largest of their
   capacities (parallel.ProcessMax: one int a process a batch, exchanged host to host), except
-  where the config unpacks (capacity 1, known to all). `name` keeps the exchanges of two
-  layouts (train, eval) apart; each must be called on every process for the same batches."""
+  where the config unpacks (capacity 1, known to all). A finite pipeline (eval) goes through
+  `lockstep`, whose exchange, packed or not, also tells when every process has run out.
+  `name` keeps the exchanges of two layouts (train, eval) apart; each must be called on every
+  process for the same batches."""
 
   def __init__(self, config, name: str = "train"):
-    self.task, self.packs = config.task, max_segments_per_row(config) != 1
+    self.task, self.packs, self.name = config.task, max_segments_per_row(config) != 1, name
     self.exchange = parallel.ProcessMax(f"segment_capacity/{name}")
 
   def __call__(self, batch: dict) -> tuple[int | None, dict]:
     """(capacity, the batch as the model takes it)."""
     if self.task not in LAYOUT_FIELDS:
       return None, batch
-    ids, positions = LAYOUT_FIELDS[self.task]
-    capacity = self.agreed(max(local_capacity(batch[field]) for field in ids))
-    if capacity != 1:
-      return capacity, batch
-    model_batch = {key: value for key, value in batch.items() if key not in ids + positions}
-    if self.task == "seq2seq":
-      model_batch["encoder_padding_mask"] = batch["encoder_segment_ids"] != 0
-    return capacity, model_batch
-
-  def agreed(self, capacity: int) -> int:
-    """The capacity every process takes for this batch, given this process's."""
+    capacity = self.local(batch)
     if self.packs:
-      return self.exchange(capacity)
-    if capacity != 1:
+      capacity = self.exchange(capacity)
+    return capacity, self.shaped(capacity, batch)
+
+  def lockstep(self, batches: Iterator[dict],
+               limit: int = 0) -> Iterator[tuple[int | None, dict, dict]]:
+    """A finite pipeline's batches (the first `limit`; 0: all), as many on every process:
+    (capacity, the batch as the model takes it, the batch as read).
+
+    Hosts read disjoint shards of the split, so one may run out of batches before another;
+    until every process has, it reads empty batches instead: its first batch's shapes, all
+    zeros (weights 0, segment ids 0), as the rows padding a last batch. One exchange a batch
+    agrees on the capacity and on the end; a process without any batch stops them all."""
+    empty = None
+    for index in itertools.count():
+      if limit and index >= limit:
+        return
+      batch = next(batches, None)
+      if batch is not None:
+        value = self.local(batch)
+        empty = empty if empty is not None else jax.tree.map(np.zeros_like, batch)
+      else:
+        value = NO_BATCHES if empty is None else NO_MORE_BATCHES
+      agreed = self.exchange(value)
+      if agreed == NO_BATCHES:
+        raise ValueError(
+            f"A process read no batch of the {self.name} split (its share of the examples was "
+            f"empty or all dropped): use a larger split or fewer than {jax.process_count()} "
+            "processes.")
+      if agreed == NO_MORE_BATCHES:
+        return
+      capacity = agreed if self.task in LAYOUT_FIELDS else None
+      batch = empty if batch is None else batch
+      yield capacity, self.shaped(capacity, batch), batch
+
+  def local(self, batch: dict) -> int:
+    """This process's capacity for `batch` (1 for a task without segment ids)."""
+    if self.task not in LAYOUT_FIELDS:
+      return 1
+    ids, _ = LAYOUT_FIELDS[self.task]
+    capacity = max(local_capacity(batch[field]) for field in ids)
+    if not self.packs and capacity != 1:
       raise RuntimeError(f"An unpacked batch (data.pack=False) holds rows of several segments "
                          f"(capacity {capacity}); the pipeline broke its layout.")
     return capacity
+
+  def shaped(self, capacity: int | None, batch: dict) -> dict:
+    """The batch as the model takes it at `capacity`."""
+    if capacity != 1 or self.task not in LAYOUT_FIELDS:
+      return batch
+    ids, positions = LAYOUT_FIELDS[self.task]
+    model_batch = {key: value for key, value in batch.items() if key not in ids + positions}
+    if self.task == "seq2seq":
+      model_batch["encoder_padding_mask"] = batch["encoder_segment_ids"] != 0
+    return model_batch
+
+
+# What `BatchLayout.lockstep` exchanges for a process out of batches: none at all (the largest
+# int, so that every process sees it) or no more (0, below any capacity).
+NO_BATCHES, NO_MORE_BATCHES = 2**31 - 1, 0
 
 
 def segment_limit(data) -> int:

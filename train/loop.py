@@ -285,12 +285,9 @@ class Evaluator:
 
   def evaluate(self, params) -> dict:
     """The metrics of the model's `params` (as the model applies them) over the eval split."""
-    exp, limit = self.exp, self.exp.config.train.eval_batches
-    sums, batches = None, iter(exp.inputs.eval_pipeline(self.batch_size))
-    for i, batch in enumerate(batches):
-      if limit and i >= limit:
-        break
-      capacity, batch = self.layout(batch)
+    exp, sums = self.exp, None
+    batches = iter(exp.inputs.eval_pipeline(self.batch_size))
+    for capacity, batch, _ in self.layout.lockstep(batches, exp.config.train.eval_batches):
       out = self.eval_steps(capacity)(params, parallel.host_to_global(batch, exp.mesh))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     results = {**tasks.summarize(jax.device_get(sums)), **self.data_report(batches.counts)}
@@ -299,21 +296,23 @@ class Evaluator:
     return results
 
   def decode_metrics(self, params) -> dict:
+    """Exact match and BLEU of decoding the eval split, one example a row. Sources, references
+    and predictions are all read back from global arrays, so they share the global batch's
+    order: the mesh's devices', which need not be the processes'."""
     exp = self.exp
     inputs, targets, predictions = [], [], []
-    for i, batch in enumerate(exp.inputs.eval_pipeline(self.batch_size, pack=False)):
-      if exp.config.train.eval_batches and i >= exp.config.train.eval_batches:
-        break
-      tokens_BS = parallel.host_to_global({"t": batch["encoder_tokens"]}, exp.mesh)["t"]
-      mask_BS = parallel.host_to_global({"m": batch["encoder_segment_ids"] != 0}, exp.mesh)["m"]
+    batches = iter(exp.inputs.eval_pipeline(self.batch_size, pack=False))
+    for _, _, batch in self.layout.lockstep(batches, exp.config.train.eval_batches):
+      rows = parallel.host_to_global({"sources": batch["encoder_tokens"],
+                                      "mask": batch["encoder_segment_ids"] != 0,
+                                      "references": batch["decoder_targets"],
+                                      "real": batch["weights"].sum(-1) > 0}, exp.mesh)
       out = decoding.generate_encoder_decoder(
-          exp.task.model, params, tokens_BS, self.search, encoder_padding_mask_BS=mask_BS,
-          decoder_start_id=exp.inputs.decoder_start_id)
-      new_tokens = gather(out.tokens_BN)
-      real = gather(batch["weights"].sum(-1) > 0)
-      sources, references = gather(batch["encoder_tokens"]), gather(
-          batch["decoder_targets"])
-      for keep, src, ref, pred in zip(real, sources, references, new_tokens):
+          exp.task.model, params, rows["sources"], self.search,
+          encoder_padding_mask_BS=rows.pop("mask"), decoder_start_id=exp.inputs.decoder_start_id)
+      rows = gather({**rows, "predictions": out.tokens_BN})
+      for keep, src, ref, pred in zip(rows["real"], rows["sources"], rows["references"],
+                                      rows["predictions"]):
         if keep:
           inputs.append(exp.inputs.input_tokenizer.decode(src))
           targets.append(exp.inputs.target_tokenizer.decode(ref))
@@ -326,12 +325,12 @@ class Evaluator:
     return {"exact_match": float(exact), "bleu": float(bleu), "decoded": float(len(targets))}
 
 
-def gather(x) -> np.ndarray:
-  """Every host's rows as one numpy array, in process order: of a global jax array, or of
-  host-local numpy rows."""
+def gather(tree):
+  """Every host's rows as numpy arrays, a pytree like `tree`: of global jax arrays, the whole
+  arrays (in the global order); of host-local numpy rows, their concatenation in process order."""
   if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(np.asarray, tree)
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 class DataReport:

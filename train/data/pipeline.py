@@ -41,7 +41,9 @@ gives a `BatchIterator` of host-local numpy batches (B = batch_size):
 
 A finite pipeline (num_epochs set) pads its last batch with all-zero rows (weights
 0), so every batch has the same shape. Hosts read disjoint shards of the source
-(`process_index::process_count`); each epoch is shuffled anew from `seed`.
+(`process_index::process_count`); each epoch is shuffled anew from `seed`. A host's
+finite pipeline may so end a batch before another's: train.inputs.BatchLayout.lockstep
+gives the hosts as many batches each (all-zero ones after the end).
 
 Nothing is dropped silently: `BatchIterator.counts` holds, for the examples behind
 the batches returned so far, `examples` read, `empty` (blank text: dropped),
