@@ -176,7 +176,7 @@ class BatchLayout:
         value = NO_BATCHES if empty is None else NO_MORE_BATCHES
       agreed = self.exchange(value)
       if agreed == NO_BATCHES:
-        raise ValueError(
+        raise InputError(
             f"A process read no batch of the {self.name} split (its share of the examples was "
             f"empty or all dropped): use a larger split or fewer than {jax.process_count()} "
             "processes.")
