@@ -3,8 +3,8 @@
 # again, with or without options; a later run adds to what an earlier one installed.
 #
 #   ./setup.sh          what training, generation and the quickstart need (CPU jax; no torch)
-#   ./setup.sh --test   also the tests' dependencies (pytest; torch and transformers as
-#                       references) and the plays the fine-tuning tests read
+#   ./setup.sh --test   also the tests' dependencies (pytest, scikit-learn; torch and
+#                       transformers as references) and the plays the fine-tuning tests read
 #   ./setup.sh --cuda   also JAX's CUDA 13 plugin wheels (NVIDIA GPUs; --cuda12 for drivers
 #                       older than CUDA 13); --tpu: libtpu (TPU VMs)
 #   --test-lean         as --test without torch and transformers (the tests marked `pretrained`

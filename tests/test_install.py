@@ -62,9 +62,9 @@ def test_test_extra_pulls_the_pretrained_references():
   assert {"torch", "transformers"} <= _closure(_extra("test"))
 
 
-def test_the_lean_test_extra_is_the_runner_alone():
+def test_the_lean_test_extra_is_the_runner_and_scikit_learn():
   lean = _extra("test-lean")
-  assert {canonicalize_name(r.name) for r in lean} == {"pytest", "pytest-xdist"}
+  assert {canonicalize_name(r.name) for r in lean} == {"pytest", "pytest-xdist", "scikit-learn"}
   assert not _closure(lean) & HEAVY
 
 

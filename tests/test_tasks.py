@@ -83,6 +83,66 @@ def test_summarize_divides_by_the_weight():
 
 
 # ------------------------------------------------------------------------------------------
+# Classification metrics against scikit-learn's on the same predictions.
+
+
+def class_metrics_of(logits, labels, weights) -> dict:
+  return tasks.class_metrics(*(tasks.class_sums(jnp.asarray(logits), jnp.asarray(labels),
+                                                jnp.asarray(weights))[k] for k in tasks.CLASS_SUMS))
+
+
+# (classes, which predictions to redirect, what is left out): classes never predicted, a class
+# never labelled nor predicted (scikit-learn's macro average leaves it out; its precision and
+# recall are 0), binary with and without a predicted positive.
+CLASS_CASES = {"3 classes, 2 never predicted": (3, {2: 0}),
+               "4 classes, 3 nowhere": (4, {3: 1}),
+               "binary": (2, {}),
+               "binary, positive never predicted": (2, {1: 0})}
+
+
+@pytest.mark.parametrize("case", CLASS_CASES)
+def test_class_metrics_are_scikit_learns_with_zero_division_0(case):
+  from sklearn import metrics as sk
+  classes, redirect = CLASS_CASES[case]
+  rng = np.random.default_rng(len(case))
+  labels = rng.integers(0, classes, 64)
+  if classes == 4:
+    labels[labels == 3] = 2
+  predicted = np.where(rng.random(64) < 0.6, labels, rng.integers(0, classes, 64))
+  for source, target in redirect.items():
+    predicted[predicted == source] = target
+  logits = rng.normal(0, 1, (64, classes)) + 20.0 * np.eye(classes)[predicted]
+  weights = rng.uniform(0.5, 2.0, 64) * (rng.random(64) > 0.2)  # a fifth weigh 0 (padding)
+  got = class_metrics_of(logits.astype(np.float32), labels, weights.astype(np.float32))
+  # scikit-learn sees the rows that weigh something: padding rows are not examples.
+  real = weights > 0
+  y, p, w = labels[real], predicted[real], weights[real]
+  everything = list(range(classes))
+  expected = {"f1_macro": sk.f1_score(y, p, average="macro", sample_weight=w, zero_division=0)}
+  if classes == 2:
+    expected["f1"] = sk.f1_score(y, p, average="binary", sample_weight=w, zero_division=0)
+  for name, score in (("precision", sk.precision_score), ("recall", sk.recall_score)):
+    per_class = score(y, p, labels=everything, average=None, sample_weight=w, zero_division=0)
+    expected.update({f"{name}_{c}": v for c, v in enumerate(per_class)})
+  assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
+  assert not set(redirect) & set(predicted)  # the case is what it says
+
+
+def test_the_classify_eval_alone_sums_per_class_and_summarize_reports_them(setups):
+  task, params, batch, _ = setups["classify"]
+  logits = np.asarray(task.apply(params, batch))
+  # dropout_rate 0: the same logits in both
+  _, train_sums = jax.jit(lambda p, b: task.loss(p, b, jax.random.key(0), train=True))(
+      params, batch)
+  _, eval_sums = jax.jit(task.loss)(params, batch)
+  assert train_sums.keys() == {"loss", "correct", "weight"}
+  summary = tasks.summarize(jax.device_get(eval_sums))
+  assert summary == {**tasks.summarize(jax.device_get(train_sums)),
+                     **class_metrics_of(logits, batch["label"], batch["weights"])}
+  assert {"f1_macro", "precision_2", "recall_0"} <= summary.keys() and "f1" not in summary
+
+
+# ------------------------------------------------------------------------------------------
 # Tiny models and batches of each task.
 
 
@@ -204,7 +264,8 @@ def test_padding_and_weight_zero_targets_contribute_nothing(name, setups):
   expected_objective, expected = loss(params, batch)
   objective, sums = loss(params, padded)
   np.testing.assert_allclose(objective, expected_objective, rtol=1e-5)
-  for key in ("loss", "correct", "weight"):
+  assert sums.keys() == expected.keys()
+  for key in expected:  # classify's per-class sums too
     np.testing.assert_allclose(sums[key], expected[key], rtol=1e-5, err_msg=key)
 
 
@@ -246,7 +307,7 @@ def test_a_batch_sharded_over_8_devices_gives_the_one_device_sums(name, setups):
   (objective, (_, sums)), grads = on_eight
   (expected_objective, (_, expected)), expected_grads = on_one
   np.testing.assert_allclose(objective, expected_objective, rtol=1e-5)
-  for key in ("loss", "correct", "weight"):
+  for key in expected:  # classify's per-class sums too
     np.testing.assert_allclose(sums[key], expected[key], rtol=1e-5, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                grads, expected_grads)

@@ -11,14 +11,18 @@ batches add up exactly: the training objective is `objective / weight`.
 Metric sums: "loss" (cross-entropy, unsmoothed), "correct" (hits: the target's logit is the
 row's maximum, which is argmax's hit but for ties, where each tied id counts; see
 losses.token_losses), "weight" (targets counted); `summarize` turns them into loss, accuracy
-and perplexity.
+and perplexity. A classify eval (train=False) also sums, per class, the weights of its argmax
+predictions that are right, of its predictions and of its labels ([C] vectors), which
+`summarize` turns into F1 and per-class precision and recall (`class_metrics`).
 """
 
 import dataclasses
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models import transformer
 from models.errors import InputError
@@ -78,7 +82,8 @@ class Task:
     return batch["targets"], batch["weights"]
 
   def loss(self, params, batch, rng=None, train: bool = False):
-    """(objective_sum, metric_sums): the smoothed training loss summed over weights.
+    """(objective_sum, metric_sums): the smoothed training loss summed over weights; a
+    classify eval (`train` False) adds the per-class sums of `class_sums`.
 
     The logits stay in the model's logits_dtype (bf16 on accelerators) and, for the decoders,
     at the padded vocabulary's width; train/losses.py computes the softmax in float32 without
@@ -91,15 +96,53 @@ class Task:
     out = losses.token_losses(logits, targets, self.label_smoothing, vocab)
     metrics = {"loss": jnp.sum(out.nll * weights), "correct": jnp.sum(out.correct * weights),
                "weight": jnp.sum(weights)}
+    if self.name == "classify" and not train:
+      metrics.update(class_sums(logits, targets, weights))
     return jnp.sum(out.objective * weights), metrics
 
 
+CLASS_SUMS = ("class_true_positives", "class_predicted", "class_actual")
+
+
+def class_sums(logits_BC, labels_B, weights_B) -> dict:
+  """Per class [C]: the weights of the rows predicted (argmax; the first of tied logits) and
+  labelled as it, of those predicted as it, and of those labelled as it."""
+  num_classes = logits_BC.shape[-1]
+  labelled_BC = jax.nn.one_hot(labels_B, num_classes)
+  predicted_BC = jax.nn.one_hot(jnp.argmax(logits_BC, -1), num_classes) * weights_B[:, None]
+  return dict(zip(CLASS_SUMS, ((predicted_BC * labelled_BC).sum(0), predicted_BC.sum(0),
+                               (labelled_BC * weights_B[:, None]).sum(0))))
+
+
+def class_metrics(true_positives_C, predicted_C, actual_C) -> dict:
+  """F1 and per-class precision and recall from `class_sums`, as scikit-learn's with
+  zero_division=0 (a ratio over a zero weight is 0): "f1" binary, class 1 the positive one
+  (two classes only); "f1_macro" the mean of the classes' F1 over those predicted or labelled
+  (scikit-learn's default labels), "precision_C" and "recall_C" for every class C."""
+  true_positives_C, predicted_C, actual_C = (
+      np.asarray(x, np.float64) for x in (true_positives_C, predicted_C, actual_C))
+  ratio = lambda num, den: np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+  precision_C, recall_C = ratio(true_positives_C, predicted_C), ratio(true_positives_C, actual_C)
+  f1_C = ratio(2 * true_positives_C, predicted_C + actual_C)
+  present_C = predicted_C + actual_C > 0
+  out = {"f1_macro": float(f1_C[present_C].mean()) if present_C.any() else 0.0}
+  if len(f1_C) == 2:
+    out["f1"] = float(f1_C[1])
+  for c in range(len(f1_C)):
+    out[f"precision_{c}"], out[f"recall_{c}"] = float(precision_C[c]), float(recall_C[c])
+  return out
+
+
 def summarize(sums: dict) -> dict:
-  """Metric sums -> loss, accuracy and perplexity per target."""
+  """Metric sums -> loss, accuracy and perplexity per target; with a classify eval's class sums,
+  also F1 and per-class precision and recall (`class_metrics`)."""
   weight = max(float(sums["weight"]), 1e-9)
   loss = float(sums["loss"]) / weight
-  return {"loss": loss, "accuracy": float(sums["correct"]) / weight,
-          "perplexity": math.exp(min(loss, 50.0))}
+  out = {"loss": loss, "accuracy": float(sums["correct"]) / weight,
+         "perplexity": math.exp(min(loss, 50.0))}
+  if CLASS_SUMS[0] in sums:
+    out.update(class_metrics(*(sums[k] for k in CLASS_SUMS)))
+  return out
 
 
 def make_model(task: str, model_cfg: transformer.TransformerConfig, *, num_classes: int = 0,
