@@ -242,3 +242,11 @@ def test_truncated_examples_are_reported_in_metrics_and_the_log(tmp_path, capsys
   out = capsys.readouterr().out
   assert "train data: 16 examples read; 16 truncated, 256 truncated tokens." in out
   assert "eval data: 12 examples read; 12 truncated, 192 truncated tokens." in out
+  # The classify eval's F1 and per-class precision and recall, recorded and printed; half the
+  # eval labels are 1, so the accuracy (counted by the loss) is the mean of the recalls.
+  (final,) = [line for line in lines if line["split"] == "eval"]
+  per_class = {f"{name}_{c}" for name in ("precision", "recall") for c in (0, 1)}
+  assert {"f1", "f1_macro"} | per_class <= final.keys()
+  assert not any("f1_macro" in line for line in lines if line["split"] == "train")
+  assert final["accuracy"] == pytest.approx((final["recall_0"] + final["recall_1"]) / 2)
+  assert f"f1={final['f1']:.4g}, f1_macro={final['f1_macro']:.4g}" in out

@@ -2,10 +2,11 @@
 
   python -m train.evaluate --workdir=DIR [--split=validation] [--checkpoint_step=N]
 
-Loss, accuracy and perplexity over the split (default: the run's `data.eval_split`), and for
-seq2seq exact match and BLEU of decoding with the run's `config.decode`, computed by the
-training loop's own eval (train.loop.Evaluator, the same batches and `train.eval_batches`)
-with the params of checkpoint N (default: the latest). The results are appended to
+Loss, accuracy and perplexity over the split (default: the run's `data.eval_split`), for
+seq2seq exact match and BLEU of decoding with the run's `config.decode`, and for classify F1
+and per-class precision and recall (train.tasks.class_metrics), computed by the training
+loop's own eval (train.loop.Evaluator, the same batches and `train.eval_batches`) with the
+params of checkpoint N (default: the latest). The results are printed, and appended to
 metrics.jsonl (and TensorBoard) at N's step, with `split` set to the split's name.
 """
 

@@ -256,7 +256,8 @@ class Throughput:
 
 
 class Evaluator:
-  """Loss metrics over the eval split; for seq2seq also decoding: exact match and BLEU.
+  """Loss metrics over the eval split (for classify also F1 and per-class precision and
+  recall: train.tasks.class_metrics); for seq2seq also decoding: exact match and BLEU.
 
   The loop calls it with the state's params; train.evaluate calls `evaluate` with a saved
   run's model params, recording them under the split's own name.

@@ -125,9 +125,8 @@ def class_metrics(true_positives_C, predicted_C, actual_C) -> dict:
   precision_C, recall_C = ratio(true_positives_C, predicted_C), ratio(true_positives_C, actual_C)
   f1_C = ratio(2 * true_positives_C, predicted_C + actual_C)
   present_C = predicted_C + actual_C > 0
-  out = {"f1_macro": float(f1_C[present_C].mean()) if present_C.any() else 0.0}
-  if len(f1_C) == 2:
-    out["f1"] = float(f1_C[1])
+  out = {"f1": float(f1_C[1])} if len(f1_C) == 2 else {}
+  out["f1_macro"] = float(f1_C[present_C].mean()) if present_C.any() else 0.0
   for c in range(len(f1_C)):
     out[f"precision_{c}"], out[f"recall_{c}"] = float(precision_C[c]), float(recall_C[c])
   return out
