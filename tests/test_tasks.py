@@ -140,6 +140,10 @@ def test_the_classify_eval_alone_sums_per_class_and_summarize_reports_them(setup
   assert summary == {**tasks.summarize(jax.device_get(train_sums)),
                      **class_metrics_of(logits, batch["label"], batch["weights"])}
   assert {"f1_macro", "precision_2", "recall_0"} <= summary.keys() and "f1" not in summary
+  # The all-zero batch a process short of eval data reads (inputs.BatchLayout.lockstep).
+  _, empty = jax.jit(task.loss)(params, jax.tree.map(np.zeros_like, batch))
+  for key in tasks.CLASS_SUMS:
+    np.testing.assert_array_equal(empty[key], np.zeros(3), err_msg=key)
 
 
 # ------------------------------------------------------------------------------------------
