@@ -93,9 +93,9 @@ def cut_config(trained) -> pathlib.Path:
 
 
 BOOM = "def get_config():\n  raise RuntimeError('boom')\n"
-COLUMNS = ("from experiments import gpt2_small\n\ndef get_config():\n"
+UNKNOWN_OPTION = ("from experiments import gpt2_small\n\ndef get_config():\n"
            "  c = gpt2_small.get_config('tiny')\n  c.data.source = 'local:texts.txt'\n"
-           "  c.data.source_options = {'columns': ['text']}\n  return c\n")
+           "  c.data.source_options = {'delimiter': ';'}\n  return c\n")
 
 # (name, args given a workdir W and a fresh tmp folder T, watched path, error match); watched
 # "t" is T, the others are W and say which it is: the fixture WORKDIRS names.
@@ -120,8 +120,9 @@ CASES = [
      r"init_from=ckpt:\S+: parameters of another shape: .+ Set the model config to the "
      r"source's\.$"),
     ("an unknown key in data.source_options",
-     lambda w, t: ["train", f"--config={bad_experiment(t, COLUMNS)}", f"--workdir={t / 'run'}"],
-     "t", r"config\.data\.source_options has columns, which data\.source='local:texts\.txt' "
+     lambda w, t: ["train", f"--config={bad_experiment(t, UNKNOWN_OPTION)}",
+                   f"--workdir={t / 'run'}"],
+     "t", r"config\.data\.source_options has delimiter, which data\.source='local:texts\.txt' "
      r"does not take; it takes task, validation_fraction, test_fraction, seed, "),
     ("a NaN learning rate",
      lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}",
