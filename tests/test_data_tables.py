@@ -139,6 +139,9 @@ def _bad_parquet(path, texts, labels):
      r"bad\.parquet\[row 1\]: text must be a non-empty string, found None"),
     ("bad.parquet", lambda p: _bad_parquet(p, ["", "b"], [0, 1]),
      r"bad\.parquet\[row 0\]: text must be a non-empty string, found ''"),
+    ("bad.parquet", lambda p: _bad_parquet(p, ["a", "b"], [1, -1]),
+     r"bad\.parquet\[row 1\]: label -1 is not a class id \(ids count from 0; GLUE's test "
+     r"splits hold -1, no label\)"),
     ("bad.parquet", lambda p: _bad_parquet(p, ["a", "b"], [0, None]),
      r"bad\.parquet\[row 1\]: label must be an integer or a name, found None"),
 ])

@@ -260,6 +260,9 @@ def _table_examples(file, task, options, counts) -> Iterator[tuple[int, dict[str
     try:
       if problem:
         raise _Malformed(problem)
+      if isinstance(record.get("label"), int) and record["label"] < 0:
+        raise _Malformed(f"label {record['label']} is not a class id (ids count from 0; "
+                         "GLUE's test splits hold -1, no label)")
       example = _parse_record(record, task)
     except _Malformed as e:
       _skip_malformed(where, e, options, counts)
