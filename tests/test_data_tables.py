@@ -194,3 +194,23 @@ def test_the_prepare_command_takes_columns_as_json(tmp_path):
   sources.main([f"local:{path}", "--task=classification", f"--data_dir={data_dir}",
                 '--columns={"text": "sentence"}'])
   assert len(_read_all(path, "classification", data_dir, "train")) == 18
+
+
+@pytest.mark.slow
+def test_a_glue_style_csv_trains_a_classifier(tmp_path):
+  """sentence,label CSVs (train and validation) through a tiny from-scratch classify run."""
+  from experiments import finetune_classify
+  from train import loop
+  folder = tmp_path / "sst2"
+  folder.mkdir()
+  words = ["good", "bad", "fine, \"really\"", "awful\nday"]
+  for split, count in (("train", 64), ("validation", 16)):
+    _write_csv(folder / f"{split}.csv", ["idx", "sentence", "label"],
+               [(i, words[i % 4], i % 2) for i in range(count)])
+  config = finetune_classify.get_config("scratch,tiny")
+  config.data.source = f"local:{folder}"
+  config.data.source_options = {"columns": {"text": "sentence"}}
+  config.data.tokenizer, config.data.tokenizer_path, config.data.vocab_size = "bytes", "", 0
+  config.model.num_classes = 2
+  results = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["data_examples"] == 16 and 0 <= results["accuracy"] <= 1  # validation.csv
