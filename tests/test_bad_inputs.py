@@ -42,6 +42,22 @@ def bad_pairs(folder: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def bad_csv(folder: pathlib.Path) -> pathlib.Path:
+  """A text CSV file whose third line is a row of two fields under a header of one."""
+  path = folder / "texts.csv"
+  path.write_text("text\n" + "a line\n" * 40 + '"one, field",two\n')
+  return path
+
+
+def sentences_parquet(folder: pathlib.Path) -> pathlib.Path:
+  """A Parquet file of GLUE's columns (sentence, label), none named text."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  path = folder / "sst2.parquet"
+  pq.write_table(pa.table({"sentence": ["good", "bad"] * 20, "label": [1, 0] * 20}), path)
+  return path
+
+
 def bad_experiment(folder: pathlib.Path, source: str) -> pathlib.Path:
   """An experiment file `bad.py` in `folder` holding `source`."""
   path = folder / "bad.py"
@@ -136,6 +152,15 @@ CASES = [
      lambda w, t: ["train", "--config=experiments/finetune_llama.py:tiny,instruct",
                    f"--workdir={t / 'run'}", f"--config.data.source=local:{bad_pairs(t)}"],
      "t", r"pairs\.jsonl:3: response must be a non-empty string, found 7\. Fix the line"),
+    ("a CSV row with more fields than its header",
+     lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}",
+                   f"--config.data.source=local:{bad_csv(t)}"],
+     "t", r"texts\.csv:42: expected 1 columns, as the header, found 2\. Fix the line"),
+    ("a Parquet file without our column, and no columns= mapping",
+     lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}",
+                   f"--config.data.source=local:{sentences_parquet(t)}"],
+     "t", r"sst2\.parquet has no column for text='text'; its columns are \['sentence', 'label'\]\. "
+     r"Map our field names to its columns with data\.source_options\.columns"),
     ("train.assets: an unknown asset name",
      lambda w, t: ["train.assets", "nope"], "t", r"Unknown asset 'nope': choose from"),
     ("launch.report: a folder that does not exist",
