@@ -57,6 +57,7 @@ _EXTENSIONS = {
     "classification": (".tsv", ".jsonl"),
     "instruct": (".jsonl",),
 }
+_TABLE_TASKS = ("lm", "seq2seq", "classification", "instruct")  # a row's fields are columns
 _MAX_LOGGED = 10
 _MAX_INVALID_UTF8 = 0.01  # of a file's decoded characters; more: it is not UTF-8 text
 
@@ -414,7 +415,7 @@ def _input_files(path: str, task: str) -> dict[str, pathlib.Path]:
   if task not in TASKS:
     raise InputError(f"Local datasets have tasks {TASKS}, not {task!r}.")
   root = pathlib.Path(path).expanduser()
-  extensions = _EXTENSIONS[task] + tables.EXTENSIONS
+  extensions = _EXTENSIONS[task] + (tables.EXTENSIONS if task in _TABLE_TASKS else ())
   if root.is_file():
     if root.suffix not in extensions:
       raise InputError(f"{path}: a {task} dataset is a {' or '.join(extensions)} file.")
@@ -428,7 +429,8 @@ def _input_files(path: str, task: str) -> dict[str, pathlib.Path]:
       raise InputError(f"{path} holds {found}: keep one file per split.")
     if found:
       files[split] = found[0]
-  files = files or tables.split_files(root)
+  if not files and task in _TABLE_TASKS:
+    files = tables.split_files(root)
   if "train" not in files and "all" not in files:
     raise MissingInputError(
         f"{path} holds no train{' or train'.join(extensions)}: a {task} dataset folder holds "
