@@ -177,6 +177,18 @@ def test_columns_a_table_lacks_and_bad_columns_options_are_errors(tmp_path):
   assert "columns" in sources.option_names(f"local:{path}")
 
 
+def test_a_csv_with_a_byte_order_mark_reads_as_utf_8_sig_does(tmp_path):
+  path = tmp_path / "excel.csv"
+  path.write_bytes("sentence,label\r\n\"um, dois\",1\r\ntrês,0\r\n".encode("utf-8-sig"))
+  data_dir = str(tmp_path / "data")
+  local.prepare(str(path), task="classification", data_dir=data_dir, columns={"text": "sentence"},
+                validation_fraction=0, test_fraction=0)
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    reference = [(row["sentence"], int(row["label"])) for row in csv.DictReader(f)]
+  read = _read_all(path, "classification", data_dir, "train")
+  assert [(ex["text"], ex["label"]) for ex in read] == reference
+
+
 def test_csv_invalid_utf8_is_replaced_and_counted(tmp_path):
   raw = "text,label\n".encode() + b"caf\xe9,0\n" + "ação,1\n".encode() * 200
   path = tmp_path / "latin.csv"

@@ -107,6 +107,8 @@ def _csv_records(file, required, optional, columns, counts, decode):
     lines = (decode(raw, f"{file}:{number}") for number, raw in enumerate(f, 1))
     reader = csv.reader(lines)
     header = next(reader, [])
+    if header:  # Excel writes UTF-8 with a byte order mark, which Python's "utf-8-sig" drops.
+      header[0] = header[0].removeprefix("\ufeff")
     names = _field_columns(file, header, required, optional, columns)
     positions = {ours: header.index(theirs) for ours, theirs in names.items()}
     start = reader.line_num + 1
