@@ -3,6 +3,7 @@ the libraries (csv, pyarrow, datasets where installed), read back through the pr
 
 import csv
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -187,6 +188,16 @@ def test_a_csv_with_a_byte_order_mark_reads_as_utf_8_sig_does(tmp_path):
     reference = [(row["sentence"], int(row["label"])) for row in csv.DictReader(f)]
   read = _read_all(path, "classification", data_dir, "train")
   assert [(ex["text"], ex["label"]) for ex in read] == reference
+
+
+def test_a_row_csv_cannot_read_is_an_error_naming_its_line(tmp_path):
+  too_long = "x" * (csv.field_size_limit() + 1)
+  path = _write_csv(tmp_path / "long.csv", ["text"], [("short",), (too_long,)])
+  with open(path, newline="", encoding="utf-8") as f, pytest.raises(csv.Error) as reference:
+    list(csv.reader(f))
+  with pytest.raises(ValueError, match=rf"long\.csv:3: Python's csv module cannot read this row "
+                     rf"\({re.escape(str(reference.value))}\)\. Fix it, or give the data as"):
+    local.prepare(path, task="lm", data_dir=str(tmp_path / "data"))
 
 
 def test_csv_invalid_utf8_is_replaced_and_counted(tmp_path):

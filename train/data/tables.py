@@ -106,13 +106,14 @@ def _csv_records(file, required, optional, columns, counts, decode):
   with open(file, "rb") as f:
     lines = (decode(raw, f"{file}:{number}") for number, raw in enumerate(f, 1))
     reader = csv.reader(lines)
-    header = next(reader, [])
+    rows = _csv_rows(reader, file)
+    header = next(rows, [])
     if header:  # Excel writes UTF-8 with a byte order mark, which Python's "utf-8-sig" drops.
       header[0] = header[0].removeprefix("\ufeff")
     names = _field_columns(file, header, required, optional, columns)
     positions = {ours: header.index(theirs) for ours, theirs in names.items()}
     start = reader.line_num + 1
-    for row in reader:
+    for row in rows:
       where, start = f"{file}:{start}", reader.line_num + 1
       if not row:
         counts["empty_lines"] += 1
@@ -122,6 +123,20 @@ def _csv_records(file, required, optional, columns, counts, decode):
         yield where, None, f"expected {len(header)} columns, as the header, found {len(row)}"
         continue
       yield where, {ours: row[position] for ours, position in positions.items()}, None
+
+
+def _csv_rows(reader, file) -> Iterator[list[str]]:
+  """The rows of csv.reader, whose errors (a field over csv.field_size_limit(), ...) name the
+  line."""
+  while True:
+    try:
+      yield next(reader)
+    except StopIteration:
+      return
+    except csv.Error as e:
+      raise InputError(
+          f"{file}:{reader.line_num}: Python's csv module cannot read this row ({e}). Fix it, "
+          "or give the data as .jsonl or .parquet.") from None
 
 
 def _field_columns(file, schema, required, optional, columns) -> dict[str, str]:
