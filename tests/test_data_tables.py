@@ -200,6 +200,21 @@ def test_a_row_csv_cannot_read_is_an_error_naming_its_line(tmp_path):
     local.prepare(path, task="lm", data_dir=str(tmp_path / "data"))
 
 
+def test_files_pyarrow_cannot_read_are_errors_naming_them(tmp_path):
+  (tmp_path / "text.parquet").write_text("text\nnot parquet\n")
+  with pytest.raises(pa.ArrowException) as reference:
+    pq.ParquetFile(tmp_path / "text.parquet")
+  with pytest.raises(ValueError, match=rf"text\.parquet is not a Parquet file pyarrow can read "
+                     rf"\({re.escape(str(reference.value))}\)"):
+    local.prepare(str(tmp_path / "text.parquet"), task="lm", data_dir=str(tmp_path / "data"))
+  _save_to_disk(tmp_path / "cut", pa.table({"text": ["a", "b"] * 100}))
+  data = next((tmp_path / "cut").glob("*.arrow"))
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  with pytest.raises(ValueError, match=r"data-00000-of-00001\.arrow is not an Arrow IPC stream "
+                     r"pyarrow can read, as save_to_disk writes \(.+\)"):
+    local.prepare(str(tmp_path / "cut"), task="lm", data_dir=str(tmp_path / "data"))
+
+
 def test_csv_invalid_utf8_is_replaced_and_counted(tmp_path):
   raw = "text,label\n".encode() + b"caf\xe9,0\n" + "ação,1\n".encode() * 200
   path = tmp_path / "latin.csv"

@@ -155,19 +155,27 @@ def _field_columns(file, schema, required, optional, columns) -> dict[str, str]:
 
 def _parquet_batches(file):
   """The schema, then the record batches of a Parquet file."""
-  import pyarrow.parquet as pq  # only where a Parquet file is read
-  parquet = pq.ParquetFile(file)
-  yield parquet.schema_arrow
-  yield from parquet.iter_batches(batch_size=_BATCH_ROWS)
+  import pyarrow as pa  # only where a Parquet file is read
+  import pyarrow.parquet as pq
+  try:
+    parquet = pq.ParquetFile(file)
+    yield parquet.schema_arrow
+    yield from parquet.iter_batches(batch_size=_BATCH_ROWS)
+  except (pa.ArrowException, OSError) as e:  # pyarrow's IOError status is an OSError
+    raise InputError(f"{file} is not a Parquet file pyarrow can read ({e}).") from None
 
 
 def _arrow_batches(file):
   """The schema, then the record batches of an Arrow IPC stream (datasets' data-*.arrow)."""
   import pyarrow as pa  # only where an Arrow file is read
-  with pa.memory_map(str(file)) as source:
-    reader = pa.ipc.open_stream(source)
-    yield reader.schema
-    yield from reader
+  try:
+    with pa.memory_map(str(file)) as source:
+      reader = pa.ipc.open_stream(source)
+      yield reader.schema
+      yield from reader
+  except (pa.ArrowException, OSError) as e:
+    raise InputError(f"{file} is not an Arrow IPC stream pyarrow can read, as save_to_disk "
+                     f"writes ({e}).") from None
 
 
 def _arrow_shards(folder: pathlib.Path) -> Shards:
