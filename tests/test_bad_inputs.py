@@ -42,6 +42,22 @@ def bad_pairs(folder: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def bad_csv(folder: pathlib.Path) -> pathlib.Path:
+  """A text CSV file whose third line is a row of two fields under a header of one."""
+  path = folder / "texts.csv"
+  path.write_text("text\n" + "a line\n" * 40 + '"one, field",two\n')
+  return path
+
+
+def sentences_parquet(folder: pathlib.Path) -> pathlib.Path:
+  """A Parquet file of GLUE's columns (sentence, label), none named text."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  path = folder / "sst2.parquet"
+  pq.write_table(pa.table({"sentence": ["good", "bad"] * 20, "label": [1, 0] * 20}), path)
+  return path
+
+
 def bad_experiment(folder: pathlib.Path, source: str) -> pathlib.Path:
   """An experiment file `bad.py` in `folder` holding `source`."""
   path = folder / "bad.py"
@@ -93,9 +109,9 @@ def cut_config(trained) -> pathlib.Path:
 
 
 BOOM = "def get_config():\n  raise RuntimeError('boom')\n"
-COLUMNS = ("from experiments import gpt2_small\n\ndef get_config():\n"
+UNKNOWN_OPTION = ("from experiments import gpt2_small\n\ndef get_config():\n"
            "  c = gpt2_small.get_config('tiny')\n  c.data.source = 'local:texts.txt'\n"
-           "  c.data.source_options = {'columns': ['text']}\n  return c\n")
+           "  c.data.source_options = {'delimiter': ';'}\n  return c\n")
 
 # (name, args given a workdir W and a fresh tmp folder T, watched path, error match); watched
 # "t" is T, the others are W and say which it is: the fixture WORKDIRS names.
@@ -120,8 +136,9 @@ CASES = [
      r"init_from=ckpt:\S+: parameters of another shape: .+ Set the model config to the "
      r"source's\.$"),
     ("an unknown key in data.source_options",
-     lambda w, t: ["train", f"--config={bad_experiment(t, COLUMNS)}", f"--workdir={t / 'run'}"],
-     "t", r"config\.data\.source_options has columns, which data\.source='local:texts\.txt' "
+     lambda w, t: ["train", f"--config={bad_experiment(t, UNKNOWN_OPTION)}",
+                   f"--workdir={t / 'run'}"],
+     "t", r"config\.data\.source_options has delimiter, which data\.source='local:texts\.txt' "
      r"does not take; it takes task, validation_fraction, test_fraction, seed, "),
     ("a NaN learning rate",
      lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}",
@@ -135,6 +152,15 @@ CASES = [
      lambda w, t: ["train", "--config=experiments/finetune_llama.py:tiny,instruct",
                    f"--workdir={t / 'run'}", f"--config.data.source=local:{bad_pairs(t)}"],
      "t", r"pairs\.jsonl:3: response must be a non-empty string, found 7\. Fix the line"),
+    ("a CSV row with more fields than its header",
+     lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}",
+                   f"--config.data.source=local:{bad_csv(t)}"],
+     "t", r"texts\.csv:42: expected 1 columns, as the header, found 2\. Fix the line"),
+    ("a Parquet file without our column, and no columns= mapping",
+     lambda w, t: ["train", GPT2_TINY, f"--workdir={t / 'run'}",
+                   f"--config.data.source=local:{sentences_parquet(t)}"],
+     "t", r"sst2\.parquet has no column for text='text'; its columns are \['sentence', 'label'\]\. "
+     r"Map our field names to its columns with data\.source_options\.columns"),
     ("train.assets: an unknown asset name",
      lambda w, t: ["train.assets", "nope"], "t", r"Unknown asset 'nope': choose from"),
     ("launch.report: a folder that does not exist",

@@ -220,7 +220,7 @@ def test_missing_files_empty_splits_and_unprepared_data_are_clear_errors(tmp_pat
   blank = _write(tmp_path / "blank.txt", "\n \n")
   with pytest.raises(ValueError, match="has no examples"):
     local.prepare(blank, task="lm", data_dir=data_dir)
-  with pytest.raises(ValueError, match=r"\.tsv or \.jsonl file"):
+  with pytest.raises(ValueError, match=r"\.tsv or \.jsonl or \.csv or \.parquet file"):
     local.prepare(tiny, task="seq2seq", data_dir=data_dir)
   with pytest.raises(FileNotFoundError, match="python -m train.data.sources local:.*--task=lm"):
     sources.get_source(f"local:{tiny}", "train", task="lm", data_dir=data_dir)

@@ -47,9 +47,12 @@ def run(args: list[str], tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_readme_tiny_commands_run(tmp_path):
+def test_readme_tiny_commands_run(tmp_path, monkeypatch):
   tiny = [c for c in commands() if any(":tiny" in a for a in c)]
   assert tiny, "the README shows no :tiny command"
+  monkeypatch.chdir(ROOT)  # The snippet that writes the Parquet file the commands read.
+  snippet = next(block for block in fenced("python") if "corpus.parquet" in block)
+  exec(snippet.replace("/tmp/", f"{tmp_path}/"), {})  # pylint: disable=exec-used
   for args in tiny:
     run(args, tmp_path)
 

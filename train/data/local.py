@@ -14,6 +14,10 @@ names, in sorted order.
 PATH is one file, split into train/validation/test by seeded fractions, or a folder with
 train.EXT and, optionally, validation.EXT and test.EXT.
 
+Tables hold the same fields as columns: .csv and .parquet files, Hugging Face `datasets`
+folders and folders of Parquet shards (train/data/tables.py); columns={"text": "sentence"}
+maps our field names to a table's columns. A row is checked as a JSONL line is.
+
 Bad data is an error or a counted decision, never a silent drop; the counts are returned by
 `prepare` and kept in the dataset's metadata.json:
   blank lines          skipped, counted as `empty_lines`;
@@ -29,6 +33,7 @@ it is an error, unless overwrite=True.
 """
 
 import collections
+import functools
 import hashlib
 import json
 import pathlib
@@ -41,6 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from models.errors import InputError, MissingInputError
+from train.data import tables
 
 TASKS = ("lm", "seq2seq", "classification", "instruct")
 SPLITS = ("train", "validation", "test")
@@ -51,6 +57,7 @@ _EXTENSIONS = {
     "classification": (".tsv", ".jsonl"),
     "instruct": (".jsonl",),
 }
+_TABLE_TASKS = ("lm", "seq2seq", "classification", "instruct")  # a row's fields are columns
 _MAX_LOGGED = 10
 _MAX_INVALID_UTF8 = 0.01  # of a file's decoded characters; more: it is not UTF-8 text
 
@@ -65,6 +72,7 @@ def prepare(
     seed: int = 0,
     on_invalid_utf8: str = "replace",
     on_malformed: str = "error",
+    columns: dict[str, str] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
   """Prepares the local dataset at `path` once; returns its stats (counts per decision)."""
@@ -73,6 +81,8 @@ def prepare(
       on_invalid_utf8=on_invalid_utf8, on_malformed=on_malformed)
   _check_options(**options)
   files = _input_files(path, task)
+  if columns is not None:
+    options["columns"] = _table_columns(columns, task, files)
   version_dir = _version_dir(path, task, data_dir)
   fingerprint = {"files": _file_fingerprint(files), "options": options}
   if (version_dir / "dataset_info.json").exists():
@@ -163,7 +173,8 @@ def _plan(files, task, options):
   counts = collections.Counter()
   sizes, labels, pair_lines = {}, set(), {}
   for key, file in files.items():
-    _check_utf8(file)
+    if isinstance(file, pathlib.Path) and file.suffix != ".parquet":
+      _check_utf8(file)
     sizes[key] = 0
     for line_number, example in _examples(file, task, options, counts):
       sizes[key] += 1
@@ -219,6 +230,9 @@ def _split_by_fractions(file, size, options):
 
 def _examples(file, task, options, counts) -> Iterator[tuple[int, dict[str, Any]]]:
   """(line number, example) for each good line of `file`; counts what it skips or repairs."""
+  if tables.is_table(file):
+    yield from _table_examples(file, task, options, counts)
+    return
   parse = _parse_jsonl if file.suffix == ".jsonl" else _parse_columns
   with open(file, "rb") as f:
     for line_number, raw in enumerate(f, 1):
@@ -231,16 +245,42 @@ def _examples(file, task, options, counts) -> Iterator[tuple[int, dict[str, Any]
       try:
         example = parse(line, task)
       except _Malformed as e:
-        if options["on_malformed"] == "error":
-          raise InputError(
-              f"{where}: {e}. Fix the line, or prepare with on_malformed='skip' "
-              "(--on_malformed=skip) to skip and count such lines.") from None
-        counts["malformed"] += 1
-        if counts["malformed"] <= _MAX_LOGGED:
-          logging.warning("Skipping malformed line %s: %s", where, e)
+        _skip_malformed(where, e, options, counts)
         continue
       counts["examples"] += 1
       yield line_number, example
+
+
+def _table_examples(file, task, options, counts) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(row index, example) for each good row of the table `file`, checked as JSONL records."""
+  optional = ("text_pair",) if task == "classification" else ()
+  required = tuple(f for f in _record_fields(task) if f not in optional)
+  decode = functools.partial(_decode, on_invalid_utf8=options["on_invalid_utf8"], counts=counts)
+  rows = tables.records(file, required, optional, options.get("columns", {}), counts, decode)
+  for index, (where, record, problem) in enumerate(rows):
+    try:
+      if problem:
+        raise _Malformed(problem)
+      if isinstance(record.get("label"), int) and record["label"] < 0:
+        raise _Malformed(f"label {record['label']} is not a class id (ids count from 0; "
+                         "GLUE's test splits hold -1, no label)")
+      example = _parse_record(record, task)
+    except _Malformed as e:
+      _skip_malformed(where, e, options, counts)
+      continue
+    counts["examples"] += 1
+    yield index, example
+
+
+def _skip_malformed(where: str, error: Exception, options, counts) -> None:
+  """Raises the error of a malformed line or row, or counts and logs it as skipped."""
+  if options["on_malformed"] == "error":
+    raise InputError(
+        f"{where}: {error}. Fix the line, or prepare with on_malformed='skip' "
+        "(--on_malformed=skip) to skip and count such lines.") from None
+  counts["malformed"] += 1
+  if counts["malformed"] <= _MAX_LOGGED:
+    logging.warning("Skipping malformed line %s: %s", where, error)
 
 
 def _decode(raw: bytes, where: str, on_invalid_utf8: str, counts) -> str:
@@ -308,6 +348,11 @@ def _parse_jsonl(line: str, task: str) -> dict[str, Any]:
     raise _Malformed(f"invalid JSON ({e})") from None
   if not isinstance(record, dict):
     raise _Malformed(f"expected a JSON object, found {type(record).__name__}")
+  return _parse_record(record, task)
+
+
+def _parse_record(record: dict[str, Any], task: str) -> dict[str, Any]:
+  """The example of a JSON object or a table's row: its task's fields, checked."""
   names = _text_fields(task, "text_pair" in record)
   if task == "classification":
     names += ("label",)
@@ -343,6 +388,21 @@ def _text_fields(task: str, has_pair: bool) -> tuple[str, ...]:
   }[task]
 
 
+def _record_fields(task: str) -> tuple[str, ...]:
+  return _text_fields(task, True) + (("label",) if task == "classification" else ())
+
+
+def _table_columns(columns, task: str, files) -> dict[str, str]:
+  """`columns` checked: a table's (every file is one) columns for the task's fields."""
+  columns = tables.check_columns(columns, _record_fields(task), task)
+  text_files = [str(file) for file in files.values() if not tables.is_table(file)]
+  if text_files:
+    raise InputError(
+        f"columns={columns!r} names the columns of a table (.csv, .parquet, a datasets "
+        f"folder), but {text_files[0]} is not one: drop columns or give a table.")
+  return columns
+
+
 def _label_feature(labels: set[str]) -> tfds.features.ClassLabel:
   """Class ids if every label is a non-negative integer, else the sorted names."""
   if all(re.fullmatch(r"[0-9]+", label) for label in labels):
@@ -355,7 +415,7 @@ def _input_files(path: str, task: str) -> dict[str, pathlib.Path]:
   if task not in TASKS:
     raise InputError(f"Local datasets have tasks {TASKS}, not {task!r}.")
   root = pathlib.Path(path).expanduser()
-  extensions = _EXTENSIONS[task]
+  extensions = _EXTENSIONS[task] + (tables.EXTENSIONS if task in _TABLE_TASKS else ())
   if root.is_file():
     if root.suffix not in extensions:
       raise InputError(f"{path}: a {task} dataset is a {' or '.join(extensions)} file.")
@@ -369,18 +429,18 @@ def _input_files(path: str, task: str) -> dict[str, pathlib.Path]:
       raise InputError(f"{path} holds {found}: keep one file per split.")
     if found:
       files[split] = found[0]
-  if "train" not in files:
+  if not files and task in _TABLE_TASKS:
+    files = tables.split_files(root)
+  if "train" not in files and "all" not in files:
     raise MissingInputError(
         f"{path} holds no train{' or train'.join(extensions)}: a {task} dataset folder holds "
-        "train.EXT and, optionally, validation.EXT and test.EXT.")
+        "train.EXT and, optionally, validation.EXT and test.EXT, or is a folder of Parquet "
+        "shards or one save_to_disk wrote (see train/data/tables.py).")
   return files
 
 
-def _file_fingerprint(files) -> dict[str, dict[str, Any]]:
-  return {
-      key: {"path": str(file.resolve()), "size": file.stat().st_size,
-            "mtime_ns": file.stat().st_mtime_ns}
-      for key, file in files.items()}
+def _file_fingerprint(files) -> dict[str, Any]:
+  return {key: tables.fingerprint(file) for key, file in files.items()}
 
 
 def _data_dir(data_dir: str | None) -> pathlib.Path:

@@ -25,6 +25,7 @@ Bytes that are not valid UTF-8 are replaced by U+FFFD, logged and counted in
 
 import argparse
 import inspect
+import json
 from typing import Any, Sequence
 
 from absl import logging
@@ -206,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--seed", type=int, help="local, one file: seed of the split")
   parser.add_argument("--on_invalid_utf8", choices=("replace", "error"))
   parser.add_argument("--on_malformed", choices=("error", "skip"))
+  parser.add_argument("--columns", type=json.loads,
+                      help='local tables: our field -> their column, as JSON {"text": "sentence"}')
   parser.add_argument("--overwrite", action="store_true", default=None)
   args = vars(parser.parse_args(argv))
   name, data_dir = args.pop("name"), args.pop("data_dir")
