@@ -18,7 +18,7 @@ import numpy as np
 
 from models import attention_kernels
 from models.errors import InputError
-from train import hf_copy, parallel, run_tokenizers
+from train import parallel, run_tokenizers
 from train.data import chat, examples, pipeline, tokenizers
 from train.data.sources import get_source, prepare
 
@@ -38,7 +38,7 @@ class Inputs:
 
   data_dir: str | None = None
   decoder_start_id: int | None = None  # seq2seq: run_tokenizers.decoder_start_id
-  chat_template: chat.Template | None = None  # data.source_options.task="chat": run_chat_template
+  chat_template: chat.Template | None = None  # task="chat"
 
   def source(self, split: str):
     return get_source(self.data.source, split, data_dir=self.data_dir,
@@ -224,7 +224,7 @@ LOCAL_TASKS = {"lm": "lm", "mlm": "lm", "seq2seq": "seq2seq", "classify": "class
 
 
 def local_options(task: str, data) -> dict:
-  """data.source_options but the chat template (read by `run_chat_template`); for a local
+  """data.source_options but the chat template (run_tokenizers.chat_template); for a local
   dataset its `task` defaults to the experiment's."""
   options = dict(data.source_options)
   options.pop("chat_template", None)
@@ -257,7 +257,7 @@ def make_inputs(config, workdir: str) -> Inputs:
 
   inputs.input_tokenizer, inputs.target_tokenizer = run_tokenizers.make_tokenizers(
       config, workdir, texts)
-  inputs.chat_template = run_chat_template(config, workdir)
+  inputs.chat_template = run_tokenizers.chat_template(config, workdir)
   if config.task == "seq2seq":
     inputs.decoder_start_id = run_tokenizers.decoder_start_id(config, inputs.target_tokenizer,
                                                               workdir)
@@ -265,12 +265,3 @@ def make_inputs(config, workdir: str) -> Inputs:
 
 
 
-
-def run_chat_template(config, workdir: str | None) -> chat.Template | None:
-  """A chat run's template (data.source_options.chat_template, else init_from=hf:FOLDER's) with
-  the folder's special tokens; None for a run of another task."""
-  if not examples.chat(config.data):
-    return None
-  folder = hf_copy.folder(config, workdir) if config.init_from.startswith("hf:") else None
-  path = config.data.source_options.get("chat_template")
-  return chat.Template(chat.read_template(folder, path), chat.special_tokens(folder))
