@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from models.errors import InputError
+from train import config, workdir
 from train.data import chat, examples, local, pipeline
 from train.data.tokenizers import tokenizer_for
 
@@ -151,6 +152,18 @@ def test_pipeline_rows_weigh_assistant_targets_only(tmp_path):
     ids, mask = list(ref["input_ids"]), list(ref["assistant_masks"])
     expected.append((ids[:-1], ids[1:], [float(m) for m in mask[1:]]))
   assert sorted(seen) == sorted(expected)
+
+
+@pytest.mark.pretrained
+@pytest.mark.parametrize("family, end", [("llama3", "<|eot_id|>"), ("qwen2", "<|im_end|>"),
+                                         ("gemma", "<end_of_turn>")])
+def test_the_end_of_turn_is_the_token_the_template_closes_a_turn_with(family, end, tmp_path):
+  template, specials, _ = FAMILIES[family]
+  folder, reference = _folder(tmp_path, template, specials)
+  ours = chat.Template(chat.read_template(folder), chat.special_tokens(folder))
+  assert chat.end_of_turn_id(tokenizer_for(folder), ours) == reference.convert_tokens_to_ids(end)
+  search = workdir.decoding_search(config.base_config(), tokenizer_for(folder), ours)
+  assert set(search.eos_id) == {reference.eos_token_id, reference.convert_tokens_to_ids(end)}
 
 
 @pytest.mark.pretrained

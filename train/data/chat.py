@@ -138,6 +138,13 @@ def chat_tokens(tokenizer, template: Template, messages: list[dict]
   return np.asarray(encoding.ids, np.int32), mask
 
 
+def end_of_turn_id(tokenizer, template: Template) -> int:
+  """The token that ends an assistant turn: the last of one in a rendered conversation."""
+  probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+  ids, mask = chat_tokens(tokenizer, template, probe)
+  return int(ids[np.flatnonzero(mask)[-1]])
+
+
 @functools.lru_cache(maxsize=8)
 def _compile(source: str) -> jinja2.Template:
   environment = sandbox.ImmutableSandboxedEnvironment(
