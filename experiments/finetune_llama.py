@@ -35,10 +35,12 @@ a CPU):
 from train.config import REPO_ROOT, base_config, parse_variant, shrink_training
 
 VARIANTS = ("tiny", "instruct", "chat")
+CONFLICTS = {("instruct", "chat"): "each reads its own data (prompt -> response pairs, or "
+                                   "conversations): pick one"}
 
 
 def get_config(variant: str = ""):
-  v = parse_variant(variant, *VARIANTS)
+  v = parse_variant(variant, *VARIANTS, conflicts=CONFLICTS)
   c = base_config()
   c.task = "lm"
   c.init_from = "hf:Llama-3.2-1B"         # a local folder: pass --config.init_from=hf:FOLDER

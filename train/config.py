@@ -26,7 +26,7 @@ from models import decoding, lora, presets, pretrained
 from models.errors import InputError
 from models.pretrained_tables import FAMILIES, PretrainedError
 from models.transformer import TransformerConfig
-from train import assets, hf_copy, optim, run_tokenizers, xla_flags
+from train import assets, hf_copy, optim, xla_flags
 from train.data import sources
 from train.tasks import TASKS
 
@@ -272,7 +272,9 @@ def validate(config, workdir: str | None = None) -> None:
     raise InputError(f"config.init_from={config.init_from!r}: use 'ckpt:WORKDIR' or "
                      "'hf:FOLDER'.")
   hf_model = _validate_hf(config, workdir) if config.init_from.startswith("hf:") else None
-  run_tokenizers.chat_template(config, workdir)  # A chat run's template, before any data.
+  if local_task == "chat":  # Its template, before any data; tokenizers imported by chat runs.
+    from train import run_tokenizers
+    run_tokenizers.chat_template(config, workdir)
   _validate_lora(config)
   if config.decode.method not in decoding.METHODS:
     raise InputError(f"config.decode.method={config.decode.method!r}: use one of "
