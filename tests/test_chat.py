@@ -218,3 +218,11 @@ def test_only_chat_data_is_a_chat_run():
   assert examples.chat(Data)
   Data.source_options = {"task": "instruct"}
   assert not examples.chat(Data)
+
+
+def test_a_chat_run_needs_a_pretrained_tokenizer():
+  from experiments import finetune_llama
+  run = finetune_llama.get_config("chat")
+  run.data.tokenizer = "bytes"
+  with pytest.raises(InputError, match=r"set data\.tokenizer='pretrained', not 'bytes'"):
+    config.validate(run)

@@ -265,6 +265,10 @@ def validate(config, workdir: str | None = None) -> None:
     raise InputError(f"config.data.source_options.task={local_task!r} (prompt -> response pairs"
                      " or conversations) trains an lm run, not config.task="
                      f"{config.task!r}: set task='lm'.")
+  if local_task == "chat" and config.data.tokenizer != "pretrained":
+    raise InputError("config.data.source_options.task='chat' tokenizes conversations as their "
+                     "template writes them, with a Hugging Face tokenizer: set "
+                     f"data.tokenizer='pretrained', not {config.data.tokenizer!r}.")
   if "chat_template" in config.data.source_options and local_task != "chat":
     raise InputError("config.data.source_options.chat_template is read by task='chat' only; "
                      "set source_options.task='chat' or drop it.")

@@ -10,9 +10,9 @@ decoded target; lm: the prompt and its continuation (the response alone for a ru
 prompt -> response pairs, data.source_options.task="instruct"; for a run on conversations,
 task="chat", the assistant's answer alone to the input as a user turn, or to a JSON
 {"messages": [...]} conversation ending on one, rendered by the run's chat template with its
-generation prompt, decoding stopping at the template's end of turn as well as EOS); classify: the most likely
-label (an int); mlm: the input with each "<mask>" filled in. The score is the model's
-log-probability of what it added: the new tokens, EOS included (seq2seq, lm), the label
+generation prompt, decoding stopping at the template's end of turn as well as EOS); classify:
+the most likely label (an int); mlm: the input with each "<mask>" filled in. The score is the
+model's log-probability of what it added: the new tokens, EOS included (seq2seq, lm), the label
 (classify), the filled tokens (mlm). Decoding settings default to the run's `config.decode`.
 Inputs are laid out as in training (`workdir.model_inputs`) and decoded `--batch_size` at a
 time; stderr gets the tokens/s, and a warning naming what an input holds that the vocabulary
