@@ -5,6 +5,7 @@ Add a row to CASES whenever a new way to get it wrong is found.
 """
 
 import hashlib
+import json
 import pathlib
 import random
 import re
@@ -55,6 +56,15 @@ def sentences_parquet(folder: pathlib.Path) -> pathlib.Path:
   import pyarrow.parquet as pq
   path = folder / "sst2.parquet"
   pq.write_table(pa.table({"sentence": ["good", "bad"] * 20, "label": [1, 0] * 20}), path)
+  return path
+
+
+def bad_chats(folder: pathlib.Path) -> pathlib.Path:
+  """A chat JSONL file whose second conversation ends on a user turn."""
+  path = folder / "chats.jsonl"
+  turns = [{"role": "user", "content": "Oi?"}, {"role": "assistant", "content": "Olá!"}]
+  path.write_text(json.dumps({"messages": turns}) + "\n"
+                  + json.dumps({"messages": turns + turns[:1]}) + "\n")
   return path
 
 
@@ -161,6 +171,16 @@ CASES = [
                    f"--config.data.source=local:{sentences_parquet(t)}"],
      "t", r"sst2\.parquet has no column for text='text'; its columns are \['sentence', 'label'\]\. "
      r"Map our field names to its columns with data\.source_options\.columns"),
+    ("a chat conversation that ends on a user turn",
+     lambda w, t: ["train", "--config=experiments/finetune_llama.py:tiny,chat",
+                   f"--workdir={t / 'run'}", f"--config.data.source=local:{bad_chats(t)}"],
+     "t", r"chats\.jsonl:2: the conversation ends on a user turn, not on the assistant turn it "
+     r"needs\. Fix the line"),
+    ("a chat run from a folder without a chat template",
+     lambda w, t: ["train", "--config=experiments/finetune_llama.py:tiny,chat",
+                   f"--workdir={t / 'run'}", "--config.data.source_options.chat_template="],
+     "t", r"has none \(no chat_template\.jinja, no chat_template in tokenizer_config\.json\): "
+     r"pass one with data\.source_options\.chat_template=PATH"),
     ("train.assets: an unknown asset name",
      lambda w, t: ["train.assets", "nope"], "t", r"Unknown asset 'nope': choose from"),
     ("launch.report: a folder that does not exist",

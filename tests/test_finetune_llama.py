@@ -163,12 +163,13 @@ def test_the_layout_is_one_formula_for_training_and_answers():
   assert weights.tolist() == [0, 0, 1, 1]
 
 
-@pytest.mark.parametrize("variant", ["tiny", "tiny,instruct"])
+@pytest.mark.parametrize("variant", ["tiny", "tiny,instruct", "tiny,chat"])
 def test_documented_commands_name_the_variants_and_they_validate(variant):
   assert f"--config=experiments/finetune_llama.py:{variant} " in finetune_llama.__doc__
   config = config_lib.resolve_assets(finetune_llama.get_config(variant))
   config_lib.validate(config)
   assert examples.instruct(config.data) == ("instruct" in variant)
+  assert examples.chat(config.data) == ("chat" in variant)
 
 
 def test_instruct_data_needs_the_lm_task():
@@ -192,3 +193,84 @@ def test_an_over_long_pair_is_truncated_not_split(tmp_path):
   starts = {tuple(reference(pair["prompt"])["input_ids"][:8]) for pair in PAIRS}
   for row in batch["inputs"]:
     assert tuple(row.tolist()) in starts
+
+
+def _chat_references(config) -> dict[tuple, list[float]]:
+  """{inputs: weights} of each bundled conversation, cut at seq_len: transformers'
+  apply_chat_template with the recipe's template, its assistant turns in generation markers."""
+  template = pathlib.Path(config.data.source_options.chat_template).read_text()
+  marked = template.replace("{{ ' ' + content.strip() + ' ' + eos_token }}",
+                            "{% generation %}{{ ' ' + content.strip() + ' ' + eos_token }}"
+                            "{% endgeneration %}")
+  assert marked != template
+  reference = transformers.AutoTokenizer.from_pretrained(config.init_from[len("hf:"):])
+  references = {}
+  for line in (ROOT / "experiments/data/tiny_chat.jsonl").read_text().splitlines():
+    rendered = reference.apply_chat_template(
+        json.loads(line)["messages"], chat_template=marked, tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True)
+    ids, mask = list(rendered["input_ids"]), list(rendered["assistant_masks"])
+    cut = config.data.seq_len
+    references[tuple(ids[:-1][:cut])] = [float(m) for m in mask[1:][:cut]]
+  return references
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+  """finetune_llama:tiny,chat trained by the loop."""
+  config = config_lib.resolve_assets(finetune_llama.get_config("tiny,chat"))
+  config.train.eval_every = config.train.checkpoint_every = config.train.num_steps
+  workdir = tmp_path_factory.mktemp("llama_chat")
+  loop.train_and_evaluate(config, str(workdir))
+  return config, workdir
+
+
+@pytest.mark.slow
+def test_the_tiny_chat_recipe_learns_the_assistant_turns_only(chat_run):
+  """Each step's loss is over the assistant tokens of its conversations (transformers' mask),
+  the step's token count in metrics.jsonl their sum."""
+  config, workdir = chat_run
+  references = _chat_references(config)
+  lines = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+  logged = [line["tokens"] for line in lines if line["split"] == "train"]
+  assert len(logged) == config.train.num_steps
+
+  batches = inputs_lib.make_inputs(config, str(workdir)).train_pipeline(
+      config.train.batch_size)
+  expected = []
+  for _, batch in zip(range(config.train.num_steps), batches):
+    learned = 0.0
+    for row in range(len(batch["inputs"])):
+      segments = batch["segment_ids"][row]
+      for segment in set(segments[segments > 0].tolist()):
+        at = segments == segment
+        weights = references[tuple(batch["inputs"][row][at].tolist())]
+        assert batch["weights"][row][at].tolist() == weights
+        learned += sum(weights)
+    expected.append(learned)
+  assert logged == expected
+  assert all(0 < tokens < config.train.batch_size * config.data.seq_len for tokens in logged)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given", ["text", "conversation"])
+def test_generate_answers_a_user_turn_through_the_template_with_the_answer_alone(chat_run, given):
+  """The prompt is transformers' apply_chat_template(..., add_generation_prompt=True); the
+  output is the assistant's text, without the prompt or the template's markup."""
+  config, workdir = chat_run
+  run = workdir_lib.load(str(workdir))
+  reference = transformers.AutoTokenizer.from_pretrained(config.init_from[len("hf:"):])
+  template = pathlib.Path(config.data.source_options.chat_template).read_text()
+  messages = [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": "Qual é a capital do Brasil?"}]
+  text = (json.dumps({"messages": messages}) if given == "conversation"
+          else messages[1]["content"])
+  expected = reference.apply_chat_template(
+      messages if given == "conversation" else messages[1:], chat_template=template,
+      add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+  np.testing.assert_array_equal(workdir_lib.model_inputs(run, text)["inputs"][0], expected)
+  search = workdir_lib.decoding_search(config, run.input_tokenizer, run.chat_template)
+  assert reference.eos_token_id in search.eos_id
+  answer = generate.answer_batch(run, [text], search, jax.random.key(0))[0]
+  assert answer.new_tokens > 0
+  assert "[INST]" not in answer.output and "Brasil?" not in answer.output

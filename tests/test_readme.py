@@ -55,6 +55,10 @@ def test_readme_tiny_commands_run(tmp_path, monkeypatch):
   exec(snippet.replace("/tmp/", f"{tmp_path}/"), {})  # pylint: disable=exec-used
   for args in tiny:
     run(args, tmp_path)
+  trained = {a for args in tiny if args[1] == "train" for a in args if a.startswith("--workdir=")}
+  over_them = [c for c in commands() if c[1] == "train.generate" and trained & set(c)]
+  for args in over_them:  # e.g. the tiny chat run's answer: the assistant's text alone
+    assert '"output"' in run(args, tmp_path).stdout
 
 
 @pytest.mark.slow

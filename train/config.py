@@ -260,13 +260,25 @@ def validate(config, workdir: str | None = None) -> None:
   if config.task == "classify" and config.model.num_classes < 2:
     raise InputError("config.task='classify' needs config.model.num_classes >= 2.")
   _validate_source_options(config.data)
-  if config.data.source_options.get("task") == "instruct" and config.task != "lm":
-    raise InputError("config.data.source_options.task='instruct' (prompt -> response pairs) "
-                     f"trains an lm run, not config.task={config.task!r}: set task='lm'.")
+  local_task = config.data.source_options.get("task")
+  if local_task in ("instruct", "chat") and config.task != "lm":
+    raise InputError(f"config.data.source_options.task={local_task!r} (prompt -> response pairs"
+                     " or conversations) trains an lm run, not config.task="
+                     f"{config.task!r}: set task='lm'.")
+  if local_task == "chat" and config.data.tokenizer != "pretrained":
+    raise InputError("config.data.source_options.task='chat' tokenizes conversations as their "
+                     "template writes them, with a Hugging Face tokenizer: set "
+                     f"data.tokenizer='pretrained', not {config.data.tokenizer!r}.")
+  if "chat_template" in config.data.source_options and local_task != "chat":
+    raise InputError("config.data.source_options.chat_template is read by task='chat' only; "
+                     "set source_options.task='chat' or drop it.")
   if config.init_from and not config.init_from.startswith(("ckpt:", "hf:")):
     raise InputError(f"config.init_from={config.init_from!r}: use 'ckpt:WORKDIR' or "
                      "'hf:FOLDER'.")
   hf_model = _validate_hf(config, workdir) if config.init_from.startswith("hf:") else None
+  if local_task == "chat":  # Its template, before any data; tokenizers imported by chat runs.
+    from train import run_tokenizers
+    run_tokenizers.chat_template(config, workdir)
   _validate_lora(config)
   if config.decode.method not in decoding.METHODS:
     raise InputError(f"config.decode.method={config.decode.method!r}: use one of "

@@ -7,9 +7,12 @@
 Writes one JSON object a line per input, in order (to --output_file, else stdout):
 {"input", "output", "score"}, and for classify {"probabilities"}. seq2seq: the output is the
 decoded target; lm: the prompt and its continuation (the response alone for a run on
-prompt -> response pairs, data.source_options.task="instruct"); classify: the most likely
-label (an int); mlm: the input with each "<mask>" filled in. The score is the model's
-log-probability of what it added: the new tokens, EOS included (seq2seq, lm), the label
+prompt -> response pairs, data.source_options.task="instruct"; for a run on conversations,
+task="chat", the assistant's answer alone to the input as a user turn, or to a JSON
+{"messages": [...]} conversation ending on one, rendered by the run's chat template with its
+generation prompt, decoding stopping at the template's end of turn as well as EOS); classify:
+the most likely label (an int); mlm: the input with each "<mask>" filled in. The score is the
+model's log-probability of what it added: the new tokens, EOS included (seq2seq, lm), the label
 (classify), the filled tokens (mlm). Decoding settings default to the run's `config.decode`.
 Inputs are laid out as in training (`workdir.model_inputs`) and decoded `--batch_size` at a
 time; stderr gets the tokens/s, and a warning naming what an input holds that the vocabulary
@@ -64,7 +67,7 @@ def answer_batch(run: workdir_lib.Run, texts: list[str], search: decoding.Search
   if task in ("seq2seq", "lm"):
     out = jax.tree.map(np.asarray, _decode(run, texts, search, rng, rows))
     tokenizer = run.target_tokenizer if task == "seq2seq" else run.input_tokenizer
-    echo = task == "lm" and not examples.instruct(run.config.data)
+    echo = task == "lm" and not (examples.instruct(run.config.data) or run.chat_template)
     return [Answer(text, (text if echo else "") + tokenizer.decode(tokens),
                    float(logprob), new_tokens=int(length))
             for text, tokens, length, logprob in zip(
@@ -171,7 +174,7 @@ def define_flags():
 
 def search_from_flags(run: workdir_lib.Run) -> decoding.Search:
   """The run's `config.decode`, with the decoding flags given on the command line."""
-  search = workdir_lib.decoding_search(run.config, run.target_tokenizer)
+  search = workdir_lib.decoding_search(run.config, run.target_tokenizer, run.chat_template)
   changes = {name: FLAGS[name].value for name in SEARCH_FLAGS if FLAGS[name].value is not None}
   return dataclasses.replace(search, **changes)
 

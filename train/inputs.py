@@ -19,7 +19,7 @@ import numpy as np
 from models import attention_kernels
 from models.errors import InputError
 from train import parallel, run_tokenizers
-from train.data import examples, pipeline, tokenizers
+from train.data import chat, examples, pipeline, tokenizers
 from train.data.sources import get_source, prepare
 
 
@@ -38,6 +38,7 @@ class Inputs:
 
   data_dir: str | None = None
   decoder_start_id: int | None = None  # seq2seq: run_tokenizers.decoder_start_id
+  chat_template: chat.Template | None = None  # task="chat"
 
   def source(self, split: str):
     return get_source(self.data.source, split, data_dir=self.data_dir,
@@ -70,10 +71,11 @@ class Inputs:
     if self.task == "lm":
       # A pair cut in pieces would teach later pieces of a response without their prompt.
       instruct = examples.instruct(d)
+      weighted = instruct or self.chat_template is not None
       return pipeline.lm_pipeline(source, self.input_tokenizer, seq_len=d.seq_len, pack=pack,
                                   max_segments_per_row=limit,
-                                  instruct=instruct,
-                                  overlong="truncate" if instruct else "split", **common)
+                                  instruct=instruct, chat_template=self.chat_template,
+                                  overlong="truncate" if weighted else "split", **common)
     if self.task == "seq2seq":
       return pipeline.seq2seq_pipeline(source, self.input_tokenizer, self.target_tokenizer,
                                        inputs_len=d.inputs_len, targets_len=d.targets_len,
@@ -222,8 +224,10 @@ LOCAL_TASKS = {"lm": "lm", "mlm": "lm", "seq2seq": "seq2seq", "classify": "class
 
 
 def local_options(task: str, data) -> dict:
-  """data.source_options; for a local dataset its `task` defaults to the experiment's."""
+  """data.source_options but the chat template (run_tokenizers.chat_template); for a local
+  dataset its `task` defaults to the experiment's."""
   options = dict(data.source_options)
+  options.pop("chat_template", None)
   if data.source.startswith("local:"):
     options.setdefault("task", LOCAL_TASKS[task])
   return options
@@ -253,9 +257,11 @@ def make_inputs(config, workdir: str) -> Inputs:
 
   inputs.input_tokenizer, inputs.target_tokenizer = run_tokenizers.make_tokenizers(
       config, workdir, texts)
+  inputs.chat_template = run_tokenizers.chat_template(config, workdir)
   if config.task == "seq2seq":
     inputs.decoder_start_id = run_tokenizers.decoder_start_id(config, inputs.target_tokenizer,
                                                               workdir)
   return inputs
+
 
 

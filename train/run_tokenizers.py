@@ -13,8 +13,7 @@ from collections.abc import Callable, Iterable
 
 from models import pretrained
 from train import hf_copy
-from train.data import tokenizers
-from train.data.examples import bos_eos, instruct
+from train.data import chat, examples, tokenizers
 
 EXTENSIONS = {"sentencepiece": "model", "word": "json", "char": "json"}
 # texts(fields) -> a callable reading those fields of the training split.
@@ -34,7 +33,7 @@ def make_tokenizers(config, workdir: str, texts: TrainingTexts | None = None
   two_tokenizers = config.task == "seq2seq" and bool(data.target_tokenizer)
   input_fields = (("inputs",) if two_tokenizers else ("inputs", "targets")
                   ) if config.task == "seq2seq" else (
-                      ("prompt", "response") if instruct(data) else ("text",))
+                      ("prompt", "response") if examples.instruct(data) else ("text",))
 
   def build(kind, path, fields, name):
     if kind in EXTENSIONS and not path:
@@ -61,6 +60,16 @@ def _missing(kind: str, path: str) -> Callable[[], Iterable[str]]:
   return fail
 
 
+def chat_template(config, workdir: str | None = None) -> chat.Template | None:
+  """A chat run's template (data.source_options.chat_template, else init_from=hf:FOLDER's) with
+  the folder's special tokens; None for a run of another task."""
+  if not examples.chat(config.data):
+    return None
+  folder = hf_copy.folder(config, workdir) if config.init_from.startswith("hf:") else None
+  path = config.data.source_options.get("chat_template")
+  return chat.Template(chat.read_template(folder, path), chat.special_tokens(folder))
+
+
 def decoder_start_id(config, target_tokenizer: tokenizers.Tokenizer,
                      workdir: str | None = None) -> int:
   """The decoder's first input in training and decoding: the init_from=hf:FOLDER checkpoint's
@@ -70,4 +79,4 @@ def decoder_start_id(config, target_tokenizer: tokenizers.Tokenizer,
     start = pretrained.read_config(hf_copy.folder(config, workdir)).get("decoder_start_token_id")
     if start is not None:
       return int(start)
-  return bos_eos(target_tokenizer)[0]
+  return examples.bos_eos(target_tokenizer)[0]

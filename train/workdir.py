@@ -20,7 +20,7 @@ import numpy as np
 from models import decoding
 from models.errors import InputError
 from train import run_tokenizers
-from train.data import examples
+from train.data import chat, examples
 from train.data.tokenizers import Tokenizer
 
 MASK = "<mask>"  # mlm: where a token is to be filled in, in an input text
@@ -35,6 +35,7 @@ class Run:
   input_tokenizer: Tokenizer
   target_tokenizer: Tokenizer
   decoder_start_id: int | None   # seq2seq: the decoder's first input; None otherwise
+  chat_template: chat.Template | None = None  # a run on chat data (task="chat")
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -70,18 +71,22 @@ def load(workdir: str) -> Run:
     params = trainable_lib.run_params(workdir)
   start = (run_tokenizers.decoder_start_id(config, target_tokenizer, workdir)
            if config.task == "seq2seq" else None)
-  return Run(config, model, params, input_tokenizer, target_tokenizer, start)
+  return Run(config, model, params, input_tokenizer, target_tokenizer, start,
+             run_tokenizers.chat_template(config, workdir))
 
 
 def model_inputs(run: Run, text: str, target: list[int] | None = None) -> dict[str, np.ndarray]:
   """One input text laid out as the training pipeline lays it out, as a batch of one.
 
-  lm: {"inputs": BOS text}; seq2seq: {"encoder_tokens": text EOS, "decoder_inputs": the
+  lm: {"inputs": BOS text}, or for a chat run the conversation rendered with its generation
+  prompt (`chat_prompt`); seq2seq: {"encoder_tokens": text EOS, "decoder_inputs": the
   decoder start + `target` (ids of an answer, for teacher forcing)}; classify and mlm: the
   padded row {"tokens", "padding_mask", "token_types"}, where an mlm text's "<mask>" are
   mask ids.
   """
   config, tokenizer = run.config, run.input_tokenizer
+  if config.task == "lm" and run.chat_template is not None:
+    return {"inputs": np.asarray(chat_prompt(run, text), np.int32)[None]}
   if config.task == "lm":
     inputs, _ = examples.lm_tokens(tokenizer, tokenizer.encode(text))
     return {"inputs": inputs[None]}
@@ -94,6 +99,25 @@ def model_inputs(run: Run, text: str, target: list[int] | None = None) -> dict[s
   ids = _with_masks(tokenizer, text) if config.task == "mlm" else tokenizer.encode(text)
   row, _ = examples.classification_tokens(tokenizer, config.data.seq_len, ids)
   return {key: value[None] for key, value in row.items()}
+
+
+def chat_prompt(run: Run, text: str) -> list[int]:
+  """The ids of a chat run's prompt: `text` as a user turn, or a JSON conversation
+  ({"messages": [...]} or the list) ending on a user turn, with the generation prompt."""
+  messages = [{"role": "user", "content": text}]
+  if text.lstrip().startswith(("{", "[")):
+    try:
+      record = json.loads(text)
+    except ValueError:
+      record = None
+    if record is not None:
+      messages = record.get("messages") if isinstance(record, dict) else record
+  try:
+    messages = chat.check_messages(messages, for_generation=True)
+  except ValueError as e:
+    raise InputError(f"A chat run answers a user turn: {e}.") from None
+  prompt = run.chat_template.render(messages, add_generation_prompt=True)
+  return run.input_tokenizer.encoding(prompt).ids
 
 
 def _with_masks(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -121,14 +145,19 @@ def unknown_pieces(tokenizer: Tokenizer, text: str) -> list[str]:
   return pieces + spaces
 
 
-def decoding_search(config, tokenizer: Tokenizer) -> decoding.Search:
+def decoding_search(config, tokenizer: Tokenizer,
+                    chat_template: chat.Template | None = None) -> decoding.Search:
   """The decoding settings of `config.decode`, stopping at the tokenizer's stop ids (its EOS, or
-  the list of a pretrained folder's generation_config.json)."""
+  the list of a pretrained folder's generation_config.json) and at a chat template's end of
+  turn."""
   d = config.decode
+  stop_ids = tuple(tokenizer.stop_ids)
+  if chat_template is not None:
+    stop_ids += tuple({chat.end_of_turn_id(tokenizer, chat_template)} - set(stop_ids))
   return decoding.Search(
       method=d.method, max_new_tokens=d.max_new_tokens or (
           config.data.targets_len if config.task == "seq2seq" else 64),
-      eos_id=tokenizer.stop_ids or None, pad_id=tokenizer.pad_id, temperature=d.temperature,
+      eos_id=stop_ids or None, pad_id=tokenizer.pad_id, temperature=d.temperature,
       top_k=d.top_k or None, top_p=d.top_p or None, beam_size=d.beam_size,
       length_penalty_alpha=d.length_penalty_alpha)
 

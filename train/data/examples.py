@@ -6,6 +6,8 @@ training (the callables below) and by inference over a trained run (train/workdi
   lm_tokens              BOS text, text EOS (inputs and next-token targets)
   instruct_tokens        lm_tokens of prompt + response, weighted 0 on the prompt's targets
                          (inference: lm_tokens of the prompt, the same row without the response)
+  chat_row               a conversation through its chat template (train/data/chat.py), weighted
+                         1 on the assistant turns' targets only
   seq2seq_tokens         source EOS; decoder start + target; target EOS
   classification_tokens  BOS text EOS [pair EOS], padded (classify, and mlm before masking)
 
@@ -15,10 +17,12 @@ their counts set and empty or zero-weight arrays; `packing.DropFlagged` removes 
 """
 
 import dataclasses
+import json
 
 import numpy as np
 
 from models.errors import InputError
+from train.data import chat as conversations
 from train.data.counts import COUNTS, new_counts
 from train.data.tokenizers import Tokenizer
 
@@ -59,6 +63,24 @@ class Instruct:
       return {"inputs": _NONE, "targets": _NONE, "weights": _NO_WEIGHTS, "counts": counts}
     row = dict(zip(("inputs", "targets", "weights"),
                    instruct_tokens(self.tokenizer, prompt, response)))
+    return _fit(row, self.seq_len, self.overlong, counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chat:
+  """{"messages": JSON} -> {"inputs", "targets", "weights": `chat_row`, "counts"}."""
+
+  tokenizer: Tokenizer
+  template: conversations.Template
+  seq_len: int
+  overlong: str
+  messages_key: str = "messages"
+
+  def __call__(self, example) -> dict[str, np.ndarray]:
+    counts = new_counts()
+    messages = conversations.check_messages(json.loads(example[self.messages_key]))
+    row = dict(zip(("inputs", "targets", "weights"),
+                   chat_row(self.tokenizer, self.template, messages)))
     return _fit(row, self.seq_len, self.overlong, counts)
 
 
@@ -177,6 +199,22 @@ def instruct_tokens(tokenizer: Tokenizer, prompt: list[int], response: list[int]
   weights = np.concatenate([np.zeros(len(prompt), np.float32),
                             np.ones(len(response) + 1, np.float32)])
   return inputs, targets, weights
+
+
+def chat_row(tokenizer: Tokenizer, template: conversations.Template, messages: list[dict]
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(inputs, targets, weights) of a conversation: its rendered tokens but the last, those but
+  the first, and 1 where the target is a token of an assistant turn."""
+  if not hasattr(tokenizer, "encoding"):
+    raise InputError(f"task='chat' needs a Hugging Face tokenizer (data.tokenizer='pretrained'),"
+                     f" not {type(tokenizer).__name__}.")
+  ids, mask = conversations.chat_tokens(tokenizer, template, messages)
+  return ids[:-1], ids[1:], mask[1:].astype(np.float32)
+
+
+def chat(data) -> bool:
+  """Whether a run's `config.data` reads chat conversations (a local chat dataset)."""
+  return data.source.startswith("local:") and data.source_options.get("task") == "chat"
 
 
 def instruct(data) -> bool:

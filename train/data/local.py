@@ -7,7 +7,9 @@ ignored and documents may hold newlines.
   classification  .tsv   label TAB text [TAB text_pair]
                                                    .jsonl {"label", "text"[, "text_pair"]}
   instruct                                         .jsonl {"prompt", "response"}
-(instruct: prompt -> response pairs for an lm run, laid out by train/data/examples.py.)
+  chat                                             .jsonl {"messages": [{"role", "content"}]}
+(instruct: prompt -> response pairs for an lm run, laid out by train/data/examples.py; chat:
+conversations, checked as train/data/chat.py says and kept as their JSON.)
 Labels that are all non-negative integers are the class ids; otherwise the labels are class
 names, in sorted order.
 
@@ -46,9 +48,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from models.errors import InputError, MissingInputError
-from train.data import tables
+from train.data import chat, tables
 
-TASKS = ("lm", "seq2seq", "classification", "instruct")
+TASKS = ("lm", "seq2seq", "classification", "instruct", "chat")
 SPLITS = ("train", "validation", "test")
 VERSION = "1.0.0"
 _EXTENSIONS = {
@@ -56,6 +58,7 @@ _EXTENSIONS = {
     "seq2seq": (".tsv", ".jsonl"),
     "classification": (".tsv", ".jsonl"),
     "instruct": (".jsonl",),
+    "chat": (".jsonl",),
 }
 _TABLE_TASKS = ("lm", "seq2seq", "classification", "instruct")  # a row's fields are columns
 _MAX_LOGGED = 10
@@ -348,6 +351,8 @@ def _parse_jsonl(line: str, task: str) -> dict[str, Any]:
     raise _Malformed(f"invalid JSON ({e})") from None
   if not isinstance(record, dict):
     raise _Malformed(f"expected a JSON object, found {type(record).__name__}")
+  if task == "chat":
+    return {"messages": _chat_messages(record)}
   return _parse_record(record, task)
 
 
@@ -371,6 +376,18 @@ def _parse_record(record: dict[str, Any], task: str) -> dict[str, Any]:
   return example
 
 
+def _chat_messages(record: dict) -> str:
+  """The record's checked messages, as JSON."""
+  try:
+    messages = chat.check_messages(record.get("messages"))
+  except ValueError as e:
+    raise _Malformed(str(e)) from None
+  text = json.dumps(messages, ensure_ascii=False)
+  if not _encodable(text):
+    raise _Malformed("messages hold an unpaired surrogate escape")
+  return text
+
+
 def _encodable(text: str) -> bool:
   try:
     text.encode("utf-8")
@@ -385,6 +402,7 @@ def _text_fields(task: str, has_pair: bool) -> tuple[str, ...]:
       "seq2seq": ("inputs", "targets"),
       "classification": ("text", "text_pair") if has_pair else ("text",),
       "instruct": ("prompt", "response"),
+      "chat": ("messages",),
   }[task]
 
 

@@ -119,23 +119,28 @@ def lm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
                 num_packing_bins: int | None = None, max_segments_per_row: int = 0,
                 text_key: str = "text",
                 instruct: bool = False, prompt_key: str = "prompt",
-                response_key: str = "response", seed: int = 0, shuffle: bool = True,
+                response_key: str = "response", chat_template=None, seed: int = 0,
+                shuffle: bool = True,
                 num_epochs: int | None = None, process_index: int | None = None,
                 process_count: int | None = None, num_workers: int = 0) -> Pipeline:
   """Language modelling batches; over-long examples `overlong`="split"|"truncate";
-  `instruct`: prompt -> response pairs, learned on the response only; packed rows hold at
-  most `max_segments_per_row` examples (0 = as many as fit)."""
+  `instruct`: prompt -> response pairs, learned on the response only; `chat_template` (a
+  train.data.chat.Template): {"messages"} conversations, learned on the assistant turns only;
+  packed rows hold at most `max_segments_per_row` examples (0 = as many as fit)."""
   _check_choice("overlong", overlong, ("split", "truncate"))
   _check_positive(batch_size=batch_size, seq_len=seq_len)
   _check_not_negative(max_segments_per_row=max_segments_per_row)
   examples.bos_eos(tokenizer)
-  if instruct:
+  weighted = instruct or chat_template is not None
+  if chat_template is not None:
+    tokenize = examples.Chat(tokenizer, chat_template, seq_len, overlong)
+  elif instruct:
     tokenize = examples.Instruct(tokenizer, seq_len, overlong, prompt_key, response_key)
   else:
     tokenize = examples.LM(tokenizer, seq_len, overlong, text_key)
   lengths = {"inputs": seq_len, "targets": seq_len}
   pad_id = {"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id}
-  if instruct:
+  if weighted:
     lengths["weights"], pad_id["weights"] = seq_len, 0
 
   def after_tokenize(ds):
@@ -146,7 +151,7 @@ def lm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
                         {"inputs": "inputs", "targets": "targets",
                          "segment_ids": "inputs_segment_ids",
                          "positions": "inputs_positions"},
-                        weights_from="weights" if instruct else "targets_segment_ids",
+                        weights_from="weights" if weighted else "targets_segment_ids",
                         pad_id=pad_id, batch_size=batch_size,
                         num_packing_bins=num_packing_bins, pack=pack,
                         max_segments_per_row=max_segments_per_row)

@@ -173,7 +173,7 @@ def option_names(name: str) -> tuple[str, ...]:
     return _keywords(numbers.numbers_source)
   if name.startswith("local:"):
     from train.data import local
-    return _keywords(local.prepare, "data_dir")
+    return _keywords(local.prepare, "data_dir") + ("chat_template",)  # task="chat": a Jinja file
   family = name.split("/")[0].split(":")[0]
   return ("source_language",) if family.endswith("_translate") else ()
 

@@ -253,7 +253,11 @@ class HFTokenizer(Tokenizer):
     return super().stop_ids if self._stop_ids is None else self._stop_ids
 
   def encode(self, text: str) -> list[int]:
-    return self._tokenizer.encode(text, add_special_tokens=False).ids
+    return self.encoding(text).ids
+
+  def encoding(self, text: str) -> tokenizers.Encoding:
+    """The `tokenizers.Encoding` of `text` (ids and character offsets), without BOS/EOS."""
+    return self._tokenizer.encode(text, add_special_tokens=False)
 
   def _decode_plain(self, ids: list[int]) -> str:
     return self._tokenizer.decode(ids, skip_special_tokens=True)
