@@ -6,11 +6,6 @@ the model with the reference attention over the segment ids, on every path.
 """
 
 import dataclasses
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -19,8 +14,9 @@ import pytest
 
 from experiments import gpt2_small, transformer_base
 from models import attention, attention_kernels
-from test_attention_kernels import emulated_cudnn
+from test_segment_capacity import cudnn_segments  # noqa: F401  (a fixture)
 from train import inputs as inputs_lib, loop, tasks
+import two_processes
 
 
 def test_capacities_are_few_buckets():
@@ -111,7 +107,7 @@ def test_rows_of_one_example_reach_the_model_without_segment_ids(experiment, req
 
 
 @pytest.mark.parametrize("experiment", ["gpt2", "transformer"])
-def test_packed_rows_run_cudnn_at_their_capacity(experiment, request, monkeypatch):
+def test_packed_rows_run_cudnn_at_their_capacity(experiment, request, cudnn_segments):
   """cuDNN's packed layout (emulated on this CPU) built for the batch's bucket, not for 64."""
   exp, params = request.getfixturevalue(experiment)
   raw = first_batch(exp, pack=True)
@@ -120,16 +116,8 @@ def test_packed_rows_run_cudnn_at_their_capacity(experiment, request, monkeypatc
   capacity, batch = inputs_lib.BatchLayout(exp.config)(raw)
   assert most > 1 and capacity == attention_kernels.segment_capacity(most)
   assert batch is raw
-  seen = []
-  def recording_cudnn(query, key, value, *, q_seqlen, **kwargs):
-    seen.append(q_seqlen.shape[1])
-    return emulated_cudnn(query, key, value, q_seqlen=q_seqlen, **kwargs)
-  monkeypatch.setattr(attention, "_automatic_packed", lambda query: "cudnn_packed")
-  monkeypatch.setattr(attention_kernels, "_cudnn_private_api",
-                      lambda: (recording_cudnn, "PADDING_CAUSAL", 90800))
-
   assert_same_loss(loss_at(exp, params, batch, capacity), reference_loss(exp, params, raw))
-  assert set(seen) == {capacity}
+  assert set(cudnn_segments) == {capacity}
 
 
 def test_the_table_picks_by_the_promised_capacity(monkeypatch):
@@ -195,17 +183,7 @@ def test_processes_agree_on_the_capacity():
   """The processes take the largest of their capacities, batch by batch (with a limit too);
   rows of one example, 1. In lockstep, a process out of batches takes all-zero ones until
   every process is out (the first `limit` only with one); one without any stops them all."""
-  with socket.socket() as sock:
-    sock.bind(("localhost", 0))
-    port = str(sock.getsockname()[1])
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "PYTHONPATH": root}
-  workers = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_WORKER, port, str(pid)],
-                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for pid in (0, 1)]
-  outputs = [worker.communicate(timeout=120) for worker in workers]
-  assert all(worker.returncode == 0 for worker in workers), outputs
-  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  results = two_processes.run(TWO_PROCESS_WORKER)
   lockstep = [[[8, ["segment_ids"], last] for last in (2, 6)],
               [[4, ["segment_ids"], last] for last in (3, 2)],
               [[4, ["segment_ids"], last] for last in (2, 0)]]  # process 1: an empty batch

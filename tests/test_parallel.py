@@ -4,11 +4,6 @@ References: flax's own unsharded `model.init` and optax's `tx.init`, the FSDP / 
 written out by hand (shard shapes), and the same training run on a 1-device mesh.
 """
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import flax.linen as nn
@@ -21,6 +16,7 @@ import pytest
 from models.transformer import DecoderOnly, TransformerConfig
 from train import config as config_lib, loop, parallel
 from train.state import TrainState
+import two_processes
 
 # No biases: the key projection's bias has an exactly zero gradient (softmax ignores a constant
 # per query), and Adam turns the float noise there into full +-lr steps that differ per mesh.
@@ -337,17 +333,7 @@ TWO_PROCESS_WORKER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_host_to_global_across_two_processes():
-  with socket.socket() as sock:
-    sock.bind(("localhost", 0))
-    port = str(sock.getsockname()[1])
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "PYTHONPATH": root}
-  workers = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_WORKER, port, str(pid)],
-                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for pid in (0, 1)]
-  outputs = [worker.communicate(timeout=120) for worker in workers]
-  assert all(worker.returncode == 0 for worker in workers), outputs
-  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  results = two_processes.run(TWO_PROCESS_WORKER)
   expected_total = (np.arange(12).reshape(4, 3) * 2 + 100).sum(0).tolist()
   for pid, result in enumerate(results):
     assert result["started"] and result["shape"] == [8, 3]
