@@ -46,7 +46,7 @@ import jax
 
 from benchmarks import accelerator_rows as rows_lib
 from benchmarks import profile_step
-from models.attention import IMPLEMENTATIONS
+from models.attention_choice import IMPLEMENTATIONS
 from train import compilation_cache, metrics
 
 FUSED_FIRST = ("cudnn", "pallas", "splash", "xla")  # The implementations, in the rows' order.

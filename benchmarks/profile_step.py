@@ -27,7 +27,7 @@ import types
 import jax
 
 from benchmarks import accelerator_rows
-from models.attention import IMPLEMENTATIONS
+from models.attention_choice import IMPLEMENTATIONS
 from train import inputs, metrics, parallel
 
 

@@ -10,7 +10,7 @@ wrapper puts that average back, and keeps the kernel's gradients at padding posi
 Each `*_problem` function says why its kernel cannot run on this machine or take these shapes
 (None when it can). They reach jax's kernels through guarded imports and interface checks, so
 a jax without them (or with another interface) gets a problem, never a wrong call; the
-dispatcher in models.attention then falls back to XLA or, if the kernel was asked for by name,
+choice in models.attention_choice then falls back to XLA or, if the kernel was asked for by name,
 raises a ValueError with the problem.
 
 jax 0.12 removed the Pallas GPU attention with segment ids (pallas.ops.gpu.attention). Its
@@ -28,7 +28,7 @@ device), so `per_shard` runs the Pallas and splash kernels in `shard_map` over t
 traced under (jax's abstract mesh), the batch and heads split over the mesh axes `split_over`
 names; `train.parallel.on_mesh` sets both.
 
-These contexts (and models.attention.rows_share_cache_slot) change the traced program, so
+These contexts (and models.kv_cache.rows_share_cache_slot) change the traced program, so
 they are jax user contexts (`jax.make_user_context`), whose values are part of jit's cache key
 as the abstract mesh is: a function jitted within `segments_at_most(2)` and called outside it
 (or the reverse) is traced again for the call's own options, never run with another call's
@@ -205,8 +205,8 @@ def segments_at_most(max_segments_per_row: int):
   """Within it, the caller promises that every row of segment ids passed to the attention holds
   at most `max_segments_per_row` segments, each one run of its id (grain's packing writes ids
   1, ..., k with k at most its max_sequences_per_bin), so cudnn_packed_causal needs no check
-  and models.attention picks its packed kernel for that capacity (PACKED_GPU_KERNELS). A row that
-  breaks the promise would get a wrong result, so promise only what the data does.
+  and models.attention_choice picks its packed kernel for that capacity (PACKED_GPU_KERNELS).
+  A row that breaks the promise would get a wrong result, so promise only what the data does.
 
   It is read when the attention is traced, and is part of jit's cache key: a jitted function
   called within it and outside it is traced (and compiled) once for each."""

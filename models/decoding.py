@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import attention
+from models import kv_cache
 from models.errors import InputError
 from models.searches import (  # noqa: F401  (greedy, sample, beam_search: re-exported)
     BeamSearchOutput, Decoded, EosIds, PyTree, TokensToLogits, beam_search,
@@ -117,7 +117,7 @@ def prepare_decoder_only(module, params: PyTree, prompt_BT: jax.Array,
   again (rewriting the same cache slot) and each example continues from its own length.
   Prompt lengths must be >= 1 (start empty prompts with a BOS token). With prompt_lengths_B
   None (every row fills the width), or one row, the rows write the cache at one slot: one
-  `dynamic_update_slice` a step (`attention.rows_share_cache_slot`).
+  `dynamic_update_slice` a step (`kv_cache.rows_share_cache_slot`).
   """
   batch, prompt_len = prompt_BT.shape
   cache_len = prompt_len + max_new_tokens - 1
@@ -127,7 +127,7 @@ def prepare_decoder_only(module, params: PyTree, prompt_BT: jax.Array,
     prompt_lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
 
   def logits_and_cache(tokens_BT, cache, rows_share_slot):
-    with attention.rows_share_cache_slot(rows_share_slot):
+    with kv_cache.rows_share_cache_slot(rows_share_slot):
       logits_BTV, variables = module.apply({"params": params, "cache": cache}, tokens_BT,
                                            decode=True, mutable=["cache"])
     return logits_BTV[:, -1], variables["cache"]
@@ -160,7 +160,7 @@ def prepare_encoder_decoder(module, params: PyTree, encoder_tokens_BS: jax.Array
   encoded_FSD, mask_FS = expand_to_beams((encoded_BSD, encoder_padding_mask_BS), copies)
 
   def tokens_to_logits(tokens_B1, cache):
-    with attention.rows_share_cache_slot():  # Every row decodes from slot 0, one a step.
+    with kv_cache.rows_share_cache_slot():  # Every row decodes from slot 0, one a step.
       logits_B1V, variables = module.apply(
           {"params": params, "cache": cache}, encoded_FSD, tokens_B1,
           encoder_padding_mask=mask_FS, decode=True, method="decode", mutable=["cache"])

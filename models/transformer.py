@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from models import layers
-from models.attention import IMPLEMENTATIONS, MultiHeadAttention
+from models.attention_choice import IMPLEMENTATIONS
 from models.errors import InputError
+from models.multi_head_attention import MultiHeadAttention
 
 POSITIONS = ("learned", "sinusoidal", "rope", "relative", "none")
 NORMS = ("layernorm", "rmsnorm")

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from models import attention
-from models.attention import (MultiHeadAttention, causal_mask, combine_masks,
-                              dot_product_attention, padding_mask, segment_mask, window_mask)
+from models import attention, attention_choice
+from models.attention import dot_product_attention
+from models.masks import causal_mask, combine_masks, padding_mask, segment_mask, window_mask
+from models.multi_head_attention import MultiHeadAttention
 
 ON_GPU = jax.default_backend() == "gpu"
 IMPLEMENTATIONS = ["reference", "xla"] + (["cudnn"] if ON_GPU else [])
@@ -209,7 +210,7 @@ def test_return_weights_are_the_numpy_softmax(shape):
 
 def test_automatic_choice_and_cudnn_conditions(monkeypatch):
   q = jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
-  choose = functools.partial(attention._select_implementation, q_len=4, kv_len=4,
+  choose = functools.partial(attention_choice.select_implementation, q_len=4, kv_len=4,
                              return_weights=False)
   assert choose(None, q, has_mask_or_bias=False, return_weights=True) == "reference"
   if not ON_GPU:
@@ -217,8 +218,8 @@ def test_automatic_choice_and_cudnn_conditions(monkeypatch):
     with pytest.raises(ValueError, match="CUDA GPU"):
       choose("cudnn", q, has_mask_or_bias=False)
   # The decision table as on an H100, checked without one.
-  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(attention, "_cuda_capability", lambda: (9, 0))
+  monkeypatch.setattr(attention_choice.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attention_choice, "_cuda_capability", lambda: (9, 0))
   assert choose(None, q, has_mask_or_bias=False) == "cudnn"
   assert choose(None, q, has_mask_or_bias=True) == "xla"
   assert choose(None, q.astype(jnp.float32), has_mask_or_bias=False) == "xla"
@@ -268,7 +269,7 @@ def test_emulated_cudnn_matches_reference(monkeypatch, case):
   """What dot_product_attention hands cuDNN gives the reference's results, fully masked rows
   included (checked on this CPU against the emulation; on a GPU for real, below)."""
   monkeypatch.setattr(attention.jax.nn, "dot_product_attention", emulated_cudnn)
-  monkeypatch.setattr(attention, "_cudnn_problem", lambda *args: None)
+  monkeypatch.setattr(attention_choice, "_cudnn_problem", lambda *args: None)
   check_cudnn_output(case)
 
 
@@ -285,8 +286,8 @@ def test_cudnn_matches_reference(case):
                              np.asarray(jax.grad(functools.partial(loss, "xla"))(q), np.float32),
                              atol=5e-2, rtol=5e-2)
   if case == "plain":
-    assert attention._select_implementation(None, q, has_mask_or_bias=False, q_len=8, kv_len=8,
-                                            return_weights=False) == "cudnn"
+    assert attention_choice.select_implementation(None, q, has_mask_or_bias=False, q_len=8,
+                                                  kv_len=8, return_weights=False) == "cudnn"
 
 
 @pytest.mark.parametrize("call, message", [

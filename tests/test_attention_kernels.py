@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import attention, attention_kernels
+from models import attention, attention_choice, attention_kernels
 from models.attention import dot_product_attention
 from test_attention import numpy_attention, random_qkv
 
@@ -263,9 +263,9 @@ def machine(monkeypatch):
   """Sets the probes the selection reads: machine(platform, capability, devices, cudnn, pallas),
   pallas: whether jax has the Pallas GPU kernel (only probed here: jax 0.12 has none)."""
   def set_machine(platform, capability=None, devices=1, cudnn=90800, pallas=True):
-    monkeypatch.setattr(attention.jax, "default_backend", lambda: platform)
-    monkeypatch.setattr(attention.jax, "device_count", lambda: devices)
-    monkeypatch.setattr(attention, "_cuda_capability", lambda: capability)
+    monkeypatch.setattr(attention_choice.jax, "default_backend", lambda: platform)
+    monkeypatch.setattr(attention_choice.jax, "device_count", lambda: devices)
+    monkeypatch.setattr(attention_choice, "_cuda_capability", lambda: capability)
     api = None if cudnn is None else (emulated_cudnn, "PADDING_CAUSAL", cudnn)
     monkeypatch.setattr(attention_kernels, "_cudnn_private_api", lambda: api)
     monkeypatch.setattr(attention_kernels, "_pallas_mha",
@@ -276,7 +276,7 @@ def machine(monkeypatch):
 def choose(implementation, query, packed_causal=True, has_mask_or_bias=True,
            batch_shared_bias=False):
   T = query.shape[1]
-  return attention._select_implementation(
+  return attention_choice.select_implementation(
       implementation, query, has_mask_or_bias=has_mask_or_bias, q_len=T, kv_len=T,
       return_weights=False, packed_causal=packed_causal, batch_shared_bias=batch_shared_bias)
 
@@ -339,8 +339,8 @@ def test_none_sends_a_batch_shared_bias_to_cudnn(machine):
 
 def test_dispatch_sees_the_packed_case(monkeypatch):
   seen = []
-  select = attention._select_implementation
-  monkeypatch.setattr(attention, "_select_implementation",
+  select = attention_choice.select_implementation
+  monkeypatch.setattr(attention_choice, "select_implementation",
                       lambda *a, **kw: seen.append(kw) or select(*a, **kw))
   B, T, N, H = 2, 8, 2, 8
   q, k, v = random_qkv(8, B, T, T, N, N, H)
@@ -363,7 +363,7 @@ def test_dispatch_sees_the_packed_case(monkeypatch):
 @NEEDS_PALLAS_MHA
 def test_packed_pallas_through_the_dispatcher(monkeypatch):
   """dot_product_attention(implementation="pallas") end to end, the kernel interpreted."""
-  monkeypatch.setattr(attention, "_packed_problem", lambda *args: None)
+  monkeypatch.setattr(attention_choice, "_packed_problem", lambda *args: None)
   monkeypatch.setattr(attention_kernels, "pallas_packed_causal", functools.partial(
       attention_kernels.pallas_packed_causal, interpret=True))
   B, T, N, K, H = 2, 16, 2, 1, 16
@@ -379,7 +379,7 @@ def test_packed_pallas_through_the_dispatcher(monkeypatch):
 @NEEDS_PALLAS_MHA
 def test_unpacked_causal_rows_reach_pallas_as_one_segment(monkeypatch):
   """Plain causal self-attention asked of "pallas" runs it (as model init does): one segment."""
-  monkeypatch.setattr(attention, "_packed_problem", lambda *args: None)
+  monkeypatch.setattr(attention_choice, "_packed_problem", lambda *args: None)
   monkeypatch.setattr(attention_kernels, "pallas_packed_causal", functools.partial(
       attention_kernels.pallas_packed_causal, interpret=True))
   B, T, N, H = 2, 16, 2, 16
@@ -398,7 +398,7 @@ def test_cudnn_gets_a_batch_shared_bias_unbroadcast(monkeypatch):
     seen.append((implementation, bias.shape, bias.dtype))
     return xla(*args, bias=bias, implementation="xla", **kwargs)
   monkeypatch.setattr(attention.jax.nn, "dot_product_attention", spy)
-  monkeypatch.setattr(attention, "_cudnn_problem", lambda *args: None)
+  monkeypatch.setattr(attention_choice, "_cudnn_problem", lambda *args: None)
   B, T, N, H = 3, 8, 2, 8
   q, k, v = random_qkv(11, B, T, T, N, N, H, dtype=jnp.bfloat16)
   bias = np.random.default_rng(12).normal(size=(1, N, T, T)).astype(np.float32)

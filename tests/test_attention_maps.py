@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from models import presets
-from models.attention_maps import attention_maps
+from models.attention_weights import attention_maps
 from models.transformer import DecoderOnly, EncoderDecoder, EncoderOnly
 from train import attention_maps as attention_maps_cli, config as config_lib, tasks
 from train import workdir as workdir_lib

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import gpt2_small
-from models import attention, attention_kernels
+from models import attention, attention_choice, attention_kernels
 from test_attention import random_qkv
 from test_attention_kernels import (NEEDS_PALLAS_MHA, check_kernel, choose,  # noqa: F401
                                     loss_weights, machine, packed_ids)
@@ -69,7 +69,7 @@ def test_train_step_on_a_mesh_runs_pallas_per_shard_as_xla(tmp_path, monkeypatch
   Plain SGD, so the new parameters are the old ones minus lr x gradients (Adam's first step,
   lr x sign(gradient), would magnify rounding in near-zero gradients).
   """
-  monkeypatch.setattr(attention, "_packed_problem", lambda *args: None)
+  monkeypatch.setattr(attention_choice, "_packed_problem", lambda *args: None)
   monkeypatch.setattr(attention_kernels, "pallas_packed_causal", functools.partial(
       attention_kernels.pallas_packed_causal, interpret=True))
   rows, length = 8, 64
@@ -104,7 +104,7 @@ def test_train_step_on_a_mesh_runs_pallas_per_shard_as_xla(tmp_path, monkeypatch
 def test_pallas_without_its_kernel_is_a_clear_error_per_shard(monkeypatch):
   """On a jax without the Pallas GPU kernel (0.12), "pallas" run per shard of a mesh (its
   selection bypassed, as on a GPU where it passed) names what is missing."""
-  monkeypatch.setattr(attention, "_packed_problem", lambda *args: None)
+  monkeypatch.setattr(attention_choice, "_packed_problem", lambda *args: None)
   monkeypatch.setattr(attention_kernels, "_pallas_mha", lambda: None)
   q = jnp.zeros((8, 16, 4, 16), jnp.bfloat16)
   run = parallel.on_mesh(lambda q: attention.dot_product_attention(
@@ -137,7 +137,7 @@ def test_none_picks_pallas_and_splash_on_several_devices_only_under_a_mesh(machi
   for platform, capability, fused in (("gpu", (8, 0), "pallas"), ("tpu", None, "splash")):
     machine(platform, capability, devices=8)
     assert choose(None, q) == "xla"
-    assert "no mesh in context" in attention._automatic_pallas_problem(q)
+    assert "no mesh in context" in attention_choice._automatic_pallas_problem(q)
     assert on_mesh(MESH) == fused
     assert on_mesh(parallel.make_mesh({"fsdp": 8})) == fused
     with jax.sharding.use_abstract_mesh(MESH.abstract_mesh):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import gpt2_small, transformer_base
-from models import attention, attention_kernels
+from models import attention_choice, attention_kernels
 from test_segment_capacity import cudnn_segments  # noqa: F401  (a fixture)
 from train import inputs as inputs_lib, loop, tasks
 import two_processes
@@ -96,11 +96,11 @@ def test_rows_of_one_example_reach_the_model_without_segment_ids(experiment, req
     np.testing.assert_array_equal(batch["encoder_padding_mask"], raw["encoder_segment_ids"] != 0)
   expected = reference_loss(exp, params, raw)
   seen = []
-  choose = attention._select_implementation
+  choose = attention_choice.select_implementation
   def recording(implementation, query, **kwargs):
     seen.append(kwargs["packed_causal"])
     return choose(implementation, query, **kwargs)
-  monkeypatch.setattr(attention, "_select_implementation", recording)
+  monkeypatch.setattr(attention_choice, "select_implementation", recording)
 
   assert_same_loss(loss_at(exp, params, batch, capacity), expected)
   assert seen and not any(seen)  # no attention of the model took the packed path
@@ -121,9 +121,9 @@ def test_packed_rows_run_cudnn_at_their_capacity(experiment, request, cudnn_segm
 
 
 def test_the_table_picks_by_the_promised_capacity(monkeypatch):
-  monkeypatch.setattr(attention, "PACKED_GPU_KERNELS",
+  monkeypatch.setattr(attention_choice, "PACKED_GPU_KERNELS",
                       {4: ("pallas",), 16: ("cudnn_packed",), 64: ("xla",)})
-  rows = {n: attention.packed_gpu_kernels(n) for n in (1, 4, 5, 16, 64, 128, None)}
+  rows = {n: attention_choice.packed_gpu_kernels(n) for n in (1, 4, 5, 16, 64, 128, None)}
   assert rows == {1: ("pallas",), 4: ("pallas",), 5: ("cudnn_packed",), 16: ("cudnn_packed",),
                   64: ("xla",), 128: ("xla",), None: ("xla",)}
 

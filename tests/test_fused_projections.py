@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models.attention import MultiHeadAttention
+from models.multi_head_attention import MultiHeadAttention
 from test_attention import normal, random_variables
 from train import parallel
 

@@ -1,6 +1,6 @@
 """Kernel options set by context are part of jit's cache key: no call runs another's promise.
 
-attention_kernels.segments_at_most and split_over, and attention.rows_share_cache_slot, are
+attention_kernels.segments_at_most and split_over, and kv_cache.rows_share_cache_slot, are
 read while a function is traced. Each test builds one jitted function and calls it within an
 option and without it (or within another): each call must run the program traced for its own.
 """
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import attention, attention_kernels
+from models import attention, attention_kernels, kv_cache
 from test_segment_capacity import cudnn_calls, on_a_hopper_gpu  # noqa: F401
 from train import parallel
 
@@ -79,16 +79,16 @@ def test_a_jitted_function_inside_two_splits_of_one_mesh_lowers_each_ones():
 
 
 def test_a_jitted_cache_write_runs_the_promise_of_each_call():
-  """_write_chunk jitted once: within rows_share_cache_slot() every row writes at row 0's slot
+  """write_chunk jitted once: within rows_share_cache_slot() every row writes at row 0's slot
   (one dynamic_update_slice; the promise is broken here on purpose, to see which program ran);
   outside it, each row at its own slot, as numpy writes them."""
   cache_BKLH = np.zeros((2, 1, 4, 1), np.float32)
   chunk_BKTH = np.array([1.0, 2.0], np.float32).reshape(2, 1, 1, 1)
   index_B = np.array([0, 2], np.int32)
-  write = jax.jit(attention._write_chunk)
+  write = jax.jit(kv_cache.write_chunk)
   own_slots, shared_slot = cache_BKLH.copy(), cache_BKLH.copy()
   own_slots[0, 0, 0], own_slots[1, 0, 2] = 1.0, 2.0
   shared_slot[0, 0, 0], shared_slot[1, 0, 0] = 1.0, 2.0
   for shared, expected in ((True, shared_slot), (False, own_slots), (True, shared_slot)):
-    with attention.rows_share_cache_slot() if shared else contextlib.nullcontext():
+    with kv_cache.rows_share_cache_slot() if shared else contextlib.nullcontext():
       np.testing.assert_array_equal(write(cache_BKLH, chunk_BKTH, index_B), expected)

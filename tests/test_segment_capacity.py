@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from experiments import gpt2_small
-from models import attention, attention_kernels
+from models import attention_choice, attention_kernels
 from test_attention_kernels import conds, emulated_cudnn
 from train import config as config_lib, inputs as inputs_lib, loop, parallel
 
@@ -47,7 +47,7 @@ def cudnn_segments(monkeypatch):
   def recording_cudnn(query, key, value, *, q_seqlen, **kwargs):
     seen.append(q_seqlen.shape[1])
     return emulated_cudnn(query, key, value, q_seqlen=q_seqlen, **kwargs)
-  monkeypatch.setattr(attention, "_automatic_packed", lambda query: "cudnn_packed")
+  monkeypatch.setattr(attention_choice, "_automatic_packed", lambda query: "cudnn_packed")
   monkeypatch.setattr(attention_kernels, "_cudnn_private_api",
                       lambda: (recording_cudnn, "PADDING_CAUSAL", 90800))
   return seen
@@ -84,7 +84,7 @@ def on_a_hopper_gpu(monkeypatch):
   monkeypatch.setattr(fused, "check_cudnn_version", lambda: 90800)
   monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
   monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda capability: False)
-  monkeypatch.setattr(attention, "_cuda_capability", lambda: (9, 0))
+  monkeypatch.setattr(attention_choice, "_cuda_capability", lambda: (9, 0))
 
   def trace(fn, *args):
     with monkeypatch.context() as patch:

@@ -165,8 +165,8 @@ def test_rematerialised_work_is_not_model_flops(data_folder, remat_policy, scan_
 def test_a_step_on_pallas_attention_counts_as_one_on_xla(data_folder, monkeypatch):
   """The whole step, Pallas run per shard of the 8 devices (interpreted, as
   test_attention_kernels reaches it on a CPU): the same model FLOPs as the XLA path's."""
-  from models import attention
-  monkeypatch.setattr(attention, "_packed_problem", lambda *args: None)
+  from models import attention_choice
+  monkeypatch.setattr(attention_choice, "_packed_problem", lambda *args: None)
   monkeypatch.setattr(attention_kernels, "pallas_packed_causal", functools.partial(
       attention_kernels.pallas_packed_causal, interpret=True))
   traced = traced_lm_step(data_folder, 128, attention_implementation="pallas")

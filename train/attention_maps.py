@@ -15,7 +15,7 @@ from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
-from models.attention_maps import attention_maps
+from models.attention_weights import attention_maps
 from models.errors import InputError, named_path
 from train import cli, figures, generate, workdir as workdir_lib, workdir_cli
 

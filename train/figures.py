@@ -1,6 +1,6 @@
 """Figures of a model's attention: one layer's heads as a grid of heatmaps.
 
-The weights are those of models/attention_maps.py. Figures are drawn on matplotlib's Agg
+The weights are those of models/attention_weights.py. Figures are drawn on matplotlib's Agg
 canvas (no screen, no pyplot, no global backend change).
 """
 

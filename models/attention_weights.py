@@ -1,4 +1,4 @@
-"""Attention maps: every layer's and head's attention weights for an input, as arrays.
+"""Every layer's and head's attention weights for an input, as arrays (attention maps).
 
 `attention_maps` runs a forward pass with the "attention_weights" collection mutable, so each
 `MultiHeadAttention` takes the reference path and sows its float32 softmax weights, and gathers
@@ -20,7 +20,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-COLLECTION = "attention_weights"
+from models.multi_head_attention import WEIGHTS_COLLECTION
+
 _UNROLLED_LAYER = re.compile(r"layers_(\d+)")
 _SCANNED_LAYERS = "layers"
 
@@ -29,7 +30,7 @@ def attention_maps(module: nn.Module, params, *args, **kwargs) -> dict[str, dict
   """{family: {kind: weights [L, B, N, T, S]}} of one forward pass `module.apply(..., *args)`.
 
   Args:
-    module: a model built on `models.attention.MultiHeadAttention` (DecoderOnly,
+    module: a model built on `models.multi_head_attention.MultiHeadAttention` (DecoderOnly,
       EncoderDecoder, EncoderOnly, ...), with unrolled (`layers_0`, `layers_1`, ...) or
       scanned (`layers`) stacks.
     params: the "params" collection (or a whole variables dict holding "params").
@@ -45,12 +46,12 @@ def attention_maps(module: nn.Module, params, *args, **kwargs) -> dict[str, dict
   if not isinstance(module, nn.Module):
     raise TypeError(f"attention_maps needs a flax.linen Module, got {type(module).__name__}.")
   variables = params if isinstance(params, Mapping) and "params" in params else {"params": params}
-  _, state = module.apply(variables, *args, mutable=[COLLECTION], **kwargs)
-  sown = state.get(COLLECTION, {})
+  _, state = module.apply(variables, *args, mutable=[WEIGHTS_COLLECTION], **kwargs)
+  sown = state.get(WEIGHTS_COLLECTION, {})
   if not sown:
     raise ValueError(f"{type(module).__name__} sowed no attention weights: attention_maps needs "
-                     "models.attention.MultiHeadAttention layers, which sow into "
-                     f"the {COLLECTION!r} collection.")
+                     "models.multi_head_attention.MultiHeadAttention layers, which sow into "
+                     f"the {WEIGHTS_COLLECTION!r} collection.")
   by_layer: dict[tuple[str, str], dict[int | None, Any]] = {}
   for path, weights in _sown_weights(sown, ()):
     family, kind, layer = _parse_path(path)
