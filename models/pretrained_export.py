@@ -42,7 +42,7 @@ import safetensors.numpy
 
 from models import paths
 from models.pretrained import _flat, _init_args, _unstack_layers
-from models.pretrained_tables import FAMILIES, PretrainedError, Row
+from models.pretrained_tables import FAMILIES, PretrainedError, Row, ffn_bias, qkv_bias
 from models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, EncoderMaskedLM,
                                 EncoderOnly, TransformerConfig)
 
@@ -138,7 +138,7 @@ def default_model_type(module: nn.Module) -> str:
     return "gemma"
   if cfg.sliding_window is not None:
     return "mistral"
-  return "qwen2" if _qkv_bias(cfg) and not cfg.use_bias else "llama"
+  return "qwen2" if qkv_bias(cfg) and not cfg.use_bias else "llama"
 
 
 def hf_tensors(rows: list[Row], flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -257,14 +257,6 @@ def _rows(module: nn.Module, hf: dict) -> list[Row]:
 # config.json: each family's config mapping (models/pretrained_tables.py), inverted.
 
 
-def _qkv_bias(cfg: TransformerConfig) -> bool:
-  return cfg.use_bias if cfg.qkv_bias is None else cfg.qkv_bias
-
-
-def _ffn_bias(cfg: TransformerConfig) -> bool:
-  return cfg.use_bias if cfg.ffn_bias is None else cfg.ffn_bias
-
-
 def _gpt2_config(cfg: TransformerConfig, module: nn.Module) -> dict:
   del module
   return {"vocab_size": cfg.vocab_size, "n_positions": cfg.max_len, "n_embd": cfg.d_model,
@@ -330,7 +322,7 @@ def _decoder_config(cfg: TransformerConfig, module: nn.Module, model_type: str) 
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_max_wavelength,
                             **(scaling or {})}}
   if model_type == "llama":
-    hf.update(attention_bias=cfg.use_bias, mlp_bias=_ffn_bias(cfg))
+    hf.update(attention_bias=cfg.use_bias, mlp_bias=ffn_bias(cfg))
   elif model_type == "mistral":
     hf.update(sliding_window=cfg.sliding_window)
   elif model_type == "qwen2":
@@ -365,8 +357,8 @@ def _resolved(cfg: TransformerConfig) -> dict:
   """The fields of `cfg` that decide outputs, with the defaults that stand for others resolved."""
   values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
             if f.name not in _RUNTIME_FIELDS}
-  values.update(num_kv_heads=cfg.num_kv_heads or cfg.num_heads, qkv_bias=_qkv_bias(cfg),
-                ffn_bias=_ffn_bias(cfg), num_decoder_layers=cfg.num_decoder_layers or
+  values.update(num_kv_heads=cfg.num_kv_heads or cfg.num_heads, qkv_bias=qkv_bias(cfg),
+                ffn_bias=ffn_bias(cfg), num_decoder_layers=cfg.num_decoder_layers or
                 cfg.num_layers, scale_tied_logits=cfg.tie_output and cfg.scale_tied_logits)
   return values
 

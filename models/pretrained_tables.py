@@ -245,6 +245,16 @@ def _dims(cfg: TransformerConfig):
   return cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.d_ff
 
 
+def qkv_bias(cfg: TransformerConfig) -> bool:
+  """Whether the query, key and value projections have biases (qkv_bias; None: use_bias)."""
+  return cfg.use_bias if cfg.qkv_bias is None else cfg.qkv_bias
+
+
+def ffn_bias(cfg: TransformerConfig) -> bool:
+  """Whether the feed-forward layers have biases (ffn_bias; None: use_bias)."""
+  return cfg.use_bias if cfg.ffn_bias is None else cfg.ffn_bias
+
+
 def gpt2_table(cfg: TransformerConfig, hf_config: dict, tensors: dict, **no_heads) -> list[Row]:
   del hf_config, tensors, no_heads
   D, N, H, F = _dims(cfg)
@@ -377,8 +387,7 @@ def _decoder_table(cfg: TransformerConfig, hf_config: dict, tensors: dict,
   del hf_config, tensors, no_heads
   D, N, H, F = _dims(cfg)
   K = cfg.num_kv_heads or N
-  qkv_bias = cfg.use_bias if cfg.qkv_bias is None else cfg.qkv_bias
-  ffn_bias = cfg.use_bias if cfg.ffn_bias is None else cfg.ffn_bias
+  has_qkv_bias, has_ffn_bias = qkv_bias(cfg), ffn_bias(cfg)
   rows = [Row("token_embed/embedding", "embed_tokens.weight", (cfg.vocab_size, D)),
           Row("decoder/final_norm/scale", "norm.weight", (D,))]
   if not cfg.tie_output:
@@ -390,7 +399,7 @@ def _decoder_table(cfg: TransformerConfig, hf_config: dict, tensors: dict,
     for name, short, heads in (("query", "q", N), ("key", "k", K), ("value", "v", K)):
       rows.append(Row(f"{attention}/{name}/kernel", f"{hf}.self_attn.{short}_proj.weight",
                       (heads * H, D), functools.partial(_to_heads, n=heads, h=H)))
-      if qkv_bias:
+      if has_qkv_bias:
         rows.append(Row(f"{attention}/{name}/bias", f"{hf}.self_attn.{short}_proj.bias",
                         (heads * H,), functools.partial(_bias_heads, n=heads, h=H)))
     rows.append(Row(f"{attention}/out/kernel", f"{hf}.self_attn.o_proj.weight", (D, N * H),
@@ -401,7 +410,7 @@ def _decoder_table(cfg: TransformerConfig, hf_config: dict, tensors: dict,
                                  ("wo", "down_proj", (D, F))):
       rows.append(Row(f"{ours}/mlp/{name}/kernel", f"{hf}.mlp.{hf_name}.weight", shape,
                       transpose))
-      if ffn_bias:
+      if has_ffn_bias:
         rows.append(Row(f"{ours}/mlp/{name}/bias", f"{hf}.mlp.{hf_name}.bias", shape[:1]))
     rows += [Row(f"{ours}/self_attention_norm/scale", f"{hf}.input_layernorm.weight", (D,)),
              Row(f"{ours}/mlp_norm/scale", f"{hf}.post_attention_layernorm.weight", (D,))]
