@@ -5,7 +5,6 @@ result; the fused kernels' own limits are checked in models/attention_kernels.py
 """
 
 import jax
-import jax.numpy as jnp
 
 from models import attention_kernels
 from models.errors import InputError
@@ -26,7 +25,7 @@ def _cudnn_problem(query, has_mask_or_bias: bool, q_len: int, kv_len: int) -> st
   capability = _cuda_capability()
   if jax.default_backend() != "gpu" or capability is None:
     return f"it needs a CUDA GPU, and the backend is {jax.default_backend()!r}"
-  if query.dtype not in (jnp.bfloat16, jnp.float16):
+  if query.dtype not in attention_kernels.SIXTEEN_BIT:
     return f"it needs bfloat16 or float16 inputs, got {query.dtype}"
   head_dim, max_head_dim = query.shape[-1], 256 if capability >= (9, 0) else 128
   if head_dim % 8 or head_dim > max_head_dim:
@@ -51,7 +50,7 @@ def _packed_problem(implementation: str, query, packed_causal: bool) -> str | No
 
 def _automatic_pallas_problem(query) -> str | None:
   """Why None leaves a Pallas kernel (pallas, splash) to be asked for by name; None if not."""
-  if query.dtype not in (jnp.bfloat16, jnp.float16):
+  if query.dtype not in attention_kernels.SIXTEEN_BIT:
     return f"None picks fused kernels for bfloat16 or float16 inputs, got {query.dtype}"
   problem = attention_kernels.mesh_problem()
   if problem:

@@ -55,7 +55,7 @@ CUDNN_SEGMENTS_PER_ROW = 16
 SEGMENT_CAPACITIES = (4, 8, 16, 32, 64)
 # cuDNN added the packed (ragged offsets) layout to flash attention in 9.6.
 _CUDNN_PACKED_MIN_VERSION = 90600
-_SIXTEEN_BIT = (jnp.bfloat16, jnp.float16)
+SIXTEEN_BIT = (jnp.bfloat16, jnp.float16)  # cuDNN's dtypes; None picks fused kernels for these.
 
 
 def _average_values_on_padding(out_BTNH, value_BSKH, segment_ids_BT):
@@ -133,7 +133,7 @@ def cudnn_packed_problem(query, platform: str, capability) -> str | None:
     return f"it needs a CUDA GPU, and the backend is {platform!r}"
   if capability < (9, 0):
     return f"its packed layout needs a Hopper or newer GPU, got compute capability {capability}"
-  if query.dtype not in _SIXTEEN_BIT:
+  if query.dtype not in SIXTEEN_BIT:
     return f"it needs bfloat16 or float16 inputs, got {query.dtype}"
   if query.shape[-1] % 8 or query.shape[-1] > 256:
     return f"it needs head_dim a multiple of 8 and at most 256, got {query.shape[-1]}"
