@@ -70,7 +70,6 @@ import numpy as np
 
 from models.errors import InputError
 from train.data import examples, packing
-from train.data.counts import COUNTS
 from train.data.tokenizers import Tokenizer
 
 
@@ -89,7 +88,7 @@ class BatchIterator:
 
   def __init__(self, iterator: grain.DatasetIterator):
     self._iterator = iterator
-    self._counts = np.zeros(len(COUNTS), np.int64)
+    self._counts = np.zeros(len(examples.COUNTS), np.int64)
 
   def __iter__(self):
     return self
@@ -101,14 +100,14 @@ class BatchIterator:
 
   @property
   def counts(self) -> dict[str, int]:
-    return dict(zip(COUNTS, self._counts.tolist()))
+    return dict(zip(examples.COUNTS, self._counts.tolist()))
 
   def get_state(self) -> dict[str, Any]:
     return {"grain": self._iterator.get_state(), "counts": self.counts}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._iterator.set_state(state["grain"])
-    self._counts = np.array([state["counts"][k] for k in COUNTS], np.int64)
+    self._counts = np.array([state["counts"][k] for k in examples.COUNTS], np.int64)
 
   def close(self) -> None:
     self._iterator.close()
