@@ -155,9 +155,9 @@ def lm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
                         num_packing_bins=num_packing_bins, pack=pack,
                         max_segments_per_row=max_segments_per_row)
 
-  return _load(source, tokenize, after_tokenize, batch_size=batch_size, seed=seed,
-               shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
-               process_count=process_count, num_workers=num_workers)
+  return _pipeline(source, tokenize, after_tokenize, batch_size=batch_size, seed=seed,
+                   shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
+                   process_count=process_count, num_workers=num_workers)
 
 
 def seq2seq_pipeline(source, input_tokenizer: Tokenizer,
@@ -201,9 +201,9 @@ def seq2seq_pipeline(source, input_tokenizer: Tokenizer,
         batch_size=batch_size, num_packing_bins=num_packing_bins, pack=pack,
         max_segments_per_row=max_segments_per_row)
 
-  return _load(source, tokenize, after_tokenize, batch_size=batch_size, seed=seed,
-               shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
-               process_count=process_count, num_workers=num_workers)
+  return _pipeline(source, tokenize, after_tokenize, batch_size=batch_size, seed=seed,
+                   shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
+                   process_count=process_count, num_workers=num_workers)
 
 
 def classification_pipeline(source, tokenizer: Tokenizer, *, batch_size: int,
@@ -220,10 +220,10 @@ def classification_pipeline(source, tokenizer: Tokenizer, *, batch_size: int,
   examples.bos_eos(tokenizer)
   tokenize = examples.Classification(tokenizer, seq_len, text_key, pair_key,
                                      label_key, np.dtype(label_dtype).type)
-  return _load(source, tokenize, packing.DropFlagged, batch_size=batch_size,
-               seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-               process_index=process_index, process_count=process_count,
-               num_workers=num_workers)
+  return _pipeline(source, tokenize, packing.DropFlagged, batch_size=batch_size,
+                   seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                   process_index=process_index, process_count=process_count,
+                   num_workers=num_workers)
 
 
 def mlm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
@@ -241,10 +241,10 @@ def mlm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
     raise InputError(f"mask_rate={mask_rate} must be between 0 and 1.")
   tokenize = examples.MLM(examples.Classification(tokenizer, seq_len, text_key,
                                                   None, None, np.int32), mask_rate)
-  return _load(source, tokenize, packing.DropFlagged, batch_size=batch_size,
-               seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-               process_index=process_index, process_count=process_count,
-               num_workers=num_workers, random=True)
+  return _pipeline(source, tokenize, packing.DropFlagged, batch_size=batch_size,
+                   seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                   process_index=process_index, process_count=process_count,
+                   num_workers=num_workers, random=True)
 
 
 # Threads that read and tokenize ahead, in order. grain's default (16 threads, 500 elements)
@@ -254,10 +254,10 @@ def mlm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
 READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
 
 
-def _load(source, tokenize, after_tokenize, *, batch_size: int, seed: int,
-          shuffle: bool, num_epochs: int | None, process_index: int | None,
-          process_count: int | None, num_workers: int,
-          random: bool = False) -> Pipeline:
+def _pipeline(source, tokenize, after_tokenize, *, batch_size: int, seed: int,
+              shuffle: bool, num_epochs: int | None, process_index: int | None,
+              process_count: int | None, num_workers: int,
+              random: bool = False) -> Pipeline:
   """Shard, shuffle, repeat, tokenize; `after_tokenize`; batch; workers."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
