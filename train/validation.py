@@ -1,6 +1,6 @@
 """Config validation: a value or combination that cannot run refused with one sentence, before
-any data is read, anything written or compiled (called once, where a run's config enters:
-train.loop.train_and_evaluate, train.evaluate, launch.sweep)."""
+any data is read, anything written or compiled; called once where a config enters (the train
+CLI's train.loop.train_and_evaluate, train.evaluate, launch's sweeps, the benchmarks)."""
 
 import math
 
