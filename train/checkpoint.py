@@ -224,7 +224,8 @@ def load_params(path: str | os.PathLike, abstract_params: Any = None) -> Any:
   shapes must match the checkpoint's (dtypes are cast). None: numpy arrays as saved.
   """
   step_dir = _find_step_dir(_absolute(path))
-  keys = checkpoint_metadata.saved_params_keys(step_dir / STATE) if abstract_params is None else None
+  keys = None if abstract_params is not None else checkpoint_metadata.saved_params_keys(
+      step_dir / STATE)
   if keys is not None:
     item = {"params": keys}
     return _restore_params(step_dir, item, jax.tree.map(
