@@ -306,13 +306,8 @@ def _saved_tree(step_dir: epath.Path) -> Any:
   if not (step_dir / STATE).is_dir():
     raise CheckpointError(f"{step_dir} holds no '{STATE}' item: it was not written by "
                           "train.checkpoint, or is damaged.")
-  handler = ocp.StandardCheckpointHandler()
-  try:
-    with _reading(step_dir):
-      metadata = handler.metadata(step_dir / STATE)
-  finally:
-    handler.close()
-  return getattr(metadata, "tree", metadata)
+  with _reading(step_dir):
+    return checkpoint_metadata.saved_tree(step_dir / STATE)
 
 
 def _check_tree_matches(abstract: Any, saved: Any, step_dir: epath.Path, *, fix: str) -> None:

@@ -1,8 +1,9 @@
 """What a checkpoint's state holds, as orbax's metadata tells it, and how it compares with a model.
 
-`saved_params_keys` parses orbax's tree metadata file for the params' keys alone (loading a run
-for inference reads no more); `abstract_tree` and `tree_mismatches` lay out and check a state
-against what was saved, before orbax restores it.
+`saved_tree` is orbax's metadata of every saved array; `saved_params_keys` parses orbax's tree
+metadata file for the params' keys alone (loading a run for inference reads no more);
+`abstract_tree` and `tree_mismatches` lay out and check a state against what was saved, before
+orbax restores it.
 """
 
 import json
@@ -10,20 +11,30 @@ from typing import Any
 
 from etils import epath
 import jax
+import orbax.checkpoint as ocp
 
 from models import paths
 
 _DICT_KEY = 2  # orbax's key_type of a dict key in a tree's metadata file (1: a sequence index)
 
 
+def saved_tree(state_dir: epath.Path) -> Any:
+  """The tree of array metadata (shape, dtype) orbax saved in STATE_DIR (a step's state item)."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    metadata = handler.metadata(state_dir)
+  finally:
+    handler.close()
+  return getattr(metadata, "tree", metadata)
+
+
 def saved_params_keys(state_dir: epath.Path) -> dict | None:
   """The saved params' nested dicts of keys (leaves 0), from the tree metadata file orbax wrote
   in STATE_DIR (a step's state item) alone.
 
-  The full metadata (train.checkpoint's `_saved_tree`) also reads every array's own metadata,
-  the optimizer's included: 0.35 of the 0.6 s train.generate took to load the quickstart. None
-  where the file is not as orbax 0.12 writes it (another orbax): the caller then reads the full
-  metadata.
+  The full metadata (`saved_tree`) also reads every array's own metadata, the optimizer's
+  included: 0.35 of the 0.6 s train.generate took to load the quickstart. None where the file
+  is not as orbax 0.12 writes it (another orbax): the caller then reads the full metadata.
   """
   params: dict = {}
   try:
