@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import attention, attention_kernels, decoding
-from train import inputs, loop, metrics, parallel
+from train import inputs, loop, metrics, parallel, validation
 from train.config import REPO_ROOT
 
 LENGTH, PROMPT, NEW_TOKENS, GPT2_VOCAB = 1024, 64, 128, 50_257
@@ -97,7 +97,9 @@ def seq2seq_config(tiny: bool):
 
 
 def build(config, workdir: str) -> loop.Experiment:
-  """loop.build, its dataset preparation's messages sent to stderr: stdout holds the table."""
+  """The config validated, then loop.build, its dataset preparation's messages sent to stderr:
+  stdout holds the table."""
+  validation.validate(config, workdir)
   with contextlib.redirect_stdout(sys.stderr):
     return loop.build(config, workdir)
 

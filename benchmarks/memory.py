@@ -30,7 +30,7 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from train import config as config_lib, loop, parallel  # noqa: E402
+from train import config as config_lib, loop, parallel, validation  # noqa: E402
 from train.state import TrainState  # noqa: E402
 
 GIB = 2**30
@@ -88,6 +88,7 @@ def activation_bytes_per_row(exp, seq_len: int) -> int:
 def measure(devices: int, seq_len: int, rank: int, tiny: bool) -> dict[str, int]:
   config = lora_config(devices, seq_len, rank, tiny)
   with tempfile.TemporaryDirectory() as workdir:
+    validation.validate(config, workdir)
     exp = loop.build(config, workdir)
   exp.mesh = parallel.make_mesh(config.mesh, jax.devices()[:devices])
   row = {**state_bytes(exp), "activations": activation_bytes_per_row(exp, seq_len)}

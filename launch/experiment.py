@@ -19,7 +19,7 @@ import numpy as np
 
 from launch import workdirs
 from models.errors import InputError
-from train import config as config_lib
+from train import config as config_lib, validation
 from train import experiment_file
 from train.experiment_file import get_config, load_module, split_config_arg
 
@@ -109,7 +109,7 @@ def expand(config_arg: str, workdir_root: str) -> list[Run]:
     seen[name] = index
     config = apply_overrides(base, overrides, path)
     try:
-      config_lib.validate(config_lib.resolve_assets(config))
+      validation.validate(config_lib.resolve_assets(config))
     except (ValueError, FileNotFoundError) as e:
       raise InputError(f"run {name}: {e}") from None
     runs.append(Run(name, overrides, f"{root.rstrip('/')}/{name}", config))

@@ -23,7 +23,6 @@ import re
 from etils import epath
 
 from train import records
-from train.step_folders import STEP_NAME
 
 MAX_NAME = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -55,7 +54,7 @@ def checkpoint_steps(workdir) -> list[int]:
     return []
   on_gcs = str(folder).startswith("gs://")
   return sorted(int(p.name) for p in folder.iterdir()
-                if STEP_NAME.match(p.name) and p.is_dir()
+                if records.STEP_NAME.match(p.name) and p.is_dir()
                 and (not on_gcs or (p / "commit_success.txt").exists()))
 
 

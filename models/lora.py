@@ -53,21 +53,18 @@ class LoraConfig:
     if not patterns:
       problems.append("targets is empty: give a regex over parameter paths, e.g. "
                       r"'self_attention/(query|value)/kernel'")
-    for pattern in patterns:
-      try:
-        re.compile(pattern)
-      except (re.error, TypeError) as e:
-        problems.append(f"target {pattern!r} is not a valid regular expression ({e})")
+    problems += paths.pattern_problems("target", patterns)
     if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
       problems.append(f"rank must be a positive integer, got {self.rank!r}")
-    if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-      problems.append(f"alpha must be a positive number, got {self.alpha!r}")
+    if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+        or not math.isfinite(self.alpha) or self.alpha <= 0):
+      problems.append(f"alpha must be a finite number > 0, got {self.alpha!r}")
     if problems:
       raise InputError("Invalid LoRA config: " + "; ".join(problems) + ".")
 
   @property
   def patterns(self) -> tuple[str, ...]:
-    return (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+    return paths.patterns(self.targets)
 
   @property
   def scale(self) -> float:
@@ -78,10 +75,8 @@ def targets(params, cfg: LoraConfig) -> list[str]:
   """The paths of the kernels `cfg.targets` selects; a pattern matching nothing is an error."""
   flat = paths.flatten(params)
   names = list(flat)
-  for pattern in cfg.patterns:
-    if not any(re.search(pattern, path) for path in names):
-      raise InputError(f"lora target {pattern!r} matches no parameter path (a typo?); paths look "
-                       f"like {[p for p in names if p.endswith('kernel')][:3] or names[:3]}.")
+  paths.check_matched("lora target", cfg.patterns, names,
+                      like=[p for p in names if p.endswith("kernel")][:3])
   chosen = [path for path in names if any(re.search(p, path) for p in cfg.patterns)]
   others = [path for path in chosen
             if path.rsplit("/", 1)[-1] not in ADAPTABLE or len(_shape(flat[path])) < 2]

@@ -3,10 +3,13 @@
 One naming for every place that matches, restores, freezes or reports parameters by path.
 """
 
+import re
 from typing import Any
 
 import jax
 from flax import traverse_util
+
+from models.errors import InputError
 
 
 def key_name(key) -> str:
@@ -42,3 +45,29 @@ def listing(names, limit: int = 12) -> str:
   names = sorted(names)
   more = f" and {len(names) - limit} more" if len(names) > limit else ""
   return ", ".join(names[:limit]) + more
+
+
+def patterns(given) -> tuple[str, ...]:
+  """Regexes over path names given as one string, a sequence of them, or None (none)."""
+  return (given,) if isinstance(given, str) else tuple(given or ())
+
+
+def pattern_problems(what: str, given) -> list[str]:
+  """"WHAT 'PATTERN' is not a valid regular expression (why)" for each of `given` (a string, a
+  sequence, or None) that `re` cannot compile."""
+  problems = []
+  for pattern in patterns(given):
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as error:
+      problems.append(f"{what} {pattern!r} is not a valid regular expression ({error})")
+  return problems
+
+
+def check_matched(what: str, patterns, names: list[str], like: list[str] | None = None) -> None:
+  """An InputError for the first of `patterns` that matches (re.search) none of `names`, likely a
+  typo; the message shows `like` (default: the first three names) as what paths look like."""
+  for pattern in patterns:
+    if not any(re.search(pattern, name) for name in names):
+      raise InputError(f"{what} {pattern!r} matches no parameter path (a typo?); paths look like "
+                       f"{like or names[:3]}.")

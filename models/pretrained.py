@@ -51,7 +51,7 @@ OVERRIDABLE = ("dtype", "param_dtype", "logits_dtype", "vocab_pad_multiple", "dr
 # Reading a folder.
 
 
-def read_config(path: str) -> dict:
+def config_json(path: str) -> dict:
   """config.json of a checkpoint folder, after checking the folder and its model_type."""
   if not os.path.isdir(path):
     raise PretrainedError(f"No checkpoint folder at {path!r}: give the path of a local folder "
@@ -77,23 +77,25 @@ def hf_config(path: str, *, tie_output: bool | None = None, **overrides) -> Tran
   `tie_output` where it is known (a run keeps it beside its copy of the folder's config.json:
   train/hf_copy.py), else its tensors decide (all of them are read)."""
   if tie_output is None:
-    return _load(path, overrides)[3]
-  hf = read_config(path)
-  return _with_overrides(_family_config(hf, {}, path).replace(tie_output=tie_output), overrides)
+    return _read_folder(path, overrides)[3]
+  hf = config_json(path)
+  return _with_overrides(family_config(hf, {}, path).replace(tie_output=tie_output), overrides)
 
 
-def _load(path: str, overrides: dict) -> tuple[dict, Family, dict, TransformerConfig]:
+def _read_folder(path: str, overrides: dict) -> tuple[dict, Family, dict, TransformerConfig]:
   """config.json, the family, the tensors (names normalised) and the TransformerConfig."""
-  hf = read_config(path)
+  hf = config_json(path)
   family = FAMILIES[hf["model_type"]]
   tensors = _normalised(_read_tensors(path), family)
   for copy, original in family.tied_copies.items():  # A tie stored under the copy's name only.
     if copy in tensors and original not in tensors:
       tensors[original] = tensors.pop(copy)
-  return hf, family, tensors, _with_overrides(_family_config(hf, tensors, path), overrides)
+  return hf, family, tensors, _with_overrides(family_config(hf, tensors, path), overrides)
 
 
-def _family_config(hf: dict, tensors: dict, path: str) -> TransformerConfig:
+def family_config(hf: dict, tensors: dict, path: str) -> TransformerConfig:
+  """The TransformerConfig that PATH's config.json `hf` describes; the tensors (may be {}: unread)
+  decide only whether the output layer is tied."""
   try:
     return FAMILIES[hf["model_type"]].config(hf, tensors)
   except PretrainedError:
@@ -329,7 +331,7 @@ def from_hf(path: str, *, head: str | None = None, num_classes: int | None = Non
 def import_hf(path: str, *, head: str | None = None, num_classes: int | None = None,
               pooling: str = "cls", rng=0, **overrides) -> Imported:
   """`from_hf`'s module and params, and the paths of the params the file did not hold."""
-  hf, family, tensors, cfg = _load(path, overrides)
+  hf, family, tensors, cfg = _read_folder(path, overrides)
   module = _make_module(hf["model_type"], cfg, head, num_classes, pooling)
   rows = family.table(cfg.replace(vocab_pad_multiple=1), hf, tensors, head=head,
                       num_classes=num_classes, pooling=pooling)

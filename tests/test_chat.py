@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from models.errors import InputError
-from train import config, workdir
+from train import config, validation, workdir
 from train.data import chat, examples, local, pipeline
 from train.data.tokenizers import tokenizer_for
 
@@ -225,4 +225,4 @@ def test_a_chat_run_needs_a_pretrained_tokenizer():
   run = finetune_llama.get_config("chat")
   run.data.tokenizer = "bytes"
   with pytest.raises(InputError, match=r"set data\.tokenizer='pretrained', not 'bytes'"):
-    config.validate(run)
+    validation.validate(run)

@@ -16,8 +16,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from train import checkpoint
-from train.checkpoint import CheckpointError, CheckpointReadError, Checkpointer, PreemptionGuard
+from train import checkpoint, checkpoint_metadata
+from train.checkpoint import CheckpointError, CheckpointReadError, Checkpointer
+from train.preemption import PreemptionGuard
 from train.state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -369,9 +370,10 @@ def test_load_params_from_the_tree_file_alone_equals_orbaxs_full_metadata(tmp_pa
     ckpt.save(3, {**_state(3), "opt_state": {"mu": _params(7), "count": jnp.zeros((), jnp.int32)}},
               {})
   step_dir = checkpoint._find_step_dir(checkpoint._absolute(tmp_path))
-  assert checkpoint._saved_params_keys(step_dir) == jax.tree.map(lambda _: 0, _params())
+  keys = checkpoint_metadata.saved_params_keys(step_dir / "state")
+  assert keys == jax.tree.map(lambda _: 0, _params())
   fast = checkpoint.load_params(tmp_path)
-  monkeypatch.setattr(checkpoint, "_saved_params_keys", lambda _: None)  # orbax's metadata
+  monkeypatch.setattr(checkpoint_metadata, "saved_params_keys", lambda _: None)  # orbax's metadata
   full = checkpoint.load_params(tmp_path)
   assert jax.tree.structure(fast) == jax.tree.structure(full)
   for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(full)):
@@ -387,9 +389,9 @@ def test_a_tree_file_of_another_form_falls_back_to_the_full_metadata(tmp_path):
   original = metadata.read_text()
   for other in ('{"tree": {}}', "[1, 2]", "not json"):
     metadata.write_text(other)
-    assert checkpoint._saved_params_keys(step_dir) is None
+    assert checkpoint_metadata.saved_params_keys(metadata.parent) is None
   metadata.write_text(original.replace('"key_type": 2', '"key_type": 1'))
-  assert checkpoint._saved_params_keys(step_dir) is None
+  assert checkpoint_metadata.saved_params_keys(metadata.parent) is None
 
 
 def test_load_params_errors(tmp_path):

@@ -1,9 +1,10 @@
-"""train.config.validate: every bad value refused with one sentence, before any data or compile."""
+"""train.validation.validate: every bad value refused with one sentence, before any data or
+compile."""
 
 import pytest
 
 from experiments import gpt2_small
-from train import config as config_lib
+from train import config as config_lib, validation
 
 
 def seq2seq_config(**data):
@@ -22,19 +23,19 @@ def seq2seq_config(**data):
 def test_seq_len_over_the_tiny_gpt2_table_is_refused():
   c = gpt2_small.get_config("tiny")  # gpt2 preset (learned positions), max_len 128
   c.data.seq_len = 128
-  config_lib.validate(c)
+  validation.validate(c)
   c.data.seq_len = 129
   with pytest.raises(ValueError, match=r"^config\.data\.seq_len=129 exceeds the model's learned "
                      r"position table \(model\.max_len=128\): lower data\.seq_len to at most 128 "
                      r"or raise model\.max_len\.$"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_the_gpt2_presets_table_is_1024():
   c = gpt2_small.get_config()
   c.data.seq_len = 2048
   with pytest.raises(ValueError, match=r"model\.max_len=1024"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 @pytest.mark.parametrize("name, value", [
@@ -42,17 +43,17 @@ def test_the_gpt2_presets_table_is_1024():
 def test_seq2seq_checks_the_encoder_and_decoder_lengths(name, value):
   c = seq2seq_config(inputs_len=32, targets_len=32)
   c.decode.max_new_tokens = 32
-  config_lib.validate(c)
+  validation.validate(c)
   section, key = name.split(".")
   c[section][key] = value
   with pytest.raises(ValueError, match=rf"config\.{name}={value} exceeds .*max_len=32"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_positions_that_are_not_learned_have_no_table():
   c = seq2seq_config(inputs_len=4096, targets_len=4096)
   c.model.position = "sinusoidal"
-  config_lib.validate(c)
+  validation.validate(c)
 
 
 @pytest.fixture
@@ -80,12 +81,12 @@ def test_a_pretrained_table_comes_from_its_config_json(task, family, hf_folder):
   c = config_lib.base_config()
   c.task, c.init_from, c.model.num_classes = task, f"hf:{write(hf)}", 2
   c.data.seq_len = 48
-  config_lib.validate(c)
+  validation.validate(c)
   c.data.seq_len = 49
   with pytest.raises(ValueError, match=r"config\.data\.seq_len=49 exceeds the model's learned "
                      r"position table \(max_len=48 in hf:.*'s config\.json\): lower data\.seq_len "
                      r"to at most 48 \(a pretrained model's table cannot grow\)\.$"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_t5_positions_are_relative(hf_folder):
@@ -95,7 +96,7 @@ def test_t5_positions_are_relative(hf_folder):
   c.model.update(d_model=None, num_heads=None, d_ff=None, num_layers=None, position=None,
                  max_len=None)
   c.init_from = f"hf:{write(hf)}"
-  config_lib.validate(c)
+  validation.validate(c)
 
 
 # ------------------------------------------------------------------------------------------
@@ -152,26 +153,26 @@ def test_a_bad_number_is_refused_with_its_range(key, value, message):
   section, _, name = key.rpartition(".")
   (c[section] if section else c)[name] = value
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 @pytest.mark.parametrize("alpha", [NAN, INF])
 def test_a_lora_alpha_must_be_finite(alpha):
   c = gpt2_small.get_config("tiny")
   c.lora.enabled, c.lora.alpha = True, alpha
-  with pytest.raises(ValueError, match=rf"config\.lora\.alpha must be a finite number > 0, "
+  with pytest.raises(ValueError, match=rf"LoRA config: alpha must be a finite number > 0, "
                      rf"got {alpha}\.$"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_sampling_needs_a_positive_temperature():
   c = gpt2_small.get_config("tiny")
   c.decode.method, c.decode.temperature = "greedy", 0.0
-  config_lib.validate(c)
+  validation.validate(c)
   c.decode.method = "sample"
   with pytest.raises(ValueError, match=r"config\.decode\.temperature=0 with decode\.method="
                      r"'sample': give a temperature > 0"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_a_pretrained_models_overrides_are_checked_before_its_weights_are_read(hf_folder):
@@ -181,4 +182,4 @@ def test_a_pretrained_models_overrides_are_checked_before_its_weights_are_read(h
                                                       n_head=4))
   c.data.seq_len, c.model.dropout_rate = 48, NAN
   with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\), got nan"):
-    config_lib.validate(c)
+    validation.validate(c)

@@ -21,7 +21,8 @@ from flax import traverse_util
 from experiments import finetune_classify, finetune_gpt2, finetune_t5
 from models import lora, pretrained
 from train import assets
-from train import checkpoint, config as config_lib, loop, trainable, workdir as workdir_lib
+from train import checkpoint, config as config_lib, loop, trainable, validation
+from train import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -235,7 +236,7 @@ def test_documented_commands_name_the_experiment_and_variants_validate(module):
   name = module.__name__.split(".")[-1]
   assert f"python -m train --config=experiments/{name}.py" in module.__doc__.replace("\\\n", "")
   assert f"--config=experiments/{name}.py:tiny" in module.__doc__
-  config_lib.validate(config_lib.resolve_assets(module.get_config("tiny")))
+  validation.validate(config_lib.resolve_assets(module.get_config("tiny")))
   with pytest.raises(ValueError, match="variant 'huge'"):
     module.get_config("huge")
 
@@ -272,7 +273,7 @@ def test_bad_lora_patterns_are_clear_errors(changes, match, tmp_path):
 ])
 def test_bad_fine_tuning_configs_are_clear_errors(changes, match):
   with pytest.raises(ValueError, match=match):
-    config_lib.validate(gpt2_tiny(**changes))
+    validation.validate(gpt2_tiny(**changes))
 
 
 @pytest.mark.slow
@@ -280,15 +281,15 @@ def test_bad_checkpoint_folders_are_clear_errors(tmp_path, lora_run):
   config = gpt2_tiny()
   config.init_from = f"hf:{tmp_path / 'nope'}"
   with pytest.raises(ValueError, match="No checkpoint folder at"):
-    config_lib.validate(config)
+    validation.validate(config)
   config.init_from = f"hf:{assets.folder('tiny_bert')}"
   with pytest.raises(ValueError, match="is a bert checkpoint; task 'lm' fine-tunes gpt2"):
-    config_lib.validate(config)
+    validation.validate(config)
   (tmp_path / "mixtral").mkdir()
   (tmp_path / "mixtral" / "config.json").write_text('{"model_type": "mixtral"}')
   config.init_from = f"hf:{tmp_path / 'mixtral'}"
   with pytest.raises(ValueError, match="model_type 'mixtral'"):
-    config_lib.validate(config)
+    validation.validate(config)
   with pytest.raises(ValueError, match="holds only LoRA adapters"):
     trainable.run_params(str(lora_run[1]))
 

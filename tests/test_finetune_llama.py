@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from experiments import finetune_llama
 from models import pretrained
-from train import checkpoint, config as config_lib, export, generate, loop
+from train import checkpoint, config as config_lib, export, generate, loop, validation
 from train import inputs as inputs_lib
 from train import workdir as workdir_lib
 from train.assets import tiny_hf
@@ -167,7 +167,7 @@ def test_the_layout_is_one_formula_for_training_and_answers():
 def test_documented_commands_name_the_variants_and_they_validate(variant):
   assert f"--config=experiments/finetune_llama.py:{variant} " in finetune_llama.__doc__
   config = config_lib.resolve_assets(finetune_llama.get_config(variant))
-  config_lib.validate(config)
+  validation.validate(config)
   assert examples.instruct(config.data) == ("instruct" in variant)
   assert examples.chat(config.data) == ("chat" in variant)
 
@@ -177,7 +177,7 @@ def test_instruct_data_needs_the_lm_task():
   config.task = "seq2seq"
   with pytest.raises(ValueError, match=r"source_options\.task='instruct' .* trains an lm run, "
                                        r"not config\.task='seq2seq': set task='lm'\."):
-    config_lib.validate(config)
+    validation.validate(config)
 
 
 def test_an_over_long_pair_is_truncated_not_split(tmp_path):

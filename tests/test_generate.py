@@ -106,7 +106,8 @@ def test_classify_answer_is_the_model_on_the_training_row():
                              padding_mask=row["padding_mask"][None],
                              token_types=row["token_types"][None])
     expected = np.asarray(jax.nn.softmax(logits[0]))
-    np.testing.assert_allclose(generate.label_probabilities(run, text), expected, rtol=1e-6)
+    probabilities = generate.answer_batch(run, [text], None, None)[0].probabilities
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-6)
     assert generate.answer(run, text, None, None) == np.argmax(expected)
 
 

@@ -180,7 +180,7 @@ def test_works_on_abstract_params_and_keeps_logical_names():
     (dict(targets=r"self_atention/query/kernel"), "matches no parameter path"),
     (dict(targets=r"query/bias"), "not kernels"),
     (dict(targets=r"query/kernel", rank=0), "rank must be a positive integer"),
-    (dict(targets=r"query/kernel", alpha=-1.0), "alpha must be a positive number"),
+    (dict(targets=r"query/kernel", alpha=-1.0), "alpha must be a finite number > 0"),
     (dict(targets=r"(query"), "not a valid regular expression"),
 ])
 def test_bad_configs_are_clear_errors(kwargs, match):

@@ -229,7 +229,7 @@ def test_clipping_takes_the_norm_it_is_given_and_keeps_optax_state(scale, model_
   restore."""
   _, params = model_and_params
   grads = jax.tree.map(lambda x: scale * x, _random_like(params, 4))
-  norm = optim.global_norm(grads)
+  norm = optim.float32_global_norm(grads)
   want_norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
   np.testing.assert_allclose(norm, want_norm, rtol=1e-6)
   tx, _ = optim.make_optimizer(_cfg(clip_norm=0.5, warmup_steps=0), 10)

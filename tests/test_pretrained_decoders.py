@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from models import decoding, presets, pretrained
 from models.transformer import DecoderOnly
-from train import config as config_lib, workdir as workdir_lib
+from train import config as config_lib, validation, workdir as workdir_lib
 from train.assets.tiny_hf import BYTES, bpe
 from train.data.examples import bos_eos
 from train.data.tokenizers import TokenizerError, tokenizer_for
@@ -188,11 +188,11 @@ def test_the_lm_task_fine_tunes_every_family(checkpoint):
   family, _, folder, _, _ = checkpoint
   config = config_lib.base_config()
   config.init_from = f"hf:{folder}"
-  config_lib.validate(config)
+  validation.validate(config)
   config.task, config.model.num_classes = "classify", 2
   with pytest.raises(ValueError, match=f"is a {family.split('_')[0]} checkpoint; task "
                                        "'classify' fine-tunes bert"):
-    config_lib.validate(config)
+    validation.validate(config)
 
 
 # ------------------------------------------------------------------------------------------

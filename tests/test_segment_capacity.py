@@ -13,30 +13,30 @@ import pytest
 from experiments import gpt2_small
 from models import attention_choice, attention_kernels
 from test_attention_kernels import conds, emulated_cudnn
-from train import config as config_lib, inputs as inputs_lib, loop, parallel
+from train import inputs as inputs_lib, loop, parallel, validation
 
 
 def test_the_key_is_a_count_from_zero():
   c = gpt2_small.get_config("tiny")
   for value in (0, 1, 64):
     c.data.max_segments_per_row = value
-    config_lib.validate(c)
+    validation.validate(c)
   c.data.max_segments_per_row = -1
   with pytest.raises(ValueError, match=r"^config\.data\.max_segments_per_row must be >= 0, "
                      r"got -1\.$"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_the_promise_is_what_the_train_batches_keep_to():
   c = gpt2_small.get_config("tiny")
   c.data.max_segments_per_row = 5
-  assert inputs_lib.max_segments_per_row(c) == 5
+  assert inputs_lib.max_segments_per_row(c.task, c.data) == 5
   c.data.max_segments_per_row = 0
-  assert inputs_lib.max_segments_per_row(c) is None  # packed as many as fit
+  assert inputs_lib.max_segments_per_row(c.task, c.data) is None  # packed as many as fit
   c.data.pack = False
-  assert inputs_lib.max_segments_per_row(c) == 1  # one example a row
+  assert inputs_lib.max_segments_per_row(c.task, c.data) == 1  # one example a row
   c.task = "classify"
-  assert inputs_lib.max_segments_per_row(c) is None  # no packing, no promise
+  assert inputs_lib.max_segments_per_row(c.task, c.data) is None  # no packing, no promise
 
 
 @pytest.fixture

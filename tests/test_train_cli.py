@@ -32,7 +32,7 @@ from ml_collections import config_flags
 import tensorflow_datasets as tfds
 from tensorboardX.proto import event_pb2
 
-from train import config as config_lib, generate, loop, workdir as workdir_lib
+from train import generate, loop, validation, workdir as workdir_lib
 from train.data import pipeline
 
 import cli_runs
@@ -184,10 +184,10 @@ def test_documented_commands_parse_and_validate(name, monkeypatch):
   assert f"--config=experiments/{name}.py:tiny" in module.__doc__
   for args in commands:
     config = parse_command(args)
-    config_lib.validate(config)
+    validation.validate(config)
     assert config.train.batch_size % jax.device_count() == 0, args
   for variant in ("", "tiny") + (("billions",) if name == "quickstart" else ()):
-    config_lib.validate(module.get_config(variant))
+    validation.validate(module.get_config(variant))
   with pytest.raises(ValueError, match="variant 'huge'"):
     module.get_config("huge")
 

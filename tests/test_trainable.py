@@ -86,7 +86,7 @@ def test_the_norm_of_every_gradient_clips_as_the_trainable_ones_alone(what):
   grads = jax.grad(loss)(params)
   tx = sgd(trainable, clip_norm=1e-3)
   state = TrainState.create(params=params, tx=tx, rng=jax.random.key(0))
-  norm = optim.global_norm(grads)
+  norm = optim.float32_global_norm(grads)
   given = state.apply_gradients(grads, tx, grad_norm=norm)
   own = state.apply_gradients(grads, tx)
   jax.tree.map(np.testing.assert_array_equal, given.params, own.params)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from experiments import gpt2_small
-from train import config as config_lib, xla_flags
+from train import validation, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_a_token_that_is_not_an_xla_flag_is_one_clear_error(flags, bad):
   config = gpt2_small.get_config("tiny")
   config.train.xla_flags = flags
   with pytest.raises(ValueError, match="config.train.xla_flags holds") as info:
-    config_lib.validate(config)
+    validation.validate(config)
   assert repr([bad]) in str(info.value) and "--xla_NAME=VALUE" in str(info.value)
 
 
@@ -60,7 +60,7 @@ def test_good_flags_pass_validation():
   config = gpt2_small.get_config()
   config.train.xla_flags = ("--xla_gpu_enable_latency_hiding_scheduler=true "
                             "--xla_gpu_enable_command_buffer=")
-  config_lib.validate(config)
+  validation.validate(config)
 
 
 @pytest.mark.slow

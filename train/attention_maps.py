@@ -17,7 +17,7 @@ import numpy as np
 
 from models.attention_weights import attention_maps
 from models.errors import InputError, named_path
-from train import cli, figures, generate, workdir as workdir_lib, workdir_cli
+from train import cli, figures, generate, workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 KINDS = ("self", "cross", "encoder")
@@ -75,8 +75,8 @@ def head_maps(run: workdir_lib.Run, text: str, kind: str | None = None,
 
 def define_flags():
   """The flags of `python -m train.attention_maps`, defined when it runs (not on import)."""
-  workdir_cli.define_flags()
-  flags.adopt_module_key_flags(workdir_cli)  # --help lists --workdir and --input too.
+  cli.define_workdir_flags()
+  flags.adopt_module_key_flags(cli)  # --help lists --workdir and --input too.
   flags.DEFINE_string("out", None, "PNG file to write.")
   flags.DEFINE_enum("kind", None, KINDS,
                     "seq2seq: cross (default), decoder self, or encoder self-attention.")
@@ -108,9 +108,9 @@ def draw(run: workdir_lib.Run, texts: list[str]):
 def main(argv):
   del argv
   cli.guarded(check_out)(FLAGS.out)
-  workdir_cli.main(draw)
+  cli.answer_inputs(draw)
 
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, workdir_cli.parse_flags)
+  cli.run(main, cli.parse_flags)

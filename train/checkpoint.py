@@ -11,7 +11,7 @@ folder, which `latest_step` ignores and the next `Checkpointer` on DIR deletes.
     with Checkpointer(workdir + "/checkpoints", save_every=500, keep=3) as ckpt:
       if ckpt.latest_step() is not None:
         state, data_state = ckpt.restore(abstract_state)  # ShapeDtypeStructs + shardings
-      with PreemptionGuard() as guard:
+      with preemption.PreemptionGuard() as guard:
         for ...:
           stop = guard.should_stop(step)
           ckpt.save(step, state, data_state, force=stop or last)
@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import re
-import signal
 import threading
 from typing import Any
 
@@ -43,18 +42,16 @@ import orbax.checkpoint as ocp
 
 from models import paths
 from models.errors import InputError, MissingInputError
-from train import threadless_exit
-from train.settled_loops import settled_loops
-from train.step_folders import STEP_NAME
+from train import checkpoint_metadata, event_loops
+from train.records import STEP_NAME
 
 STATE = "state"
 DATA = "data"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _DAMAGED = re.compile(r"^(0|[1-9]\d*)\.damaged(-\d+)?$")  # a step folder set aside, unreadable
 _ORBAX_ROOT_FILES = ("metadata", "_ROOT_METADATA")
-_DICT_KEY = 2  # orbax's key_type of a dict key in a tree's metadata file (1: a sequence index)
 # Old steps deleted in the save's own thread: orbax's default on many cores starts threads to
-# delete each, which fail when a save is finished at exit on Python 3.12 (train/threadless_exit.py).
+# delete each, which fail when a save is finished at exit on Python 3.12 (train/event_loops.py).
 _ONE_DELETION_THREAD = ({"num_deletion_threads": 1} if "num_deletion_threads" in {
     f.name for f in dataclasses.fields(ocp.CheckpointManagerOptions)} else {})
 
@@ -101,7 +98,7 @@ class Checkpointer:
     # last save: Python runs these hooks before it stops the thread pools orbax writes with
     # (a plain `atexit` hook runs after, and the save then stalls for minutes and is lost).
     threading._register_atexit(self.close)  # pylint: disable=protected-access
-    threadless_exit.install()  # and can finish it where the exit starts no thread (Python 3.12)
+    event_loops.install_threadless_exit()  # and finish it where the exit starts no thread (3.12)
 
   def latest_step(self) -> int | None:
     """The newest checkpoint's step (or one this process is writing), None if none."""
@@ -129,7 +126,7 @@ class Checkpointer:
                                  DATA: ocp.args.JsonSave(data_state)})
     return self._manager.save(step, args=args, force=force)
 
-  @settled_loops()  # a damaged file's failed read leaves no others running (train/settled_loops.py)
+  @event_loops.settled_loops()  # a damaged file's failed read leaves no others running
   def restore(self, abstract_state: Any, *, step: int | None = None) -> tuple[Any, dict]:
     """(state, data_state) of `step` (default: the latest readable), laid out as `abstract_state`.
 
@@ -143,7 +140,7 @@ class Checkpointer:
     """
     self._manager.wait_until_finished()
     steps = self.all_steps()
-    abstract_state = _abstract_tree(abstract_state, require_sharding=True)
+    abstract_state = checkpoint_metadata.abstract_tree(abstract_state, require_sharding=True)
     if step is not None:
       if step not in steps:
         raise CheckpointError(f"No checkpoint of step {step} in {self.directory}; it holds "
@@ -217,7 +214,7 @@ class Checkpointer:
     self.close()
 
 
-@settled_loops()
+@event_loops.settled_loops()
 def load_params(path: str | os.PathLike, abstract_params: Any = None) -> Any:
   """The params of another run's latest checkpoint, for `init_from` (optimizer state unread).
 
@@ -227,7 +224,9 @@ def load_params(path: str | os.PathLike, abstract_params: Any = None) -> Any:
   shapes must match the checkpoint's (dtypes are cast). None: numpy arrays as saved.
   """
   step_dir = _find_step_dir(_absolute(path))
-  if abstract_params is None and (keys := _saved_params_keys(step_dir)) is not None:
+  keys = None if abstract_params is not None else checkpoint_metadata.saved_params_keys(
+      step_dir / STATE)
+  if keys is not None:
     item = {"params": keys}
     return _restore_params(step_dir, item, jax.tree.map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item))
@@ -238,36 +237,11 @@ def load_params(path: str | os.PathLike, abstract_params: Any = None) -> Any:
     abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
                                    saved["params"])
   else:
-    abstract_params = _abstract_tree(abstract_params, require_sharding=False)
+    abstract_params = checkpoint_metadata.abstract_tree(abstract_params, require_sharding=False)
     _check_tree_matches({"params": abstract_params}, {"params": saved["params"]}, step_dir,
                         fix="set the model config to the one that wrote it")
   item = {"params": abstract_params}
   return _restore_params(step_dir, item, ocp.checkpoint_utils.construct_restore_args(item))
-
-
-def _saved_params_keys(step_dir: epath.Path) -> dict | None:
-  """The saved params' nested dicts of keys (leaves 0), from orbax's tree metadata file alone.
-
-  The full metadata (`_saved_tree`) also reads every array's own metadata, the optimizer's
-  included: 0.35 of the 0.6 s train.generate took to load the quickstart. None where the file
-  is not as orbax 0.12 writes it (another orbax): the caller then reads the full metadata.
-  """
-  params: dict = {}
-  try:
-    entries = json.loads((step_dir / STATE / "_METADATA").read_text())["tree_metadata"]
-    for entry in entries.values():
-      keys = entry["key_metadata"]
-      if keys[0]["key"] != "params":
-        continue
-      if len(keys) < 2 or any(k["key_type"] != _DICT_KEY for k in keys):
-        return None
-      node = params
-      for key in keys[1:-1]:
-        node = node.setdefault(key["key"], {})
-      node[keys[-1]["key"]] = 0
-  except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-    return None
-  return params or None
 
 
 def _restore_params(step_dir: epath.Path, item: dict, restore_args: Any) -> Any:
@@ -279,58 +253,6 @@ def _restore_params(step_dir: epath.Path, item: dict, restore_args: Any) -> Any:
       return checkpointer.restore(step_dir / STATE, args=args)["params"]
   finally:
     checkpointer.close()
-
-
-class PreemptionGuard:
-  """Turns SIGTERM and SIGINT into `should_stop()`, so the loop saves and exits cleanly.
-
-  The handlers are installed on entering and the previous ones put back on exit. A second
-  SIGINT raises KeyboardInterrupt, so a stuck run can still be interrupted.
-
-  With several processes (`jax.process_count() > 1`) all of them must stop at the same
-  step, which a per-host flag cannot promise. There the guard installs no handlers and
-  leaves SIGTERM to JAX's preemption service (started by `jax.distributed.initialize`):
-  `should_stop(step)`, called at every step on every process, is True on all of them at
-  the same step once any was told to stop (`multihost_utils.reached_preemption_sync_point`).
-  """
-
-  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
-    self.signals = tuple(signals)
-    self.received: int | None = None  # the first signal received, if any
-    self._previous: dict[int, Any] = {}
-
-  def should_stop(self, step: int | None = None) -> bool:
-    """True once a stop was requested; pass the step to honour multi-host preemption."""
-    if self.received is not None:
-      return True
-    if step is None:
-      return False
-    try:
-      return multihost_utils.reached_preemption_sync_point(int(step))
-    except RuntimeError:  # the preemption service is disabled (jax_enable_preemption_service)
-      return False
-
-  def _handle(self, signum, frame) -> None:
-    if self.received is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.received = signum
-    logging.warning("Received %s: saving a checkpoint and stopping after this step.",
-                    signal.Signals(signum).name)
-
-  def __enter__(self) -> "PreemptionGuard":
-    if jax.process_count() > 1:
-      return self
-    if threading.current_thread() is not threading.main_thread():
-      logging.warning("PreemptionGuard outside the main thread: signals are not handled.")
-      return self
-    for signum in self.signals:
-      self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-    self._previous.clear()
 
 
 def _absolute(path: str | os.PathLike) -> epath.Path:
@@ -384,63 +306,16 @@ def _saved_tree(step_dir: epath.Path) -> Any:
   if not (step_dir / STATE).is_dir():
     raise CheckpointError(f"{step_dir} holds no '{STATE}' item: it was not written by "
                           "train.checkpoint, or is damaged.")
-  handler = ocp.StandardCheckpointHandler()
-  try:
-    with _reading(step_dir):
-      metadata = handler.metadata(step_dir / STATE)
-  finally:
-    handler.close()
-  return getattr(metadata, "tree", metadata)
-
-
-def _abstract_tree(tree: Any, *, require_sharding: bool) -> Any:
-  """ShapeDtypeStructs (with the leaves' shardings) for a tree of arrays or structs."""
-  unsharded = []
-
-  def to_struct(path, leaf):
-    sharding = getattr(leaf, "sharding", None)
-    if sharding is None:
-      unsharded.append(paths.path_name(path))
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-  tree = jax.tree_util.tree_map_with_path(to_struct, tree)
-  if require_sharding and unsharded:
-    raise ValueError(
-        f"abstract_state needs a sharding on every leaf; missing on {paths.listing(unsharded)}. "
-        "Build it as jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) from jax.eval_shape "
-        "and the run's shardings.")
-  return tree
+  with _reading(step_dir):
+    return checkpoint_metadata.saved_tree(step_dir / STATE)
 
 
 def _check_tree_matches(abstract: Any, saved: Any, step_dir: epath.Path, *, fix: str) -> None:
   """Raises CheckpointError listing leaves missing, unexpected or of another shape."""
-  want = _shapes(abstract, stored=True)
-  have = _shapes(saved, stored=False)
-  problems = []
-  missing = sorted(want.keys() - have.keys())
-  if missing:
-    problems.append(f"not in the checkpoint: {paths.listing(missing)}")
-  unexpected = sorted(have.keys() - want.keys())
-  if unexpected:
-    problems.append(f"in the checkpoint but not in the model: {paths.listing(unexpected)}")
-  reshaped = [f"{k} {have[k]} saved, {want[k]} expected"
-              for k in sorted(want.keys() & have.keys()) if want[k] != have[k]]
-  if reshaped:
-    problems.append(f"shapes differ: {paths.listing(reshaped)}")
+  problems = checkpoint_metadata.tree_mismatches(abstract, saved)
   if problems:
     raise CheckpointError(f"The checkpoint {step_dir} does not match: " + "; ".join(problems)
                           + f". {fix[0].upper()}{fix[1:]}.")
-
-
-def _shapes(tree: Any, *, stored: bool) -> dict[str, tuple[int, ...]]:
-  """{"a/b/0": shape}; stored=True gives typed PRNG keys the shape of their saved data."""
-  shapes = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    shape = tuple(getattr(leaf, "shape", ()))
-    if stored and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      shape = jax.eval_shape(jax.random.key_data, leaf).shape
-    shapes[paths.path_name(path)] = shape
-  return shapes
 
 
 @contextlib.contextmanager

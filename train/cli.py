@@ -1,4 +1,5 @@
-"""The CLIs' one error path: an expected error is one `error:` line on stderr and exit status 2.
+"""What the CLIs share: one error path (an expected error is one `error:` line on stderr and exit
+status 2), their flag parsing, and the flags and main of those over a trained workdir.
 
 Expected errors are those of bad input (a config, flag, data file, tokenizer, checkpoint,
 workdir or folder): models.errors.InputError and its kind (CheckpointError, PretrainedError,
@@ -12,7 +13,7 @@ import gc
 import sys
 from collections.abc import Callable
 
-from absl import app
+from absl import app, flags, logging
 
 from models.errors import InputError
 
@@ -45,3 +46,28 @@ def run(main: Callable, flags_parser: Callable) -> None:
   exit hook (orbax's last save, absl's log flush)."""
   atexit.register(gc.freeze)
   app.run(main, flags_parser=flags_parser)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for app.run(flags_parser=...): a bad or missing flag is one `error:`
+  line and exit status 2, not absl's FATAL message and exit status 1."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(e, "--helpshort lists the flags.")
+
+
+def define_workdir_flags(input_required: bool = True):
+  """--workdir (required) and --input (repeatable) of a CLI over a trained run (train.generate,
+  train.attention_maps); it calls this when it runs."""
+  flags.DEFINE_string("workdir", None, "Workdir of a training run.")
+  flags.DEFINE_multi_string("input", None, "Input text (repeat for several).")
+  flags.mark_flags_as_required(["workdir", "input"] if input_required else ["workdir"])
+
+
+def answer_inputs(answer: Callable):
+  """Calls answer(the --workdir run as train.workdir.load gives it, the --input texts); bad
+  input ends as one `error:` line."""
+  from train import workdir as workdir_lib  # jax: imported when such a CLI runs, not by launch/
+  logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
+  guarded(lambda: answer(workdir_lib.load(flags.FLAGS.workdir), flags.FLAGS.input))()

@@ -1,7 +1,7 @@
-"""Experiment configs: the shared defaults, validation, and the model config they describe.
+"""Experiment configs: the shared defaults, the tiny variants, assets, and the model config.
 
 An experiment file's `get_config()` starts from `base_config()` and sets what it needs.
-`validate(config)` runs before anything compiles and turns a bad value into one sentence.
+train/validation.py checks a config once, where a run starts, before anything compiles.
 
 Assets: a folder a config names (init_from="hf:FOLDER", data.source="local:PATH",
 data.tokenizer_path and the like) may be given as `asset:NAME`, e.g. "hf:asset:tiny_bert" or
@@ -12,9 +12,6 @@ so the workdir's config.json holds real paths, and get_config() reads and writes
 
 import copy
 import dataclasses
-import json
-import math
-import os
 import pathlib
 import re
 import typing
@@ -22,13 +19,10 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from models import decoding, lora, presets, pretrained
+from models import presets
 from models.errors import InputError
-from models.pretrained_tables import FAMILIES, PretrainedError
 from models.transformer import TransformerConfig
-from train import assets, hf_copy, optim, xla_flags
-from train.data import sources
-from train.tasks import TASKS
+from train import assets, optim
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
@@ -250,255 +244,3 @@ def model_config(config, vocab_size: int,
     return presets.PRESETS[config.model.preset](**fields)
   return TransformerConfig(**fields)
 
-
-def validate(config, workdir: str | None = None) -> None:
-  """One clear error for a value or combination that cannot run (an hf:FOLDER's config.json is
-  read from the copy `workdir` keeps of it, once it holds one: train/hf_copy.py)."""
-  if config.task not in TASKS:
-    raise InputError(f"config.task={config.task!r}: choose from {TASKS}.")
-  _validate_numbers(config)
-  if config.task == "classify" and config.model.num_classes < 2:
-    raise InputError("config.task='classify' needs config.model.num_classes >= 2.")
-  _validate_source_options(config.data)
-  local_task = config.data.source_options.get("task")
-  if local_task in ("instruct", "chat") and config.task != "lm":
-    raise InputError(f"config.data.source_options.task={local_task!r} (prompt -> response pairs"
-                     " or conversations) trains an lm run, not config.task="
-                     f"{config.task!r}: set task='lm'.")
-  if local_task == "chat" and config.data.tokenizer != "pretrained":
-    raise InputError("config.data.source_options.task='chat' tokenizes conversations as their "
-                     "template writes them, with a Hugging Face tokenizer: set "
-                     f"data.tokenizer='pretrained', not {config.data.tokenizer!r}.")
-  if "chat_template" in config.data.source_options and local_task != "chat":
-    raise InputError("config.data.source_options.chat_template is read by task='chat' only; "
-                     "set source_options.task='chat' or drop it.")
-  if config.init_from and not config.init_from.startswith(("ckpt:", "hf:")):
-    raise InputError(f"config.init_from={config.init_from!r}: use 'ckpt:WORKDIR' or "
-                     "'hf:FOLDER'.")
-  hf_model = _validate_hf(config, workdir) if config.init_from.startswith("hf:") else None
-  if local_task == "chat":  # Its template, before any data; tokenizers imported by chat runs.
-    from train import run_tokenizers
-    run_tokenizers.chat_template(config, workdir)
-  _validate_lora(config)
-  if config.decode.method not in decoding.METHODS:
-    raise InputError(f"config.decode.method={config.decode.method!r}: use one of "
-                     f"{', '.join(decoding.METHODS)}.")
-  if config.decode.method == "sample" and config.decode.temperature == 0:
-    raise InputError("config.decode.temperature=0 with decode.method='sample': give a "
-                     "temperature > 0, or use decode.method='greedy'.")
-  optim.validate_optim_config(config.optim, config.train.batch_size)
-  xla_flags.validate(config.train.xla_flags)
-  # The model as far as it is known before any data or tokenizer work (vocab_size aside).
-  _validate_lengths(config, hf_model or model_config(config, vocab_size=1))
-  _validate_finite(config)
-
-
-# Counts: (key, the smallest value allowed). Each must be an integer.
-INTEGERS = (
-    ("train.num_steps", 1), ("train.batch_size", 1), ("train.log_every", 1),
-    ("train.keep_checkpoints", 1), ("train.eval_every", 0), ("train.checkpoint_every", 0),
-    ("train.eval_batches", 0), ("train.print_examples", 0),
-    ("data.seq_len", 1), ("data.inputs_len", 1), ("data.targets_len", 1),
-    ("data.tokenizer_train_examples", 1), ("data.vocab_size", 0), ("data.num_workers", 0),
-    ("data.max_segments_per_row", 0),
-    ("decode.beam_size", 1), ("decode.top_k", 0), ("decode.max_new_tokens", 0),
-)
-# Real numbers: (key, the range allowed, in words). Each must be finite.
-REALS = (
-    ("label_smoothing", lambda x: 0 <= x < 1, "in [0, 1)"),
-    ("data.mask_rate", lambda x: 0 < x < 1, "in (0, 1)"),
-    ("decode.temperature", lambda x: x >= 0, ">= 0"),
-    ("decode.top_p", lambda x: 0 <= x <= 1, "in [0, 1] (0 = off)"),
-    ("decode.length_penalty_alpha", lambda x: True, ""),
-    ("train.peak_flops", lambda x: x >= 0, ">= 0 (0 = from the device table)"),
-)
-MESH_AXES = ("data", "fsdp", "tensor")
-
-
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _get(config, key: str):
-  """config.data.seq_len for key "data.seq_len"."""
-  for part in key.split("."):
-    config = config[part]
-  return config
-
-
-def _validate_source_options(data) -> None:
-  known = sources.option_names(data.source)
-  unknown = sorted(set(data.source_options) - set(known))
-  if unknown:
-    raise InputError(f"config.data.source_options has {', '.join(unknown)}, which "
-                     f"data.source={data.source!r} does not take; it takes "
-                     f"{', '.join(known) or 'no options'}.")
-
-
-def _validate_numbers(config) -> None:
-  """The counts, rates and mesh sizes a user gives are numbers in their ranges (NaN is not)."""
-  for key, smallest in INTEGERS:
-    value = _get(config, key)
-    if isinstance(value, bool) or not isinstance(value, int):
-      raise InputError(f"config.{key} must be an integer, got {value!r}.")
-    if value < smallest:
-      allowed = "positive" if smallest == 1 else f">= {smallest}"
-      raise InputError(f"config.{key} must be {allowed}, got {value}.")
-  for key, in_range, allowed in REALS:
-    value = _get(config, key)
-    if not _is_number(value) or not math.isfinite(value) or not in_range(value):
-      raise InputError(f"config.{key} must be {f'a finite number {allowed}'.strip()}, got "
-                       f"{value!r}.")
-  sizes = [config.mesh[axis] for axis in MESH_AXES]
-  for axis, size in zip(MESH_AXES, sizes):
-    if isinstance(size, bool) or not isinstance(size, int) or (size != -1 and size < 1):
-      raise InputError(f"config.mesh.{axis} must be a positive integer or -1 (= the devices "
-                       f"the other axes leave), got {size!r}.")
-  if sizes.count(-1) > 1:
-    raise InputError(f"config.mesh sets {sizes.count(-1)} axes to -1: at most one axis may "
-                     "take the devices the others leave; give the others explicit sizes.")
-
-
-def _validate_finite(config, prefix: str = "config") -> None:
-  """No float anywhere in the config is NaN or infinite (those with a range are checked first)."""
-  for key, value in config.items():
-    if isinstance(value, (dict, ml_collections.ConfigDict)):
-      _validate_finite(value, f"{prefix}.{key}")
-    elif isinstance(value, float) and not math.isfinite(value):
-      raise InputError(f"{prefix}.{key}={value} is not a finite number: give a finite value.")
-
-
-# The Hugging Face model_types each task fine-tunes.
-HF_FAMILIES = {"lm": pretrained.DECODERS, "seq2seq": ("t5",), "classify": ("bert",),
-               "mlm": ("bert",)}
-
-
-def _validate_hf(config, workdir: str | None) -> TransformerConfig:
-  """The folder's model type fits the task; config.model sets only fields that keep shapes.
-  Returns the folder's model (see _hf_model)."""
-  folder = hf_copy.folder(config, workdir)
-  hf = pretrained.read_config(folder)
-  model_type = hf["model_type"]
-  if model_type not in HF_FAMILIES[config.task]:
-    raise InputError(f"config.init_from={config.init_from!r} is a {model_type} checkpoint; task "
-                     f"{config.task!r} fine-tunes {', '.join(HF_FAMILIES[config.task])} "
-                     "checkpoints.")
-  if config.model.preset:
-    raise InputError(f"config.model.preset={config.model.preset!r} does not apply with "
-                     f"init_from={config.init_from!r}, whose config.json sets the model: set "
-                     "preset to ''.")
-  fixed = sorted(set(hf_overrides(config)) - set(pretrained.OVERRIDABLE))
-  if fixed:
-    raise InputError(f"config.model sets {fixed}, which {config.init_from!r}'s config.json "
-                     f"decides; only {list(pretrained.OVERRIDABLE)} may be set.")
-  return _hf_model(config, folder, hf)
-
-
-def _hf_model(config, folder: str, hf: dict) -> TransformerConfig:
-  """The model of an hf:FOLDER as its config.json `hf` describes it, with config.model's
-  overrides (the weights, not read here, decide only whether the output layer is tied)."""
-  try:
-    folder_cfg = FAMILIES[hf["model_type"]].config(hf, {})
-  except PretrainedError:
-    raise
-  except ValueError as e:  # TransformerConfig's validation.
-    raise PretrainedError(f"{folder}/config.json describes a model we cannot build: {e}") from e
-  return folder_cfg.replace(**hf_overrides(config))
-
-
-def _validate_lengths(config, model_cfg: TransformerConfig) -> None:
-  """The rows the model sees fit its learned position table, if it has one."""
-  if model_cfg.position != "learned":
-    return
-  names = ("inputs_len", "targets_len") if config.task == "seq2seq" else ("seq_len",)
-  lengths = {f"data.{name}": config.data[name] for name in names}
-  if config.task == "seq2seq":  # The eval's decoder positions.
-    lengths["decode.max_new_tokens"] = config.decode.max_new_tokens
-  max_len = model_cfg.max_len
-  if config.init_from.startswith("hf:"):
-    table, fix = (f"max_len={max_len} in {config.init_from}'s config.json",
-                  "(a pretrained model's table cannot grow)")
-  else:
-    table, fix = f"model.max_len={max_len}", "or raise model.max_len"
-  for name, value in lengths.items():
-    if value > max_len:
-      raise InputError(f"config.{name}={value} exceeds the model's learned position table "
-                       f"({table}): lower {name} to at most {max_len} {fix}.")
-
-
-def _validate_lora(config) -> None:
-  c = config.lora
-  if not c.enabled:
-    if c.adapter_only_checkpoint:
-      raise InputError("config.lora.adapter_only_checkpoint needs config.lora.enabled.")
-    return
-  if _is_number(c.alpha) and not math.isfinite(c.alpha):  # LoraConfig checks the rest.
-    raise InputError(f"config.lora.alpha must be a finite number > 0, got {c.alpha}.")
-  lora.LoraConfig(targets=c.targets, rank=c.rank, alpha=c.alpha)
-  for pattern in c.train:
-    try:
-      re.compile(pattern)
-    except (re.error, TypeError) as e:
-      raise InputError(f"config.lora.train pattern {pattern!r} is not a valid regular "
-                       f"expression ({e}).") from None
-  if config.optim.freeze:
-    raise InputError("With config.lora.enabled the model is frozen except the adapters and "
-                     "config.lora.train: leave config.optim.freeze empty.")
-  if c.adapter_only_checkpoint and not config.init_from:
-    raise InputError("config.lora.adapter_only_checkpoint needs config.init_from: the frozen "
-                     "base is rebuilt from it.")
-
-
-# Keys a resumed run may change: they leave the state's shapes and the data's tokens as trained.
-RESUMABLE = re.compile(
-    r"^(train\.(num_steps|log_every|eval_every|eval_batches|checkpoint_every|keep_checkpoints"
-    r"|peak_flops|print_examples|xla_flags|compilation_cache)|decode\..*|mesh\..*|distributed\..*"
-    r"|data\.data_dir"
-    r"|label_smoothing"
-    r"|model\.(dropout_rate|attention_dropout_rate|ffn_dropout_rate|dtype|logits_dtype"
-    r"|remat_policy|attention_implementation)"
-    r"|optim\.(learning_rate|schedule|warmup_steps|decay_steps|end_learning_rate_factor|b1|b2"
-    r"|eps|weight_decay|grad_accum_steps))$")
-
-
-def check_workdir(config, workdir: str) -> None:
-  """Refuses, before anything is written, a workdir that is a file, or whose checkpoints were
-  trained with settings that `config` changes beyond the RESUMABLE keys."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise InputError(f"--workdir={workdir} is a file: give a folder (new or a run's).")
-  path = os.path.join(workdir, "config.json")
-  if not (os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))
-          and any(name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))):
-    return
-  try:
-    with open(path) as f:
-      saved = _flat_dict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise InputError(f"{path} is not readable JSON ({e}): it records the run in {workdir}; "
-                     "restore it, or train in a new --workdir.") from None
-  given = _flat_dict(config.to_dict())
-  changed = [f"{key}={saved.get(key)!r} -> {given.get(key)!r}"
-             for key in sorted(saved.keys() | given.keys())
-             if not RESUMABLE.match(key) and _plain(saved.get(key)) != _plain(given.get(key))
-             and not (key == "model.vocab_size" and given.get(key) is None)]
-  if changed:
-    raise InputError(f"{workdir} holds a run trained with other settings: {'; '.join(changed)}. "
-                     "Resume it with its own settings (see its config.json), or train in a new "
-                     "--workdir.")
-
-
-def _flat_dict(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict) and value:
-      out.update(_flat_dict(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def _plain(value):
-  """JSON's lists and the config's tuples compare equal; so do {} and an empty section."""
-  if isinstance(value, (list, tuple)):
-    return tuple(_plain(v) for v in value)
-  return None if value == {} else value

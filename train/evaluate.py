@@ -17,8 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from models.errors import InputError
-from train import (cli, compilation_cache, loop, metrics as metrics_lib, parallel,
-                   workdir as workdir_lib, workdir_cli)
+from train import (cli, compilation_cache, loop, metrics as metrics_lib, parallel, validation,
+                   workdir as workdir_lib)
 
 FLAGS = flags.FLAGS
 
@@ -41,9 +41,10 @@ def checkpoint_step(workdir: str, step: int | None) -> int:
 def evaluate(workdir: str, split: str | None = None, step: int | None = None) -> dict:
   """Evaluates the run in `workdir` at checkpoint `step` (None: the latest) on `split` (None:
   its eval split), appends the results to its metrics.jsonl, and returns them."""
-  config = workdir_lib.read_config(workdir)
+  config = workdir_lib.run_config(workdir)
   if split is not None:
     config.data.eval_split = split
+  validation.validate(config, workdir)
   step = checkpoint_step(workdir, step)
   exp = loop.build(config, workdir)
   model = exp.task.model
@@ -81,4 +82,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, workdir_cli.parse_flags)
+  cli.run(main, cli.parse_flags)

@@ -20,7 +20,7 @@ from absl import flags, logging
 
 from models import pretrained, pretrained_export
 from models.errors import InputError, named_path
-from train import cli, export_tokenizer, hf_copy, workdir as workdir_lib, workdir_cli
+from train import cli, export_tokenizer, hf_copy, workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 MANIFEST = "export.json"
@@ -50,7 +50,7 @@ def export(workdir: str, out: str) -> str:
   try:
     hf = pretrained_export.to_hf(
         run.model, run.params, staging, extra_config=_token_ids(run),
-        model_type=pretrained.read_config(source)["model_type"] if source else None)
+        model_type=pretrained.config_json(source)["model_type"] if source else None)
     for name, data in files.items():
       with open(os.path.join(staging, name), "wb") as f:
         f.write(data)
@@ -115,4 +115,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, workdir_cli.parse_flags)
+  cli.run(main, cli.parse_flags)

@@ -32,7 +32,7 @@ import numpy as np
 
 from models import decoding
 from models.errors import InputError, named_path
-from train import cli, compilation_cache, workdir as workdir_lib, workdir_cli, xla_flags
+from train import cli, compilation_cache, workdir as workdir_lib, xla_flags
 from train.data import examples
 
 FLAGS = flags.FLAGS
@@ -147,19 +147,14 @@ def _filled(run: workdir_lib.Run, text: str, tokens_T: np.ndarray,
   return Answer(text, run.input_tokenizer.decode(filled_T), float(score))
 
 
-def label_probabilities(run: workdir_lib.Run, text: str) -> np.ndarray:
-  """A classify run's probability of each label for one text."""
-  return np.asarray(answer_batch(run, [text], None, None)[0].probabilities)
-
-
 # ---------------------------------------------------------------------------------------
 # The CLI
 
 
 def define_flags():
   """The flags of `python -m train.generate`, defined when it runs (not on import)."""
-  workdir_cli.define_flags(input_required=False)
-  flags.adopt_module_key_flags(workdir_cli)  # --help lists --workdir and --input too.
+  cli.define_workdir_flags(input_required=False)
+  flags.adopt_module_key_flags(cli)  # --help lists --workdir and --input too.
   flags.DEFINE_string("input_file", None, "A file of inputs, one a line (instead of --input).")
   flags.DEFINE_string("output_file", None, "Where to write the answers (JSONL); default stdout.")
   flags.DEFINE_integer("batch_size", 64, "Inputs decoded at once.")
@@ -254,9 +249,9 @@ def main(argv):
   texts, where = cli.guarded(read_inputs)()
   xla_flags.compile_quickly_on_cpu()
   compilation_cache.use()
-  workdir_cli.main(lambda run, _: write_answers(run, texts, where))
+  cli.answer_inputs(lambda run, _: write_answers(run, texts, where))
 
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, workdir_cli.parse_flags)
+  cli.run(main, cli.parse_flags)

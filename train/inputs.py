@@ -67,7 +67,7 @@ class Inputs:
                   shuffle=shuffle, num_epochs=num_epochs, num_workers=self.data.num_workers)
     source = self.source(split)
     d = self.data
-    limit = segment_limit(d)
+    limit = max_segments_per_row(self.task, d) or 0  # 0: as many as fit
     if self.task == "lm":
       # A pair cut in pieces would teach later pieces of a response without their prompt.
       instruct = examples.instruct(d)
@@ -89,15 +89,15 @@ class Inputs:
                                  mask_rate=d.mask_rate, **common)
 
 
-def max_segments_per_row(config) -> int | None:
+def max_segments_per_row(task: str, data) -> int | None:
   """The most segments a row of the train batches' segment ids holds (grain's packing writes
-  ids 1, ..., k with k at most this; one a row unpacked), or None where packing sets no limit.
-  """
-  if config.task not in ("lm", "seq2seq"):
+  ids 1, ..., k with k at most this; one a row unpacked), or None where packing sets no limit:
+  data.max_segments_per_row, 0 (no limit) in runs saved before the key existed."""
+  if task not in ("lm", "seq2seq"):
     return None
-  if not config.data.pack:
+  if not data.pack:
     return 1
-  return segment_limit(config.data) or None
+  return data.get("max_segments_per_row", 0) or None
 
 
 # Per task, the fields that lay out packed rows: segment ids first, positions after.
@@ -145,7 +145,8 @@ class BatchLayout:
   process for the same batches."""
 
   def __init__(self, config, name: str = "train"):
-    self.task, self.packs, self.name = config.task, max_segments_per_row(config) != 1, name
+    self.task, self.name = config.task, name
+    self.packs = max_segments_per_row(config.task, config.data) != 1
     self.exchange = parallel.ProcessMax(f"segment_capacity/{name}")
 
   def __call__(self, batch: dict) -> tuple[int | None, dict]:
@@ -213,11 +214,6 @@ class BatchLayout:
 # What `BatchLayout.lockstep` exchanges for a process out of batches: none at all (the largest
 # int, so that every process sees it) or no more (0, below any capacity).
 NO_BATCHES, NO_MORE_BATCHES = 2**31 - 1, 0
-
-
-def segment_limit(data) -> int:
-  """data.max_segments_per_row; 0 (no limit) for runs saved before the key existed."""
-  return data.get("max_segments_per_row", 0)
 
 
 LOCAL_TASKS = {"lm": "lm", "mlm": "lm", "seq2seq": "seq2seq", "classify": "classification"}

@@ -19,8 +19,9 @@ from jax.experimental import multihost_utils
 from models import decoding
 from models.errors import named_path
 from train import checkpoint, config as config_lib, inputs as inputs_lib, metrics as metrics_lib
-from train import hf_copy, optim, parallel, records, tasks, workdir as workdir_lib
-from train.console import say
+from train import hf_copy, optim, parallel, preemption, records, tasks, validation
+from train import workdir as workdir_lib
+from train.metrics import say
 from train.state import TrainState
 from train.trainable import Trainable, pretrained_model, read_source
 
@@ -44,8 +45,7 @@ class Experiment:
 
 
 def build(config, workdir: str) -> Experiment:
-  """Validates the config and builds data, model and optimizer (nothing compiled yet)."""
-  config_lib.validate(config, workdir)
+  """Data, model and optimizer of a validated config (train/validation.py); nothing compiled."""
   inputs = inputs_lib.make_inputs(config, workdir)
   source = read_source(config, workdir)
   model_cfg = config_lib.model_config(config, inputs.vocab_size,
@@ -77,7 +77,7 @@ def make_train_step(exp: Experiment):
   def train_step(state: TrainState, batch):
     out = optim.accumulate_gradients(jax.value_and_grad(loss_fn, has_aux=True), state.params,
                                      batch, accum, state.step_key())
-    grad_norm = optim.global_norm(out.grads)  # once: clipping and the logged metric share it
+    grad_norm = optim.float32_global_norm(out.grads)  # once: for clipping and the metric
     new_state = state.apply_gradients(grads=out.grads, tx=exp.tx, grad_norm=grad_norm)
     return new_state, {**out.metrics, "grad_norm": grad_norm}
 
@@ -90,7 +90,7 @@ def jit_train_step(exp: Experiment, shardings, max_segments_per_row: int | None 
   (inputs.BatchLayout; 1: rows of one example, without segment ids), one jitted step per
   capacity; None: what the config's packing guarantees of every train batch."""
   if max_segments_per_row is None:
-    max_segments_per_row = inputs_lib.max_segments_per_row(exp.config)
+    max_segments_per_row = inputs_lib.max_segments_per_row(exp.config.task, exp.config.data)
   step = parallel.on_mesh(make_train_step(exp), exp.mesh,
                           max_segments_per_row=max_segments_per_row)
   return jax.jit(step,
@@ -114,9 +114,9 @@ def write_config(exp: Experiment):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains to `config.train.num_steps`, resuming from `workdir`; returns the last eval."""
   config = config_lib.resolve_assets(config)  # asset:NAME -> its folder, before anything reads it
-  config_lib.validate(config, workdir)
+  validation.validate(config, workdir)  # once, here: what follows takes the config as valid
   parallel.maybe_initialize_distributed(config.distributed)
-  config_lib.check_workdir(config, workdir)
+  workdir_lib.check_workdir(config, workdir)
   with named_path(f"--workdir={workdir}"):
     os.makedirs(workdir, exist_ok=True)
   exp = build(config, workdir)
@@ -164,7 +164,7 @@ def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> 
   if step and eval_due(step):  # A run killed during this eval runs it again.
     last_eval = (records.recorded(exp.workdir, step, "eval")
                  or evaluator(state.params, step, writer))
-  with checkpoint.PreemptionGuard() as guard:
+  with preemption.PreemptionGuard() as guard:
     while step < t.num_steps:
       capacity, batch = layout(next(train_iter))
       batch = parallel.host_to_global(batch, exp.mesh)

@@ -1,4 +1,5 @@
-"""Where metrics go: WORKDIR/metrics.jsonl, TensorBoard events, and a progress bar on a TTY.
+"""Where metrics go: WORKDIR/metrics.jsonl, TensorBoard events, and a progress bar on a TTY; and
+`say`, the lines for the person running the experiment.
 
 Also the arithmetic of throughput: a traced step's FLOPs and the peak FLOP/s of the device,
 for MFU (model FLOPs utilisation).
@@ -16,6 +17,13 @@ import numpy as np
 import tqdm
 
 from train import records
+
+
+def say(message: str):
+  """Prints `message` on process 0 only, flushed at once."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
 
 # Dense bf16 peak FLOP/s per chip, by the start of jax's `device_kind`.
 PEAK_FLOPS = {

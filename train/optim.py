@@ -28,7 +28,6 @@ say otherwise; parameters with other names decay when they have two or more dime
 
 import functools
 import math
-import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -127,12 +126,7 @@ def _problems(cfg, batch_size: int | None, num_steps: int | None) -> list[str]:
   elif batch_size is not None and batch_size % cfg.grad_accum_steps:
     problems.append(f"grad_accum_steps={cfg.grad_accum_steps} does not divide the batch size "
                     f"{batch_size}: choose a divisor of it or change train.batch_size")
-  for pattern in (cfg.freeze,) if isinstance(cfg.freeze, str) else tuple(cfg.freeze or ()):
-    try:
-      re.compile(pattern)
-    except (re.error, TypeError) as error:
-      problems.append(f"freeze pattern {pattern!r} is not a valid regular expression ({error})")
-  return problems
+  return problems + paths.pattern_problems("freeze pattern", cfg.freeze)
 
 
 def validate_optim_config(optim_cfg, batch_size: int | None = None,
@@ -231,8 +225,9 @@ def make_optimizer(optim_cfg,
 # Clipping by the global norm, computed once a step.
 
 
-def global_norm(tree) -> jax.Array:
-  """sqrt(sum of squares) over every leaf, in float32 (optax renames its own across versions)."""
+def float32_global_norm(tree) -> jax.Array:
+  """sqrt(sum of squares) over every leaf, summed in float32 whatever the leaves' dtype (optax's
+  own, optax.tree.norm from 0.2.5 on, sums in theirs: bf16 gradients would lose the norm)."""
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
@@ -246,7 +241,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
   exact zeros (stop_gradient), which leave the norm unchanged."""
   def update(updates, state, params=None, *, grad_norm=None, **extra_args):
     del params, extra_args
-    norm = global_norm(updates) if grad_norm is None else grad_norm
+    norm = float32_global_norm(updates) if grad_norm is None else grad_norm
     unclipped = norm < max_norm
     clip = lambda x: jax.lax.select(unclipped, x, (x / norm.astype(x.dtype)) * max_norm)
     return jax.tree.map(clip, updates), state

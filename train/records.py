@@ -1,16 +1,21 @@
-"""WORKDIR/metrics.jsonl, the run's record: one JSON object a line with `step` and `split`.
+"""WORKDIR/metrics.jsonl, the run's record: one JSON object a line with `step` and `split`; and
+STEP_NAME, the name of a checkpoint's step folder.
 
-Read without jax, so that launch/ can tell from it whether a run is done.
+Read without jax, so that launch/ can tell from them whether a run is done.
 """
 
 import json
 import os
+import re
 
 from etils import epath
 
 from models.errors import InputError
 
 FILE = "metrics.jsonl"
+# A run's checkpoints are WORKDIR/checkpoints/STEP, STEP in plain decimal: orbax's default step
+# format, without prefix or zero padding.
+STEP_NAME = re.compile(r"^(0|[1-9]\d*)$")
 
 
 def read_metrics(workdir) -> list[dict]:

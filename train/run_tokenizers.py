@@ -76,7 +76,7 @@ def decoder_start_id(config, target_tokenizer: tokenizers.Tokenizer,
   `decoder_start_token_id` (T5: its pad id, 0), else the target tokenizer's BOS (EOS where it
   has none)."""
   if config.init_from.startswith("hf:"):
-    start = pretrained.read_config(hf_copy.folder(config, workdir)).get("decoder_start_token_id")
+    start = pretrained.config_json(hf_copy.folder(config, workdir)).get("decoder_start_token_id")
     if start is not None:
       return int(start)
   return examples.bos_eos(target_tokenizer)[0]

@@ -40,7 +40,7 @@ from models import lora, paths, pretrained
 from models.errors import InputError
 from models.transformer import TransformerConfig
 from train import checkpoint, config as config_lib, hf_copy, parallel
-from train.console import say
+from train.metrics import say
 
 HEADS = {"classify": "classifier", "mlm": "mlm"}  # import_hf's head for our task models
 
@@ -124,10 +124,6 @@ def _lora_config(c) -> lora.LoraConfig | None:
   return lora.LoraConfig(targets=c["targets"], rank=c["rank"], alpha=float(c["alpha"]))
 
 
-def _patterns(patterns) -> tuple[str, ...]:
-  return (patterns,) if isinstance(patterns, str) else tuple(patterns or ())
-
-
 # ---------------------------------------------------------------------------------------------
 # The trainable parameters of a run.
 
@@ -160,16 +156,16 @@ class Trainable:
   def _mask(self, names) -> Any:
     """A Python bool per state param: False where frozen."""
     if self.lora is None:
-      patterns = _patterns(self.config.optim.freeze)
+      patterns = paths.patterns(self.config.optim.freeze)
       mask = jax.tree.map(lambda name: not any(re.search(p, name) for p in patterns), names)
-      _check_patterns("optim.freeze", patterns, jax.tree.leaves(names))
+      paths.check_matched("optim.freeze pattern", patterns, jax.tree.leaves(names))
       if patterns and not any(jax.tree.leaves(mask)):
         raise InputError(f"optim.freeze patterns {list(patterns)} freeze every parameter: "
                          "nothing would train; narrow the patterns.")
       return mask
-    patterns = _patterns(self.config.lora.train)
+    patterns = paths.patterns(self.config.lora.train)
     model_names = [n[len("base/"):] for n in jax.tree.leaves(names) if n.startswith("base/")]
-    _check_patterns("lora.train", patterns, model_names)
+    paths.check_matched("lora.train pattern", patterns, model_names)
     return jax.tree.map(lambda name: name.startswith("lora/") or any(
         re.search(p, name[len("base/"):]) for p in patterns), names)
 
@@ -244,14 +240,6 @@ class Trainable:
                        f"{paths.listing(missing)}: has init_from changed since training?")
     base = {n: np.asarray(self.source.params[n]).astype(s.dtype) for n, s in base.items()}
     return self.model_params(_overlay({"base": paths.unflatten(base)}, saved))
-
-
-def _check_patterns(field: str, patterns, names: list[str]) -> None:
-  """A pattern that matches no parameter is likely a typo: an error."""
-  for pattern in patterns:
-    if not any(re.search(pattern, name) for name in names):
-      raise InputError(f"{field} pattern {pattern!r} matches no parameter path (a typo?); "
-                       f"paths look like {names[:3]}.")
 
 
 def _subset(tree, mask) -> dict:

@@ -1,5 +1,6 @@
-"""A trained run loaded for inference: its model, parameters and tokenizers, nothing more.
+"""A run's workdir: checked before a run trains in it, loaded for inference once trained.
 
+`check_workdir(config, workdir)` refuses a workdir whose checkpoints `config` cannot resume.
 `load(workdir)` reads config.json, the latest checkpoint's params (with LoRA: merged) and the
 tokenizers (trained ones from their cached files; a pretrained one, and the model of an
 init_from=hf:FOLDER, from the copy of FOLDER's files the workdir keeps: train/hf_copy.py); it
@@ -11,6 +12,7 @@ reads no data and builds no optimizer.
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -38,7 +40,7 @@ class Run:
   chat_template: chat.Template | None = None  # a run on chat data (task="chat")
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
+def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the run in `workdir` was trained with (its config.json)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -52,12 +54,67 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                      "was trained, and the run cannot be loaded without it; restore it.") from None
 
 
+# Keys a resumed run may change: they leave the state's shapes and the data's tokens as trained.
+RESUMABLE = re.compile(
+    r"^(train\.(num_steps|log_every|eval_every|eval_batches|checkpoint_every|keep_checkpoints"
+    r"|peak_flops|print_examples|xla_flags|compilation_cache)|decode\..*|mesh\..*|distributed\..*"
+    r"|data\.data_dir"
+    r"|label_smoothing"
+    r"|model\.(dropout_rate|attention_dropout_rate|ffn_dropout_rate|dtype|logits_dtype"
+    r"|remat_policy|attention_implementation)"
+    r"|optim\.(learning_rate|schedule|warmup_steps|decay_steps|end_learning_rate_factor|b1|b2"
+    r"|eps|weight_decay|grad_accum_steps))$")
+
+
+def check_workdir(config, workdir: str) -> None:
+  """Refuses, before anything is written, a workdir that is a file, or whose checkpoints were
+  trained with settings that `config` changes beyond the RESUMABLE keys."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise InputError(f"--workdir={workdir} is a file: give a folder (new or a run's).")
+  path = os.path.join(workdir, "config.json")
+  if not (os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))
+          and any(name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))):
+    return
+  try:
+    with open(path) as f:
+      saved = _flat_dict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise InputError(f"{path} is not readable JSON ({e}): it records the run in {workdir}; "
+                     "restore it, or train in a new --workdir.") from None
+  given = _flat_dict(config.to_dict())
+  changed = [f"{key}={saved.get(key)!r} -> {given.get(key)!r}"
+             for key in sorted(saved.keys() | given.keys())
+             if not RESUMABLE.match(key) and _plain(saved.get(key)) != _plain(given.get(key))
+             and not (key == "model.vocab_size" and given.get(key) is None)]
+  if changed:
+    raise InputError(f"{workdir} holds a run trained with other settings: {'; '.join(changed)}. "
+                     "Resume it with its own settings (see its config.json), or train in a new "
+                     "--workdir.")
+
+
+def _flat_dict(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_flat_dict(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _plain(value):
+  """JSON's lists and the config's tuples compare equal; so do {} and an empty section."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return None if value == {} else value
+
+
 def load(workdir: str) -> Run:
   """The run in `workdir`, from its config.json, latest checkpoint and tokenizers."""
   # These import optax (train.optim, the losses); imported here, `import train.generate` stays
   # light and only loading a run pays for them.
   from train import config as config_lib, tasks, trainable as trainable_lib
-  config = read_config(workdir)
+  config = run_config(workdir)
   input_tokenizer, target_tokenizer = run_tokenizers.make_tokenizers(config, workdir)
   vocab_size = max(input_tokenizer.vocab_size, target_tokenizer.vocab_size)
   source = trainable_lib.read_source(config) if config.lora.adapter_only_checkpoint else None

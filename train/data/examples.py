@@ -14,6 +14,11 @@ training (the callables below) and by inference over a trained run (train/workdi
 The callables here run inside grain maps (in worker processes too, so they pickle).
 Examples to drop (blank text, over-long pairs with overlong="drop") come back with
 their counts set and empty or zero-weight arrays; `packing.DropFlagged` removes them.
+
+Counts: what happened to each example on its way to a batch. Every example carries a "counts"
+vector (one int a name of `COUNTS`) from tokenization to the batch, so the counts survive
+worker processes and iterator checkpoints. This module imports no grain, so inference code
+that lays out tokens (train.generate) loads without it.
 """
 
 import dataclasses
@@ -23,8 +28,19 @@ import numpy as np
 
 from models.errors import InputError
 from train.data import chat as conversations
-from train.data.counts import COUNTS, new_counts
 from train.data.tokenizers import Tokenizer
+
+
+COUNTS = ("examples", "empty", "invalid_utf8", "truncated", "split",
+          "dropped_long", "truncated_tokens")
+DROPPED = np.array([name in ("empty", "dropped_long") for name in COUNTS])
+
+
+def new_counts() -> np.ndarray:
+  """The counts of one example just read."""
+  counts = np.zeros(len(COUNTS), np.int64)
+  counts[COUNTS.index("examples")] = 1
+  return counts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """From tokenized examples to rows: split over-long ones, drop flagged ones, pack.
 
-Examples flagged by their counts (`train/data/counts.py`: empty, dropped as too long) are
+Examples flagged by their counts (`train/data/examples.py`: empty, dropped as too long) are
 removed here, and the counts of the rest travel on into the batch.
 """
 
@@ -9,7 +9,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from train.data.counts import DROPPED
+from train.data.examples import DROPPED
 
 
 class SplitLong(grain.experimental.FlatMapTransform):

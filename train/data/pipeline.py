@@ -70,7 +70,6 @@ import numpy as np
 
 from models.errors import InputError
 from train.data import examples, packing
-from train.data.counts import COUNTS
 from train.data.tokenizers import Tokenizer
 
 
@@ -89,7 +88,7 @@ class BatchIterator:
 
   def __init__(self, iterator: grain.DatasetIterator):
     self._iterator = iterator
-    self._counts = np.zeros(len(COUNTS), np.int64)
+    self._counts = np.zeros(len(examples.COUNTS), np.int64)
 
   def __iter__(self):
     return self
@@ -101,14 +100,14 @@ class BatchIterator:
 
   @property
   def counts(self) -> dict[str, int]:
-    return dict(zip(COUNTS, self._counts.tolist()))
+    return dict(zip(examples.COUNTS, self._counts.tolist()))
 
   def get_state(self) -> dict[str, Any]:
     return {"grain": self._iterator.get_state(), "counts": self.counts}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._iterator.set_state(state["grain"])
-    self._counts = np.array([state["counts"][k] for k in COUNTS], np.int64)
+    self._counts = np.array([state["counts"][k] for k in examples.COUNTS], np.int64)
 
   def close(self) -> None:
     self._iterator.close()
@@ -156,9 +155,9 @@ def lm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
                         num_packing_bins=num_packing_bins, pack=pack,
                         max_segments_per_row=max_segments_per_row)
 
-  return _load(source, tokenize, after_tokenize, batch_size=batch_size, seed=seed,
-               shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
-               process_count=process_count, num_workers=num_workers)
+  return _pipeline(source, tokenize, after_tokenize, batch_size=batch_size, seed=seed,
+                   shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
+                   process_count=process_count, num_workers=num_workers)
 
 
 def seq2seq_pipeline(source, input_tokenizer: Tokenizer,
@@ -202,9 +201,9 @@ def seq2seq_pipeline(source, input_tokenizer: Tokenizer,
         batch_size=batch_size, num_packing_bins=num_packing_bins, pack=pack,
         max_segments_per_row=max_segments_per_row)
 
-  return _load(source, tokenize, after_tokenize, batch_size=batch_size, seed=seed,
-               shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
-               process_count=process_count, num_workers=num_workers)
+  return _pipeline(source, tokenize, after_tokenize, batch_size=batch_size, seed=seed,
+                   shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
+                   process_count=process_count, num_workers=num_workers)
 
 
 def classification_pipeline(source, tokenizer: Tokenizer, *, batch_size: int,
@@ -221,10 +220,10 @@ def classification_pipeline(source, tokenizer: Tokenizer, *, batch_size: int,
   examples.bos_eos(tokenizer)
   tokenize = examples.Classification(tokenizer, seq_len, text_key, pair_key,
                                      label_key, np.dtype(label_dtype).type)
-  return _load(source, tokenize, packing.DropFlagged, batch_size=batch_size,
-               seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-               process_index=process_index, process_count=process_count,
-               num_workers=num_workers)
+  return _pipeline(source, tokenize, packing.DropFlagged, batch_size=batch_size,
+                   seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                   process_index=process_index, process_count=process_count,
+                   num_workers=num_workers)
 
 
 def mlm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
@@ -242,10 +241,10 @@ def mlm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
     raise InputError(f"mask_rate={mask_rate} must be between 0 and 1.")
   tokenize = examples.MLM(examples.Classification(tokenizer, seq_len, text_key,
                                                   None, None, np.int32), mask_rate)
-  return _load(source, tokenize, packing.DropFlagged, batch_size=batch_size,
-               seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-               process_index=process_index, process_count=process_count,
-               num_workers=num_workers, random=True)
+  return _pipeline(source, tokenize, packing.DropFlagged, batch_size=batch_size,
+                   seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                   process_index=process_index, process_count=process_count,
+                   num_workers=num_workers, random=True)
 
 
 # Threads that read and tokenize ahead, in order. grain's default (16 threads, 500 elements)
@@ -255,10 +254,10 @@ def mlm_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, seq_len: int,
 READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
 
 
-def _load(source, tokenize, after_tokenize, *, batch_size: int, seed: int,
-          shuffle: bool, num_epochs: int | None, process_index: int | None,
-          process_count: int | None, num_workers: int,
-          random: bool = False) -> Pipeline:
+def _pipeline(source, tokenize, after_tokenize, *, batch_size: int, seed: int,
+              shuffle: bool, num_epochs: int | None, process_index: int | None,
+              process_count: int | None, num_workers: int,
+              random: bool = False) -> Pipeline:
   """Shard, shuffle, repeat, tokenize; `after_tokenize`; batch; workers."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
