@@ -25,7 +25,7 @@ from ml_collections import config_dict
 from models import decoding, lora, presets, pretrained
 from models.errors import InputError
 from models.pretrained_tables import FAMILIES, PretrainedError
-from models.transformer import TransformerConfig
+from models.config import TransformerConfig
 from train import assets, hf_copy, optim, xla_flags
 from train.data import sources
 from train.tasks import TASKS
