@@ -84,7 +84,7 @@ def _parse_path(path):
       return family, kind, int(match.group(1)) if match else None
   raise ValueError(f"Attention weights sown at {'/'.join(path)!r} are outside a layer stack "
                    "(`layers_<i>` or a scanned `layers`); attention_maps reads the stacks of "
-                   "models.transformer.")
+                   "models.blocks.")
 
 
 def _stack_layers(family, kind, layers):

@@ -4,7 +4,7 @@ Each function returns the published size; pass keyword overrides for other sizes
 `gpt2(num_layers=2, d_model=64, num_heads=4, d_ff=256)` for a tiny test model.
 """
 
-from models.transformer import TransformerConfig
+from models.config import TransformerConfig
 
 
 def transformer_base(vocab_size: int = 37_000, **overrides) -> TransformerConfig:

@@ -33,9 +33,10 @@ import safetensors.numpy
 from absl import logging
 
 from models import paths
+from models.config import TransformerConfig
 from models.pretrained_tables import FAMILIES, Family, PretrainedError, Row
 from models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, EncoderMaskedLM,
-                                EncoderOnly, TransformerConfig)
+                                EncoderOnly)
 
 SUPPORTED = tuple(FAMILIES)
 DECODERS = ("gpt2", "llama", "mistral", "qwen2", "gemma")  # model types imported as DecoderOnly

@@ -41,10 +41,11 @@ import numpy as np
 import safetensors.numpy
 
 from models import paths
+from models.config import TransformerConfig
 from models.pretrained import _flat, _init_args, _unstack_layers
 from models.pretrained_tables import FAMILIES, PretrainedError, Row, ffn_bias, qkv_bias
 from models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, EncoderMaskedLM,
-                                EncoderOnly, TransformerConfig)
+                                EncoderOnly)
 
 ARCHITECTURES = {
     ("gpt2", None): "GPT2LMHeadModel", ("bert", None): "BertModel",

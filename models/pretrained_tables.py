@@ -15,7 +15,7 @@ import numpy as np
 
 from models import presets
 from models.errors import InputError
-from models.transformer import TransformerConfig
+from models.config import TransformerConfig
 
 # Hugging Face activation names (transformers.activations.ACT2FN) -> ours.
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh",

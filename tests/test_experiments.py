@@ -15,7 +15,7 @@ import pytest
 
 from launch import experiment
 from models import pretrained
-from models.transformer import TransformerConfig
+from models.config import TransformerConfig
 from train import assets, config as config_lib, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

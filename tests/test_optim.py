@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from models import paths
-from models.transformer import DecoderOnly, TransformerConfig
+from models.config import TransformerConfig
+from models.transformer import DecoderOnly
 from train import optim
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from models.transformer import DecoderOnly, TransformerConfig
+from models.config import TransformerConfig
+from models.transformer import DecoderOnly
 from train import config as config_lib, loop, parallel
 from train.state import TrainState
 import two_processes

@@ -358,7 +358,8 @@ def test_worker_processes_give_the_same_data_and_resume():
 def test_packed_rows_give_each_example_its_own_loss_in_a_decoder():
   import jax
   import optax
-  from models.transformer import DecoderOnly, TransformerConfig
+  from models.config import TransformerConfig
+  from models.transformer import DecoderOnly
 
   cfg = TransformerConfig(vocab_size=BYTES.vocab_size, d_model=32, num_heads=2,
                           d_ff=64, num_layers=2, max_len=24, position="learned")

@@ -1,5 +1,5 @@
 """The README stays true: its `:tiny` commands, the commands over the quickstart's workdir and
-the library example run as written (with `/tmp/...` paths moved into a test folder).
+the library examples run as written (with `/tmp/...` paths moved into a test folder).
 
 A command that stops working, or a snippet that no longer runs, fails here.
 """
@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import matplotlib.image
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -87,6 +88,20 @@ def test_readme_library_example_runs():
   exec(compile(snippet, "README.md", "exec"), namespace)  # pylint: disable=exec-used
   assert namespace["logits_BTV"].shape == (1, 4, 50257)
   assert namespace["out"].tokens_BN.shape == (1, 8)
+
+
+@pytest.mark.slow
+def test_readme_own_model_example_trains():
+  snippet = next(block for block in fenced("python") if "class GatedCrossAttention" in block)
+  namespace = {}
+  exec(compile(snippet, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  losses = namespace["losses"]
+  assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+  assert sorted(namespace["params"]) == [
+      "DecoderLayer_0", "DecoderLayer_1", "DecoderLayer_2", "DecoderLayer_3", "Embed_0",
+      "GatedCrossAttention_0", "GatedCrossAttention_1", "Norm_0"]
+  assert set(namespace["params"]["DecoderLayer_0"]) == {
+      "self_attention", "self_attention_norm", "mlp", "mlp_norm"}
 
 
 @pytest.mark.parametrize("line", [0, 1])

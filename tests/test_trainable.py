@@ -15,7 +15,8 @@ import safetensors.numpy
 from experiments import finetune_gpt2
 from train import assets
 from models import paths, pretrained
-from models.transformer import DecoderOnly, TransformerConfig
+from models.config import TransformerConfig
+from models.transformer import DecoderOnly
 from train import config as config_lib, loop, optim, tasks
 from train.state import TrainState
 from train.trainable import Trainable

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from models import presets
+from models.config import TransformerConfig
 from models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, EncoderMaskedLM,
-                                EncoderOnly, TransformerConfig)
+                                EncoderOnly)
 
 TINY = dict(vocab_size=37, d_model=32, num_heads=4, d_ff=64, num_layers=2, max_len=32,
             dropout_rate=0.0)

@@ -21,7 +21,7 @@ from ml_collections import config_dict
 
 from models import presets
 from models.errors import InputError
-from models.transformer import TransformerConfig
+from models.config import TransformerConfig
 from train import assets, optim
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

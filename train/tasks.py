@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import transformer
+from models.config import TransformerConfig
 from models.errors import InputError
 from train import losses
 
@@ -144,7 +145,7 @@ def summarize(sums: dict) -> dict:
   return out
 
 
-def make_model(task: str, model_cfg: transformer.TransformerConfig, *, num_classes: int = 0,
+def make_model(task: str, model_cfg: TransformerConfig, *, num_classes: int = 0,
                pooling: str = "cls") -> nn.Module:
   if task == "lm":
     return transformer.DecoderOnly(model_cfg)

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 
 from models import lora, paths, pretrained
 from models.errors import InputError
-from models.transformer import TransformerConfig
+from models.config import TransformerConfig
 from train import checkpoint, config as config_lib, hf_copy, parallel
 from train.metrics import say
 
