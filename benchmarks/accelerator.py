@@ -47,7 +47,8 @@ import jax
 from benchmarks import accelerator_rows as rows_lib
 from benchmarks import profile_step
 from models.attention_choice import IMPLEMENTATIONS
-from train import compilation_cache, metrics
+from train.engine import metrics
+from train.run import compilation_cache
 
 FUSED_FIRST = ("cudnn", "pallas", "splash", "xla")  # The implementations, in the rows' order.
 
@@ -64,7 +65,7 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=0, help="timed steps (default 20; tiny 3)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   parser.add_argument("--peak_flops", type=float, default=0.0,
-                      help="per device, for MFU; 0 = from train.metrics' table")
+                      help="per device, for MFU; 0 = from train.engine.metrics' table")
   parser.add_argument("--budget_seconds", type=float, default=420.0,
                       help="rows not started by then are skipped (an 8-minute device call "
                            "leaves time to install wheels and start)")

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import attention, attention_kernels, decoding
-from train import inputs, loop, metrics, parallel, validation
-from train.config import REPO_ROOT
+from train.engine import loop, metrics, parallel
+from train.run import inputs, validation
+from train.run.config import REPO_ROOT
 
 LENGTH, PROMPT, NEW_TOKENS, GPT2_VOCAB = 1024, 64, 128, 50_257
 TINY_LENGTH, TINY_PROMPT, TINY_NEW_TOKENS = 64, 8, 16

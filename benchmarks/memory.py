@@ -30,8 +30,9 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from train import config as config_lib, loop, parallel, validation  # noqa: E402
-from train.state import TrainState  # noqa: E402
+from train.engine import loop, parallel  # noqa: E402
+from train.engine.state import TrainState  # noqa: E402
+from train.run import config as config_lib, validation  # noqa: E402
 
 GIB = 2**30
 TINY = dict(d_model=64, num_heads=4, d_ff=128, num_layers=2, vocab_size=512)

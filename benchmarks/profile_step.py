@@ -28,7 +28,8 @@ import jax
 
 from benchmarks import accelerator_rows
 from models.attention_choice import IMPLEMENTATIONS
-from train import inputs, metrics, parallel
+from train.engine import metrics, parallel
+from train.run import inputs
 
 
 def parse_args(argv=None):

@@ -11,7 +11,7 @@ Tiny variant (the bundled text, seconds on a CPU):
   python -m train --config=experiments/bert_base.py:tiny --workdir=/tmp/bert_tiny
 """
 
-from train.config import base_config, parse_variant, shrink_to_tiny
+from train.run.config import base_config, parse_variant, shrink_to_tiny
 
 VARIANTS = ("tiny",)
 

@@ -27,7 +27,7 @@ Tiny variant, alone or with the others (tiny,lora is a tiny LoRA run):
   python -m train --config=experiments/finetune_classify.py:tiny,lora --workdir=/tmp/finetune_lora_tiny
 """
 
-from train.config import base_config, parse_variant, shrink_training
+from train.run.config import base_config, parse_variant, shrink_training
 
 VARIANTS = ("lora", "scratch", "sst2", "tiny")  # applied in this order
 CONFLICTS = {("lora", "scratch"): "LoRA adapts pretrained weights, and scratch has none"}

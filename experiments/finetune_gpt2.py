@@ -15,7 +15,7 @@ Tiny variant (a tiny random GPT-2 checkpoint built locally, the bundled text, se
   python -m train --config=experiments/finetune_gpt2.py:tiny --workdir=/tmp/finetune_gpt2_tiny
 """
 
-from train.config import REPO_ROOT, base_config, parse_variant, shrink_training
+from train.run.config import REPO_ROOT, base_config, parse_variant, shrink_training
 
 VARIANTS = ("tiny",)
 

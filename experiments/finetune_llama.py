@@ -32,7 +32,7 @@ a CPU):
   python -m train --config=experiments/finetune_llama.py:tiny,chat --workdir=/tmp/chat_tiny
 """
 
-from train.config import REPO_ROOT, base_config, parse_variant, shrink_training
+from train.run.config import REPO_ROOT, base_config, parse_variant, shrink_training
 
 VARIANTS = ("tiny", "instruct", "chat")
 CONFLICTS = {("instruct", "chat"): "each reads its own data (prompt -> response pairs, or "

@@ -14,7 +14,7 @@ Tiny variant (a tiny random T5 v1.1 checkpoint built locally, seconds on a CPU):
   python -m train --config=experiments/finetune_t5.py:tiny --workdir=/tmp/finetune_t5_tiny
 """
 
-from train.config import base_config, parse_variant, shrink_training
+from train.run.config import base_config, parse_variant, shrink_training
 
 VARIANTS = ("tiny",)
 

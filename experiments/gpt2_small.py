@@ -15,7 +15,7 @@ Tiny variant (the bundled text, seconds on a CPU):
   python -m train --config=experiments/gpt2_small.py:tiny --workdir=/tmp/gpt2_tiny
 """
 
-from train.config import base_config, parse_variant, shrink_to_tiny
+from train.run.config import base_config, parse_variant, shrink_to_tiny
 
 VARIANTS = ("tiny",)
 
@@ -33,7 +33,7 @@ def get_config(variant: str = ""):
   c.data.num_workers = 4
   # lm1b averages ~27 words a sentence (0.83B words in 30.3M sentences), ~30-40 tokens with
   # BOS/EOS, so ~30 to a 1,024-token row: 64 rarely closes a row early. Each batch's attention
-  # is compiled for its own most segments a row, rounded up (train.inputs.BatchLayout).
+  # is compiled for its own most segments a row, rounded up (train.run.inputs.BatchLayout).
   c.data.max_segments_per_row = 64
 
   c.model.preset = "gpt2"

@@ -20,7 +20,7 @@ Sweep (get_sweep: 2 learning rates x 2 model widths), then its table and curves:
 """
 
 from launch import sweeps
-from train.config import base_config, parse_variant, shrink_to_tiny
+from train.run.config import base_config, parse_variant, shrink_to_tiny
 
 VARIANTS = ("billions", "tiny")           # applied in this order
 

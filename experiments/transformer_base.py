@@ -12,7 +12,7 @@ Tiny variant (a bundled en-de file, seconds on a CPU):
   python -m train --config=experiments/transformer_base.py:tiny --workdir=/tmp/tb_tiny
 """
 
-from train.config import base_config, parse_variant, shrink_to_tiny
+from train.run.config import base_config, parse_variant, shrink_to_tiny
 
 VARIANTS = ("tiny",)
 

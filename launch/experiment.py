@@ -19,9 +19,8 @@ import numpy as np
 
 from launch import workdirs
 from models.errors import InputError
-from train import config as config_lib, validation
-from train import experiment_file
-from train.experiment_file import get_config, load_module, split_config_arg
+from train.run import config as config_lib, experiment_file, validation
+from train.run.experiment_file import get_config, load_module, split_config_arg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +69,7 @@ def _leaf_keys(config, prefix: str = "") -> list[str]:
 def _unknown_key(config, key: str, path: str) -> InputError:
   close = difflib.get_close_matches(key, _leaf_keys(config), n=1)
   hint = f"did you mean {close[0]!r}?" if close else (
-      "the keys are those of train/config.py:base_config and the experiment file")
+      "the keys are those of train/run/config.py:base_config and the experiment file")
   return InputError(f"the sweep sets {key!r}, which is not a key of {path}'s config: {hint}.")
 
 

@@ -22,8 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from launch import workdirs  # noqa: E402
 from models.errors import InputError, named_path  # noqa: E402
-from train import cli  # noqa: E402
-from train.records import read_metrics  # noqa: E402
+from train.engine.records import read_metrics  # noqa: E402
+from train.run import cli  # noqa: E402
 
 HIGHER_IS_BETTER = ("accuracy", "exact_match", "bleu")
 

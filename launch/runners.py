@@ -49,7 +49,7 @@ import time
 from launch import workdirs
 from launch.experiment import Run
 from models.errors import InputError
-from train import parallel
+from train.engine import parallel
 
 
 def train_command(python: str, config_arg: str, run: Run) -> list[str]:

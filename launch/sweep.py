@@ -29,7 +29,7 @@ from etils import epath
 
 from launch import experiment, runners, workdirs
 from models.errors import InputError
-from train import cli
+from train.run import cli
 
 USAGE = ("usage: python -m launch.sweep --config=experiments/NAME.py[:VARIANT] "
          "--workdir_root=DIR [--runner=local|slurm|tpu] [--dry_run] [runner flags]")

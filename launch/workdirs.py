@@ -22,7 +22,7 @@ import re
 
 from etils import epath
 
-from train import records
+from train.engine import records
 
 MAX_NAME = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")

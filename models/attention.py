@@ -129,7 +129,7 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
     return_weights: also return the float32 weights [B, N, T, S] (reference path only).
 
   Two options of the fused kernels come from context managers, not arguments (read while
-  tracing, and part of jit's cache key; `train.parallel.on_mesh` sets both for its callers):
+  tracing, and part of jit's cache key; `train.engine.parallel.on_mesh` sets both for its callers):
     `attention_kernels.segments_at_most(M)`: every row of segment ids holds at most M
       segments, a promise that cuDNN's packed layout trusts unchecked and that picks None's
       row of `attention_choice.PACKED_GPU_KERNELS`.

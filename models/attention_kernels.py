@@ -19,14 +19,14 @@ and openxla's tokamax (Python 3.12+, jax 0.11.1+) has no segment ids in its publ
 current jax the packed path is cuDNN's packed layout (Hopper or newer), else XLA.
 
 cuDNN's packed layout has a fixed number of segments a row. Within `segments_at_most(M)` (set
-by `train.parallel.on_mesh` from the batch's capacity, `segment_capacity` of its most segments
-a row) the caller promises that every row holds at most M segments and `cudnn_packed_causal`
-trusts it; outside, it checks on the device.
+by `train.engine.parallel.on_mesh` from the batch's capacity, `segment_capacity` of its most
+segments a row) the caller promises that every row holds at most M segments and
+`cudnn_packed_causal` trusts it; outside, it checks on the device.
 
 A `pallas_call` has no partitioning rule (under jit, XLA would gather its operands onto every
 device), so `per_shard` runs the Pallas and splash kernels in `shard_map` over the mesh being
 traced under (jax's abstract mesh), the batch and heads split over the mesh axes `split_over`
-names; `train.parallel.on_mesh` sets both.
+names; `train.engine.parallel.on_mesh` sets both.
 
 These contexts (and models.kv_cache.rows_share_cache_slot) change the traced program, so
 they are jax user contexts (`jax.make_user_context`), whose values are part of jit's cache key
@@ -366,7 +366,7 @@ def mesh_problem() -> str | None:
     return None
   if mesh.empty:
     return (f"there are {jax.device_count()} devices and no mesh in context (trace under "
-            "jax.sharding.use_abstract_mesh, as train.parallel.on_mesh does), so XLA would "
+            "jax.sharding.use_abstract_mesh, as train.engine.parallel.on_mesh does), so XLA would "
             "gather its operands onto each device")
   if _SPLIT_AXES.value is None:
     return ("the mesh in context comes without the axes to split the batch and heads over "

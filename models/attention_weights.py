@@ -10,7 +10,7 @@ them by stack and kind, one array per (family, kind) with a leading layer axis:
   maps["encoder"]["self"], maps["decoder"]["self"], maps["decoder"]["cross"]
   #   [L, B, N, S, S]          [L, B, N, T, T]          [L, B, N, T, S]
 
-train/figures.py draws them (`plot_heads(maps["decoder"]["self"][layer, example], ...)`).
+train/run/figures.py draws them (`plot_heads(maps["decoder"]["self"][layer, example], ...)`).
 """
 
 import re

@@ -1,6 +1,6 @@
 """The errors of input a user can fix: a config value, an argument, a file, a folder, a checkpoint.
 
-Every CLI prints these as one `error:` line (train/cli.py); any other exception is a bug and
+Every CLI prints these as one `error:` line (train/run/cli.py); any other exception is a bug and
 keeps its traceback. Both are ValueErrors (a missing file is also a FileNotFoundError), so code
 that catches those keeps working.
 """

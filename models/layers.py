@@ -1,7 +1,7 @@
 """Building blocks: token embeddings, positions, norms and feed-forward layers.
 
 Every parameter carries logical axis names (see `nn.with_logical_partitioning`) that
-train/parallel.py maps onto the device mesh.
+train/engine/parallel.py maps onto the device mesh.
 """
 
 from typing import Any, Callable

@@ -34,7 +34,7 @@ class MultiHeadAttention(nn.Module):
   deterministic=False, rng "dropout") also runs the reference path.
 
   Implementation (`implementation`, see `dot_product_attention`): the fused kernels also read
-  two context managers, which `train.parallel.on_mesh` sets and one's own code may set:
+  two context managers, which `train.engine.parallel.on_mesh` sets and one's own code may set:
   `attention_kernels.segments_at_most(M)` (every row of segment ids holds at most M segments)
   and `attention_kernels.split_over(batch_axes, head_axes)` (the mesh axes that the Pallas and
   splash kernels split the batch and heads over).
@@ -233,7 +233,7 @@ def _project(x_BSD, projections, dtype):
 def _one_matmul_keeps_heads_local(num_kv_heads: int) -> bool:
   """Whether joining the query, key and value kernels keeps each device's heads on it.
 
-  False only under a mesh that `train.parallel.on_mesh` traces with heads split over more
+  False only under a mesh that `train.engine.parallel.on_mesh` traces with heads split over more
   devices than divide the K key/value heads: the key and value kernels then stay whole while
   the query kernel is split, and joining them would gather it; the query projection runs
   apart then.

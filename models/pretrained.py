@@ -76,7 +76,7 @@ def config_json(path: str) -> dict:
 def hf_config(path: str, *, tie_output: bool | None = None, **overrides) -> TransformerConfig:
   """The TransformerConfig of a checkpoint folder. Whether its output layer is the token table:
   `tie_output` where it is known (a run keeps it beside its copy of the folder's config.json:
-  train/hf_copy.py), else its tensors decide (all of them are read)."""
+  train/run/hf_copy.py), else its tensors decide (all of them are read)."""
   if tie_output is None:
     return _read_folder(path, overrides)[3]
   hf = config_json(path)

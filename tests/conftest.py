@@ -46,7 +46,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def t5_config(tmp_path_factory):
   """The tiny T5 fine-tuning config; its random checkpoint built away from ~/.cache."""
   from experiments import finetune_t5
-  from train import config as config_lib
+  from train.run import config as config_lib
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("TAPETE_CACHE", str(tmp_path_factory.mktemp("cache")))
     yield config_lib.resolve_assets(finetune_t5.get_config("tiny"))

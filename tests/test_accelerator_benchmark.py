@@ -60,7 +60,7 @@ def test_tiny_benchmark_prints_every_row_with_measured_numbers():
 def counting_row():
   """A TrainRow over a step that counts its calls in its (donated) state."""
   from benchmarks import accelerator_rows
-  from train import parallel
+  from train.engine import parallel
   mesh = parallel.make_mesh()
   step = jax.jit(lambda state, batch: (state + 1, {"weight": batch["weights"].sum()}),
                  donate_argnums=0)
@@ -90,7 +90,7 @@ def test_an_option_this_xla_lacks_refuses_its_row_only(counting_row):
 
 def test_rows_are_laid_out_as_the_loop_lays_out_its_batches():
   from benchmarks import accelerator_rows
-  from train import inputs
+  from train.run import inputs
   layout = inputs.BatchLayout(accelerator_rows.gpt2_config(True, None))
   capacity, unpacked = layout(accelerator_rows.lm_batch(2, 16, 50, None))
   assert capacity == 1 and set(unpacked) == {"inputs", "targets", "weights"}

@@ -13,8 +13,9 @@ import sys
 import ml_collections
 import pytest
 
-from train import assets, config as config_lib
+from train import assets
 from train.assets import cache, shakespeare, tiny_hf
+from train.run import config as config_lib
 
 
 @pytest.fixture(autouse=True)

@@ -14,10 +14,11 @@ import pytest
 from models import presets
 from models.attention_weights import attention_maps
 from models.transformer import DecoderOnly, EncoderDecoder, EncoderOnly
-from train import attention_maps as attention_maps_cli, config as config_lib, tasks
-from train import workdir as workdir_lib
+from train import attention_maps as attention_maps_cli
 from train.data import pipeline, tokenizers
-from train.figures import plot_heads, save_attention_figure
+from train.engine import tasks
+from train.run import config as config_lib, workdir as workdir_lib
+from train.run.figures import plot_heads, save_attention_figure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

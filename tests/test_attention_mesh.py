@@ -1,7 +1,7 @@
 """The Pallas and splash kernels on a mesh of the 8 host devices: run per shard, as on one device.
 
 A `pallas_call` has no partitioning rule, so under jit with sharded inputs XLA would gather its
-operands onto every device; traced under `train.parallel.on_mesh`, the kernels run in
+operands onto every device; traced under `train.engine.parallel.on_mesh`, the kernels run in
 shard_map on each device's shard instead. Kernels run in Pallas interpret mode.
 """
 
@@ -18,7 +18,7 @@ from models import attention, attention_choice, attention_kernels
 from test_attention import random_qkv
 from test_attention_kernels import (NEEDS_PALLAS_MHA, check_kernel, choose,  # noqa: F401
                                     loss_weights, machine, packed_ids)
-from train import loop, parallel
+from train.engine import loop, parallel
 
 MESH = parallel.make_mesh({"data": 4, "tensor": 2})
 BTNH = NamedSharding(MESH, PartitionSpec(("data", "fsdp"), None, "tensor", None))

@@ -1,4 +1,4 @@
-"""train.inputs.BatchLayout: each batch's segment capacity, and the batch as the model takes it.
+"""train.run.inputs.BatchLayout: each batch's segment capacity, and the batch as the model takes it.
 
 Rows of one example reach the model without segment ids (plain causal attention), packed rows
 with a capacity rounded up from their most segments; the loss and its gradients are those of
@@ -15,7 +15,8 @@ import pytest
 from experiments import gpt2_small, transformer_base
 from models import attention_choice, attention_kernels
 from test_segment_capacity import cudnn_segments  # noqa: F401  (a fixture)
-from train import inputs as inputs_lib, loop, tasks
+from train.engine import loop, tasks
+from train.run import inputs as inputs_lib
 import two_processes
 
 
@@ -138,7 +139,8 @@ TWO_PROCESS_WORKER = textwrap.dedent("""
     import ml_collections
     import numpy as np
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from train import inputs as inputs_lib, parallel
+    from train.engine import parallel
+    from train.run import inputs as inputs_lib
     port, pid = sys.argv[1], int(sys.argv[2])
     parallel.maybe_initialize_distributed(
         {"coordinator_address": f"localhost:{port}", "num_processes": 2, "process_id": pid})

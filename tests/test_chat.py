@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from models.errors import InputError
-from train import config, validation, workdir
 from train.data import chat, examples, local, pipeline
 from train.data.tokenizers import tokenizer_for
+from train.run import config, validation, workdir
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"},

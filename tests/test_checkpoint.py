@@ -1,4 +1,4 @@
-"""train.checkpoint: orbax round trips onto other meshes, keep/every, crash safety, errors."""
+"""train.engine.checkpoint: round trips onto other meshes, keep/every, crash safety, errors."""
 
 import errno
 import os
@@ -16,10 +16,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from train import checkpoint, checkpoint_metadata
-from train.checkpoint import CheckpointError, CheckpointReadError, Checkpointer
-from train.preemption import PreemptionGuard
-from train.state import TrainState
+from train.engine import checkpoint, checkpoint_metadata
+from train.engine.checkpoint import CheckpointError, CheckpointReadError, Checkpointer
+from train.engine.preemption import PreemptionGuard
+from train.engine.state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,7 +137,7 @@ def test_leftover_temporary_folder_is_ignored_and_removed(tmp_path):
 _KILLED_CHILD = """
 import os, signal, sys
 import jax.numpy as jnp
-from train.checkpoint import Checkpointer
+from train.engine.checkpoint import Checkpointer
 ckpt = Checkpointer(sys.argv[1])
 state = lambda v: {"w": jnp.full((2048, 2048), v, jnp.float32), "step": jnp.asarray(v, jnp.int32)}
 ckpt.save(1, state(1), {"step": 1})
@@ -170,7 +170,7 @@ _CRASHING_CHILD = """
 import os, sys
 os.cpu_count = lambda: 16  # as on a big host, where orbax would delete old steps with threads
 import jax.numpy as jnp
-from train.checkpoint import Checkpointer
+from train.engine.checkpoint import Checkpointer
 ckpt = Checkpointer(sys.argv[1], keep=1)
 ckpt.save(1, {"w": jnp.full((1024, 1024), 1.0)}, {"step": 1})
 ckpt.wait()

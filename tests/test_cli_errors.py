@@ -1,4 +1,4 @@
-"""The CLIs' one error path (train/cli.py): input the user can fix (models.errors.InputError) is
+"""The CLIs' one error path (train/run/cli.py): input the user can fix (models.errors.InputError) is
 one `error:` line and exit status 2; any other exception, a ValueError or OSError from inside a
 library included, is a bug and keeps its traceback.
 
@@ -24,7 +24,8 @@ failure = sys.argv[1]
 sys.argv = ["train", "--config=experiments/quickstart.py:tiny", "--workdir=unused"]
 import jax, jax.numpy as jnp
 from models.errors import InputError, named_path
-from train import __main__ as entry, loop
+from train import __main__ as entry
+from train.engine import loop
 
 def fail(config, workdir):
   if failure == "jax":  # a bug: rows of two lengths stacked inside a jitted function
@@ -111,7 +112,7 @@ async def slow_exists(path):
   return await exists(path)
 
 async_path.exists = slow_exists
-from train import checkpoint
+from train.engine import checkpoint
 with checkpoint.Checkpointer(sys.argv[1]):
   print("error: refused", file=sys.stderr)
 sys.exit(2)

@@ -1,4 +1,4 @@
-"""The CLIs' persistent compilation cache (train/compilation_cache.py): where it writes, that a
+"""The CLIs' persistent compilation cache (train/run/compilation_cache.py): where it writes, that a
 fresh process reads back what an earlier one compiled, and that it can be turned off."""
 
 import importlib.metadata
@@ -17,7 +17,7 @@ from conftest import ROOT, one_device_env
 COMPILE_ONCE = """
 import json, sys
 import jax, jax.numpy as jnp
-from train import compilation_cache
+from train.run import compilation_cache
 hits = []
 jax.monitoring.register_event_listener(
     lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
@@ -59,7 +59,7 @@ def test_a_second_process_reads_the_program_the_first_compiled(user_env, tmp_pat
 
 
 def test_without_a_threshold_in_the_environment_it_sets_its_own(user_env):
-  from train import compilation_cache
+  from train.run import compilation_cache
   assert compile_once(user_env)["min_seconds"] == compilation_cache.MIN_COMPILE_SECONDS > 0
 
 

@@ -1,10 +1,10 @@
-"""train.validation.validate: every bad value refused with one sentence, before any data or
+"""train.run.validation.validate: every bad value refused with one sentence, before any data or
 compile."""
 
 import pytest
 
 from experiments import gpt2_small
-from train import config as config_lib, validation
+from train.run import config as config_lib, validation
 
 
 def seq2seq_config(**data):

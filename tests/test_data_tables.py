@@ -238,7 +238,7 @@ def test_the_prepare_command_takes_columns_as_json(tmp_path):
 def test_a_glue_style_csv_trains_a_classifier(tmp_path):
   """sentence,label CSVs (train and validation) through a tiny from-scratch classify run."""
   from experiments import finetune_classify
-  from train import loop
+  from train.engine import loop
   folder = tmp_path / "sst2"
   folder.mkdir()
   words = ["good", "bad", "fine, \"really\"", "awful\nday"]

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import OLDER_EMITTERS
 from models import decoding
-from train import loop
+from train.engine import loop
 
 pytestmark = pytest.mark.slow  # two processes started, a tiny model compiled in each
 
@@ -54,7 +54,7 @@ WORKER = textwrap.dedent("""
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from models import decoding
-    from train import loop, parallel
+    from train.engine import loop, parallel
     port, pid, experiment_dir, data = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     parallel.maybe_initialize_distributed(
         {"coordinator_address": f"localhost:{port}", "num_processes": 2, "process_id": pid})

@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from experiments import quickstart
-from train import evaluate, loop, records
+from train import evaluate
+from train.engine import loop, records
 
 pytestmark = pytest.mark.slow  # the quickstart trained, then evaluated
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from train import inputs as inputs_lib, run_tokenizers
+from train.run import inputs as inputs_lib, run_tokenizers
 
 
 @pytest.mark.pretrained

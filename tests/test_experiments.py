@@ -1,4 +1,4 @@
-"""Experiment files: get_config() does no I/O, variants compose through train.config.parse_variant.
+"""Experiment files: get_config() does no I/O, variants compose through parse_variant.
 
 References: Python's audit hooks (every file opened while get_config runs), the interpreter's
 sys.modules, the checkpoints' own config.json files (the scratch architecture), and the
@@ -16,7 +16,9 @@ import pytest
 from launch import experiment
 from models import pretrained
 from models.config import TransformerConfig
-from train import assets, config as config_lib, loop
+from train import assets
+from train.engine import loop
+from train.run import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p for p in (ROOT / "experiments").glob("*.py") if p.name != "__init__.py")

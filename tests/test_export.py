@@ -23,9 +23,10 @@ from models.pretrained_export import hf_tensors, to_hf
 from models.pretrained_tables import PretrainedError, Row
 from models.transformer import (DecoderOnly, EncoderClassifier, EncoderDecoder, EncoderMaskedLM,
                                 EncoderOnly)
-from train import config as config_lib, export, export_tokenizer, loop, run_tokenizers
-from train import workdir as workdir_lib
+from train import export
 from train.data.tokenizers import HFTokenizer, SentencePieceTokenizer
+from train.engine import loop
+from train.run import config as config_lib, export_tokenizer, run_tokenizers, workdir as workdir_lib
 
 # The parity references; the file skips without them (CI's Python 3.12 run installs neither:
 # torch 2.13.0 for 3.12 is a CUDA build of GBs).

@@ -21,8 +21,8 @@ from flax import traverse_util
 from experiments import finetune_classify, finetune_gpt2, finetune_t5
 from models import lora, pretrained
 from train import assets
-from train import checkpoint, config as config_lib, loop, trainable, validation
-from train import workdir as workdir_lib
+from train.engine import checkpoint, loop, trainable
+from train.run import config as config_lib, validation, workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -16,12 +16,12 @@ from flax import traverse_util
 
 from experiments import finetune_llama
 from models import pretrained
-from train import checkpoint, config as config_lib, export, generate, loop, validation
-from train import inputs as inputs_lib
-from train import workdir as workdir_lib
+from train import export, generate
 from train.assets import tiny_hf
 from train.data import examples, pipeline
 from train.data.tokenizers import tokenizer_for
+from train.engine import checkpoint, loop
+from train.run import config as config_lib, inputs as inputs_lib, validation, workdir as workdir_lib
 
 # The parity references; the file skips without them (CI's Python 3.12 run installs neither:
 # torch 2.13.0 for 3.12 is a CUDA build of GBs).

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from models.multi_head_attention import MultiHeadAttention
 from test_attention import normal, random_variables
-from train import parallel
+from train.engine import parallel
 
 B, T, S, D, N, H = 2, 5, 7, 16, 4, 8
 

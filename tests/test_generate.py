@@ -1,4 +1,4 @@
-"""Inference over a trained run (train.workdir, train.generate).
+"""Inference over a trained run (train.run.workdir, train.generate).
 
 - Inputs are laid out as training lays them out: the tokens generate feeds the model equal
   the rows of the real grain pipelines for the same text, for every task.
@@ -23,9 +23,10 @@ import pytest
 
 from experiments import gpt2_small
 from models import decoding, presets, pretrained
-from train import checkpoint, config as config_lib, generate, loop, run_tokenizers, tasks
-from train import workdir as workdir_lib
+from train import generate
 from train.data import pipeline, tokenizers
+from train.engine import checkpoint, loop, tasks
+from train.run import config as config_lib, run_tokenizers, workdir as workdir_lib
 
 import cli_runs
 
@@ -317,11 +318,11 @@ LIGHT_CHECK = """
 import sys
 from absl import flags
 import jax
-import train.generate, train.attention_maps, train.workdir
+import train.generate, train.attention_maps, train.run.workdir
 print(sorted(m for m in {heavy} if m in sys.modules))
 print(sorted(f for f in ("workdir", "input", "method", "out", "kind") if f in flags.FLAGS))
-run = train.workdir.load(sys.argv[1])
-search = train.workdir.decoding_search(run.config, run.target_tokenizer)
+run = train.run.workdir.load(sys.argv[1])
+search = train.run.workdir.decoding_search(run.config, run.target_tokenizer)
 train.generate.answer(run, "The cat", search, jax.random.key(0))
 print(sorted(m for m in {loaded} if m in sys.modules))
 """
@@ -329,8 +330,8 @@ print(sorted(m for m in {loaded} if m in sys.modules))
 
 @pytest.mark.slow
 def test_inference_imports_no_training_machinery_and_defines_no_flags(trained_lm):
-  heavy = ("torch", "tensorboardX", "optax", "train.loop")
-  loaded = ("torch", "tensorboardX", "train.loop", "train.inputs", "tensorflow_datasets")
+  heavy = ("torch", "tensorboardX", "optax", "train.engine.loop")
+  loaded = ("torch", "tensorboardX", "train.engine.loop", "train.run.inputs", "tensorflow_datasets")
   code = LIGHT_CHECK.format(heavy=heavy, loaded=loaded)
   out = subprocess.run([sys.executable, "-c", code, str(trained_lm[0])], cwd=ROOT, text=True,
                        capture_output=True, check=True).stdout

@@ -1,4 +1,4 @@
-"""A run started from init_from=hf:FOLDER no longer needs FOLDER (train/hf_copy.py).
+"""A run started from init_from=hf:FOLDER no longer needs FOLDER (train/run/hf_copy.py).
 
 The run copies FOLDER's config, tokenizer and the tied-head fact into its workdir; with FOLDER
 renamed away, the resume, train.evaluate, train.generate and train.export work, and none reads
@@ -20,8 +20,9 @@ from safetensors.numpy import load_file, save_file
 
 from experiments import finetune_classify, finetune_gpt2
 from models import pretrained
-from train import checkpoint, config as config_lib, evaluate, export, generate, hf_copy, loop
-from train import workdir as workdir_lib
+from train import evaluate, export, generate
+from train.engine import checkpoint, loop
+from train.run import config as config_lib, hf_copy, workdir as workdir_lib
 
 TOL = 1e-4
 

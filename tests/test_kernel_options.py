@@ -15,7 +15,7 @@ import pytest
 
 from models import attention, attention_kernels, kv_cache
 from test_segment_capacity import cudnn_calls, on_a_hopper_gpu  # noqa: F401
-from train import parallel
+from train.engine import parallel
 
 B, T, N, H = 2, 64, 4, 64
 QKV_BTNH = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)

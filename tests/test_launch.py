@@ -31,8 +31,9 @@ from ml_collections import config_flags
 
 from conftest import OLDER_EMITTERS
 from launch import experiment, report, runners, sweep, sweeps, workdirs
-from train import inputs as inputs_lib, loop, records
 from train.data import pipeline as pipeline_lib
+from train.engine import loop, records
+from train.run import inputs as inputs_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "experiments/quickstart.py:tiny"
@@ -53,7 +54,7 @@ def in_repo(monkeypatch):
 def run_sweep(capsys, *args) -> tuple[int, str, str]:
   try:
     code = sweep.main(list(args))
-  except SystemExit as e:  # bad input: train/cli.py's one error path
+  except SystemExit as e:  # bad input: train/run/cli.py's one error path
     code = e.code
   out, err = capsys.readouterr()
   return code, out, err

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import gpt2_small
-from train import loop, optim, parallel
+from train.engine import loop, optim, parallel
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""train/losses.py: the lean cross-entropy's values, gradients and memory.
+"""train/engine/losses.py: the lean cross-entropy's values, gradients and memory.
 
 References: optax's float32 `softmax_cross_entropy_with_integer_labels`, and the float64
 textbook formula (q = (1 - s)·onehot + s/V; loss -Σ q log p - H(q), gradient softmax - q),
@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from train import losses
+from train.engine import losses
 
 VOCAB = 37
 

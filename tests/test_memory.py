@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from train import config as config_lib, loop, parallel
-from train.state import TrainState
+from train.engine import loop, parallel
+from train.engine.state import TrainState
+from train.run import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

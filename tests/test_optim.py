@@ -1,4 +1,4 @@
-"""train/optim.py against closed forms, float64 numpy optimizers and optax's own pieces."""
+"""train/engine/optim.py against closed forms, float64 numpy optimizers and optax's own pieces."""
 
 import flax.linen as nn
 import jax
@@ -10,7 +10,7 @@ import pytest
 from models import paths
 from models.config import TransformerConfig
 from models.transformer import DecoderOnly
-from train import optim
+from train.engine import optim
 
 
 def _cfg(**changes):

@@ -1,4 +1,4 @@
-"""train.parallel and train.state: mesh shapes, shardings, and sharded training == 1 device.
+"""train.engine.parallel, train.engine.state: mesh shapes, shardings, sharded training == 1 device.
 
 References: flax's own unsharded `model.init` and optax's `tx.init`, the FSDP / Megatron layout
 written out by hand (shard shapes), and the same training run on a 1-device mesh.
@@ -15,8 +15,9 @@ import pytest
 
 from models.config import TransformerConfig
 from models.transformer import DecoderOnly
-from train import config as config_lib, loop, parallel
-from train.state import TrainState
+from train.engine import loop, parallel
+from train.engine.state import TrainState
+from train.run import config as config_lib
 import two_processes
 
 # No biases: the key projection's bias has an exactly zero gradient (softmax ignores a constant
@@ -312,7 +313,7 @@ TWO_PROCESS_WORKER = textwrap.dedent("""
     import jax
     import numpy as np
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from train import parallel
+    from train.engine import parallel
     port, pid = sys.argv[1], int(sys.argv[2])
     started = parallel.maybe_initialize_distributed(
         {"coordinator_address": f"localhost:{port}", "num_processes": 2, "process_id": pid})
@@ -383,7 +384,7 @@ def fake_initialize(monkeypatch):
   return calls
 
 
-# train/config.py's defaults: "", 0 and -1 mean "not set".
+# train/run/config.py's defaults: "", 0 and -1 mean "not set".
 CONFIG_DEFAULTS = {"enabled": False, "coordinator_address": "", "num_processes": 0,
                    "process_id": -1}
 

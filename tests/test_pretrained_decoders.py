@@ -20,10 +20,10 @@ from safetensors.numpy import load_file, save_file
 
 from models import decoding, presets, pretrained
 from models.transformer import DecoderOnly
-from train import config as config_lib, validation, workdir as workdir_lib
 from train.assets.tiny_hf import BYTES, bpe
 from train.data.examples import bos_eos
 from train.data.tokenizers import TokenizerError, tokenizer_for
+from train.run import config as config_lib, validation, workdir as workdir_lib
 
 # The parity references; the file skips without them (CI's Python 3.12 run installs neither:
 # torch 2.13.0 for 3.12 is a CUDA build of GBs).

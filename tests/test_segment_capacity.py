@@ -13,7 +13,8 @@ import pytest
 from experiments import gpt2_small
 from models import attention_choice, attention_kernels
 from test_attention_kernels import conds, emulated_cudnn
-from train import inputs as inputs_lib, loop, parallel, validation
+from train.engine import loop, parallel
+from train.run import inputs as inputs_lib, validation
 
 
 def test_the_key_is_a_count_from_zero():

@@ -1,5 +1,5 @@
-"""train/event_loops.py's settled_loops: a read that fails first leaves no other read to land in a
-closed loop.
+"""train/engine/event_loops.py's settled_loops: a read that fails first leaves no other read to land
+in a closed loop.
 
 Reference: the way orbax reads a checkpoint (a fresh event loop, an asyncio.gather of
 tensorstore futures, the loop closed as soon as the gather raises), with a real tensorstore
@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = """
 import asyncio, contextlib, sys, threading, time
 import tensorstore as ts
-from train.event_loops import settled_loops
+from train.engine.event_loops import settled_loops
 
 def read_as_orbax_does():
   promise, slow_read = ts.Promise.new()

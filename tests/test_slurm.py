@@ -21,7 +21,7 @@ import pytest
 import slurm_cluster
 from conftest import OLDER_EMITTERS
 from launch import workdirs
-from train import records
+from train.engine import records
 
 pytestmark = pytest.mark.slow  # a cluster started, jobs queued, tiny runs trained
 

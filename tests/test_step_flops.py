@@ -12,7 +12,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from experiments import gpt2_small, transformer_base
 from models import attention_kernels
-from train import loop, metrics, parallel
+from train.engine import loop, metrics, parallel
 
 D, HEADS, FF, LAYERS, VOCAB, ROWS = 256, 4, 1024, 2, 512, 8
 

@@ -1,4 +1,4 @@
-"""One step-folder name for train.checkpoint and launch.workdirs, without jax at launch time."""
+"""One step-folder name for train.engine.checkpoint and launch.workdirs, without jax at launch."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import jax.numpy as jnp
 
 from launch import workdirs
-from train.checkpoint import Checkpointer
+from train.engine.checkpoint import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

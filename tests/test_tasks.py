@@ -1,5 +1,5 @@
-"""train/tasks.py: losses and metric sums of the four tasks, and that the sums add up; the
-cross-entropy of train/losses.py against its textbook definition.
+"""train/engine/tasks.py: losses and metric sums of the four tasks, and that the sums add up; the
+cross-entropy of train/engine/losses.py against its textbook definition.
 
 References: label-smoothed cross-entropy written out in float64 numpy from its textbook
 definition (Szegedy et al. 2016: q = (1 - s)·onehot + s/V; normalised by the entropy of q,
@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import presets
-from train import losses, optim, tasks
+from train.engine import losses, optim, tasks
 
 VOCAB, BATCH, LENGTH, PADDED = 19, 8, 6, 9
 TINY = dict(d_model=16, num_heads=2, d_ff=32, num_layers=1, max_len=16, dropout_rate=0.0)

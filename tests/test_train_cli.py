@@ -32,8 +32,10 @@ from ml_collections import config_flags
 import tensorflow_datasets as tfds
 from tensorboardX.proto import event_pb2
 
-from train import generate, loop, validation, workdir as workdir_lib
+from train import generate
 from train.data import pipeline
+from train.engine import loop
+from train.run import validation, workdir as workdir_lib
 
 import cli_runs
 
@@ -112,9 +114,10 @@ def check_workdir(workdir: pathlib.Path, config, eval_keys=()) -> list[dict]:
 
 @pytest.mark.pretrained
 def test_the_tensorboard_writer_writes_events_without_importing_torch(tmp_path):
-  """tensorboardX imports torch, where it is installed (as here), unless train.metrics hides it:
-  a second of every run's start-up."""
-  script = (f"import sys; from train import metrics; w = metrics.MetricsWriter({str(tmp_path)!r},"
+  """tensorboardX imports torch, where it is installed (as here), unless train.engine.metrics hides
+  it: a second of every run's start-up."""
+  script = (f"import sys; from train.engine import metrics; "
+            f"w = metrics.MetricsWriter({str(tmp_path)!r},"
             " num_steps=2, start_step=0); w.write(2, 'train', {'loss': 0.25}); w.close(); "
             "assert 'torch' not in sys.modules, 'torch was imported'; "
             "import torch; assert torch.tensor(1.0).item() == 1.0")  # and importable after it
@@ -161,7 +164,7 @@ def documented_commands(doc: str) -> list[list[str]]:
 
 def parse_command(args: list[str]):
   """The config that `python -m train ARGS` resolves: its file and overrides, through
-  ml_collections' own loader (train/__main__.py loads the file through train/experiment_file.py
+  ml_collections' own loader (train/__main__.py loads the file through train/run/experiment_file.py
   for its error messages, with the same result)."""
   argv = ["train", *args]
   flag_values = flags.FlagValues()

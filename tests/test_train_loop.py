@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import one_device_env
-from train import checkpoint, loop, parallel, records
+from train.engine import checkpoint, loop, parallel, records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -220,7 +220,7 @@ def test_quickstart_learns_on_a_short_budget(tmp_path):
 @pytest.mark.slow
 def test_truncated_examples_are_reported_in_metrics_and_the_log(tmp_path, capsys):
   """Every line is 30 bytes; rows hold BOS + 14 bytes + EOS, so each example loses 16."""
-  from train import config as config_lib
+  from train.run import config as config_lib
   folder = tmp_path / "data"
   folder.mkdir()
   rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""train/trainable.py: what trains (freezing, LoRA), what init_from restores, what is read.
+"""train/engine/trainable.py: what trains (freezing, LoRA), what init_from restores, what is read.
 
 References: optax's own clipping and set_to_zero semantics written out in numpy, the tensor
 names a Hugging Face folder holds (read with safetensors), and bitwise equality.
@@ -17,9 +17,10 @@ from train import assets
 from models import paths, pretrained
 from models.config import TransformerConfig
 from models.transformer import DecoderOnly
-from train import config as config_lib, loop, optim, tasks
-from train.state import TrainState
-from train.trainable import Trainable
+from train.engine import loop, optim, tasks
+from train.engine.state import TrainState
+from train.engine.trainable import Trainable
+from train.run import config as config_lib
 
 
 @pytest.fixture(scope="module", autouse=True)

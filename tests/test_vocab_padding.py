@@ -16,7 +16,7 @@ import pytest
 from models import paths, presets, pretrained
 from models.pretrained_export import to_hf
 from models.transformer import DecoderOnly, EncoderDecoder, EncoderMaskedLM
-from train import tasks
+from train.engine import tasks
 
 VOCAB, MULTIPLE, PADDED = 50, 16, 64
 TINY = dict(vocab_size=VOCAB, d_model=24, num_heads=3, d_ff=40, num_layers=1, max_len=16)

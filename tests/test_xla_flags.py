@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from experiments import gpt2_small
-from train import validation, xla_flags
+from train.run import validation, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,8 @@ flags, backend = sys.argv[1:]
 sys.argv = ["train", "--config=experiments/gpt2_small.py:tiny", "--workdir=unused",
             "--config.train.xla_flags=" + flags]
 import jax, jax.numpy as jnp
-from train import __main__ as entry, loop
+from train import __main__ as entry
+from train.engine import loop
 
 def one_compile(config, workdir):
   jax.jit(lambda x: x + 1)(jnp.ones(3))

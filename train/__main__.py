@@ -8,7 +8,8 @@ import re
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train import cli, compilation_cache, experiment_file, loop, xla_flags
+from train.engine import loop
+from train.run import cli, compilation_cache, experiment_file, xla_flags
 
 USAGE = ("usage: python -m train --config=experiments/NAME.py[:VARIANT] --workdir=DIR "
          "[--config.KEY=VALUE ...]")
@@ -16,7 +17,7 @@ USAGE = ("usage: python -m train --config=experiments/NAME.py[:VARIANT] --workdi
 
 class ExperimentFileParser(flags.ArgumentParser):
   """The --config parser in place of ml_collections' own: the file loaded as launch.sweep
-  loads it (train/experiment_file.py), so that one that fails is one ExperimentFileError."""
+  loads it (train/run/experiment_file.py), so that one that fails is one ExperimentFileError."""
 
   def parse(self, argument):
     config = experiment_file.load(argument)
@@ -58,8 +59,8 @@ def unknown_key_problem(error: Exception, argv: list[str]) -> str:
   key, hint = match.groups()
   named = [a.split("=", 1)[0] for a in argv
            if a.lstrip("-").startswith("config.") and key in a.split("=", 1)[0].split(".")]
-  return (f"unknown config key {key!r} in {', '.join(named) or 'the overrides'}: "
-          f"{hint or 'the keys are those of train/config.py:base_config and the experiment file.'}")
+  keys = "the keys are those of train/run/config.py:base_config and the experiment file."
+  return f"unknown config key {key!r} in {', '.join(named) or 'the overrides'}: {hint or keys}"
 
 
 def train(config, workdir: str) -> None:

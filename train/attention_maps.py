@@ -17,7 +17,8 @@ import numpy as np
 
 from models.attention_weights import attention_maps
 from models.errors import InputError, named_path
-from train import cli, figures, generate, workdir as workdir_lib
+from train import generate
+from train.run import cli, figures, workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 KINDS = ("self", "cross", "encoder")

@@ -4,8 +4,8 @@
 
 Loss, accuracy and perplexity over the split (default: the run's `data.eval_split`), for
 seq2seq exact match and BLEU of decoding with the run's `config.decode`, and for classify F1
-and per-class precision and recall (train.tasks.class_metrics), computed by the training
-loop's own eval (train.loop.Evaluator, the same batches and `train.eval_batches`) with the
+and per-class precision and recall (train.engine.tasks.class_metrics), computed by the training
+loop's own eval (train.engine.loop.Evaluator, the same batches and `train.eval_batches`) with the
 params of checkpoint N (default: the latest). The results are printed, and appended to
 metrics.jsonl (and TensorBoard) at N's step, with `split` set to the split's name.
 """
@@ -17,8 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from models.errors import InputError
-from train import (cli, compilation_cache, loop, metrics as metrics_lib, parallel, validation,
-                   workdir as workdir_lib)
+from train.engine import loop, metrics as metrics_lib, parallel
+from train.run import cli, compilation_cache, validation, workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 

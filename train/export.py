@@ -4,7 +4,7 @@
 
 FOLDER gets config.json and model.safetensors (models/pretrained_export.py: the run's model
 with its latest checkpoint's params, LoRA adapters merged), the files of the run's tokenizer
-(train/export_tokenizer.py says which kinds can be written; the others are a warning) and
+(train/run/export_tokenizer.py says which kinds can be written; the others are a warning) and
 export.json, which lists what the export wrote. A run fine-tuned from hf:FOLDER is written as
 that folder's model_type, others as the family their switches name. --out must be new, empty,
 or an earlier export, whose files are replaced.
@@ -20,7 +20,7 @@ from absl import flags, logging
 
 from models import pretrained, pretrained_export
 from models.errors import InputError, named_path
-from train import cli, export_tokenizer, hf_copy, workdir as workdir_lib
+from train.run import cli, export_tokenizer, hf_copy, workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 MANIFEST = "export.json"

@@ -32,8 +32,8 @@ import numpy as np
 
 from models import decoding
 from models.errors import InputError, named_path
-from train import cli, compilation_cache, workdir as workdir_lib, xla_flags
 from train.data import examples
+from train.run import cli, compilation_cache, workdir as workdir_lib, xla_flags
 
 FLAGS = flags.FLAGS
 SEARCH_FLAGS = ("method", "beam_size", "temperature", "top_k", "top_p", "max_new_tokens")

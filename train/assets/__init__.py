@@ -5,7 +5,7 @@
 
 A config names an asset (`init_from="hf:asset:tiny_bert"`, `data.source=
 "local:asset:shakespeare_genres"`, `data.tokenizer_path="asset:tiny_bert"`) and
-train.config.resolve_assets replaces the name by the folder before the run reads it, so that
+train.run.config.resolve_assets replaces the name by the folder before the run reads it, so that
 get_config() does no I/O. Nothing is downloaded; what is built goes under $TAPETE_CACHE
 (default ~/.cache/tapete).
 

@@ -2,7 +2,8 @@
 
 import sys
 
-from train import assets, cli
+from train import assets
+from train.run import cli
 
 SHORT_NAMES = {"shakespeare": "shakespeare_genres", "gpt2": "tiny_gpt2", "t5": "tiny_t5",
                "bert": "tiny_bert"}

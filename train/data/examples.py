@@ -1,7 +1,7 @@
 """One source example -> the token arrays of its task, with its counts.
 
 How a task lays out its tokens is written once, as a function of the ids, and used by
-training (the callables below) and by inference over a trained run (train/workdir.py):
+training (the callables below) and by inference over a trained run (train/run/workdir.py):
 
   lm_tokens              BOS text, text EOS (inputs and next-token targets)
   instruct_tokens        lm_tokens of prompt + response, weighted 0 on the prompt's targets
@@ -247,7 +247,7 @@ def seq2seq_tokens(input_tokenizer: Tokenizer, target_tokenizer: Tokenizer,
   shifted right), "decoder_targets": target + EOS}, each cut to its length; tokens cut).
 
   The decoder starts from `decoder_start_id`, by default the target tokenizer's BOS (its
-  EOS where it has none); train/run_tokenizers.py's `decoder_start_id` picks a run's.
+  EOS where it has none); train/run/run_tokenizers.py's `decoder_start_id` picks a run's.
   """
   _, source_eos = bos_eos(input_tokenizer)
   bos, eos = bos_eos(target_tokenizer)

@@ -20,7 +20,7 @@ gives a `BatchIterator` of host-local numpy batches (B = batch_size):
   Each example holds its own inputs and targets, so no target crosses a boundary;
   models mask attention with `segment_ids` (equal ids attend) and causality. Rows of one
   example (pack=False, or a batch that packing left so) keep their ids and positions here;
-  the training loop leaves them out for the model (train.inputs.BatchLayout), whose
+  the training loop leaves them out for the model (train.run.inputs.BatchLayout), whose
   attention is then plain causal attention.
   seq2seq (`seq2seq_pipeline`), packed the same way on both sides:
     encoder_tokens, encoder_segment_ids, encoder_positions        int32 [B, S]
@@ -42,14 +42,14 @@ gives a `BatchIterator` of host-local numpy batches (B = batch_size):
 A finite pipeline (num_epochs set) pads its last batch with all-zero rows (weights
 0), so every batch has the same shape. Hosts read disjoint shards of the source
 (`process_index::process_count`); each epoch is shuffled anew from `seed`. A host's
-finite pipeline may so end a batch before another's: train.inputs.BatchLayout.lockstep
+finite pipeline may so end a batch before another's: train.run.inputs.BatchLayout.lockstep
 gives the hosts as many batches each (all-zero ones after the end).
 
 Nothing is dropped silently: `BatchIterator.counts` holds, for the examples behind
 the batches returned so far, `examples` read, `empty` (blank text: dropped),
 `invalid_utf8` (bytes decoded with replacement characters), `truncated`, `split`
 (over-long LM examples cut into several), `dropped_long` (over-long seq2seq pairs,
-overlong="drop") and `truncated_tokens`; train/loop.py logs them (metrics.jsonl and a
+overlong="drop") and `truncated_tokens`; train/engine/loop.py logs them (metrics.jsonl and a
 line whenever examples were lost or cut). (`Pipeline.dataset`,
 the grain dataset itself, yields these per row as an extra "counts" [B, 7].)
 

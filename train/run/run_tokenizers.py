@@ -3,17 +3,17 @@
 Tokenizers trained on the training split (sentencepiece, word, char) are cached as
 `data.tokenizer_path` / `data.target_tokenizer_path`, by default
 `data.tokenizer_dir/{inputs,targets}.EXT` (tokenizer_dir: WORKDIR/tokenizers), so that a
-resumed run and inference over it (train/workdir.py) read the same vocabulary. A
+resumed run and inference over it (train/run/workdir.py) read the same vocabulary. A
 "pretrained" tokenizer without a path is the one of the init_from=hf:FOLDER checkpoint (read from
-the workdir's copy of its files once the run has made one: train/hf_copy.py).
+the workdir's copy of its files once the run has made one: train/run/hf_copy.py).
 """
 
 import os
 from collections.abc import Callable, Iterable
 
 from models import pretrained
-from train import hf_copy
 from train.data import chat, examples, tokenizers
+from train.run import hf_copy
 
 EXTENSIONS = {"sentencepiece": "model", "word": "json", "char": "json"}
 # texts(fields) -> a callable reading those fields of the training split.

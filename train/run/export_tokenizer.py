@@ -24,8 +24,8 @@ import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-from train import hf_copy, run_tokenizers
 from train.data.tokenizers import ByteTokenizer, Tokenizer
+from train.run import hf_copy, run_tokenizers
 
 # Files a Hugging Face tokenizer keeps beside its tokenizer.json or vocab.txt.
 COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

@@ -1,4 +1,4 @@
-"""The asyncio event loops orbax reads and writes checkpoints in, made safe for train.checkpoint.
+"""The asyncio event loops orbax reads and writes checkpoints in, made safe for checkpoint.py.
 
 Loops that settle. Orbax runs each checkpoint read in a fresh event loop over an
 `asyncio.gather` of tensorstore reads. When one read fails (a truncated or garbled checkpoint

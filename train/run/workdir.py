@@ -3,7 +3,7 @@
 `check_workdir(config, workdir)` refuses a workdir whose checkpoints `config` cannot resume.
 `load(workdir)` reads config.json, the latest checkpoint's params (with LoRA: merged) and the
 tokenizers (trained ones from their cached files; a pretrained one, and the model of an
-init_from=hf:FOLDER, from the copy of FOLDER's files the workdir keeps: train/hf_copy.py); it
+init_from=hf:FOLDER, from the copy of FOLDER's files the workdir keeps: train/run/hf_copy.py); it
 reads no data and builds no optimizer.
 `model_inputs(run, text)` lays an input text out as training did (train/data/examples.py);
 `unknown_pieces` names what of a text the vocabulary lacks.
@@ -21,9 +21,9 @@ import numpy as np
 
 from models import decoding
 from models.errors import InputError
-from train import run_tokenizers
 from train.data import chat, examples
 from train.data.tokenizers import Tokenizer
+from train.run import run_tokenizers
 
 MASK = "<mask>"  # mlm: where a token is to be filled in, in an input text
 
@@ -111,9 +111,10 @@ def _plain(value):
 
 def load(workdir: str) -> Run:
   """The run in `workdir`, from its config.json, latest checkpoint and tokenizers."""
-  # These import optax (train.optim, the losses); imported here, `import train.generate` stays
-  # light and only loading a run pays for them.
-  from train import config as config_lib, tasks, trainable as trainable_lib
+  # These import optax (train.engine.optim, the losses); imported here, `import train.generate`
+  # stays light and only loading a run pays for them.
+  from train.engine import tasks, trainable as trainable_lib
+  from train.run import config as config_lib
   config = run_config(workdir)
   input_tokenizer, target_tokenizer = run_tokenizers.make_tokenizers(config, workdir)
   vocab_size = max(input_tokenizer.vocab_size, target_tokenizer.vocab_size)

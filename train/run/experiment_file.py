@@ -53,7 +53,7 @@ def get_config(module, variant: str) -> ml_collections.ConfigDict:
   if not isinstance(config, ml_collections.ConfigDict):
     raise ExperimentFileError(f"--config={module.__file__}: get_config() returned "
                               f"{type(config).__name__}, not an ml_collections.ConfigDict; "
-                              "start it from train.config.base_config().")
+                              "start it from train.run.config.base_config().")
   return config
 
 

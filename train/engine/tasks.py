@@ -27,7 +27,7 @@ import numpy as np
 from models import transformer
 from models.config import TransformerConfig
 from models.errors import InputError
-from train import losses
+from train.engine import losses
 
 TASKS = ("lm", "seq2seq", "classify", "mlm")
 PADDED_VOCAB_TASKS = ("lm", "seq2seq")  # their decoders give the loss the padded logits
@@ -51,7 +51,7 @@ class Task:
     `padded_vocab`: the decoders' padded width (models/transformer.py), for the loss.
 
     Token tasks take packed rows' segment ids and positions where the batch has them; rows of
-    one example come without (train.inputs.BatchLayout), seq2seq's with an encoder padding
+    one example come without (train.run.inputs.BatchLayout), seq2seq's with an encoder padding
     mask, and the attention is then plain causal (or padding-masked) attention."""
     rngs = {"dropout": rng} if train else {}
     kwargs = dict(deterministic=not train, rngs=rngs)
@@ -87,7 +87,7 @@ class Task:
     classify eval (`train` False) adds the per-class sums of `class_sums`.
 
     The logits stay in the model's logits_dtype (bf16 on accelerators) and, for the decoders,
-    at the padded vocabulary's width; train/losses.py computes the softmax in float32 without
+    at the padded vocabulary's width; train/engine/losses.py computes the softmax in float32 without
     keeping a float32 copy of them, masks the padded columns, and counts the hits in the same
     pass (no argmax over the logits)."""
     logits = self.apply(params, batch, rng=rng, train=train, padded_vocab=True)

@@ -2,7 +2,7 @@
 what the model takes.
 
 The batch formats are those of train/data/pipeline.py. The tokenizers and the decoder's start
-token are those of train/run_tokenizers.py (trained ones cached for resuming and inference).
+token are those of train/run/run_tokenizers.py (trained ones cached for resuming and inference).
 `BatchLayout` gives each batch the segment capacity its attention is compiled for, and the
 fields the model then takes (rows of one example: no segment ids).
 """
@@ -18,9 +18,10 @@ import numpy as np
 
 from models import attention_kernels
 from models.errors import InputError
-from train import parallel, run_tokenizers
 from train.data import chat, examples, pipeline, tokenizers
 from train.data.sources import get_source, prepare
+from train.engine import parallel
+from train.run import run_tokenizers
 
 
 @dataclasses.dataclass

@@ -66,8 +66,8 @@ def define_workdir_flags(input_required: bool = True):
 
 
 def answer_inputs(answer: Callable):
-  """Calls answer(the --workdir run as train.workdir.load gives it, the --input texts); bad
+  """Calls answer(the --workdir run as train.run.workdir.load gives it, the --input texts); bad
   input ends as one `error:` line."""
-  from train import workdir as workdir_lib  # jax: imported when such a CLI runs, not by launch/
+  from train.run import workdir as workdir_lib  # jax: imported when such a CLI runs, not by launch/
   logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
   guarded(lambda: answer(workdir_lib.load(flags.FLAGS.workdir), flags.FLAGS.input))()

@@ -174,7 +174,7 @@ def on_mesh(fn: Callable[..., Any], mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
 
   `max_segments_per_row`: the caller's promise that every row of the segment ids `fn` passes
   to the attention holds at most that many segments, each one run of its id (true of the
-  packed batches, see train.inputs.BatchLayout), which lets cuDNN's packed attention run
+  packed batches, see train.run.inputs.BatchLayout), which lets cuDNN's packed attention run
   without a check on the device and picks the packed kernel for that capacity
   (attention_kernels.segments_at_most); None: no promise of its own. These options are part
   of jit's cache key, so the function may be jitted once and called with any others around."""

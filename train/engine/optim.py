@@ -1,7 +1,7 @@
 """Optax optimizers for tapete: schedules, clipping, weight-decay masks, accumulation.
 
 Config: `config.optim` (see `default_optim_config`). Which parameters train (optim.freeze,
-LoRA) is train/trainable.py's: it wraps the optimizer made here.
+LoRA) is train/engine/trainable.py's: it wraps the optimizer made here.
 
 Step convention. An optax schedule is called with the optimizer's update count: 0 for the
 first update. Our schedules are written in terms of the 1-based update number
@@ -63,7 +63,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
       clip_norm=1.0,                    # global-norm clipping of the trainable grads; 0/None = off
       grad_accum_steps=1,               # microbatches per step (accumulated inside the step)
       freeze=(),                        # regexes (re.search) over "/"-joined param paths of
-                                        # params to freeze (applied by train/trainable.py)
+                                        # params to freeze (applied by train/engine/trainable.py)
   ))
 
 

@@ -18,12 +18,13 @@ from jax.experimental import multihost_utils
 
 from models import decoding
 from models.errors import named_path
-from train import checkpoint, config as config_lib, inputs as inputs_lib, metrics as metrics_lib
-from train import hf_copy, optim, parallel, preemption, records, tasks, validation
-from train import workdir as workdir_lib
-from train.metrics import say
-from train.state import TrainState
-from train.trainable import Trainable, pretrained_model, read_source
+from train.engine import (checkpoint, metrics as metrics_lib, optim, parallel, preemption, records,
+                          tasks)
+from train.engine.metrics import say
+from train.engine.state import TrainState
+from train.engine.trainable import Trainable, pretrained_model, read_source
+from train.run import (config as config_lib, hf_copy, inputs as inputs_lib, validation,
+                       workdir as workdir_lib)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,7 +46,7 @@ class Experiment:
 
 
 def build(config, workdir: str) -> Experiment:
-  """Data, model and optimizer of a validated config (train/validation.py); nothing compiled."""
+  """Data, model and optimizer of a validated config (train/run/validation.py); nothing compiled."""
   inputs = inputs_lib.make_inputs(config, workdir)
   source = read_source(config, workdir)
   model_cfg = config_lib.model_config(config, inputs.vocab_size,
@@ -257,7 +258,7 @@ class Throughput:
 
 class Evaluator:
   """Loss metrics over the eval split (for classify also F1 and per-class precision and
-  recall: train.tasks.class_metrics); for seq2seq also decoding: exact match and BLEU.
+  recall: train.engine.tasks.class_metrics); for seq2seq also decoding: exact match and BLEU.
 
   The loop calls it with the state's params; train.evaluate calls `evaluate` with a saved
   run's model params, recording them under the split's own name.

@@ -1,12 +1,12 @@
 """Experiment configs: the shared defaults, the tiny variants, assets, and the model config.
 
 An experiment file's `get_config()` starts from `base_config()` and sets what it needs.
-train/validation.py checks a config once, where a run starts, before anything compiles.
+train/run/validation.py checks a config once, where a run starts, before anything compiles.
 
 Assets: a folder a config names (init_from="hf:FOLDER", data.source="local:PATH",
 data.tokenizer_path and the like) may be given as `asset:NAME`, e.g. "hf:asset:tiny_bert" or
 "local:asset:shakespeare_genres": a folder that train/assets builds (or finds) when the run
-starts. `resolve_assets(config)` replaces the names by the folders; train.loop does it first,
+starts. `resolve_assets(config)` replaces the names by the folders; train.engine.loop does it first,
 so the workdir's config.json holds real paths, and get_config() reads and writes no file.
 """
 
@@ -22,9 +22,10 @@ from ml_collections import config_dict
 from models import presets
 from models.errors import InputError
 from models.config import TransformerConfig
-from train import assets, optim
+from train import assets
+from train.engine import optim
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
 
 
@@ -35,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "lm"                       # lm | seq2seq | classify | mlm
   c.init_from = ""                    # "" | ckpt:WORKDIR (params of another run) | hf:FOLDER
                                       # (Hugging Face gpt2/llama/mistral/qwen2/gemma, bert, t5;
-                                      # see train/trainable.py)
+                                      # see train/engine/trainable.py)
   c.label_smoothing = 0.0             # seq2seq/lm targets: (1 - s)·onehot + s/V
 
   c.model = ml_collections.ConfigDict()

@@ -16,7 +16,7 @@ skipped. A shape mismatch, or a source that shares no parameter with the model, 
 The source is read once per run (`read_source`), before the model is built, and only where its
 params are needed: a run resuming from its own checkpoint reads none (an adapter-only one reads
 the base); an hf:FOLDER's model then comes from the copy of its config the workdir keeps
-(train/hf_copy.py). Once restored onto the devices, the host copy of the source is dropped.
+(train/run/hf_copy.py). Once restored onto the devices, the host copy of the source is dropped.
 
 Frozen params get no gradient (stop_gradient: no weight gradients are computed for them) and
 no optimizer state, and stay bitwise unchanged. A frozen parameter that was freshly initialised
@@ -39,8 +39,9 @@ import orbax.checkpoint as ocp
 from models import lora, paths, pretrained
 from models.errors import InputError
 from models.config import TransformerConfig
-from train import checkpoint, config as config_lib, hf_copy, parallel
-from train.metrics import say
+from train.engine import checkpoint, parallel
+from train.engine.metrics import say
+from train.run import config as config_lib, hf_copy
 
 HEADS = {"classify": "classifier", "mlm": "mlm"}  # import_hf's head for our task models
 

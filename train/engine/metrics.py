@@ -16,7 +16,7 @@ from jax.extend import core as jex_core
 import numpy as np
 import tqdm
 
-from train import records
+from train.engine import records
 
 
 def say(message: str):

@@ -1,6 +1,6 @@
 """Config validation: a value or combination that cannot run refused with one sentence, before
 any data is read, anything written or compiled; called once where a config enters (the train
-CLI's train.loop.train_and_evaluate, train.evaluate, launch's sweeps, the benchmarks)."""
+CLI's train.engine.loop.train_and_evaluate, train.evaluate, launch's sweeps, the benchmarks)."""
 
 import math
 
@@ -9,15 +9,16 @@ import ml_collections
 from models import decoding, lora, paths, pretrained
 from models.errors import InputError
 from models.transformer import TransformerConfig
-from train import hf_copy, optim, xla_flags
-from train.config import hf_overrides, model_config
 from train.data import sources
-from train.tasks import TASKS
+from train.engine import optim
+from train.engine.tasks import TASKS
+from train.run import hf_copy, xla_flags
+from train.run.config import hf_overrides, model_config
 
 
 def validate(config, workdir: str | None = None) -> None:
   """One clear error for a value or combination that cannot run (an hf:FOLDER's config.json is
-  read from the copy `workdir` keeps of it, once it holds one: train/hf_copy.py)."""
+  read from the copy `workdir` keeps of it, once it holds one: train/run/hf_copy.py)."""
   if config.task not in TASKS:
     raise InputError(f"config.task={config.task!r}: choose from {TASKS}.")
   _validate_numbers(config)
@@ -41,7 +42,7 @@ def validate(config, workdir: str | None = None) -> None:
                      "'hf:FOLDER'.")
   hf_model = _validate_hf(config, workdir) if config.init_from.startswith("hf:") else None
   if local_task == "chat":  # Its template, before any data; tokenizers imported by chat runs.
-    from train import run_tokenizers
+    from train.run import run_tokenizers
     run_tokenizers.chat_template(config, workdir)
   _validate_lora(config)
   if config.decode.method not in decoding.METHODS:

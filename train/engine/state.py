@@ -1,7 +1,7 @@
 """The train state: step, parameters, optimizer state and the run's random key.
 
 Every field is a pytree of arrays (no functions, no boxes), so the state can be donated to a
-jitted step, sharded leaf by leaf (train/parallel.py) and saved by orbax as it is.
+jitted step, sharded leaf by leaf (train/engine/parallel.py) and saved by orbax as it is.
 
 The key is stored as raw `uint32` key data (`jax.random.key_data`), not as a typed key array:
 raw integers checkpoint with every orbax version and restore without knowing the PRNG

@@ -42,8 +42,8 @@ import orbax.checkpoint as ocp
 
 from models import paths
 from models.errors import InputError, MissingInputError
-from train import checkpoint_metadata, event_loops
-from train.records import STEP_NAME
+from train.engine import checkpoint_metadata, event_loops
+from train.engine.records import STEP_NAME
 
 STATE = "state"
 DATA = "data"
@@ -51,7 +51,8 @@ _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _DAMAGED = re.compile(r"^(0|[1-9]\d*)\.damaged(-\d+)?$")  # a step folder set aside, unreadable
 _ORBAX_ROOT_FILES = ("metadata", "_ROOT_METADATA")
 # Old steps deleted in the save's own thread: orbax's default on many cores starts threads to
-# delete each, which fail when a save is finished at exit on Python 3.12 (train/event_loops.py).
+# delete each, which fail when a save is finished at exit on Python 3.12
+# (train/engine/event_loops.py).
 _ONE_DELETION_THREAD = ({"num_deletion_threads": 1} if "num_deletion_threads" in {
     f.name for f in dataclasses.fields(ocp.CheckpointManagerOptions)} else {})
 
@@ -232,7 +233,8 @@ def load_params(path: str | os.PathLike, abstract_params: Any = None) -> Any:
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item))
   saved = _saved_tree(step_dir)
   if not isinstance(saved, dict) or "params" not in saved:
-    raise CheckpointError(f"{step_dir} holds no params: not a checkpoint of train.checkpoint.")
+    raise CheckpointError(f"{step_dir} holds no params: not a checkpoint of "
+                          "train.engine.checkpoint.")
   if abstract_params is None:
     abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
                                    saved["params"])
@@ -305,7 +307,7 @@ def _saved_tree(step_dir: epath.Path) -> Any:
   """The saved state's tree of array metadata (shape, dtype) from STEP_DIR/state."""
   if not (step_dir / STATE).is_dir():
     raise CheckpointError(f"{step_dir} holds no '{STATE}' item: it was not written by "
-                          "train.checkpoint, or is damaged.")
+                          "train.engine.checkpoint, or is damaged.")
   with _reading(step_dir):
     return checkpoint_metadata.saved_tree(step_dir / STATE)
 

@@ -1,0 +1,1 @@
+"""The training machinery: loop, tasks, losses, optimizer, state, checkpoints, mesh, metrics."""
