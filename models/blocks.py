@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from models import layers
-from models.multi_head_attention import MultiHeadAttention
 from models.config import REMAT_POLICIES, TransformerConfig
 from models.errors import InputError
+from models.multi_head_attention import WEIGHTS_COLLECTION, MultiHeadAttention
 
 
 class _Layer(nn.Module):
@@ -190,7 +190,7 @@ def _layer_stack(layer_cls, cfg: TransformerConfig, num_layers: int, static_argn
   num_args = max(static_argnums)
   scanned = nn.scan(
       layer_cls, length=num_layers,
-      variable_axes={"params": 0, "cache": 1, "attention_weights": 0, "intermediates": 0},
+      variable_axes={"params": 0, "cache": 1, WEIGHTS_COLLECTION: 0, "intermediates": 0},
       split_rngs={"params": True, "dropout": True},
       in_axes=(nn.broadcast,) * (num_args - 1),
       metadata_params={nn.PARTITION_NAME: "layers"})

@@ -74,7 +74,7 @@ class TransformerConfig:
                                         # of this (128 on GPUs); logits keep vocab_size entries
   scan_layers: bool = False             # nn.scan over layers: compile time flat in depth
   remat_policy: str = "none"            # none | full | dots | dots_no_batch
-  attention_implementation: str | None = None  # None (fastest) or attention.IMPLEMENTATIONS
+  attention_implementation: str | None = None  # None (fastest) or attention_choice.IMPLEMENTATIONS
 
   _head_dim_derived = False  # Not a field: True once a None head_dim has been resolved.
 

@@ -8,7 +8,7 @@ import ml_collections
 
 from models import decoding, lora, paths, pretrained
 from models.errors import InputError
-from models.transformer import TransformerConfig
+from models.config import TransformerConfig
 from train.data import sources
 from train.engine import optim
 from train.engine.tasks import TASKS
