@@ -135,13 +135,14 @@ def test_a_copy_of_another_folder_is_not_read(tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "from": folder.name}))
   config = config_lib.base_config()
   config.init_from = f"hf:{first}"
-  hf_copy.keep(config, str(tmp_path), tie_output=True)
-  assert hf_copy.folder(config, str(tmp_path)) == str(tmp_path / hf_copy.NAME)
-  assert hf_copy.tie_output(config, str(tmp_path)) is True
+  hf_copy.keep(config.init_from, str(tmp_path), tie_output=True)
+  assert hf_copy.folder(config.init_from, str(tmp_path)) == str(tmp_path / hf_copy.NAME)
+  assert hf_copy.tie_output(config.init_from, str(tmp_path)) is True
   config.init_from = f"hf:{second}"
-  assert hf_copy.folder(config, str(tmp_path)) == str(second)
-  assert hf_copy.tie_output(config, str(tmp_path)) is None
-  hf_copy.keep(config, str(tmp_path), tie_output=False)
+  assert hf_copy.folder(config.init_from, str(tmp_path)) == str(second)
+  assert hf_copy.tie_output(config.init_from, str(tmp_path)) is None
+  hf_copy.keep(config.init_from, str(tmp_path), tie_output=False)
   copied = json.loads((tmp_path / hf_copy.NAME / "config.json").read_text())
-  assert copied["from"] == "second" and hf_copy.tie_output(config, str(tmp_path)) is False
+  assert (copied["from"] == "second"
+          and hf_copy.tie_output(config.init_from, str(tmp_path)) is False)
   assert set(os.listdir(tmp_path)) == {"first", "second", hf_copy.NAME}  # No staging left.

@@ -42,7 +42,8 @@ def export(workdir: str, out: str) -> str:
   if config.task == "seq2seq" and config.data.target_tokenizer:
     warnings.append(f"the run's target tokenizer ({config.data.target_tokenizer}) is not "
                     "written: a Hugging Face folder holds one tokenizer, the inputs'.")
-  source = hf_copy.folder(config, workdir) if config.init_from.startswith("hf:") else None
+  source = (hf_copy.folder(config.init_from, workdir) if config.init_from.startswith("hf:")
+            else None)
   parent = os.path.dirname(os.path.abspath(out))
   with named_path(f"--out={out}"):
     os.makedirs(parent, exist_ok=True)

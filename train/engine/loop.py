@@ -121,7 +121,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with named_path(f"--workdir={workdir}"):
     os.makedirs(workdir, exist_ok=True)
   exp = build(config, workdir)
-  hf_copy.keep(config, workdir, exp.model_cfg.tie_output)  # all checked, nothing compiled yet
+  # All checked, nothing compiled yet.
+  hf_copy.keep(config.init_from, workdir, exp.model_cfg.tie_output)
   t = config.train
   state, shardings = init_state(exp, jax.random.key(config.seed))
   train_iter = iter(exp.inputs.train_pipeline(t.batch_size))

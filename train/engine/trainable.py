@@ -89,8 +89,8 @@ def pretrained_model(config, workdir: str | None, source: Source | None
     return None
   if source is not None:
     return source.model_cfg
-  return pretrained.hf_config(hf_copy.folder(config, workdir),
-                              tie_output=hf_copy.tie_output(config, workdir),
+  return pretrained.hf_config(hf_copy.folder(config.init_from, workdir),
+                              tie_output=hf_copy.tie_output(config.init_from, workdir),
                               **config_lib.hf_overrides(config))
 
 

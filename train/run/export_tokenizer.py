@@ -59,7 +59,7 @@ def source_file(config, workdir: str) -> str:
   if data.tokenizer_path:
     return data.tokenizer_path
   if data.tokenizer == "pretrained":
-    return hf_copy.folder(config, workdir)
+    return hf_copy.folder(config.init_from, workdir)
   return os.path.join(data.tokenizer_dir or os.path.join(workdir, "tokenizers"),
                       f"inputs.{run_tokenizers.EXTENSIONS[data.tokenizer]}")
 

@@ -27,23 +27,23 @@ FILES = ("config.json", "generation_config.json", "tokenizer.json", "vocab.txt",
          "merges.txt")
 
 
-def folder(config, workdir: str | None) -> str:
+def folder(init_from: str, workdir: str | None) -> str:
   """The folder to read init_from=hf:FOLDER's config.json and tokenizer from: the workdir's
   copy once the run has made it, else FOLDER."""
-  if _record(config, workdir):
+  if _record(init_from, workdir):
     return os.path.join(workdir, NAME)
-  return config.init_from[len("hf:"):]
+  return init_from[len("hf:"):]
 
 
-def tie_output(config, workdir: str | None) -> bool | None:
+def tie_output(init_from: str, workdir: str | None) -> bool | None:
   """Whether FOLDER's output layer is its token table, as the workdir's copy records it; None
   without a copy (FOLDER's weights decide)."""
-  record = _record(config, workdir)
+  record = _record(init_from, workdir)
   return bool(record["tie_output"]) if record else None
 
 
-def _record(config, workdir: str | None) -> dict:
-  """The workdir's pretrained.json, if its copy is of config.init_from; else {}."""
+def _record(init_from: str, workdir: str | None) -> dict:
+  """The workdir's pretrained.json, if its copy is of `init_from`; else {}."""
   if not workdir:
     return {}
   try:
@@ -51,23 +51,23 @@ def _record(config, workdir: str | None) -> dict:
       record = json.load(f)
   except (OSError, ValueError):  # No copy yet.
     return {}
-  return record if record.get("init_from") == config.init_from else {}
+  return record if record.get("init_from") == init_from else {}
 
 
-def keep(config, workdir: str, tie_output: bool) -> None:
+def keep(init_from: str, workdir: str, tie_output: bool) -> None:
   """Copies FOLDER's files (those of FILES it holds) into WORKDIR/pretrained/ with the record of
   `tie_output`; on process 0, once per init_from (a copy of another init_from is replaced)."""
-  if (not config.init_from.startswith("hf:") or jax.process_index() != 0
-      or _record(config, workdir)):
+  if (not init_from.startswith("hf:") or jax.process_index() != 0
+      or _record(init_from, workdir)):
     return
-  source = config.init_from[len("hf:"):]
+  source = init_from[len("hf:"):]
   staging = tempfile.mkdtemp(dir=workdir, prefix=f".{NAME}-")
   try:
     for name in FILES:
       if os.path.isfile(os.path.join(source, name)):
         shutil.copyfile(os.path.join(source, name), os.path.join(staging, name))
     with open(os.path.join(staging, RECORD), "w", encoding="utf-8") as f:
-      json.dump({"init_from": config.init_from, "tie_output": bool(tie_output)}, f, indent=2)
+      json.dump({"init_from": init_from, "tie_output": bool(tie_output)}, f, indent=2)
     target = os.path.join(workdir, NAME)
     if os.path.exists(target):
       shutil.rmtree(target)

@@ -39,7 +39,7 @@ def make_tokenizers(config, workdir: str, texts: TrainingTexts | None = None
     if kind in EXTENSIONS and not path:
       path = os.path.join(tokenizer_dir, f"{name}.{EXTENSIONS[kind]}")
     if kind == "pretrained" and not path and config.init_from.startswith("hf:"):
-      path = hf_copy.folder(config, workdir)  # The checkpoint folder's own tokenizer.
+      path = hf_copy.folder(config.init_from, workdir)  # The checkpoint folder's own tokenizer.
     return tokenizers.make_tokenizer(
         kind, path=path or None, texts=texts(fields) if texts else _missing(kind, path),
         vocab_size=data.vocab_size or None)
@@ -65,7 +65,8 @@ def chat_template(config, workdir: str | None = None) -> chat.Template | None:
   the folder's special tokens; None for a run of another task."""
   if not examples.chat(config.data):
     return None
-  folder = hf_copy.folder(config, workdir) if config.init_from.startswith("hf:") else None
+  folder = (hf_copy.folder(config.init_from, workdir) if config.init_from.startswith("hf:")
+            else None)
   path = config.data.source_options.get("chat_template")
   return chat.Template(chat.read_template(folder, path), chat.special_tokens(folder))
 
@@ -76,7 +77,8 @@ def decoder_start_id(config, target_tokenizer: tokenizers.Tokenizer,
   `decoder_start_token_id` (T5: its pad id, 0), else the target tokenizer's BOS (EOS where it
   has none)."""
   if config.init_from.startswith("hf:"):
-    start = pretrained.config_json(hf_copy.folder(config, workdir)).get("decoder_start_token_id")
+    start = pretrained.config_json(hf_copy.folder(config.init_from, workdir)).get(
+        "decoder_start_token_id")
     if start is not None:
       return int(start)
   return examples.bos_eos(target_tokenizer)[0]

@@ -142,7 +142,7 @@ HF_FAMILIES = {"lm": pretrained.DECODERS, "seq2seq": ("t5",), "classify": ("bert
 def _validate_hf(config, workdir: str | None) -> TransformerConfig:
   """The folder's model type fits the task; config.model sets only fields that keep shapes.
   Returns the folder's model with config.model's overrides (its weights unread)."""
-  folder = hf_copy.folder(config, workdir)
+  folder = hf_copy.folder(config.init_from, workdir)
   hf = pretrained.config_json(folder)
   model_type = hf["model_type"]
   if model_type not in HF_FAMILIES[config.task]:
