@@ -20,5 +20,5 @@ def test_t5_decoder_inputs_are_the_labels_shifted_as_transformers_does(t5_config
   expected = model.prepare_decoder_input_ids_from_labels(labels=labels).numpy()
   np.testing.assert_array_equal(batch["decoder_inputs"][real], expected[real])
   assert set(batch["decoder_inputs"][:, 0]) == {model.config.decoder_start_token_id} == {0}
-  assert run_tokenizers.decoder_start_id(t5_config, inputs.target_tokenizer) == 0
+  assert run_tokenizers.decoder_start_id(t5_config.init_from, inputs.target_tokenizer) == 0
 

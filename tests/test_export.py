@@ -354,7 +354,8 @@ def test_our_tokenizers_export_with_their_ids(kind, tmp_path):
   elif kind != "bytes":
     config.data.tokenizer_path = str(tmp_path / "vocab.json")
     HFTokenizer.train_or_load(config.data.tokenizer_path, lambda: TEXTS * 2, level=kind)
-  tokenizer = run_tokenizers.make_tokenizers(config, str(tmp_path))[0]
+  tokenizer = run_tokenizers.make_tokenizers(config.data, config.task, config.init_from,
+                                             str(tmp_path))[0]
   folder = tmp_path / "export"
   folder.mkdir()
   for name, data in export_tokenizer.tokenizer_files(config, str(tmp_path), tokenizer).items():
@@ -376,6 +377,7 @@ def test_a_bpe_sentencepiece_model_is_not_written(tmp_path):
   sentencepiece.SentencePieceTrainer.train(
       sentence_iterator=iter(TEXTS * 5), model_prefix=str(tmp_path / "sp"), vocab_size=60,
       model_type="bpe", pad_id=0, bos_id=1, eos_id=2, unk_id=3, minloglevel=2)
-  tokenizer = run_tokenizers.make_tokenizers(config, str(tmp_path))[0]
+  tokenizer = run_tokenizers.make_tokenizers(config.data, config.task, config.init_from,
+                                             str(tmp_path))[0]
   with pytest.raises(export_tokenizer.NotWritten, match=r"only unigram models"):
     export_tokenizer.tokenizer_files(config, str(tmp_path), tokenizer)

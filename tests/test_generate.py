@@ -45,7 +45,7 @@ def tiny_run(task: str, with_model: bool = True) -> workdir_lib.Run:
   config = config_lib.base_config()
   config.task, config.model.num_classes = task, 3
   config.data.seq_len, config.data.inputs_len, config.data.targets_len = 32, 24, 24
-  start = run_tokenizers.decoder_start_id(config, BYTES) if task == "seq2seq" else None
+  start = run_tokenizers.decoder_start_id(config.init_from, BYTES) if task == "seq2seq" else None
   if not with_model:
     return workdir_lib.Run(config, None, None, BYTES, BYTES, start)
   model = tasks.make_model(task, PRESETS[task](**TINY), num_classes=3)
@@ -207,7 +207,7 @@ def test_t5_decodes_from_its_decoder_start_token_as_transformers(t5_config, tmp_
   model, params = pretrained.from_hf(str(tmp_path))
   tokenizer = tokenizers.tokenizer_for(str(tmp_path))
   run = workdir_lib.Run(config, model, params, tokenizer, tokenizer,
-                        run_tokenizers.decoder_start_id(config, tokenizer))
+                        run_tokenizers.decoder_start_id(config.init_from, tokenizer))
   search = workdir_lib.decoding_search(config, tokenizer)
   assert search.method == "greedy"
   for text in ("2026", "15", "dois mil"):

@@ -253,11 +253,11 @@ def make_inputs(config, workdir: str) -> Inputs:
     return read
 
   inputs.input_tokenizer, inputs.target_tokenizer = run_tokenizers.make_tokenizers(
-      config, workdir, texts)
-  inputs.chat_template = run_tokenizers.chat_template(config, workdir)
+      data, config.task, config.init_from, workdir, texts)
+  inputs.chat_template = run_tokenizers.chat_template(data, config.init_from, workdir)
   if config.task == "seq2seq":
-    inputs.decoder_start_id = run_tokenizers.decoder_start_id(config, inputs.target_tokenizer,
-                                                              workdir)
+    inputs.decoder_start_id = run_tokenizers.decoder_start_id(
+        config.init_from, inputs.target_tokenizer, workdir)
   return inputs
 
 

@@ -20,26 +20,26 @@ EXTENSIONS = {"sentencepiece": "model", "word": "json", "char": "json"}
 TrainingTexts = Callable[[tuple[str, ...]], Callable[[], Iterable[str]]]
 
 
-def make_tokenizers(config, workdir: str, texts: TrainingTexts | None = None
+def make_tokenizers(data, task: str, init_from: str, workdir: str,
+                    texts: TrainingTexts | None = None
                     ) -> tuple[tokenizers.Tokenizer, tokenizers.Tokenizer]:
-  """(input, target) tokenizers of `config.data` for `config.task`: one, shared, unless a
+  """(input, target) tokenizers of the config's `data` section for `task`: one, shared, unless a
   seq2seq run sets data.target_tokenizer.
 
   `texts` trains a tokenizer whose cached file is missing; without it (inference) a missing
   file is a TokenizerError naming the file.
   """
-  data = config.data
   tokenizer_dir = data.tokenizer_dir or os.path.join(workdir, "tokenizers")
-  two_tokenizers = config.task == "seq2seq" and bool(data.target_tokenizer)
+  two_tokenizers = task == "seq2seq" and bool(data.target_tokenizer)
   input_fields = (("inputs",) if two_tokenizers else ("inputs", "targets")
-                  ) if config.task == "seq2seq" else (
+                  ) if task == "seq2seq" else (
                       ("prompt", "response") if examples.instruct(data) else ("text",))
 
   def build(kind, path, fields, name):
     if kind in EXTENSIONS and not path:
       path = os.path.join(tokenizer_dir, f"{name}.{EXTENSIONS[kind]}")
-    if kind == "pretrained" and not path and config.init_from.startswith("hf:"):
-      path = hf_copy.folder(config.init_from, workdir)  # The checkpoint folder's own tokenizer.
+    if kind == "pretrained" and not path and init_from.startswith("hf:"):
+      path = hf_copy.folder(init_from, workdir)  # The checkpoint folder's own tokenizer.
     return tokenizers.make_tokenizer(
         kind, path=path or None, texts=texts(fields) if texts else _missing(kind, path),
         vocab_size=data.vocab_size or None)
@@ -60,24 +60,23 @@ def _missing(kind: str, path: str) -> Callable[[], Iterable[str]]:
   return fail
 
 
-def chat_template(config, workdir: str | None = None) -> chat.Template | None:
+def chat_template(data, init_from: str, workdir: str | None = None) -> chat.Template | None:
   """A chat run's template (data.source_options.chat_template, else init_from=hf:FOLDER's) with
   the folder's special tokens; None for a run of another task."""
-  if not examples.chat(config.data):
+  if not examples.chat(data):
     return None
-  folder = (hf_copy.folder(config.init_from, workdir) if config.init_from.startswith("hf:")
-            else None)
-  path = config.data.source_options.get("chat_template")
+  folder = hf_copy.folder(init_from, workdir) if init_from.startswith("hf:") else None
+  path = data.source_options.get("chat_template")
   return chat.Template(chat.read_template(folder, path), chat.special_tokens(folder))
 
 
-def decoder_start_id(config, target_tokenizer: tokenizers.Tokenizer,
+def decoder_start_id(init_from: str, target_tokenizer: tokenizers.Tokenizer,
                      workdir: str | None = None) -> int:
   """The decoder's first input in training and decoding: the init_from=hf:FOLDER checkpoint's
   `decoder_start_token_id` (T5: its pad id, 0), else the target tokenizer's BOS (EOS where it
   has none)."""
-  if config.init_from.startswith("hf:"):
-    start = pretrained.config_json(hf_copy.folder(config.init_from, workdir)).get(
+  if init_from.startswith("hf:"):
+    start = pretrained.config_json(hf_copy.folder(init_from, workdir)).get(
         "decoder_start_token_id")
     if start is not None:
       return int(start)

@@ -43,7 +43,7 @@ def validate(config, workdir: str | None = None) -> None:
   hf_model = _validate_hf(config, workdir) if config.init_from.startswith("hf:") else None
   if local_task == "chat":  # Its template, before any data; tokenizers imported by chat runs.
     from train.run import run_tokenizers
-    run_tokenizers.chat_template(config, workdir)
+    run_tokenizers.chat_template(config.data, config.init_from, workdir)
   _validate_lora(config)
   if config.decode.method not in decoding.METHODS:
     raise InputError(f"config.decode.method={config.decode.method!r}: use one of "

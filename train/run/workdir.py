@@ -116,7 +116,8 @@ def load(workdir: str) -> Run:
   from train.engine import tasks, trainable as trainable_lib
   from train.run import config as config_lib
   config = run_config(workdir)
-  input_tokenizer, target_tokenizer = run_tokenizers.make_tokenizers(config, workdir)
+  input_tokenizer, target_tokenizer = run_tokenizers.make_tokenizers(
+      config.data, config.task, config.init_from, workdir)
   vocab_size = max(input_tokenizer.vocab_size, target_tokenizer.vocab_size)
   source = trainable_lib.read_source(config) if config.lora.adapter_only_checkpoint else None
   folder_cfg = trainable_lib.pretrained_model(config, workdir, source)
@@ -127,10 +128,10 @@ def load(workdir: str) -> Run:
                                      source).trained_params(workdir)
   else:  # The params as saved, LoRA merged: no model init to trace.
     params = trainable_lib.run_params(workdir)
-  start = (run_tokenizers.decoder_start_id(config, target_tokenizer, workdir)
+  start = (run_tokenizers.decoder_start_id(config.init_from, target_tokenizer, workdir)
            if config.task == "seq2seq" else None)
   return Run(config, model, params, input_tokenizer, target_tokenizer, start,
-             run_tokenizers.chat_template(config, workdir))
+             run_tokenizers.chat_template(config.data, config.init_from, workdir))
 
 
 def model_inputs(run: Run, text: str, target: list[int] | None = None) -> dict[str, np.ndarray]:
