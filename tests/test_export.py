@@ -358,7 +358,8 @@ def test_our_tokenizers_export_with_their_ids(kind, tmp_path):
                                              str(tmp_path))[0]
   folder = tmp_path / "export"
   folder.mkdir()
-  for name, data in export_tokenizer.tokenizer_files(config, str(tmp_path), tokenizer).items():
+  for name, data in export_tokenizer.tokenizer_files(config.data, config.init_from,
+                                                     str(tmp_path), tokenizer).items():
     (folder / name).write_bytes(data)
   reference = transformers.AutoTokenizer.from_pretrained(str(folder))
   for text in TEXTS + corpus[:50] + ["  two  spaces\tand a tab  ", "Ｆｕｌｌ width ①"]:
@@ -380,4 +381,4 @@ def test_a_bpe_sentencepiece_model_is_not_written(tmp_path):
   tokenizer = run_tokenizers.make_tokenizers(config.data, config.task, config.init_from,
                                              str(tmp_path))[0]
   with pytest.raises(export_tokenizer.NotWritten, match=r"only unigram models"):
-    export_tokenizer.tokenizer_files(config, str(tmp_path), tokenizer)
+    export_tokenizer.tokenizer_files(config.data, config.init_from, str(tmp_path), tokenizer)

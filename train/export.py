@@ -35,7 +35,8 @@ def export(workdir: str, out: str) -> str:
   config = run.config
   warnings = []
   try:
-    files = export_tokenizer.tokenizer_files(config, workdir, run.input_tokenizer)
+    files = export_tokenizer.tokenizer_files(config.data, config.init_from, workdir,
+                                             run.input_tokenizer)
   except export_tokenizer.NotWritten as e:
     files = {}
     warnings.append(str(e))

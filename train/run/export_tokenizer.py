@@ -37,29 +37,30 @@ class NotWritten(ValueError):
   """The run's tokenizer has no Hugging Face form here."""
 
 
-def tokenizer_files(config, workdir: str, tokenizer: Tokenizer) -> dict[str, bytes]:
-  """{file name: contents} of the run's input tokenizer (`tokenizer`, as the run loads it)."""
-  kind = config.data.tokenizer
+def tokenizer_files(data, init_from: str, workdir: str,
+                    tokenizer: Tokenizer) -> dict[str, bytes]:
+  """{file name: contents} of the run's input tokenizer (`tokenizer`, as the run loads it from
+  the config's `data` section)."""
+  kind = data.tokenizer
   if kind == "bytes":
     files = {"tokenizer.json": _byte_tokenizer().to_str().encode("utf-8")}
   elif kind == "sentencepiece":
-    files = {"tokenizer.json": _unigram_tokenizer(source_file(config, workdir)).to_str().encode(
-        "utf-8")}
+    unigram = _unigram_tokenizer(source_file(data, init_from, workdir))
+    files = {"tokenizer.json": unigram.to_str().encode("utf-8")}
   else:
-    files = _copied(source_file(config, workdir))
+    files = _copied(source_file(data, init_from, workdir))
   if "tokenizer_config.json" not in files:
     files["tokenizer_config.json"] = json.dumps(_named_specials(files, tokenizer),
                                                 indent=2).encode("utf-8")
   return files
 
 
-def source_file(config, workdir: str) -> str:
+def source_file(data, init_from: str, workdir: str) -> str:
   """The tokenizer file or folder that run_tokenizers.make_tokenizers reads for the inputs."""
-  data = config.data
   if data.tokenizer_path:
     return data.tokenizer_path
   if data.tokenizer == "pretrained":
-    return hf_copy.folder(config.init_from, workdir)
+    return hf_copy.folder(init_from, workdir)
   return os.path.join(data.tokenizer_dir or os.path.join(workdir, "tokenizers"),
                       f"inputs.{run_tokenizers.EXTENSIONS[data.tokenizer]}")
 
