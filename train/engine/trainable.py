@@ -70,7 +70,7 @@ def read_source(config, workdir: str | None = None) -> Source | None:
     return Source(config.init_from, paths.flatten(run_params(path)))
   imported = pretrained.import_hf(
       path, head=HEADS.get(config.task), num_classes=config.model.num_classes or None,
-      pooling=config.model.pooling, rng=config.seed, **config_lib.hf_overrides(config))
+      pooling=config.model.pooling, rng=config.seed, **config_lib.hf_overrides(config.model))
   return Source(config.init_from, paths.flatten(imported.params), imported.initialised,
                 imported.module.cfg)
 
@@ -91,7 +91,7 @@ def pretrained_model(config, workdir: str | None, source: Source | None
     return source.model_cfg
   return pretrained.hf_config(hf_copy.folder(config.init_from, workdir),
                               tie_output=hf_copy.tie_output(config.init_from, workdir),
-                              **config_lib.hf_overrides(config))
+                              **config_lib.hf_overrides(config.model))
 
 
 def run_params(path: str) -> dict:

@@ -203,9 +203,9 @@ def _plain_type(annotation) -> type:
   return args[0] if args else annotation
 
 
-def model_fields(config) -> dict:
-  """The TransformerConfig fields `config.model` sets."""
-  fields = {k: v for k, v in config.model.items()
+def model_fields(model) -> dict:
+  """The TransformerConfig fields the config's `model` section sets."""
+  fields = {k: v for k, v in model.items()
             if k not in ("preset", "num_classes", "pooling") and v is not None}
   unknown = sorted(set(fields) - MODEL_FIELDS)
   if unknown:
@@ -214,16 +214,17 @@ def model_fields(config) -> dict:
   return fields
 
 
-def hf_overrides(config) -> dict:
-  """The fields config.model sets over an hf:FOLDER's config.json (vocab_size is the folder's)."""
-  return {k: v for k, v in model_fields(config).items() if k != "vocab_size"}
+def hf_overrides(model) -> dict:
+  """The fields the config's `model` section sets over an hf:FOLDER's config.json (vocab_size
+  is the folder's)."""
+  return {k: v for k, v in model_fields(model).items() if k != "vocab_size"}
 
 
 def model_config(config, vocab_size: int,
                  pretrained_cfg: TransformerConfig | None = None) -> TransformerConfig:
   """The TransformerConfig of `config.model`: its preset with every field set as override;
   with init_from=hf:FOLDER, `pretrained_cfg` (the folder's, with the fields that keep shapes)."""
-  fields = model_fields(config)
+  fields = model_fields(config.model)
   if config.init_from.startswith("hf:"):
     if fields.get("vocab_size", pretrained_cfg.vocab_size) != pretrained_cfg.vocab_size:
       raise InputError(f"config.model.vocab_size={fields['vocab_size']} differs from the "

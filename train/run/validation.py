@@ -153,11 +153,11 @@ def _validate_hf(config, workdir: str | None) -> TransformerConfig:
     raise InputError(f"config.model.preset={config.model.preset!r} does not apply with "
                      f"init_from={config.init_from!r}, whose config.json sets the model: set "
                      "preset to ''.")
-  fixed = sorted(set(hf_overrides(config)) - set(pretrained.OVERRIDABLE))
+  fixed = sorted(set(hf_overrides(config.model)) - set(pretrained.OVERRIDABLE))
   if fixed:
     raise InputError(f"config.model sets {fixed}, which {config.init_from!r}'s config.json "
                      f"decides; only {list(pretrained.OVERRIDABLE)} may be set.")
-  return pretrained.family_config(hf, {}, folder).replace(**hf_overrides(config))
+  return pretrained.family_config(hf, {}, folder).replace(**hf_overrides(config.model))
 
 
 def _validate_lengths(config, model_cfg: TransformerConfig) -> None:
