@@ -48,9 +48,10 @@ class Experiment:
 def build(config, workdir: str) -> Experiment:
   """Data, model and optimizer of a validated config (train/run/validation.py); nothing compiled."""
   inputs = inputs_lib.make_inputs(config, workdir)
-  source = read_source(config, workdir)
-  model_cfg = config_lib.model_config(config, inputs.vocab_size,
-                                      pretrained_model(config, workdir, source))
+  source = read_source(config.init_from, config.task, config.model, config.seed, workdir,
+                       config.lora.adapter_only_checkpoint)
+  model_cfg = config_lib.model_config(
+      config, inputs.vocab_size, pretrained_model(config.init_from, config.model, workdir, source))
   model = tasks.make_model(config.task, model_cfg, num_classes=config.model.num_classes,
                            pooling=config.model.pooling)
   task = tasks.Task(config.task, model, config.label_smoothing)

@@ -59,19 +59,20 @@ class Source:
   model_cfg: TransformerConfig | None = None  # hf: the folder's model
 
 
-def read_source(config, workdir: str | None = None) -> Source | None:
-  """The params `config.init_from` names, read from disk once; None without one, or when
-  `workdir` holds checkpoints with the params (all of them: not adapter-only)."""
-  if not config.init_from or (workdir and not config.lora.adapter_only_checkpoint
-                              and _has_checkpoint(workdir)):
+def read_source(init_from: str, task: str, model, seed: int, workdir: str | None = None,
+                adapter_only: bool = False) -> Source | None:
+  """The params `init_from` names, read from disk once (an hf:FOLDER imported for `task` with
+  the config's `model` section and `seed` for new heads); None without one, or when `workdir`
+  holds checkpoints with the params (all of them: not `adapter_only`)."""
+  if not init_from or (workdir and not adapter_only and _has_checkpoint(workdir)):
     return None
-  kind, path = config.init_from.split(":", 1)
+  kind, path = init_from.split(":", 1)
   if kind == "ckpt":
-    return Source(config.init_from, paths.flatten(run_params(path)))
+    return Source(init_from, paths.flatten(run_params(path)))
   imported = pretrained.import_hf(
-      path, head=HEADS.get(config.task), num_classes=config.model.num_classes or None,
-      pooling=config.model.pooling, rng=config.seed, **config_lib.hf_overrides(config.model))
-  return Source(config.init_from, paths.flatten(imported.params), imported.initialised,
+      path, head=HEADS.get(task), num_classes=model.num_classes or None,
+      pooling=model.pooling, rng=seed, **config_lib.hf_overrides(model))
+  return Source(init_from, paths.flatten(imported.params), imported.initialised,
                 imported.module.cfg)
 
 
@@ -80,18 +81,18 @@ def _has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(folder) and bool(ocp.utils.checkpoint_steps(folder))
 
 
-def pretrained_model(config, workdir: str | None, source: Source | None
+def pretrained_model(init_from: str, model, workdir: str | None, source: Source | None
                      ) -> TransformerConfig | None:
   """init_from=hf:FOLDER's model: the import's, else read from the workdir's copy of its config
   (FOLDER's, with its weights read only to learn whether its output is tied, before a copy is
   made); None for other runs."""
-  if not config.init_from.startswith("hf:"):
+  if not init_from.startswith("hf:"):
     return None
   if source is not None:
     return source.model_cfg
-  return pretrained.hf_config(hf_copy.folder(config.init_from, workdir),
-                              tie_output=hf_copy.tie_output(config.init_from, workdir),
-                              **config_lib.hf_overrides(config.model))
+  return pretrained.hf_config(hf_copy.folder(init_from, workdir),
+                              tie_output=hf_copy.tie_output(init_from, workdir),
+                              **config_lib.hf_overrides(model))
 
 
 def run_params(path: str) -> dict:
@@ -200,7 +201,8 @@ class Trainable:
     into it and no data state."""
     if self.config.init_from and (checkpointer.latest_step() is None or self.adapter_only):
       # A source not read at build time (its checkpoints proved unusable) is read now.
-      self.source = self.source or read_source(self.config)
+      c = self.config
+      self.source = self.source or read_source(c.init_from, c.task, c.model, c.seed)
       state = state.replace(params=self._initialise(state.params))
       self.source = None  # On the devices now: the host copy (an 8B model's 32 GB) is freed.
     if checkpointer.latest_step() is None:

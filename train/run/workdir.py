@@ -119,8 +119,9 @@ def load(workdir: str) -> Run:
   input_tokenizer, target_tokenizer = run_tokenizers.make_tokenizers(
       config.data, config.task, config.init_from, workdir)
   vocab_size = max(input_tokenizer.vocab_size, target_tokenizer.vocab_size)
-  source = trainable_lib.read_source(config) if config.lora.adapter_only_checkpoint else None
-  folder_cfg = trainable_lib.pretrained_model(config, workdir, source)
+  source = (trainable_lib.read_source(config.init_from, config.task, config.model, config.seed)
+            if config.lora.adapter_only_checkpoint else None)
+  folder_cfg = trainable_lib.pretrained_model(config.init_from, config.model, workdir, source)
   model = tasks.make_model(config.task, config_lib.model_config(config, vocab_size, folder_cfg),
                            num_classes=config.model.num_classes, pooling=config.model.pooling)
   if source is not None:  # Adapters only: the base is rebuilt in the model's layout.
