@@ -159,7 +159,7 @@ class TrainRow:
     exp = holder.exp
     start = time.perf_counter()
     # As the loop lays out its batches: rows of one example lose their segment ids.
-    self.capacity, batch = inputs.BatchLayout(exp.config)(batch)
+    self.capacity, batch = inputs.BatchLayout(exp.config.task, exp.config.data)(batch)
     self.batch = parallel.host_to_global(batch, exp.mesh)
     self.traced = holder.step(self.capacity).trace(holder.state, self.batch)
     self.lowered = self.traced.lower()

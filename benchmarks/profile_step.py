@@ -72,7 +72,7 @@ def trace_steps(args) -> dict:
     config, batch = experiment_and_batch(args)
     holder = types.SimpleNamespace()
     holder.exp, holder.state, steps, _ = accelerator_rows.train_step(config, workdir)
-    capacity, batch = inputs.BatchLayout(config)(batch)
+    capacity, batch = inputs.BatchLayout(config.task, config.data)(batch)
     step, batch = steps(capacity), parallel.host_to_global(batch, holder.exp.mesh)
     flops = metrics.step_flops(step.trace(holder.state, batch))
     measured = trace_program(step, holder, batch, args.warmup, args.steps,

@@ -91,7 +91,8 @@ def test_an_option_this_xla_lacks_refuses_its_row_only(counting_row):
 def test_rows_are_laid_out_as_the_loop_lays_out_its_batches():
   from benchmarks import accelerator_rows
   from train.run import inputs
-  layout = inputs.BatchLayout(accelerator_rows.gpt2_config(True, None))
+  config = accelerator_rows.gpt2_config(True, None)
+  layout = inputs.BatchLayout(config.task, config.data)
   capacity, unpacked = layout(accelerator_rows.lm_batch(2, 16, 50, None))
   assert capacity == 1 and set(unpacked) == {"inputs", "targets", "weights"}
   packed = accelerator_rows.lm_batch(2, 16, 50, 4)

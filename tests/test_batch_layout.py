@@ -90,7 +90,7 @@ def test_rows_of_one_example_reach_the_model_without_segment_ids(experiment, req
   exp, params = request.getfixturevalue(experiment)
   raw = first_batch(exp, pack=False)
   assert np.any(raw["weights"] == 0), "the test needs padding"
-  capacity, batch = inputs_lib.BatchLayout(exp.config)(raw)
+  capacity, batch = inputs_lib.BatchLayout(exp.config.task, exp.config.data)(raw)
   assert capacity == 1
   assert not any(key.endswith(("segment_ids", "positions")) for key in batch)
   if experiment == "transformer":
@@ -114,7 +114,7 @@ def test_packed_rows_run_cudnn_at_their_capacity(experiment, request, cudnn_segm
   raw = first_batch(exp, pack=True)
   ids = "segment_ids" if experiment == "gpt2" else "decoder_segment_ids"
   most = max(len(set(row) - {0}) for row in raw[ids].tolist())
-  capacity, batch = inputs_lib.BatchLayout(exp.config)(raw)
+  capacity, batch = inputs_lib.BatchLayout(exp.config.task, exp.config.data)(raw)
   assert most > 1 and capacity == attention_kernels.segment_capacity(most)
   assert batch is raw
   assert_same_loss(loss_at(exp, params, batch, capacity), reference_loss(exp, params, raw))
@@ -157,7 +157,7 @@ TWO_PROCESS_WORKER = textwrap.dedent("""
     for pack, limit in ((True, 0), (True, 64), (False, 0)):
       config = ml_collections.ConfigDict(
           {"task": "lm", "data": {"pack": pack, "max_segments_per_row": limit}})
-      layout = inputs_lib.BatchLayout(config, name=f"{pack}/{limit}")
+      layout = inputs_lib.BatchLayout(config.task, config.data, name=f"{pack}/{limit}")
       capacities[f"{pack}/{limit}"] = [layout(batch if pack else one_each)[0]
                                        for batch in batches]
     # A finite pipeline's batches in lockstep: process 1 reads a batch fewer (or none at all).
@@ -165,17 +165,19 @@ TWO_PROCESS_WORKER = textwrap.dedent("""
     for name, pack, limit, rows in (("lockstep", True, 0, mine), ("lockstep/2", True, 2, mine),
                                     ("lockstep/unpacked", False, 0, [one_each] * (2 - pid))):
       config = ml_collections.ConfigDict({"task": "lm", "data": {"pack": pack}})
-      steps = inputs_lib.BatchLayout(config, name=name).lockstep(iter(rows), limit)
+      steps = inputs_lib.BatchLayout(config.task, config.data, name=name).lockstep(iter(rows),
+                                                                                   limit)
       capacities[name] = [[capacity, sorted(model_batch), int(batch["segment_ids"].max())]
                           for capacity, model_batch, batch in steps]
     try:
-      layout = inputs_lib.BatchLayout(config, name="none")
+      layout = inputs_lib.BatchLayout(config.task, config.data, name="none")
       capacities["none"] = list(layout.lockstep(iter([one_each] if pid == 0 else [])))
     except ValueError as e:
       capacities["none"] = str(e)
     parallel._coordination_client = lambda: None  # The all-gather where there is no service.
     config = ml_collections.ConfigDict({"task": "lm", "data": {"pack": True}})
-    capacities["all-gather"] = [inputs_lib.BatchLayout(config)(batch)[0] for batch in batches]
+    capacities["all-gather"] = [inputs_lib.BatchLayout(config.task, config.data)(batch)[0]
+                                for batch in batches]
     print(json.dumps(capacities))
 """)
 

@@ -11,7 +11,8 @@ def test_t5_decoder_inputs_are_the_labels_shifted_as_transformers_does(t5_config
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")
   folder = t5_config.init_from[len("hf:"):]
-  inputs = inputs_lib.make_inputs(t5_config, str(tmp_path))
+  inputs = inputs_lib.make_inputs(t5_config.task, t5_config.data, t5_config.seed,
+                                  t5_config.init_from, str(tmp_path))
   batch = next(iter(inputs.eval_pipeline(8, pack=False)))
   real = batch["weights"] > 0
   assert real.sum() > 8  # Rows of several target tokens each.

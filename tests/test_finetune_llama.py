@@ -186,7 +186,8 @@ def test_an_over_long_pair_is_truncated_not_split(tmp_path):
   config = config_lib.resolve_assets(finetune_llama.get_config("tiny,instruct"))
   config.data.seq_len, config.data.pack = 8, False
   reference = transformers.AutoTokenizer.from_pretrained(config.init_from[len("hf:"):])
-  inputs = inputs_lib.make_inputs(config, str(tmp_path))
+  inputs = inputs_lib.make_inputs(config.task, config.data, config.seed, config.init_from,
+                                  str(tmp_path))
   batches = iter(inputs.eval_pipeline(4))
   batch, counts = next(batches), batches.counts
   assert counts["split"] == 0 and counts["truncated"] == counts["examples"] == 4
@@ -235,8 +236,8 @@ def test_the_tiny_chat_recipe_learns_the_assistant_turns_only(chat_run):
   logged = [line["tokens"] for line in lines if line["split"] == "train"]
   assert len(logged) == config.train.num_steps
 
-  batches = inputs_lib.make_inputs(config, str(workdir)).train_pipeline(
-      config.train.batch_size)
+  batches = inputs_lib.make_inputs(config.task, config.data, config.seed, config.init_from,
+                                   str(workdir)).train_pipeline(config.train.batch_size)
   expected = []
   for _, batch in zip(range(config.train.num_steps), batches):
     learned = 0.0

@@ -67,7 +67,8 @@ def test_the_train_step_runs_cudnn_within_the_data_limit_without_cond(tmp_path, 
   assert conds(loop.jit_train_step(exp, shardings), state, placed) == 0
   assert set(cudnn_segments) == {5}  # by default the config's limit
   cudnn_segments.clear()
-  capacity, _ = inputs_lib.BatchLayout(config)(batch)  # what the loop passes: the batch's
+  # what the loop passes: the batch's
+  capacity, _ = inputs_lib.BatchLayout(config.task, config.data)(batch)
   assert capacity == 4
   assert conds(loop.jit_train_step(exp, shardings, capacity), state, placed) == 0
   assert set(cudnn_segments) == {4}
@@ -114,7 +115,7 @@ def test_the_lowered_cuda_step_runs_the_attention_the_batch_needs(tmp_path, on_a
   # One device: on several, jax's cuDNN attention lowers to a custom partitioning call.
   exp = dataclasses.replace(exp, mesh=parallel.make_mesh(devices=jax.devices()[:1]))
   state, shardings = loop.init_state(exp, jax.random.key(0))
-  capacity, batch = inputs_lib.BatchLayout(config)(
+  capacity, batch = inputs_lib.BatchLayout(config.task, config.data)(
       next(iter(exp.inputs.train_pipeline(config.train.batch_size))))
   step = loop.jit_train_step(exp, shardings, capacity)
   lowered = on_a_hopper_gpu(step, state, parallel.host_to_global(batch, exp.mesh)).lower(

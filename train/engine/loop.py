@@ -47,7 +47,8 @@ class Experiment:
 
 def build(config, workdir: str) -> Experiment:
   """Data, model and optimizer of a validated config (train/run/validation.py); nothing compiled."""
-  inputs = inputs_lib.make_inputs(config, workdir)
+  inputs = inputs_lib.make_inputs(config.task, config.data, config.seed, config.init_from,
+                                  workdir)
   source = read_source(config.init_from, config.task, config.model, config.seed, workdir,
                        config.lora.adapter_only_checkpoint)
   model_cfg = config_lib.model_config(
@@ -156,7 +157,7 @@ def run(exp: Experiment, state, shardings, train_iter, checkpointer, writer) -> 
   """Steps to num_steps: metrics every log_every, evals, checkpoints; stops on SIGTERM."""
   t = exp.config.train
   train_steps = functools.cache(functools.partial(jit_train_step, exp, shardings))
-  layout = inputs_lib.BatchLayout(exp.config)
+  layout = inputs_lib.BatchLayout(exp.config.task, exp.config.data)
   evaluator = Evaluator(exp)
   throughput = Throughput(exp)
   data_report = DataReport("train")
@@ -272,7 +273,7 @@ class Evaluator:
     self.batch_size = t.batch_size
     sharding = parallel.batch_sharding(exp.mesh)
     loss = lambda p, b: exp.task.loss(p, b)[1]
-    self.layout = inputs_lib.BatchLayout(exp.config, name=split)
+    self.layout = inputs_lib.BatchLayout(exp.config.task, exp.config.data, name=split)
     # One jitted eval step per segment capacity of the batches (inputs.BatchLayout).
     self.eval_steps = functools.cache(lambda capacity: jax.jit(
         parallel.on_mesh(loss, exp.mesh, max_segments_per_row=capacity),

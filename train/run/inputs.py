@@ -145,9 +145,9 @@ class BatchLayout:
   `name` keeps the exchanges of two layouts (train, eval) apart; each must be called on every
   process for the same batches."""
 
-  def __init__(self, config, name: str = "train"):
-    self.task, self.name = config.task, name
-    self.packs = max_segments_per_row(config.task, config.data) != 1
+  def __init__(self, task: str, data, name: str = "train"):
+    self.task, self.name = task, name
+    self.packs = max_segments_per_row(task, data) != 1
     self.exchange = parallel.ProcessMax(f"segment_capacity/{name}")
 
   def __call__(self, batch: dict) -> tuple[int | None, dict]:
@@ -230,20 +230,19 @@ def local_options(task: str, data) -> dict:
   return options
 
 
-def make_inputs(config, workdir: str) -> Inputs:
-  """Builds (or loads the cached) tokenizers of `config.data` for `config.task`.
+def make_inputs(task: str, data, seed: int, init_from: str, workdir: str) -> Inputs:
+  """Builds (or loads the cached) tokenizers of the config's `data` section for `task`.
 
   A local dataset (`local:PATH`) is prepared first, once, under data.data_dir (default
   WORKDIR/data); preparing again reuses it while the files are unchanged.
   """
-  data = config.data
   data_dir = data.data_dir or None
   if data.source.startswith("local:"):
     data_dir = data_dir or os.path.join(workdir, "data")
     if jax.process_index() == 0:
-      prepare(data.source, data_dir=data_dir, **local_options(config.task, data))
+      prepare(data.source, data_dir=data_dir, **local_options(task, data))
     multihost_utils.sync_global_devices("tapete: local dataset prepared")
-  inputs = Inputs(config.task, data, config.seed, None, None, data_dir)
+  inputs = Inputs(task, data, seed, None, None, data_dir)
 
   def texts(fields):
     def read():
@@ -253,11 +252,11 @@ def make_inputs(config, workdir: str) -> Inputs:
     return read
 
   inputs.input_tokenizer, inputs.target_tokenizer = run_tokenizers.make_tokenizers(
-      data, config.task, config.init_from, workdir, texts)
-  inputs.chat_template = run_tokenizers.chat_template(data, config.init_from, workdir)
-  if config.task == "seq2seq":
+      data, task, init_from, workdir, texts)
+  inputs.chat_template = run_tokenizers.chat_template(data, init_from, workdir)
+  if task == "seq2seq":
     inputs.decoder_start_id = run_tokenizers.decoder_start_id(
-        config.init_from, inputs.target_tokenizer, workdir)
+        init_from, inputs.target_tokenizer, workdir)
   return inputs
 
 
