@@ -162,7 +162,9 @@ def test_the_end_of_turn_is_the_token_the_template_closes_a_turn_with(family, en
   folder, reference = _folder(tmp_path, template, specials)
   ours = chat.Template(chat.read_template(folder), chat.special_tokens(folder))
   assert chat.end_of_turn_id(tokenizer_for(folder), ours) == reference.convert_tokens_to_ids(end)
-  search = workdir.decoding_search(config.base_config(), tokenizer_for(folder), ours)
+  base = config.base_config()
+  search = workdir.decoding_search(base.decode, base.task, base.data.targets_len,
+                                   tokenizer_for(folder), ours)
   assert set(search.eos_id) == {reference.eos_token_id, reference.convert_tokens_to_ids(end)}
 
 

@@ -107,7 +107,8 @@ def test_generate_answers_a_prompt_laid_out_as_training_without_the_response(ins
   prompt = PAIRS[0]["prompt"]
   np.testing.assert_array_equal(workdir_lib.model_inputs(run, prompt)["inputs"][0],
                                 reference(prompt)["input_ids"])
-  search = workdir_lib.decoding_search(config, run.input_tokenizer)
+  search = workdir_lib.decoding_search(config.decode, config.task, config.data.targets_len,
+                                       run.input_tokenizer)
   answer = generate.answer_batch(run, [prompt], search, jax.random.key(0))[0]
   assert answer.new_tokens > 0 and not answer.output.startswith(prompt)  # The response alone.
 
@@ -270,7 +271,8 @@ def test_generate_answers_a_user_turn_through_the_template_with_the_answer_alone
       messages if given == "conversation" else messages[1:], chat_template=template,
       add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
   np.testing.assert_array_equal(workdir_lib.model_inputs(run, text)["inputs"][0], expected)
-  search = workdir_lib.decoding_search(config, run.input_tokenizer, run.chat_template)
+  search = workdir_lib.decoding_search(config.decode, config.task, config.data.targets_len,
+                                       run.input_tokenizer, run.chat_template)
   assert reference.eos_token_id in search.eos_id
   answer = generate.answer_batch(run, [text], search, jax.random.key(0))[0]
   assert answer.new_tokens > 0

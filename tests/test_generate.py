@@ -136,7 +136,9 @@ def unpadded_answer(run: workdir_lib.Run, text: str, search) -> generate.Answer:
 @pytest.mark.parametrize("task", ["lm", "seq2seq", "classify", "mlm"])
 def test_a_batch_answers_as_one_input_at_a_time(task):
   run = tiny_run(task)
-  greedy = dataclasses.replace(workdir_lib.decoding_search(run.config, run.target_tokenizer),
+  greedy = dataclasses.replace(workdir_lib.decoding_search(run.config.decode, run.config.task,
+                                                           run.config.data.targets_len,
+                                                           run.target_tokenizer),
                                method="greedy", max_new_tokens=12)
   texts = TEXTS[task]
   batched = generate.answer_batch(run, texts, greedy, None, rows=8)
@@ -157,7 +159,9 @@ def test_a_batch_answers_as_one_input_at_a_time(task):
 def test_the_score_is_the_log_probability_of_the_new_tokens():
   # Teacher forcing the answer through the whole model, with no cache and no padding.
   run = tiny_run("seq2seq")
-  search = dataclasses.replace(workdir_lib.decoding_search(run.config, run.target_tokenizer),
+  search = dataclasses.replace(workdir_lib.decoding_search(run.config.decode, run.config.task,
+                                                           run.config.data.targets_len,
+                                                           run.target_tokenizer),
                                max_new_tokens=6)
   for method in ("greedy", "beam"):
     answer = generate.answer_batch(run, [TEXT], dataclasses.replace(search, method=method),
@@ -208,7 +212,8 @@ def test_t5_decodes_from_its_decoder_start_token_as_transformers(t5_config, tmp_
   tokenizer = tokenizers.tokenizer_for(str(tmp_path))
   run = workdir_lib.Run(config, model, params, tokenizer, tokenizer,
                         run_tokenizers.decoder_start_id(config.init_from, tokenizer))
-  search = workdir_lib.decoding_search(config, tokenizer)
+  search = workdir_lib.decoding_search(config.decode, config.task, config.data.targets_len,
+                                       tokenizer)
   assert search.method == "greedy"
   for text in ("2026", "15", "dois mil"):
     encoder_tokens = workdir_lib.model_inputs(run, text)["encoder_tokens"]
@@ -235,7 +240,8 @@ def trained_lm(tmp_path_factory):
 def test_loading_a_run_reads_no_data(trained_lm, tmp_path):
   workdir, corpus = trained_lm
   before = workdir_lib.load(str(workdir))
-  search = workdir_lib.decoding_search(before.config, before.target_tokenizer)
+  search = workdir_lib.decoding_search(before.config.decode, before.config.task,
+                                       before.config.data.targets_len, before.target_tokenizer)
   expected = generate.answer(before, "The cat", search, jax.random.key(0))
   moved = tmp_path / "run"
   shutil.copytree(workdir, moved)
@@ -286,7 +292,9 @@ def test_the_cli_answers_a_file_in_batches_as_json_lines(trained_lm, tmp_path):
       extra_env=[{"XLA_FLAGS": users_flags.strip()}, {}, {}])
   stderr = answering.stderr
   assert answering.returncode == 0, stderr
-  greedy = dataclasses.replace(workdir_lib.decoding_search(run.config, run.target_tokenizer),
+  greedy = dataclasses.replace(workdir_lib.decoding_search(run.config.decode, run.config.task,
+                                                           run.config.data.targets_len,
+                                                           run.target_tokenizer),
                                method="greedy")
   expected = generate.answer_batch(run, texts, greedy, None)
   answers = [json.loads(line) for line in outputs.read_text().splitlines()]
@@ -322,7 +330,8 @@ import train.generate, train.attention_maps, train.run.workdir
 print(sorted(m for m in {heavy} if m in sys.modules))
 print(sorted(f for f in ("workdir", "input", "method", "out", "kind") if f in flags.FLAGS))
 run = train.run.workdir.load(sys.argv[1])
-search = train.run.workdir.decoding_search(run.config, run.target_tokenizer)
+search = train.run.workdir.decoding_search(run.config.decode, run.config.task,
+                                           run.config.data.targets_len, run.target_tokenizer)
 train.generate.answer(run, "The cat", search, jax.random.key(0))
 print(sorted(m for m in {loaded} if m in sys.modules))
 """

@@ -84,7 +84,8 @@ def test_resume_evaluate_generate_and_export_after_the_folder_is_gone(tmp_path, 
   assert np.isfinite(results["loss"])
   run = workdir_lib.load(str(workdir))
   assert not run.model.cfg.tie_output  # The fact kept from the weights, not config.json's default.
-  search = workdir_lib.decoding_search(run.config, run.input_tokenizer)
+  search = workdir_lib.decoding_search(run.config.decode, run.config.task,
+                                       run.config.data.targets_len, run.input_tokenizer)
   answer = generate.answer_batch(run, ["To be or not"], search, jax.random.key(0))[0]
   assert answer.new_tokens > 0
 

@@ -314,7 +314,9 @@ def test_tokenizer_folders_match_auto_tokenizer(tmp_path, monkeypatch):
     assert ours.stop_ids == (expected_stop if family == "qwen2" else (ours.eos_id,))
 
   qwen2 = tokenizer_for(folders["qwen2"])  # train.generate and the evals stop at its list.
-  assert workdir_lib.decoding_search(config_lib.base_config(), qwen2).eos_id == qwen2.stop_ids
+  base = config_lib.base_config()
+  assert workdir_lib.decoding_search(base.decode, base.task, base.data.targets_len,
+                                     qwen2).eos_id == qwen2.stop_ids
   assert len(qwen2.stop_ids) == 2
 
   with open(os.path.join(folders["qwen2"], "generation_config.json"), "w") as f:

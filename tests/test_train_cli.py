@@ -248,7 +248,8 @@ def test_tiny_variant_trains_and_answers(name, prompt, tmp_path, capsys):
                                    if k not in ("step", "split")})
 
   run = workdir_lib.load(str(tmp_path))
-  search = workdir_lib.decoding_search(run.config, run.target_tokenizer)
+  search = workdir_lib.decoding_search(run.config.decode, run.config.task,
+                                       run.config.data.targets_len, run.target_tokenizer)
   answer = generate.answer(run, prompt, search, jax.random.key(0))
   if seq2seq:
     check_translations(run, search, prompt, printed)

@@ -52,7 +52,9 @@ def head_maps(run: workdir_lib.Run, text: str, kind: str | None = None,
     weights = maps[family][kind_key][:, 0, :, :length, :length]
     queries = keys = workdir_lib.token_labels(run.input_tokenizer, tokens[0, :length])
   else:
-    search = dataclasses.replace(workdir_lib.decoding_search(run.config, run.target_tokenizer),
+    search = dataclasses.replace(workdir_lib.decoding_search(run.config.decode, run.config.task,
+                                                             run.config.data.targets_len,
+                                                             run.target_tokenizer),
                                  method="greedy")
     answer = list(generate.continuation(run, text, search, rng=None))
     stops = [i for i, token in enumerate(answer) if token in (search.eos_id or ())]

@@ -169,7 +169,9 @@ def define_flags():
 
 def search_from_flags(run: workdir_lib.Run) -> decoding.Search:
   """The run's `config.decode`, with the decoding flags given on the command line."""
-  search = workdir_lib.decoding_search(run.config, run.target_tokenizer, run.chat_template)
+  search = workdir_lib.decoding_search(run.config.decode, run.config.task,
+                                       run.config.data.targets_len, run.target_tokenizer,
+                                       run.chat_template)
   changes = {name: FLAGS[name].value for name in SEARCH_FLAGS if FLAGS[name].value is not None}
   return dataclasses.replace(search, **changes)
 

@@ -279,7 +279,9 @@ class Evaluator:
         parallel.on_mesh(loss, exp.mesh, max_segments_per_row=capacity),
         in_shardings=(None, sharding)))
     self.model_params = jax.jit(exp.trainable.model_params)
-    self.search = workdir_lib.decoding_search(exp.config, exp.inputs.target_tokenizer)
+    self.search = workdir_lib.decoding_search(exp.config.decode, exp.config.task,
+                                              exp.config.data.targets_len,
+                                              exp.inputs.target_tokenizer)
     self.data_report = DataReport(split)
 
   def __call__(self, params, step: int, writer) -> dict:

@@ -205,21 +205,20 @@ def unknown_pieces(tokenizer: Tokenizer, text: str) -> list[str]:
   return pieces + spaces
 
 
-def decoding_search(config, tokenizer: Tokenizer,
+def decoding_search(decode, task: str, targets_len: int, tokenizer: Tokenizer,
                     chat_template: chat.Template | None = None) -> decoding.Search:
-  """The decoding settings of `config.decode`, stopping at the tokenizer's stop ids (its EOS, or
-  the list of a pretrained folder's generation_config.json) and at a chat template's end of
-  turn."""
-  d = config.decode
+  """The decoding settings of the config's `decode` section, stopping at the tokenizer's stop
+  ids (its EOS, or the list of a pretrained folder's generation_config.json) and at a chat
+  template's end of turn. decode.max_new_tokens=0 means `targets_len` for seq2seq, else 64."""
   stop_ids = tuple(tokenizer.stop_ids)
   if chat_template is not None:
     stop_ids += tuple({chat.end_of_turn_id(tokenizer, chat_template)} - set(stop_ids))
   return decoding.Search(
-      method=d.method, max_new_tokens=d.max_new_tokens or (
-          config.data.targets_len if config.task == "seq2seq" else 64),
-      eos_id=stop_ids or None, pad_id=tokenizer.pad_id, temperature=d.temperature,
-      top_k=d.top_k or None, top_p=d.top_p or None, beam_size=d.beam_size,
-      length_penalty_alpha=d.length_penalty_alpha)
+      method=decode.method, max_new_tokens=decode.max_new_tokens or (
+          targets_len if task == "seq2seq" else 64),
+      eos_id=stop_ids or None, pad_id=tokenizer.pad_id, temperature=decode.temperature,
+      top_k=decode.top_k or None, top_p=decode.top_p or None, beam_size=decode.beam_size,
+      length_penalty_alpha=decode.length_penalty_alpha)
 
 
 def token_labels(tokenizer: Tokenizer, ids) -> list[str]:
