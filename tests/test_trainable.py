@@ -38,7 +38,7 @@ def lm_trainable(**optim_changes) -> Trainable:
   model = DecoderOnly(TransformerConfig(vocab_size=13, d_model=8, num_heads=2, d_ff=16,
                                         num_layers=1, max_len=8, position="learned",
                                         tie_output=False))
-  return Trainable(config, model, tasks.init_inputs("lm", config.data))
+  return Trainable(model, tasks.init_inputs("lm", config.data), config.lora, config.optim.freeze)
 
 
 def sgd(trainable: Trainable, **changes) -> optax.GradientTransformation:
@@ -78,9 +78,9 @@ def test_the_norm_of_every_gradient_clips_as_the_trainable_ones_alone(what):
   those of the clipping's own norm over the trainable gradients."""
   trainable = lm_trainable(freeze=("^token_embed/",)) if what == "freeze" else lm_trainable()
   if what == "lora":
-    with trainable.config.unlocked():
-      trainable.config.lora.enabled = True
-    trainable = Trainable(trainable.config, trainable.model, trainable.init_inputs)
+    with trainable.lora_settings.unlocked():
+      trainable.lora_settings.enabled = True
+    trainable = Trainable(trainable.model, trainable.init_inputs, trainable.lora_settings)
   params = nn.unbox(trainable.init(jax.random.key(0)))
   batch = jnp.arange(12).reshape(2, 6) % 13
   loss = lambda p: jnp.sum(trainable.model.apply({"params": trainable.model_params(p)},

@@ -56,7 +56,10 @@ def build(config, workdir: str) -> Experiment:
   model = tasks.make_model(config.task, model_cfg, num_classes=config.model.num_classes,
                            pooling=config.model.pooling)
   task = tasks.Task(config.task, model, config.label_smoothing)
-  trainable = Trainable(config, model, tasks.init_inputs(config.task, config.data), source)
+  reread = (functools.partial(read_source, config.init_from, config.task, config.model,
+                              config.seed) if config.init_from else None)
+  trainable = Trainable(model, tasks.init_inputs(config.task, config.data), config.lora,
+                        config.optim.freeze, source, reread)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
   return Experiment(config, workdir, inputs, model_cfg, task, trainable,
                     parallel.make_mesh(config.mesh), trainable.optimizer(tx), schedule)

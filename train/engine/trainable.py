@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -133,13 +134,18 @@ def _lora_config(c) -> lora.LoraConfig | None:
 class Trainable:
   """The layout of the state's params, what trains in it, what the model sees, what is saved.
 
-  Built once per run from the config, the model, its init inputs and the `init_from` source.
+  Built once per run from the model, its init inputs, the config's `lora` section (as
+  `lora_settings`) and optim.freeze, and the `init_from` source; `read_source` (None without an
+  init_from) reads that source at the start where the run has not read it before.
   """
 
-  def __init__(self, config, model, init_inputs: tuple, source: Source | None = None):
-    self.config, self.model, self.init_inputs, self.source = config, model, init_inputs, source
-    self.lora = _lora_config(config.lora)
-    self.adapter_only = bool(config.lora.adapter_only_checkpoint)
+  def __init__(self, model, init_inputs: tuple, lora_settings, freeze: tuple[str, ...] = (),
+               source: Source | None = None,
+               read_source: Callable[[], Source] | None = None):
+    self.model, self.init_inputs, self.source = model, init_inputs, source
+    self.lora_settings, self.freeze, self.read_source = lora_settings, freeze, read_source
+    self.lora = _lora_config(lora_settings)
+    self.adapter_only = bool(lora_settings.adapter_only_checkpoint)
     self.abstract_params = parallel.unbox(jax.eval_shape(self.init, jax.random.key(0)))
     self.mask = self._mask(paths.param_paths(self.abstract_params))
     if source is not None:  # Refused before anything compiles.
@@ -158,14 +164,14 @@ class Trainable:
   def _mask(self, names) -> Any:
     """A Python bool per state param: False where frozen."""
     if self.lora is None:
-      patterns = paths.patterns(self.config.optim.freeze)
+      patterns = paths.patterns(self.freeze)
       mask = jax.tree.map(lambda name: not any(re.search(p, name) for p in patterns), names)
       paths.check_matched("optim.freeze pattern", patterns, jax.tree.leaves(names))
       if patterns and not any(jax.tree.leaves(mask)):
         raise InputError(f"optim.freeze patterns {list(patterns)} freeze every parameter: "
                          "nothing would train; narrow the patterns.")
       return mask
-    patterns = paths.patterns(self.config.lora.train)
+    patterns = paths.patterns(self.lora_settings.train)
     model_names = [n[len("base/"):] for n in jax.tree.leaves(names) if n.startswith("base/")]
     paths.check_matched("lora.train pattern", patterns, model_names)
     return jax.tree.map(lambda name: name.startswith("lora/") or any(
@@ -199,10 +205,9 @@ class Trainable:
     """(state, data iterator state) to train from: the latest checkpoint's (an adapter-only
     one laid over the base that `init_from` rebuilds), else `state` with `init_from` restored
     into it and no data state."""
-    if self.config.init_from and (checkpointer.latest_step() is None or self.adapter_only):
+    if self.read_source and (checkpointer.latest_step() is None or self.adapter_only):
       # A source not read at build time (its checkpoints proved unusable) is read now.
-      c = self.config
-      self.source = self.source or read_source(c.init_from, c.task, c.model, c.seed)
+      self.source = self.source or self.read_source()
       state = state.replace(params=self._initialise(state.params))
       self.source = None  # On the devices now: the host copy (an 8B model's 32 GB) is freed.
     if checkpointer.latest_step() is None:
