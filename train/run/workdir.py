@@ -126,7 +126,8 @@ def load(workdir: str) -> Run:
                            num_classes=config.model.num_classes, pooling=config.model.pooling)
   if source is not None:  # Adapters only: the base is rebuilt in the model's layout.
     params = trainable_lib.Trainable(model, tasks.init_inputs(config.task, config.data),
-                                     config.lora, source=source).trained_params(workdir)
+                                     config.lora, config.optim.freeze,
+                                     source).trained_params(workdir)
   else:  # The params as saved, LoRA merged: no model init to trace.
     params = trainable_lib.run_params(workdir)
   start = (run_tokenizers.decoder_start_id(config.init_from, target_tokenizer, workdir)
