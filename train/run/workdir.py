@@ -46,12 +46,18 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise InputError(f"{workdir} holds no config.json: is it the --workdir of a training run "
                      "(python -m train --config=... --workdir=...)?")
+  return ml_collections.ConfigDict(_saved_config(
+      path, f"it records how the run in {workdir} was trained, and the run cannot be loaded "
+      "without it; restore it."))
+
+
+def _saved_config(path: str, fix: str) -> dict:
+  """A run's config.json as a dict; an InputError ending in `fix` if it cannot be read."""
   try:
     with open(path, encoding="utf-8") as f:
-      return ml_collections.ConfigDict(json.load(f))
+      return json.load(f)
   except (OSError, ValueError) as e:  # unreadable, not JSON (cut short, garbled), not text
-    raise InputError(f"{path} is not readable JSON ({e}): it records how the run in {workdir} "
-                     "was trained, and the run cannot be loaded without it; restore it.") from None
+    raise InputError(f"{path} is not readable JSON ({e}): {fix}") from None
 
 
 # Keys a resumed run may change: they leave the state's shapes and the data's tokens as trained.
@@ -75,12 +81,8 @@ def check_workdir(config, workdir: str) -> None:
   if not (os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))
           and any(name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))):
     return
-  try:
-    with open(path) as f:
-      saved = _flat_dict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise InputError(f"{path} is not readable JSON ({e}): it records the run in {workdir}; "
-                     "restore it, or train in a new --workdir.") from None
+  saved = _flat_dict(_saved_config(
+      path, f"it records the run in {workdir}; restore it, or train in a new --workdir."))
   given = _flat_dict(config.to_dict())
   changed = [f"{key}={saved.get(key)!r} -> {given.get(key)!r}"
              for key in sorted(saved.keys() | given.keys())
