@@ -258,6 +258,3 @@ def make_inputs(task: str, data, seed: int, init_from: str, workdir: str) -> Inp
     inputs.decoder_start_id = run_tokenizers.decoder_start_id(
         init_from, inputs.target_tokenizer, workdir)
   return inputs
-
-
-

@@ -133,7 +133,6 @@ def _validate_finite(config, prefix: str = "config") -> None:
       raise InputError(f"{prefix}.{key}={value} is not a finite number: give a finite value.")
 
 
-
 # The Hugging Face model_types each task fine-tunes.
 HF_FAMILIES = {"lm": pretrained.DECODERS, "seq2seq": ("t5",), "classify": ("bert",),
                "mlm": ("bert",)}
